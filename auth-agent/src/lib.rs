@@ -1,0 +1,1 @@
+//! meshauth agent (being written)

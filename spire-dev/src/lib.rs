@@ -1,0 +1,1 @@
+//! spire-dev (being written)

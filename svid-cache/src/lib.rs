@@ -1,0 +1,1 @@
+//! svid-cache (being written)
