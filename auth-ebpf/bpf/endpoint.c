@@ -1,0 +1,106 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+/* meshauth's entry programs: cgroup_skb ingress and egress on the cgroup v2
+ * that holds all pods. They see every packet delivered to or sent by a pod's
+ * sockets, after whatever the CNI did, so enforcement does not depend on tc
+ * hooks on host veths.
+ *
+ * Fragments: cgroup_skb ingress runs at socket delivery, after the stack
+ * reassembled the datagram, and egress runs before the stack fragments it, so
+ * these programs see whole datagrams. A non-first fragment that reaches them
+ * anyway (no L4 header) is judged by the port-less (any-port) rules only. */
+
+#include "lib/common.h"
+#include "lib/drop.h"
+#include "lib/config.h"
+#include "lib/parse.h"
+#include "lib/ipcache.h"
+#include "lib/policy.h"
+#include "lib/auth.h"
+#include "lib/ct.h"
+#include "lib/signal.h"
+#include "lib/events.h"
+#include "lib/metrics.h"
+
+static __always_inline int verdict(const struct flow *f, const struct config_value *cfg,
+				   __u32 local_id, __u32 remote_id, __u16 remote_node,
+				   __u8 auth_type, __u8 reason, __u64 now)
+{
+	int pass = reason < 128;
+	__u32 bit = pass ? (reason == REASON_PASS_AUDIT ? EVENT_AUDIT : EVENT_PASSES)
+			 : EVENT_DROPS;
+
+	metrics_count(reason, f->direction, f->len);
+	if (cfg->event_mask & bit)
+		event_emit(f, local_id, remote_id, remote_node, auth_type, reason, pass, now);
+	return pass ? CGROUP_PASS : CGROUP_DROP;
+}
+
+static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
+{
+	struct config_value cfg = config_get();
+	__u64 now = bpf_ktime_get_boot_ns();
+	struct ipcache_value local, remote;
+	struct auth_key key = {};
+	struct flow f = {};
+	__u16 port;
+	__u8 auth_type;
+	int ret;
+
+	ret = parse_flow(skb, dir, &f);
+	if (ret == PARSE_UNSUPPORTED)
+		return CGROUP_PASS;
+	if (ret < 0)
+		return verdict(&f, &cfg, 0, 0, 0, 0, DROP_INVALID, now);
+
+	local = ipcache_lookup(&f.local, f.family);
+	if (local.identity < ID_FIRST_CLUSTER)
+		return verdict(&f, &cfg, local.identity, 0, 0, 0, REASON_PASS_NOT_ENFORCED, now);
+
+	remote = ipcache_lookup(&f.remote, f.family);
+	if (ct_is_reply(&f))
+		return verdict(&f, &cfg, local.identity, remote.identity, remote.node_id, 0,
+			       REASON_PASS_REPLY, now);
+
+	port = dir == DIR_INGRESS ? f.local_port : f.remote_port;
+	if (f.fragment)
+		port = 0;
+	auth_type = policy_auth_type(local.identity, remote.identity, port, f.proto, dir);
+	if (!auth_type) {
+		ct_track(&f, now);
+		return verdict(&f, &cfg, local.identity, remote.identity, remote.node_id, 0,
+			       REASON_PASS_NO_POLICY, now);
+	}
+
+	key.local_id = local.identity;
+	key.remote_id = remote.identity;
+	key.remote_node_id = remote.node_id;
+	key.auth_type = auth_type;
+	if (auth_is_live(&key, now)) {
+		ct_track(&f, now);
+		return verdict(&f, &cfg, local.identity, remote.identity, remote.node_id,
+			       auth_type, REASON_PASS_AUTHENTICATED, now);
+	}
+
+	signal_auth_required(&key, now, &cfg);
+	if (cfg.mode == MODE_AUDIT) {
+		ct_track(&f, now);
+		return verdict(&f, &cfg, local.identity, remote.identity, remote.node_id,
+			       auth_type, REASON_PASS_AUDIT, now);
+	}
+	return verdict(&f, &cfg, local.identity, remote.identity, remote.node_id, auth_type,
+		       DROP_AUTH_REQUIRED, now);
+}
+
+SEC("cgroup_skb/ingress")
+int meshauth_ingress(struct __sk_buff *skb)
+{
+	return handle(skb, DIR_INGRESS);
+}
+
+SEC("cgroup_skb/egress")
+int meshauth_egress(struct __sk_buff *skb)
+{
+	return handle(skb, DIR_EGRESS);
+}
+
+char _license[] SEC("license") = "Dual BSD/GPL";

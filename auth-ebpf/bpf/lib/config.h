@@ -1,0 +1,47 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/* Agent-set configuration: enforce/audit, signal interval, event mask. */
+#ifndef __MESHAUTH_CONFIG_H
+#define __MESHAUTH_CONFIG_H
+
+#include "common.h"
+
+#define MODE_ENFORCE 0
+#define MODE_AUDIT 1
+
+/* Event mask bits: which verdicts produce flow events. */
+#define EVENT_DROPS (1 << 0)
+#define EVENT_PASSES (1 << 1)
+#define EVENT_AUDIT (1 << 2)
+
+struct config_value {
+	__u32 mode;
+	__u32 event_mask;
+	__u64 signal_interval_ns;
+	__u32 layout_version;
+	__u32 pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, struct config_value);
+	__uint(max_entries, 1);
+} meshauth_config SEC(".maps");
+
+#define SIGNAL_INTERVAL_DEFAULT_NS 1000000000ULL
+
+static __always_inline struct config_value config_get(void)
+{
+	__u32 zero = 0;
+	struct config_value *c = bpf_map_lookup_elem(&meshauth_config, &zero);
+	struct config_value def = {
+		.mode = MODE_ENFORCE,
+		.event_mask = EVENT_DROPS | EVENT_AUDIT,
+		.signal_interval_ns = SIGNAL_INTERVAL_DEFAULT_NS,
+		.layout_version = MESHAUTH_LAYOUT_VERSION,
+	};
+
+	return c ? *c : def;
+}
+
+#endif /* __MESHAUTH_CONFIG_H */

@@ -1,0 +1,47 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/* Auth-required signals to the agent, rate-limited per auth key. */
+#ifndef __MESHAUTH_SIGNAL_H
+#define __MESHAUTH_SIGNAL_H
+
+#include "common.h"
+#include "auth.h"
+#include "config.h"
+
+struct signal_msg {
+	struct auth_key key;
+	__u64 ts; /* CLOCK_BOOTTIME ns */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 256 * 1024);
+} meshauth_signals SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct auth_key);
+	__type(value, __u64); /* last signal time, CLOCK_BOOTTIME ns */
+	__uint(max_entries, 16384);
+} meshauth_signal_limit SEC(".maps");
+
+/* Sends a signal for `key` unless one was sent less than the configured
+ * interval ago. Returns 1 when a signal was queued. */
+static __always_inline int signal_auth_required(const struct auth_key *key, __u64 now,
+						const struct config_value *cfg)
+{
+	__u64 *last = bpf_map_lookup_elem(&meshauth_signal_limit, key);
+	struct signal_msg *msg;
+
+	if (last && now - *last < cfg->signal_interval_ns)
+		return 0;
+	bpf_map_update_elem(&meshauth_signal_limit, key, &now, BPF_ANY);
+	msg = bpf_ringbuf_reserve(&meshauth_signals, sizeof(*msg), 0);
+	if (!msg)
+		return 0;
+	msg->key = *key;
+	msg->ts = now;
+	bpf_ringbuf_submit(msg, 0);
+	return 1;
+}
+
+#endif /* __MESHAUTH_SIGNAL_H */
