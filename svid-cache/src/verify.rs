@@ -1,0 +1,472 @@
+//! SPIFFE peer verification as a pure function: certificate chain, trust bundle,
+//! time and expectation in; the verified identity or the precise reason out.
+//!
+//! The rustls verifiers in [`crate::tls`] call [`verify_peer`]; the cache runs the
+//! same structural checks on every SVID it stores.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use rustls_pki_types::{CertificateDer, UnixTime};
+use webpki::{EndEntityCert, ExtendedKeyUsageValidator, KeyPurposeIdIter, KeyUsage};
+use x509_parser::certificate::X509Certificate;
+use x509_parser::extensions::GeneralName;
+
+use crate::bundle::TrustBundle;
+use crate::identity::{TrustDomain, split_spiffe_id};
+
+/// Why a peer's certificate chain was rejected. Each case has its own variant so
+/// callers can label metrics; inside rustls it travels as
+/// `CertificateError::Other(OtherError(Arc<VerifyError>))` (see [`VerifyError::from_rustls`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VerifyError {
+    /// The peer presented no certificate.
+    #[error("peer presented no certificate")]
+    NoCertificate,
+    /// No trust bundle is known yet, so nothing can be verified.
+    #[error(
+        "no trust bundle for {trust_domain} yet; cannot verify peers before the first bundle arrives"
+    )]
+    NoTrustBundle {
+        /// The configured trust domain.
+        trust_domain: String,
+    },
+    /// A certificate of the chain is not DER X.509.
+    #[error("certificate #{index} of the chain does not parse as X.509: {reason}")]
+    Malformed {
+        /// Position in the chain (0 = leaf).
+        index: usize,
+        /// What the parser said.
+        reason: String,
+    },
+    /// The leaf has no URI SAN; an X.509-SVID has exactly one.
+    #[error("leaf has no URI SAN; an X.509-SVID carries exactly one spiffe:// URI")]
+    NoUriSan,
+    /// The leaf has more than one URI SAN.
+    #[error("leaf has {count} URI SANs ({uris:?}); an X.509-SVID carries exactly one")]
+    MultipleUriSans {
+        /// How many there are.
+        count: usize,
+        /// The URIs.
+        uris: Vec<String>,
+    },
+    /// The leaf's URI SAN is not a SPIFFE ID.
+    #[error("leaf URI SAN {uri:?} is not a SPIFFE ID: {reason}")]
+    InvalidSpiffeId {
+        /// The URI SAN.
+        uri: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The leaf is a CA certificate (basicConstraints cA=true).
+    #[error(
+        "leaf {spiffe_id} is a CA certificate (basicConstraints cA=true); an X.509-SVID leaf must not be"
+    )]
+    LeafIsCa {
+        /// The leaf's SPIFFE ID.
+        spiffe_id: String,
+    },
+    /// The SPIFFE ID belongs to another trust domain.
+    #[error("SPIFFE ID {spiffe_id} is not in trust domain {expected}")]
+    ForeignTrustDomain {
+        /// The leaf's SPIFFE ID.
+        spiffe_id: String,
+        /// The configured trust domain.
+        expected: String,
+    },
+    /// The SPIFFE ID's path is not `/identity/<u32>`.
+    #[error(
+        "SPIFFE ID {spiffe_id} is not an identity path; expected spiffe://{trust_domain}/identity/<N>"
+    )]
+    NotIdentityPath {
+        /// The leaf's SPIFFE ID.
+        spiffe_id: String,
+        /// The configured trust domain.
+        trust_domain: String,
+    },
+    /// The leaf's NotAfter has passed.
+    #[error("leaf {spiffe_id} expired at {} (now {})", unix(*.not_after), unix(*.now))]
+    Expired {
+        /// The leaf's SPIFFE ID.
+        spiffe_id: String,
+        /// The leaf's NotAfter.
+        not_after: SystemTime,
+        /// The time it was checked at.
+        now: SystemTime,
+    },
+    /// The leaf's NotBefore is still ahead.
+    #[error("leaf {spiffe_id} is not valid before {} (now {})", unix(*.not_before), unix(*.now))]
+    NotYetValid {
+        /// The leaf's SPIFFE ID.
+        spiffe_id: String,
+        /// The leaf's NotBefore.
+        not_before: SystemTime,
+        /// The time it was checked at.
+        now: SystemTime,
+    },
+    /// A certificate after the leaf is not a CA: a substituted or padded chain.
+    #[error(
+        "certificate #{index} of the chain is not a CA; every certificate after the leaf must be (certificate substitution?)"
+    )]
+    NonCaInChain {
+        /// Position in the chain.
+        index: usize,
+    },
+    /// webpki found no valid path from the leaf to the trust bundle.
+    #[error("chain of {spiffe_id} does not end at the trust bundle of {trust_domain}: {reason}")]
+    UntrustedChain {
+        /// The leaf's SPIFFE ID.
+        spiffe_id: String,
+        /// The bundle's trust domain.
+        trust_domain: String,
+        /// webpki's reason.
+        reason: String,
+    },
+    /// The peer is a valid identity, but not the one expected.
+    #[error("peer is identity {actual}, expected identity {expected}")]
+    UnexpectedIdentity {
+        /// The identity required.
+        expected: u32,
+        /// The identity presented.
+        actual: u32,
+    },
+    /// The peer is a valid identity that the caller does not know.
+    #[error("peer identity {identity} is not a known identity")]
+    UnknownIdentity {
+        /// The identity presented.
+        identity: u32,
+    },
+}
+
+fn unix(t: SystemTime) -> String {
+    match t.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(d) => format!("unix {}", d.as_secs()),
+        Err(e) => format!("unix -{}", e.duration().as_secs()),
+    }
+}
+
+impl VerifyError {
+    /// Finds the `VerifyError` inside a rustls error produced by this crate's verifiers.
+    pub fn from_rustls(err: &rustls::Error) -> Option<&VerifyError> {
+        match err {
+            rustls::Error::InvalidCertificate(rustls::CertificateError::Other(other)) => {
+                other.0.downcast_ref::<VerifyError>()
+            }
+            _ => None,
+        }
+    }
+
+    /// Wraps this error for rustls.
+    pub fn into_rustls(self) -> rustls::Error {
+        rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(
+            Arc::new(self),
+        )))
+    }
+
+    /// A short stable label for metrics (`"expired"`, `"unexpected_identity"`, …).
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::NoCertificate => "no_certificate",
+            Self::NoTrustBundle { .. } => "no_trust_bundle",
+            Self::Malformed { .. } => "malformed",
+            Self::NoUriSan => "no_uri_san",
+            Self::MultipleUriSans { .. } => "multiple_uri_sans",
+            Self::InvalidSpiffeId { .. } => "invalid_spiffe_id",
+            Self::LeafIsCa { .. } => "leaf_is_ca",
+            Self::ForeignTrustDomain { .. } => "foreign_trust_domain",
+            Self::NotIdentityPath { .. } => "not_identity_path",
+            Self::Expired { .. } => "expired",
+            Self::NotYetValid { .. } => "not_yet_valid",
+            Self::NonCaInChain { .. } => "non_ca_in_chain",
+            Self::UntrustedChain { .. } => "untrusted_chain",
+            Self::UnexpectedIdentity { .. } => "unexpected_identity",
+            Self::UnknownIdentity { .. } => "unknown_identity",
+        }
+    }
+}
+
+/// Which side of the handshake the peer is; selects the extended key usage
+/// required if the leaf has an EKU extension.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerRole {
+    /// The peer is the TLS server (EKU serverAuth if present).
+    Server,
+    /// The peer is the TLS client (EKU clientAuth if present).
+    Client,
+}
+
+/// Which identities are acceptable.
+#[derive(Clone)]
+pub enum ExpectedIdentity {
+    /// Exactly this identity.
+    Exact(u32),
+    /// Any identity for which the predicate returns true.
+    Known(Arc<dyn Fn(u32) -> bool + Send + Sync>),
+}
+
+impl fmt::Debug for ExpectedIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Exact(n) => f.debug_tuple("Exact").field(n).finish(),
+            Self::Known(_) => f.write_str("Known(..)"),
+        }
+    }
+}
+
+/// What a peer must be.
+#[derive(Debug, Clone)]
+pub struct Expectation {
+    /// The peer's role in the handshake.
+    pub role: PeerRole,
+    /// The identities accepted.
+    pub identity: ExpectedIdentity,
+}
+
+/// A peer that passed [`verify_peer`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifiedPeer {
+    /// The peer's numeric identity.
+    pub identity: u32,
+    /// The peer's SPIFFE ID.
+    pub spiffe_id: String,
+    /// The leaf's NotAfter.
+    pub not_after: SystemTime,
+}
+
+/// Verifies a peer's chain (leaf first) against `bundle` at time `now`.
+///
+/// Checks, in order: a certificate is present and each parses; the leaf has exactly
+/// one URI SAN, a SPIFFE ID of the bundle's trust domain with an identity path; the
+/// leaf is not a CA; it is valid at `now`; every certificate after the leaf is a CA;
+/// webpki builds a path to the bundle's authorities (signatures, validity of the
+/// intermediates, EKU of the role if present); the identity is the expected one.
+pub fn verify_peer(
+    chain: &[CertificateDer<'_>],
+    bundle: &TrustBundle,
+    now: SystemTime,
+    expect: &Expectation,
+) -> Result<VerifiedPeer, VerifyError> {
+    let usage = match expect.role {
+        PeerRole::Server => KeyUsage::server_auth(),
+        PeerRole::Client => KeyUsage::client_auth(),
+    };
+    let leaf = check_chain(
+        chain,
+        bundle.trust_domain(),
+        Some(bundle),
+        now,
+        TimePolicy::Strict,
+        usage,
+    )?;
+    match &expect.identity {
+        ExpectedIdentity::Exact(n) if *n != leaf.identity => {
+            return Err(VerifyError::UnexpectedIdentity {
+                expected: *n,
+                actual: leaf.identity,
+            });
+        }
+        ExpectedIdentity::Known(known) if !known(leaf.identity) => {
+            return Err(VerifyError::UnknownIdentity {
+                identity: leaf.identity,
+            });
+        }
+        _ => {}
+    }
+    Ok(VerifiedPeer {
+        identity: leaf.identity,
+        spiffe_id: leaf.spiffe_id,
+        not_after: leaf.not_after,
+    })
+}
+
+/// What [`check_chain`] learned about the leaf.
+#[derive(Debug)]
+pub(crate) struct LeafInfo {
+    pub identity: u32,
+    pub spiffe_id: String,
+    pub not_before: SystemTime,
+    pub not_after: SystemTime,
+}
+
+/// How [`check_chain`] treats the leaf's validity period.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TimePolicy {
+    /// Reject a leaf that is expired or not yet valid at `now`.
+    Strict,
+    /// Storing an SVID: don't check the leaf's period (the caller decides), and
+    /// build the path at `max(now, NotBefore)` so a freshly issued SVID from a
+    /// slightly fast CA clock is accepted.
+    Insert,
+}
+
+/// Accepts any extended key usage (used when storing our own SVIDs; peers check
+/// the EKU for their role).
+pub(crate) struct AnyEku;
+
+impl ExtendedKeyUsageValidator for AnyEku {
+    fn validate(&self, _iter: KeyPurposeIdIter<'_, '_>) -> Result<(), webpki::Error> {
+        Ok(())
+    }
+}
+
+pub(crate) fn check_chain(
+    chain: &[CertificateDer<'_>],
+    trust_domain: &TrustDomain,
+    bundle: Option<&TrustBundle>,
+    now: SystemTime,
+    time: TimePolicy,
+    usage: impl ExtendedKeyUsageValidator,
+) -> Result<LeafInfo, VerifyError> {
+    let Some(leaf_der) = chain.first() else {
+        return Err(VerifyError::NoCertificate);
+    };
+    let leaf = parse(leaf_der, 0)?;
+    let spiffe_id = single_uri_san(&leaf)?;
+    let identity =
+        match split_spiffe_id(&spiffe_id) {
+            Err(e) => {
+                return Err(VerifyError::InvalidSpiffeId {
+                    uri: spiffe_id,
+                    reason: match e {
+                        crate::identity::IdentityError::InvalidSpiffeId { reason, .. } => {
+                            reason.to_owned()
+                        }
+                        other => other.to_string(),
+                    },
+                });
+            }
+            Ok((td, _)) if td != trust_domain.as_str() => {
+                return Err(VerifyError::ForeignTrustDomain {
+                    spiffe_id,
+                    expected: trust_domain.to_string(),
+                });
+            }
+            Ok(_) => trust_domain.parse_spiffe_id(&spiffe_id).map_err(|_| {
+                VerifyError::NotIdentityPath {
+                    spiffe_id: spiffe_id.clone(),
+                    trust_domain: trust_domain.to_string(),
+                }
+            })?,
+        };
+    if leaf.is_ca() {
+        return Err(VerifyError::LeafIsCa { spiffe_id });
+    }
+    let validity = leaf.validity();
+    let not_before = to_system_time(validity.not_before.timestamp());
+    let not_after = to_system_time(validity.not_after.timestamp());
+    if time == TimePolicy::Strict {
+        if now < not_before {
+            return Err(VerifyError::NotYetValid {
+                spiffe_id,
+                not_before,
+                now,
+            });
+        }
+        if now >= not_after {
+            return Err(VerifyError::Expired {
+                spiffe_id,
+                not_after,
+                now,
+            });
+        }
+    }
+    for (index, der) in chain.iter().enumerate().skip(1) {
+        if !parse(der, index)?.is_ca() {
+            return Err(VerifyError::NonCaInChain { index });
+        }
+    }
+    if let Some(bundle) = bundle {
+        let path_time = match time {
+            TimePolicy::Strict => now,
+            TimePolicy::Insert => now.max(not_before),
+        };
+        let untrusted = |reason: String| VerifyError::UntrustedChain {
+            spiffe_id: spiffe_id.clone(),
+            trust_domain: bundle.trust_domain().to_string(),
+            reason,
+        };
+        let ee = EndEntityCert::try_from(leaf_der).map_err(|e| untrusted(format!("{e:?}")))?;
+        let since_epoch = path_time
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or(Duration::ZERO);
+        ee.verify_for_usage(
+            rustls::crypto::ring::default_provider()
+                .signature_verification_algorithms
+                .all,
+            bundle.anchors(),
+            &chain[1..],
+            UnixTime::since_unix_epoch(since_epoch),
+            usage,
+            None,
+            None,
+        )
+        .map_err(|e| untrusted(webpki_reason(&e)))?;
+    }
+    Ok(LeafInfo {
+        identity,
+        spiffe_id,
+        not_before,
+        not_after,
+    })
+}
+
+fn webpki_reason(e: &webpki::Error) -> String {
+    match e {
+        webpki::Error::UnknownIssuer => {
+            "UnknownIssuer: no path to any authority of the bundle".to_owned()
+        }
+        other => format!("{other:?}"),
+    }
+}
+
+fn parse<'a>(
+    der: &'a CertificateDer<'_>,
+    index: usize,
+) -> Result<X509Certificate<'a>, VerifyError> {
+    match x509_parser::parse_x509_certificate(der) {
+        Ok(([], cert)) => Ok(cert),
+        Ok((rest, _)) => Err(VerifyError::Malformed {
+            index,
+            reason: format!("{} trailing bytes after the certificate", rest.len()),
+        }),
+        Err(e) => Err(VerifyError::Malformed {
+            index,
+            reason: e.to_string(),
+        }),
+    }
+}
+
+fn single_uri_san(cert: &X509Certificate<'_>) -> Result<String, VerifyError> {
+    let san = cert
+        .subject_alternative_name()
+        .map_err(|e| VerifyError::Malformed {
+            index: 0,
+            reason: format!("subjectAltName: {e}"),
+        })?;
+    let mut uris: Vec<String> = san
+        .map(|ext| {
+            ext.value
+                .general_names
+                .iter()
+                .filter_map(|n| match n {
+                    GeneralName::URI(u) => Some((*u).to_owned()),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    match uris.len() {
+        0 => Err(VerifyError::NoUriSan),
+        1 => Ok(uris.pop().unwrap_or_default()),
+        count => Err(VerifyError::MultipleUriSans { count, uris }),
+    }
+}
+
+pub(crate) fn to_system_time(unix_secs: i64) -> SystemTime {
+    if unix_secs >= 0 {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(unix_secs as u64)
+    } else {
+        SystemTime::UNIX_EPOCH - Duration::from_secs(unix_secs.unsigned_abs())
+    }
+}
