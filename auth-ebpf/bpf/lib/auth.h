@@ -25,6 +25,7 @@ struct {
 	__type(value, struct auth_value);
 	__uint(max_entries, AUTH_MAX_ENTRIES);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } meshauth_auth SEC(".maps");
 
 /* 1 when the pair holds a live entry at `now` (CLOCK_BOOTTIME ns). */

@@ -17,8 +17,6 @@ struct config_value {
 	__u32 mode;
 	__u32 event_mask;
 	__u64 signal_interval_ns;
-	__u32 layout_version;
-	__u32 pad;
 };
 
 struct {
@@ -26,7 +24,24 @@ struct {
 	__type(key, __u32);
 	__type(value, struct config_value);
 	__uint(max_entries, 1);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } meshauth_config SEC(".maps");
+
+/* --- layout: the layout version of the pinned maps -------------------------
+ * Its own layout never changes: the loader reads it before anything else to
+ * decide whether pinned maps can be reused, must be migrated, or recreated. */
+struct layout_value {
+	__u32 version;
+	__u32 pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, struct layout_value);
+	__uint(max_entries, 1);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} meshauth_layout SEC(".maps");
 
 #define SIGNAL_INTERVAL_DEFAULT_NS 1000000000ULL
 
@@ -38,10 +53,12 @@ static __always_inline struct config_value config_get(void)
 		.mode = MODE_ENFORCE,
 		.event_mask = EVENT_DROPS | EVENT_AUDIT,
 		.signal_interval_ns = SIGNAL_INTERVAL_DEFAULT_NS,
-		.layout_version = MESHAUTH_LAYOUT_VERSION,
 	};
 
-	return c ? *c : def;
+	/* An array slot always exists; all zero means the agent has not written it. */
+	if (!c || c->signal_interval_ns == 0)
+		return def;
+	return *c;
 }
 
 #endif /* __MESHAUTH_CONFIG_H */

@@ -29,6 +29,7 @@ struct {
 	__type(key, struct ct_key);
 	__type(value, struct ct_value);
 	__uint(max_entries, CT_MAX_ENTRIES);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } meshauth_ct SEC(".maps");
 
 static __always_inline void ct_forward_key(struct ct_key *key, const struct flow *f)

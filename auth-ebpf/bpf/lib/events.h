@@ -27,6 +27,7 @@ struct flow_event {
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, 1024 * 1024);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } meshauth_events SEC(".maps");
 
 static __always_inline void event_emit(const struct flow *f, __u32 local_id, __u32 remote_id,

@@ -26,6 +26,7 @@ struct {
 	__type(value, struct ipcache_value);
 	__uint(max_entries, IPCACHE_MAX_ENTRIES);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } meshauth_ipcache SEC(".maps");
 
 /* Looks up the identity of an address. No entry means the world. */

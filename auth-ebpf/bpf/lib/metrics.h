@@ -21,6 +21,7 @@ struct {
 	__type(key, struct metrics_key);
 	__type(value, struct metrics_value);
 	__uint(max_entries, 256);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } meshauth_metrics SEC(".maps");
 
 static __always_inline void metrics_count(__u8 reason, __u8 dir, __u32 len)

@@ -27,6 +27,7 @@ struct {
 	__type(value, struct policy_value);
 	__uint(max_entries, POLICY_MAX_ENTRIES);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } meshauth_policy SEC(".maps");
 
 static __always_inline __u8 policy_probe(__u32 local, __u32 remote, __u16 port, __u8 proto,

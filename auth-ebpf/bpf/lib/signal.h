@@ -15,6 +15,7 @@ struct signal_msg {
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, 256 * 1024);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } meshauth_signals SEC(".maps");
 
 struct {
@@ -22,6 +23,7 @@ struct {
 	__type(key, struct auth_key);
 	__type(value, __u64); /* last signal time, CLOCK_BOOTTIME ns */
 	__uint(max_entries, 16384);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } meshauth_signal_limit SEC(".maps");
 
 /* Sends a signal for `key` unless one was sent less than the configured

@@ -1,0 +1,132 @@
+//! The datapath configuration: enforce or audit, signal rate, event mask.
+
+use std::path::Path;
+use std::time::Duration;
+
+use aya::maps::{Array, Map, MapData};
+
+use super::{names, open_pinned};
+use crate::error::DatapathError;
+use crate::types::ConfigValue;
+
+/// Enforce drops; audit only reports.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Mode {
+    /// Drop flows that need authentication and have none.
+    #[default]
+    Enforce,
+    /// Let them pass, count them and report them.
+    Audit,
+}
+
+/// Which verdicts produce flow events.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EventMask {
+    /// Drops (always wanted by `meshauth observe`).
+    pub drops: bool,
+    /// Forwarded packets (costly; off by default).
+    pub passes: bool,
+    /// Would-be drops in audit mode.
+    pub audit: bool,
+}
+
+impl Default for EventMask {
+    fn default() -> Self {
+        Self {
+            drops: true,
+            passes: false,
+            audit: true,
+        }
+    }
+}
+
+impl EventMask {
+    fn bits(self) -> u32 {
+        u32::from(self.drops) | u32::from(self.passes) << 1 | u32::from(self.audit) << 2
+    }
+
+    fn from_bits(b: u32) -> Self {
+        Self {
+            drops: b & 1 != 0,
+            passes: b & 2 != 0,
+            audit: b & 4 != 0,
+        }
+    }
+}
+
+/// The datapath's configuration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DatapathConfig {
+    /// Enforce or audit.
+    pub mode: Mode,
+    /// Minimum time between two signals for one auth key.
+    pub signal_interval: Duration,
+    /// Which verdicts produce flow events.
+    pub events: EventMask,
+}
+
+impl Default for DatapathConfig {
+    fn default() -> Self {
+        Self {
+            mode: Mode::Enforce,
+            signal_interval: Duration::from_secs(1),
+            events: EventMask::default(),
+        }
+    }
+}
+
+/// Typed handle on `meshauth_config`.
+pub struct ConfigMap {
+    map: Array<MapData, ConfigValue>,
+}
+
+impl std::fmt::Debug for ConfigMap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConfigMap").finish_non_exhaustive()
+    }
+}
+
+impl ConfigMap {
+    /// Opens the pinned config map under `pin_dir`.
+    pub fn open(pin_dir: &Path) -> Result<Self, DatapathError> {
+        let data = open_pinned(pin_dir, names::CONFIG)?;
+        let map = Array::try_from(Map::Array(data)).map_err(DatapathError::map(names::CONFIG))?;
+        Ok(Self { map })
+    }
+
+    /// Writes the configuration; the datapath uses it from its next packet.
+    pub fn set(&mut self, cfg: &DatapathConfig) -> Result<(), DatapathError> {
+        let interval = cfg
+            .signal_interval
+            .as_nanos()
+            .clamp(1, u128::from(u64::MAX)) as u64;
+        let value = ConfigValue {
+            mode: match cfg.mode {
+                Mode::Enforce => 0,
+                Mode::Audit => 1,
+            },
+            event_mask: cfg.events.bits(),
+            signal_interval_ns: interval,
+        };
+        self.map
+            .set(0, value, 0)
+            .map_err(DatapathError::map(names::CONFIG))
+    }
+
+    /// Reads the configuration back.
+    pub fn get(&self) -> Result<DatapathConfig, DatapathError> {
+        let v = self
+            .map
+            .get(&0, 0)
+            .map_err(DatapathError::map(names::CONFIG))?;
+        Ok(DatapathConfig {
+            mode: if v.mode == 1 {
+                Mode::Audit
+            } else {
+                Mode::Enforce
+            },
+            signal_interval: Duration::from_nanos(v.signal_interval_ns),
+            events: EventMask::from_bits(v.event_mask),
+        })
+    }
+}

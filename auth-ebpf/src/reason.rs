@@ -1,0 +1,58 @@
+//! Verdict reasons: the one table mapping code → text, shared by metrics,
+//! `meshauth observe` and logs. The codes mirror `bpf/lib/drop.h`; drop codes
+//! are Hubble's, so runbooks that filter on them keep working.
+
+/// Passed: no auth-required policy between the two identities.
+pub const PASS_NO_POLICY: u8 = 1;
+/// Passed: auth required and a live auth entry exists.
+pub const PASS_AUTHENTICATED: u8 = 2;
+/// Passed: a reply of a tracked flow.
+pub const PASS_REPLY: u8 = 3;
+/// Passed in audit mode; enforce mode would have dropped it (189).
+pub const PASS_AUDIT: u8 = 4;
+/// Passed: the local end is a reserved identity, not enforced.
+pub const PASS_NOT_ENFORCED: u8 = 5;
+/// Dropped: headers could not be parsed.
+pub const DROP_INVALID: u8 = 134;
+/// Dropped: "Authentication required".
+pub const DROP_AUTH_REQUIRED: u8 = 189;
+
+/// Every reason: (code, short label for metrics, Hubble-style description).
+pub const REASONS: &[(u8, &str, &str)] = &[
+    (PASS_NO_POLICY, "no_policy", "No authentication required"),
+    (PASS_AUTHENTICATED, "authenticated", "Authenticated"),
+    (PASS_REPLY, "reply", "Reply of a tracked flow"),
+    (PASS_AUDIT, "audit", "Authentication required (audit mode)"),
+    (
+        PASS_NOT_ENFORCED,
+        "not_enforced",
+        "Reserved local identity, not enforced",
+    ),
+    (DROP_INVALID, "invalid", "Invalid packet"),
+    (
+        DROP_AUTH_REQUIRED,
+        "auth_required",
+        "Authentication required",
+    ),
+];
+
+/// True for drop codes (Hubble's numbering starts at 130).
+pub fn is_drop(code: u8) -> bool {
+    code >= 128
+}
+
+/// The metrics label of a code; `"unknown"` for a code not in [`REASONS`].
+pub fn label(code: u8) -> &'static str {
+    REASONS
+        .iter()
+        .find(|(c, _, _)| *c == code)
+        .map_or("unknown", |(_, l, _)| l)
+}
+
+/// The human description of a code (Hubble's `drop_reason_desc` for drops).
+pub fn description(code: u8) -> &'static str {
+    REASONS
+        .iter()
+        .find(|(c, _, _)| *c == code)
+        .map_or("Unknown reason", |(_, _, d)| d)
+}
