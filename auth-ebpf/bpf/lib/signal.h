@@ -26,24 +26,25 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } meshauth_signal_limit SEC(".maps");
 
+/* Rate-limited, so off the hot path: a real subprogram, whose signature also
+ * puts struct signal_msg into the object's BTF. */
+static __noinline int signal_submit(const struct signal_msg *m)
+{
+	return bpf_ringbuf_output(&meshauth_signals, (void *)m, sizeof(*m), 0);
+}
+
 /* Sends a signal for `key` unless one was sent less than the configured
  * interval ago. Returns 1 when a signal was queued. */
 static __always_inline int signal_auth_required(const struct auth_key *key, __u64 now,
 						const struct config_value *cfg)
 {
 	__u64 *last = bpf_map_lookup_elem(&meshauth_signal_limit, key);
-	struct signal_msg *msg;
+	struct signal_msg msg = { .key = *key, .ts = now };
 
 	if (last && now - *last < cfg->signal_interval_ns)
 		return 0;
 	bpf_map_update_elem(&meshauth_signal_limit, key, &now, BPF_ANY);
-	msg = bpf_ringbuf_reserve(&meshauth_signals, sizeof(*msg), 0);
-	if (!msg)
-		return 0;
-	msg->key = *key;
-	msg->ts = now;
-	bpf_ringbuf_submit(msg, 0);
-	return 1;
+	return signal_submit(&msg) == 0;
 }
 
 #endif /* __MESHAUTH_SIGNAL_H */
