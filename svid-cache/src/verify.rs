@@ -379,7 +379,8 @@ pub(crate) fn check_chain(
     if let Some(bundle) = bundle {
         let path_time = match time {
             TimePolicy::Strict => now,
-            TimePolicy::Insert => now.max(not_before),
+            // An expired leaf is still checked for its path; the caller drops it.
+            TimePolicy::Insert => now.max(not_before).min(not_after),
         };
         let untrusted = |reason: String| VerifyError::UntrustedChain {
             spiffe_id: spiffe_id.clone(),
