@@ -12,6 +12,7 @@ use svid_cache::SvidInput;
 
 pub const TD: &str = "meshauth.local";
 pub const HOUR: Duration = Duration::from_secs(3600);
+pub const MINUTE: Duration = Duration::from_secs(60);
 
 /// A whole-second time near now (certificates carry seconds).
 pub fn base_time() -> SystemTime {
