@@ -15,6 +15,7 @@ use std::time::{Duration, SystemTime};
 use serde::Serialize;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::UnixListenerStream;
 
 use crate::ca::{Svid, unix_secs};
@@ -22,6 +23,7 @@ use crate::delegated_api::DelegatedIdentityService;
 use crate::entries::Entry;
 use crate::server::{ServerError, SpireServer};
 use crate::socket::{self, SocketError};
+use crate::uds_authority;
 use crate::workload_api::WorkloadApiService;
 
 mod sync;
@@ -347,10 +349,9 @@ fn spawn_server(
         let stop = async move {
             let _ = down.wait_for(|d| *d).await;
         };
-        if let Err(e) = router
-            .serve_with_incoming_shutdown(UnixListenerStream::new(listener), stop)
-            .await
-        {
+        // Every connection goes through the :authority shim (see uds_authority).
+        let incoming = UnixListenerStream::new(listener).map(|conn| conn.map(uds_authority::wrap));
+        if let Err(e) = router.serve_with_incoming_shutdown(incoming, stop).await {
             tracing::error!(node, api, error = %e, "gRPC server failed");
         }
     })

@@ -44,6 +44,7 @@ pub mod entries;
 pub mod server;
 pub mod socket;
 mod stream;
+mod uds_authority;
 pub mod workload_api;
 
 pub use agent::{AgentPaths, AgentSnapshot, HeldSvid, IdentityInfo, NodeAgent};
