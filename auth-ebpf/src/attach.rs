@@ -1,6 +1,7 @@
 //! Attaching the programs to the pods' cgroup v2 as pinned bpf_links.
 //!
-//! Links are pinned under `<pin_dir>/links/<cgroup inode>/<direction>.<gen>`
+//! Links are pinned under `<pin_dir>/links/<cgroup inode>/<direction>_<gen>`
+//! (bpffs refuses names with a dot),
 //! so they outlive the agent: a restart (or a crash) leaves enforcement in
 //! place. Re-attaching attaches the new program first, pins it as the next
 //! generation, then releases the older links: cgroup bpf_links are
@@ -72,7 +73,7 @@ fn links_dir(pin_dir: &Path, cgroup: &Path) -> Result<PathBuf, DatapathError> {
 
 /// Pinned generations of one direction's link, oldest first.
 fn pinned_generations(dir: &Path, direction: Direction) -> Vec<(u64, PathBuf)> {
-    let prefix = format!("{}.", direction.as_str());
+    let prefix = format!("{}_", direction.as_str());
     let mut out: Vec<(u64, PathBuf)> = std::fs::read_dir(dir)
         .into_iter()
         .flatten()
@@ -126,7 +127,7 @@ impl Datapath {
                 path: cgroup.to_path_buf(),
                 source,
             })?;
-            let path = dir.join(format!("{}.{next}", direction.as_str()));
+            let path = dir.join(format!("{}_{next}", direction.as_str()));
             fd_link.pin(&path).map_err(|source| DatapathError::Pin {
                 path: path.clone(),
                 source,
