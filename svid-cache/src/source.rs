@@ -136,9 +136,9 @@ impl SourceError {
 pub enum SourceState {
     /// Connecting for the first time.
     Connecting,
-    /// A stream is open and its messages are arriving.
+    /// The server accepted the stream(s); messages are applied as they arrive.
     Connected {
-        /// When the current stream delivered its first message.
+        /// When the current stream was opened.
         since: SystemTime,
     },
     /// The last stream ended or could not be opened; retrying with backoff.

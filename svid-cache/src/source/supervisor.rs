@@ -80,12 +80,9 @@ impl<C: Connector> Worker<C> {
             Ok(s) => s,
             Err(e) => return e,
         };
-        let mut first = true;
+        // The server accepted the stream(s): it speaks the protocol.
+        self.connected(sessions > 0);
         while let Some(item) = stream.next().await {
-            if first {
-                first = false;
-                self.connected(sessions > 0);
-            }
             match item {
                 Ok(update) => self.apply(update).await,
                 Err(SourceError::NoIdentityIssued { call, path }) => {
