@@ -214,3 +214,36 @@ impl Drop for Pod {
         let _ = self.child.wait();
     }
 }
+
+/// Runs `f` on a thread that has entered `ns`'s network namespace (setns is
+/// per thread), and returns its result.
+pub fn in_netns<T: Send>(ns: &Netns, f: impl FnOnce() -> T + Send) -> T {
+    let path = ns.path();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let file = std::fs::File::open(&path)
+                .unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
+            rustix::thread::move_into_link_name_space(
+                std::os::fd::AsFd::as_fd(&file),
+                Some(rustix::thread::LinkNameSpaceType::Network),
+            )
+            .unwrap_or_else(|e| panic!("setns {}: {e}", path.display()));
+            f()
+        })
+        .join()
+        .expect("netns thread panicked")
+    })
+}
+
+/// The ifindex of `dev` in `ns`.
+pub fn ifindex(ns: &Netns, dev: &str) -> u32 {
+    let out = Command::new("ip")
+        .args(["-n", &ns.name, "-o", "link", "show", "dev", dev])
+        .output()
+        .expect("ip link show");
+    let s = String::from_utf8_lossy(&out.stdout);
+    s.split(':')
+        .next()
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no ifindex for {dev} in {}: {s}", ns.name))
+}
