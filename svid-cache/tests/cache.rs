@@ -191,9 +191,7 @@ fn rejected_whole(root: &Ca, now: SystemTime, bad: Update, check: impl Fn(&Cache
     let cache = cache_at(now);
     let a = root.svid(300, now, HOUR);
     let b = root.svid(301, now, HOUR);
-    cache
-        .apply(full(&[&a, &b], Some(bundle(&[root]))))
-        .unwrap();
+    cache.apply(full(&[&a, &b], Some(bundle(&[root])))).unwrap();
     let before: Vec<_> = cache
         .identities()
         .iter()
