@@ -26,6 +26,9 @@ use crate::entries::{Entry, EntrySpec, Selector, SpiffeId};
 use crate::socket::{self, SocketError};
 use crate::stream::went_down;
 
+mod client;
+pub use client::request;
+
 /// The longest request or response line accepted.
 pub const MAX_LINE: usize = 1 << 20;
 
@@ -370,61 +373,6 @@ async fn serve_conn(conn: UnixStream, dev: Weak<DevInner>, mut stop: watch::Rece
         if write.write_all(&out).await.is_err() || too_long {
             return;
         }
-    }
-}
-
-/// Sends one request to the control socket at `path` and returns the reply.
-pub async fn request(path: &Path, request: &ControlRequest) -> Result<ControlReply, ControlError> {
-    let conn = UnixStream::connect(path)
-        .await
-        .map_err(|source| ControlError::Connect {
-            path: path.to_owned(),
-            source,
-        })?;
-    let (read, mut write) = conn.into_split();
-    let mut line = serde_json::to_vec(request).map_err(|source| ControlError::Decode {
-        path: path.to_owned(),
-        line: format!("{request:?}"),
-        source,
-    })?;
-    line.push(b'\n');
-    write
-        .write_all(&line)
-        .await
-        .map_err(|source| ControlError::Io {
-            op: "write request",
-            path: path.to_owned(),
-            source,
-        })?;
-    let mut response = Vec::new();
-    BufReader::new(read)
-        .take(MAX_LINE as u64 + 1)
-        .read_until(b'\n', &mut response)
-        .await
-        .map_err(|source| ControlError::Io {
-            op: "read response",
-            path: path.to_owned(),
-            source,
-        })?;
-    if response.is_empty() {
-        return Err(ControlError::Closed {
-            path: path.to_owned(),
-        });
-    }
-    match serde_json::from_slice::<ControlResponse>(&response) {
-        Ok(ControlResponse::Ok(reply)) => Ok(reply),
-        Ok(ControlResponse::Error { message }) => Err(ControlError::Remote {
-            op: request.op().to_owned(),
-            message,
-        }),
-        Err(source) => Err(ControlError::Decode {
-            path: path.to_owned(),
-            line: String::from_utf8_lossy(&response)
-                .chars()
-                .take(200)
-                .collect(),
-            source,
-        }),
     }
 }
 

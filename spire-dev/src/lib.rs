@@ -43,6 +43,7 @@ pub mod duration;
 pub mod entries;
 pub mod server;
 pub mod socket;
+pub mod spiffe_id;
 mod stream;
 mod uds_authority;
 pub mod workload_api;

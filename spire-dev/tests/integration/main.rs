@@ -7,6 +7,7 @@ mod delegated;
 mod garbage;
 mod openssl;
 mod py_spiffe;
+mod spiffe_crate;
 mod support;
 mod svid;
 mod switches;
