@@ -29,8 +29,9 @@ const FRAME_CONTINUATION: u8 = 0x9;
 const FLAG_END_HEADERS: u8 = 0x4;
 const FLAG_PADDED: u8 = 0x8;
 const FLAG_PRIORITY: u8 = 0x20;
-/// The frame size h2 accepts by default (SETTINGS_MAX_FRAME_SIZE); rewritten
-/// header blocks are split into CONTINUATION frames of at most this size.
+/// The frame size h2 accepts by default (SETTINGS_MAX_FRAME_SIZE; tonic keeps
+/// it): larger incoming frames end the connection, and rewritten header blocks
+/// are split into CONTINUATION frames of at most this size.
 const MAX_FRAME: usize = 16_384;
 /// The HPACK table size h2 advertises (SETTINGS_HEADER_TABLE_SIZE default).
 const HEADER_TABLE_SIZE: usize = 4096;
@@ -248,6 +249,11 @@ async fn read_frame<R: AsyncRead + Unpin>(src: &mut R) -> io::Result<Option<([u8
         _ => return Err(invalid("connection closed inside a frame header")),
     }
     let len = usize::from(header[0]) << 16 | usize::from(header[1]) << 8 | usize::from(header[2]);
+    if len > MAX_FRAME {
+        // h2 advertises the default SETTINGS_MAX_FRAME_SIZE, so a larger frame
+        // is a protocol error; refuse it before allocating.
+        return Err(invalid("frame larger than SETTINGS_MAX_FRAME_SIZE"));
+    }
     let mut payload = vec![0u8; len];
     src.read_exact(&mut payload).await?;
     Ok(Some((header, payload)))
@@ -324,14 +330,16 @@ mod tests {
             ])
         };
         let block = fields(b"tmp%2Fx%2Fagent.sock");
-        // HEADERS (padded) + CONTINUATION, then a DATA frame.
-        let (a, b) = block.split_at(100);
+        // HEADERS (padded) + two CONTINUATIONs, then a DATA frame.
+        let (a, rest) = block.split_at(100);
+        let (b, c) = rest.split_at(10_000);
         let mut padded = vec![3u8];
         padded.extend_from_slice(a);
         padded.extend_from_slice(&[0, 0, 0]);
         let mut input = PREFACE.to_vec();
         input.extend(frame(FRAME_HEADERS, FLAG_PADDED, 1, &padded));
-        input.extend(frame(FRAME_CONTINUATION, FLAG_END_HEADERS, 1, b));
+        input.extend(frame(FRAME_CONTINUATION, 0, 1, b));
+        input.extend(frame(FRAME_CONTINUATION, FLAG_END_HEADERS, 1, c));
         input.extend(frame(0x0, 0x1, 1, b"data"));
         let out = run(input).await;
         assert_eq!(&out[..24], PREFACE);
@@ -363,5 +371,10 @@ mod tests {
         assert_eq!(out, input);
         let garbage = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec();
         assert_eq!(run(garbage.clone()).await, garbage);
+        // An oversized frame ends the connection without allocating it.
+        let mut huge = PREFACE.to_vec();
+        huge.extend_from_slice(&[0xff, 0xff, 0xff, 0x0, 0x0, 0, 0, 0, 1]);
+        let mut out = Vec::new();
+        assert!(rewrite(&mut huge.as_slice(), &mut out).await.is_err());
     }
 }

@@ -29,6 +29,12 @@ fn garbage() -> Vec<Vec<u8>> {
         (0u8..=255).cycle().take(70_000).collect(),
         b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\xff\xff\xff\xff\xff\xff\xff\xff\xff".to_vec(),
         vec![0u8; 3],
+        // A well-framed HTTP/2 HEADERS frame whose HPACK block is invalid.
+        [
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".as_slice(),
+            &[0, 0, 3, 0x1, 0x4, 0, 0, 0, 1, 0xbe, 0xff, 0x00],
+        ]
+        .concat(),
     ]
 }
 
