@@ -18,10 +18,11 @@ compile() { # source, object
     -c "$1" -o "$out/$2"
   "$STRIP" -g "$out/$2"
 }
-OBJECTS=(endpoint.o test/redirect_peer.o)
+OBJECTS=(endpoint.o test/redirect_peer.o test/baseline.o)
 mkdir -p "$out/test"
 compile endpoint.c endpoint.o
 compile test/redirect_peer.c test/redirect_peer.o
+compile test/baseline.c test/baseline.o
 if [ "${1:-}" = "--check" ]; then
   for o in "${OBJECTS[@]}"; do
     if ! cmp -s "$out/$o" "$o"; then

@@ -20,7 +20,10 @@
 #include "lib/signal.h"
 #include "lib/events.h"
 #include "lib/metrics.h"
+#include "lib/skcache.h"
 
+/* Counts the packet, reports it if the event mask asks, returns the verdict.
+ * `now` may be 0 when the path did not need the time. */
 static __always_inline int verdict(const struct flow *f, const struct config_value *cfg,
 				   __u32 local_id, __u32 remote_id, __u16 remote_node,
 				   __u8 auth_type, __u8 reason, __u64 now)
@@ -31,17 +34,30 @@ static __always_inline int verdict(const struct flow *f, const struct config_val
 
 	metrics_count(reason, f->direction, f->len);
 	if (cfg->event_mask & bit)
-		event_emit(f, local_id, remote_id, remote_node, auth_type, reason, pass, now);
+		event_emit(f, local_id, remote_id, remote_node, auth_type, reason, pass,
+			   now ? now : bpf_ktime_get_boot_ns());
 	return pass ? CGROUP_PASS : CGROUP_DROP;
+}
+
+/* A pass that the socket can remember. */
+static __always_inline int pass_and_cache(struct __sk_buff *skb, const struct flow *f,
+					  const struct config_value *cfg, __u32 local_id,
+					  __u32 remote_id, __u16 remote_node, __u8 auth_type,
+					  __u8 reason, __u64 expiry, __u64 now)
+{
+	if (!(cfg->flags & CONFIG_F_NO_SKCACHE))
+		skcache_store(skb, f, cfg->generation, reason, expiry, now);
+	return verdict(f, cfg, local_id, remote_id, remote_node, auth_type, reason, now);
 }
 
 static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 {
 	struct config_value cfg = config_get();
-	__u64 now = bpf_ktime_get_boot_ns();
 	struct ipcache_value local, remote;
+	struct sk_verdict_slot *cached;
 	struct auth_key key = {};
 	struct flow f = {};
+	__u64 now = 0, expiry;
 	__u16 port;
 	__u8 auth_type;
 	int ret;
@@ -50,40 +66,52 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 	if (ret == PARSE_UNSUPPORTED)
 		return CGROUP_PASS;
 	if (ret < 0)
-		return verdict(&f, &cfg, 0, 0, 0, 0, DROP_INVALID, now);
+		return verdict(&f, &cfg, 0, 0, 0, 0, DROP_INVALID, 0);
+
+	/* Fast path: the socket's cached verdict for this flow, if still current. */
+	cached = cfg.flags & CONFIG_F_NO_SKCACHE ? NULL : skcache_lookup(skb, &f, cfg.generation);
+	if (cached && skcache_live(cached))
+		return verdict(&f, &cfg, 0, 0, 0, 0, cached->reason, 0);
 
 	local = ipcache_lookup(&f.local, f.family);
 	if (local.identity < ID_FIRST_CLUSTER)
-		return verdict(&f, &cfg, local.identity, 0, 0, 0, REASON_PASS_NOT_ENFORCED, now);
+		return pass_and_cache(skb, &f, &cfg, local.identity, 0, 0, 0,
+				      REASON_PASS_NOT_ENFORCED, SKCACHE_NO_EXPIRY, now);
 
 	remote = ipcache_lookup(&f.remote, f.family);
 	if (ct_is_reply(&f))
-		return verdict(&f, &cfg, local.identity, remote.identity, remote.node_id, 0,
-			       REASON_PASS_REPLY, now);
+		return pass_and_cache(skb, &f, &cfg, local.identity, remote.identity,
+				      remote.node_id, 0, REASON_PASS_REPLY, SKCACHE_NO_EXPIRY,
+				      now);
 
 	port = dir == DIR_INGRESS ? f.local_port : f.remote_port;
 	if (f.fragment)
 		port = 0;
 	auth_type = policy_auth_type(local.identity, remote.identity, port, f.proto, dir);
 	if (!auth_type) {
-		ct_track(&f, now);
-		return verdict(&f, &cfg, local.identity, remote.identity, remote.node_id, 0,
-			       REASON_PASS_NO_POLICY, now);
+		ct_track(&f);
+		return pass_and_cache(skb, &f, &cfg, local.identity, remote.identity,
+				      remote.node_id, 0, REASON_PASS_NO_POLICY,
+				      SKCACHE_NO_EXPIRY, now);
 	}
 
 	key.local_id = local.identity;
 	key.remote_id = remote.identity;
 	key.remote_node_id = remote.node_id;
 	key.auth_type = auth_type;
-	if (auth_is_live(&key, now)) {
-		ct_track(&f, now);
-		return verdict(&f, &cfg, local.identity, remote.identity, remote.node_id,
-			       auth_type, REASON_PASS_AUTHENTICATED, now);
+	expiry = auth_expiry(&key);
+	if (!now)
+		now = bpf_ktime_get_boot_ns();
+	if (expiry > now) {
+		ct_track(&f);
+		return pass_and_cache(skb, &f, &cfg, local.identity, remote.identity,
+				      remote.node_id, auth_type, REASON_PASS_AUTHENTICATED, expiry,
+				      now);
 	}
 
 	signal_auth_required(&key, now, &cfg);
 	if (cfg.mode == MODE_AUDIT) {
-		ct_track(&f, now);
+		ct_track(&f);
 		return verdict(&f, &cfg, local.identity, remote.identity, remote.node_id,
 			       auth_type, REASON_PASS_AUDIT, now);
 	}

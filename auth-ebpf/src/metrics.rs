@@ -2,11 +2,11 @@
 
 use std::path::Path;
 
-use aya::maps::{Map, MapData, PerCpuHashMap};
+use aya::maps::{Map, MapData, PerCpuArray};
 
 use crate::error::DatapathError;
 use crate::maps::{names, open_pinned};
-use crate::types::{Direction, MetricsKey, MetricsValue};
+use crate::types::{Direction, METRICS_SLOTS, MetricsValue, metrics_slot};
 
 /// One counter.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -23,7 +23,7 @@ pub struct Counter {
 
 /// Reads the pinned `meshauth_metrics` map.
 pub struct MetricsReader {
-    map: PerCpuHashMap<MapData, MetricsKey, MetricsValue>,
+    map: PerCpuArray<MapData, MetricsValue>,
 }
 
 impl std::fmt::Debug for MetricsReader {
@@ -36,30 +36,36 @@ impl MetricsReader {
     /// Opens the pinned map.
     pub fn open(pin_dir: &Path) -> Result<Self, DatapathError> {
         let data = open_pinned(pin_dir, names::METRICS)?;
-        let map = PerCpuHashMap::try_from(Map::PerCpuHashMap(data))
+        let map = PerCpuArray::try_from(Map::PerCpuArray(data))
             .map_err(DatapathError::map(names::METRICS))?;
         Ok(Self { map })
     }
 
-    /// Every counter, summed over CPUs, sorted by reason and direction.
+    /// Every non-zero counter, summed over CPUs, sorted by reason and
+    /// direction.
     pub fn read(&self) -> Result<Vec<Counter>, DatapathError> {
         let mut out = Vec::new();
-        for r in self.map.iter() {
-            let (k, per_cpu) = r.map_err(DatapathError::map(names::METRICS))?;
-            let Some(direction) = Direction::from_raw(k.direction) else {
-                continue;
-            };
-            let (packets, bytes) = per_cpu
-                .iter()
-                .fold((0u64, 0u64), |(p, b), v| (p + v.packets, b + v.bytes));
-            out.push(Counter {
-                reason: k.reason,
-                direction,
-                packets,
-                bytes,
-            });
+        for reason in 0..=u8::MAX {
+            for direction in [Direction::Ingress, Direction::Egress] {
+                let slot = metrics_slot(reason, direction);
+                debug_assert!(slot < METRICS_SLOTS);
+                let per_cpu = self
+                    .map
+                    .get(&slot, 0)
+                    .map_err(DatapathError::map(names::METRICS))?;
+                let (packets, bytes) = per_cpu
+                    .iter()
+                    .fold((0u64, 0u64), |(p, b), v| (p + v.packets, b + v.bytes));
+                if packets > 0 {
+                    out.push(Counter {
+                        reason,
+                        direction,
+                        packets,
+                        bytes,
+                    });
+                }
+            }
         }
-        out.sort();
         Ok(out)
     }
 

@@ -237,17 +237,13 @@ pub struct FlowEventRaw {
     pub pad: u32,
 }
 
-/// `struct metrics_key`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-#[repr(C)]
-pub struct MetricsKey {
-    /// Reason code.
-    pub reason: u8,
-    /// Raw [`Direction`].
-    pub direction: u8,
-    /// Zero.
-    pub pad: u16,
+/// The metrics slot of (reason, direction): `reason * 2 + (direction - 1)`.
+pub fn metrics_slot(reason: u8, direction: Direction) -> u32 {
+    (u32::from(reason) << 1) | (direction as u32 - 1)
 }
+
+/// Number of metrics slots (`METRICS_SLOTS`).
+pub const METRICS_SLOTS: u32 = 512;
 
 /// `struct metrics_value` (one CPU's share).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -269,6 +265,11 @@ pub struct ConfigValue {
     pub event_mask: u32,
     /// Minimum time between two signals for one auth key.
     pub signal_interval_ns: u64,
+    /// Bumped whenever a change could turn a pass into a drop; socket-cached
+    /// verdicts of an older generation are ignored.
+    pub generation: u32,
+    /// `CONFIG_F_*` bits (1 = socket verdict cache off).
+    pub flags: u32,
 }
 
 /// `struct layout_value`: the layout version of the pinned maps.
@@ -294,7 +295,6 @@ unsafe impl aya::Pod for CtKey {}
 unsafe impl aya::Pod for CtValue {}
 unsafe impl aya::Pod for SignalMsg {}
 unsafe impl aya::Pod for FlowEventRaw {}
-unsafe impl aya::Pod for MetricsKey {}
 unsafe impl aya::Pod for MetricsValue {}
 unsafe impl aya::Pod for ConfigValue {}
 unsafe impl aya::Pod for LayoutValue {}

@@ -137,15 +137,20 @@ fn rust_types_match_the_objects_btf() {
             pad,
         ]
     );
-    check!(l, "metrics_key", MetricsKey, [reason, direction, pad]);
     check!(l, "metrics_value", MetricsValue, [packets, bytes]);
     check!(
         l,
         "config_value",
         ConfigValue,
-        [mode, event_mask, signal_interval_ns]
+        [mode, event_mask, signal_interval_ns, generation, flags]
     );
     check!(l, "layout_value", LayoutValue, [version, pad]);
+    // The per-socket cache lives only in the kernel; check its shape is what
+    // skcache.h intends (two 48-byte slots, the times 8-aligned).
+    let (slot, m) = l.get("sk_verdict_slot").expect("sk_verdict_slot in BTF");
+    assert_eq!(*slot, 48);
+    assert_eq!((m["expiry"], m["deadline_coarse"]), (32, 40));
+    assert_eq!(l.get("sk_verdict").expect("sk_verdict in BTF").0, 96);
 
     // The ipcache key: the LPM prefix length, then the data aya's Key wraps.
     let (size, m) = l.get("ipcache_key").expect("ipcache_key");

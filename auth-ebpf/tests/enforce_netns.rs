@@ -59,6 +59,11 @@ impl Topology {
 /// "the server requires authentication from the client" on TCP 8080 and
 /// UDP 5353.
 fn desired_state(pins: &Path) {
+    identities(pins);
+    rules(pins);
+}
+
+fn identities(pins: &Path) {
     let mut ipc = Ipcache::open(pins).expect("ipcache");
     for (ip, id) in [
         (A4, CLIENT_ID),
@@ -69,6 +74,9 @@ fn desired_state(pins: &Path) {
         ipc.insert(Prefix::host(ip.parse::<IpAddr>().unwrap()), id, 0)
             .expect("ipcache insert");
     }
+}
+
+fn rules(pins: &Path) {
     let mut pol = PolicyMap::open(pins).expect("policy");
     for (port, proto) in [(8080, 6), (5353, 17)] {
         pol.insert(
@@ -276,5 +284,51 @@ fn reloading_the_loader_keeps_an_authenticated_connection_flowing() {
     assert!(
         got.starts_with("fail"),
         "the reloaded programs enforce: {got}"
+    );
+}
+
+#[test]
+fn socket_cached_verdicts_do_not_outlive_a_policy_or_auth_change() {
+    let topo = Topology::new("sc");
+    let pins = TestPinDir::new("netns-sc");
+    let _dp = load_and_attach(&pins, &topo.cg.path);
+    identities(pins.path());
+    let (mut client, mut server) = topo.pods();
+    server.ok("serve 8080");
+
+    // No policy yet: the connection's sockets cache "pass".
+    client.ok(&format!("connect {B4} 8080 2"));
+    for i in 0..5 {
+        client.ok(&format!("send open{i} 2"));
+    }
+    // A rule requiring authentication arrives: the established connection
+    // must stop at once, not ride on its cached verdict.
+    rules(pins.path());
+    let got = client.cmd("send after-policy 1");
+    assert!(
+        got.starts_with("fail"),
+        "a cached pass must not survive a new rule: {got}"
+    );
+
+    // Authenticated: a new connection flows and caches "authenticated" ...
+    AuthMap::open(pins.path())
+        .unwrap()
+        .insert(server_key(), SystemTime::now() + Duration::from_secs(60))
+        .unwrap();
+    client.ok(&format!("connect {B4} 8080 2"));
+    for i in 0..5 {
+        client.ok(&format!("send authed{i} 2"));
+    }
+    // ... until the entry is removed (a node or rule went away).
+    assert!(
+        AuthMap::open(pins.path())
+            .unwrap()
+            .remove(&server_key())
+            .unwrap()
+    );
+    let got = client.cmd("send after-removal 1");
+    assert!(
+        got.starts_with("fail"),
+        "a cached pass must not survive the entry's removal: {got}"
     );
 }

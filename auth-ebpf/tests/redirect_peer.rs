@@ -43,7 +43,10 @@ const MAC_HA: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 0xfe];
 const MAC_HB: [u8; 6] = [0x02, 0xbb, 0, 0, 0, 0xfe];
 
 fn mac(m: [u8; 6]) -> String {
-    m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 #[test]
@@ -52,14 +55,25 @@ fn cgroup_enforcement_holds_under_redirect_peer_delivery() {
     let pa = Netns::new("rpa");
     let pb = Netns::new("rpb");
     let t = uniq();
-    let (ea, ha, eb, hb) = (format!("ea{t}"), format!("ha{t}"), format!("eb{t}"), format!("hb{t}"));
+    let (ea, ha, eb, hb) = (
+        format!("ea{t}"),
+        format!("ha{t}"),
+        format!("eb{t}"),
+        format!("hb{t}"),
+    );
     veth(&pa, &ea, &host, &ha);
     veth(&pb, &eb, &host, &hb);
     host.exec("sysctl -qw net.ipv4.ip_forward=0");
-    for (ns, dev, m, ip, peer, hmac) in [(&pa, &ea, MAC_A, A, B, MAC_HA), (&pb, &eb, MAC_B, B, A, MAC_HB)] {
+    for (ns, dev, m, ip, peer, hmac) in [
+        (&pa, &ea, MAC_A, A, B, MAC_HA),
+        (&pb, &eb, MAC_B, B, A, MAC_HB),
+    ] {
         ns.ip(&format!("link set dev {dev} address {}", mac(m)));
         ns.ip(&format!("addr add {ip}/32 dev {dev}"));
-        ns.ip(&format!("neigh add {GW} lladdr {} dev {dev} nud permanent", mac(hmac)));
+        ns.ip(&format!(
+            "neigh add {GW} lladdr {} dev {dev} nud permanent",
+            mac(hmac)
+        ));
         ns.ip(&format!("route add {peer}/32 via {GW} dev {dev} onlink"));
     }
     host.ip(&format!("link set dev {ha} address {}", mac(MAC_HA)));
@@ -73,14 +87,33 @@ fn cgroup_enforcement_holds_under_redirect_peer_delivery() {
             let mut targets: HashMap<_, u32, RedirectTarget> =
                 HashMap::try_from(ebpf.map_mut("redirect_targets").unwrap()).unwrap();
             targets
-                .insert(ia, RedirectTarget { ifindex: ib, dmac: MAC_B, smac: MAC_HB }, 0)
+                .insert(
+                    ia,
+                    RedirectTarget {
+                        ifindex: ib,
+                        dmac: MAC_B,
+                        smac: MAC_HB,
+                    },
+                    0,
+                )
                 .unwrap();
             targets
-                .insert(ib, RedirectTarget { ifindex: ia, dmac: MAC_A, smac: MAC_HA }, 0)
+                .insert(
+                    ib,
+                    RedirectTarget {
+                        ifindex: ia,
+                        dmac: MAC_A,
+                        smac: MAC_HA,
+                    },
+                    0,
+                )
                 .unwrap();
         }
-        let prog: &mut SchedClassifier =
-            ebpf.program_mut("redirect_peer_prog").unwrap().try_into().unwrap();
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut("redirect_peer_prog")
+            .unwrap()
+            .try_into()
+            .unwrap();
         prog.load().expect("load classifier");
         for dev in [&ha, &hb] {
             prog.attach(dev, TcAttachType::Ingress)
@@ -103,8 +136,10 @@ fn cgroup_enforcement_holds_under_redirect_peer_delivery() {
     .expect("load datapath");
     dp.attach(&cg.path).expect("attach datapath");
     let mut ipc = Ipcache::open(pins.path()).unwrap();
-    ipc.insert(Prefix::host(A.parse::<IpAddr>().unwrap()), 400, 0).unwrap();
-    ipc.insert(Prefix::host(B.parse::<IpAddr>().unwrap()), 401, 0).unwrap();
+    ipc.insert(Prefix::host(A.parse::<IpAddr>().unwrap()), 400, 0)
+        .unwrap();
+    ipc.insert(Prefix::host(B.parse::<IpAddr>().unwrap()), 401, 0)
+        .unwrap();
     PolicyMap::open(pins.path())
         .unwrap()
         .insert(
@@ -131,10 +166,20 @@ fn cgroup_enforcement_holds_under_redirect_peer_delivery() {
     assert!(before > 0, "packets went through bpf_redirect_peer");
 
     let got = client.cmd(&format!("connect {B} 8080 0.8"));
-    assert!(got.starts_with("fail"), "redirect_peer delivery must still be enforced: {got}");
-    assert!(redirected() > before, "the dropped SYNs were delivered by the redirect");
+    assert!(
+        got.starts_with("fail"),
+        "redirect_peer delivery must still be enforced: {got}"
+    );
+    assert!(
+        redirected() > before,
+        "the dropped SYNs were delivered by the redirect"
+    );
     let m = MetricsReader::open(pins.path()).unwrap();
-    assert!(m.packets(reason::DROP_AUTH_REQUIRED, Direction::Ingress).unwrap() >= 1);
+    assert!(
+        m.packets(reason::DROP_AUTH_REQUIRED, Direction::Ingress)
+            .unwrap()
+            >= 1
+    );
 
     AuthMap::open(pins.path())
         .unwrap()

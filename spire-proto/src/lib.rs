@@ -6,7 +6,12 @@
 //! and server stubs are generated: `spire-dev` serves them, `svid-cache`
 //! consumes the Delegated Identity API with them.
 
-#![allow(missing_docs, missing_debug_implementations, clippy::all, clippy::pedantic)]
+#![allow(
+    missing_docs,
+    missing_debug_implementations,
+    clippy::all,
+    clippy::pedantic
+)]
 
 /// The SPIFFE Workload API (no protobuf package: gRPC paths are
 /// `/SpiffeWorkloadAPI/<Method>`).
@@ -33,10 +38,10 @@ pub mod spire {
     }
 }
 
-/// SPIRE API types (`spire.api.types`).
-pub use spire::api::types;
 /// SPIRE's Delegated Identity API (`spire.api.agent.delegatedidentity.v1`).
 pub use spire::api::agent::delegatedidentity::v1 as delegatedidentity;
+/// SPIRE API types (`spire.api.types`).
+pub use spire::api::types;
 
 /// The header every Workload API call must carry (`workload.spiffe.io: true`).
 pub const WORKLOAD_HEADER_KEY: &str = "workload.spiffe.io";

@@ -28,12 +28,12 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } meshauth_auth SEC(".maps");
 
-/* 1 when the pair holds a live entry at `now` (CLOCK_BOOTTIME ns). */
-static __always_inline int auth_is_live(const struct auth_key *key, __u64 now)
+/* The pair's expiry (CLOCK_BOOTTIME ns), 0 when it has no entry. */
+static __always_inline __u64 auth_expiry(const struct auth_key *key)
 {
 	struct auth_value *v = bpf_map_lookup_elem(&meshauth_auth, key);
 
-	return v && v->expiry > now;
+	return v ? v->expiry : 0;
 }
 
 #endif /* __MESHAUTH_AUTH_H */

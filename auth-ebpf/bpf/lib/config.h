@@ -17,7 +17,15 @@ struct config_value {
 	__u32 mode;
 	__u32 event_mask;
 	__u64 signal_interval_ns;
+	/* Bumped by the agent whenever a change could turn a pass into a drop
+	 * (policy or ipcache changed, an auth entry removed): verdicts cached
+	 * per socket under an older generation are not used. */
+	__u32 generation;
+	__u32 flags; /* CONFIG_F_* */
 };
+
+/* Do not use or fill the per-socket verdict cache (debugging, benchmarks). */
+#define CONFIG_F_NO_SKCACHE (1 << 0)
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);

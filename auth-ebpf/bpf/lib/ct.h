@@ -16,13 +16,12 @@ struct ct_key {
 };
 
 struct ct_value {
-	__u64 last_seen; /* CLOCK_BOOTTIME ns */
+	__u64 last_seen; /* when the flow was first let through, CLOCK_BOOTTIME ns */
 	__u32 flags;
 	__u32 pad;
 };
 
 #define CT_MAX_ENTRIES 262144
-#define CT_REFRESH_NS 1000000000ULL
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
@@ -66,19 +65,18 @@ static __always_inline int ct_is_reply(const struct flow *f)
 	return bpf_map_lookup_elem(&meshauth_ct, &rev) != NULL;
 }
 
-/* Records the forward tuple of a flow that was let through; refreshes an
- * existing record at most once a second to keep the per-packet cost low. */
-static __always_inline void ct_track(const struct flow *f, __u64 now)
+/* Records the forward tuple of a flow that was let through, once: the LRU
+ * keeps entries that replies keep looking up, and drops idle ones. */
+static __always_inline void ct_track(const struct flow *f)
 {
 	struct ct_key key = {};
-	struct ct_value val = { .last_seen = now };
-	struct ct_value *cur;
+	struct ct_value val = {};
 
 	ct_forward_key(&key, f);
-	cur = bpf_map_lookup_elem(&meshauth_ct, &key);
-	if (cur && now - cur->last_seen < CT_REFRESH_NS)
+	if (bpf_map_lookup_elem(&meshauth_ct, &key))
 		return;
-	bpf_map_update_elem(&meshauth_ct, &key, &val, BPF_ANY);
+	val.last_seen = bpf_ktime_get_boot_ns();
+	bpf_map_update_elem(&meshauth_ct, &key, &val, BPF_NOEXIST);
 }
 
 #endif /* __MESHAUTH_CT_H */

@@ -1,41 +1,34 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
-/* Packet and byte counters by (reason, direction). */
+/* Packet and byte counters by (reason, direction): a per-CPU array indexed
+ * by reason * 2 + (direction - 1), so counting is an inlined array access. */
 #ifndef __MESHAUTH_METRICS_H
 #define __MESHAUTH_METRICS_H
 
 #include "common.h"
-
-struct metrics_key {
-	__u8 reason;
-	__u8 direction;
-	__u16 pad;
-};
 
 struct metrics_value {
 	__u64 packets;
 	__u64 bytes;
 };
 
+#define METRICS_SLOTS 512 /* 256 reasons x 2 directions */
+
 struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
-	__type(key, struct metrics_key);
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
 	__type(value, struct metrics_value);
-	__uint(max_entries, 256);
+	__uint(max_entries, METRICS_SLOTS);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } meshauth_metrics SEC(".maps");
 
 static __always_inline void metrics_count(__u8 reason, __u8 dir, __u32 len)
 {
-	struct metrics_key key = { .reason = reason, .direction = dir };
-	struct metrics_value *v = bpf_map_lookup_elem(&meshauth_metrics, &key);
+	__u32 slot = ((__u32)reason << 1) | ((dir - 1) & 1);
+	struct metrics_value *v = bpf_map_lookup_elem(&meshauth_metrics, &slot);
 
 	if (v) {
 		v->packets += 1;
 		v->bytes += len;
-	} else {
-		struct metrics_value init = { .packets = 1, .bytes = len };
-
-		bpf_map_update_elem(&meshauth_metrics, &key, &init, BPF_NOEXIST);
 	}
 }
 

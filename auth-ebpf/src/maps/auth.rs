@@ -5,6 +5,7 @@ use std::time::SystemTime;
 
 use aya::maps::{HashMap, Map, MapData};
 
+use super::config::ConfigMap;
 use super::{insert_error, is_not_found, max_entries, names, open_pinned};
 use crate::clock::{boottime_to_system, system_to_boottime_ns};
 use crate::error::DatapathError;
@@ -17,6 +18,7 @@ pub const AUTH_TYPE_MTLS: u8 = 1;
 #[derive(Debug)]
 pub struct AuthMap {
     map: HashMap<MapData, AuthKey, AuthValue>,
+    config: ConfigMap,
     max_entries: u32,
 }
 
@@ -26,17 +28,31 @@ impl AuthMap {
         let data = open_pinned(pin_dir, names::AUTH)?;
         let max_entries = max_entries(&data, names::AUTH)?;
         let map = HashMap::try_from(Map::HashMap(data)).map_err(DatapathError::map(names::AUTH))?;
-        Ok(Self { map, max_entries })
+        let config = ConfigMap::open(pin_dir)?;
+        Ok(Self {
+            map,
+            config,
+            max_entries,
+        })
     }
 
-    /// Writes (or replaces in place) a pair's entry with its expiry.
+    /// Writes (or replaces in place) a pair's entry with its expiry. A
+    /// shorter expiry than before invalidates socket-cached verdicts.
     pub fn insert(&mut self, key: AuthKey, expiry: SystemTime) -> Result<(), DatapathError> {
         let value = AuthValue {
             expiry: system_to_boottime_ns(expiry),
         };
+        let shortened = self
+            .map
+            .get(&key, 0)
+            .is_ok_and(|old| old.expiry > value.expiry);
         self.map
             .insert(key, value, 0)
-            .map_err(|e| insert_error(names::AUTH, self.max_entries, e))
+            .map_err(|e| insert_error(names::AUTH, self.max_entries, e))?;
+        if shortened {
+            self.config.bump_generation()?;
+        }
+        Ok(())
     }
 
     /// The expiry of a pair, if it has an entry (live or not).
@@ -51,7 +67,10 @@ impl AuthMap {
     /// Removes a pair; `false` if it had no entry.
     pub fn remove(&mut self, key: &AuthKey) -> Result<bool, DatapathError> {
         match self.map.remove(key) {
-            Ok(()) => Ok(true),
+            Ok(()) => {
+                self.config.bump_generation()?;
+                Ok(true)
+            }
             Err(e) if is_not_found(&e) => Ok(false),
             Err(e) => Err(DatapathError::map(names::AUTH)(e)),
         }

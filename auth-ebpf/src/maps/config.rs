@@ -63,6 +63,8 @@ pub struct DatapathConfig {
     pub signal_interval: Duration,
     /// Which verdicts produce flow events.
     pub events: EventMask,
+    /// Cache verdicts per socket (the fast path for established flows).
+    pub socket_cache: bool,
 }
 
 impl Default for DatapathConfig {
@@ -71,9 +73,12 @@ impl Default for DatapathConfig {
             mode: Mode::Enforce,
             signal_interval: Duration::from_secs(1),
             events: EventMask::default(),
+            socket_cache: true,
         }
     }
 }
+
+const CONFIG_F_NO_SKCACHE: u32 = 1;
 
 /// Typed handle on `meshauth_config`.
 pub struct ConfigMap {
@@ -95,12 +100,25 @@ impl ConfigMap {
     }
 
     /// Writes the configuration; the datapath uses it from its next packet.
+    /// Bumps the generation (a mode change may turn passes into drops).
     pub fn set(&mut self, cfg: &DatapathConfig) -> Result<(), DatapathError> {
         let interval = cfg
             .signal_interval
             .as_nanos()
             .clamp(1, u128::from(u64::MAX)) as u64;
+        let generation = self
+            .map
+            .get(&0, 0)
+            .map_err(DatapathError::map(names::CONFIG))?
+            .generation
+            .wrapping_add(1);
         let value = ConfigValue {
+            generation,
+            flags: if cfg.socket_cache {
+                0
+            } else {
+                CONFIG_F_NO_SKCACHE
+            },
             mode: match cfg.mode {
                 Mode::Enforce => 0,
                 Mode::Audit => 1,
@@ -111,6 +129,29 @@ impl ConfigMap {
         self.map
             .set(0, value, 0)
             .map_err(DatapathError::map(names::CONFIG))
+    }
+
+    /// Invalidates every verdict the datapath cached per socket: called after
+    /// any map change that could turn a pass into a drop.
+    pub fn bump_generation(&mut self) -> Result<u32, DatapathError> {
+        let mut v = self
+            .map
+            .get(&0, 0)
+            .map_err(DatapathError::map(names::CONFIG))?;
+        v.generation = v.generation.wrapping_add(1);
+        self.map
+            .set(0, v, 0)
+            .map_err(DatapathError::map(names::CONFIG))?;
+        Ok(v.generation)
+    }
+
+    /// The current generation.
+    pub fn generation(&self) -> Result<u32, DatapathError> {
+        Ok(self
+            .map
+            .get(&0, 0)
+            .map_err(DatapathError::map(names::CONFIG))?
+            .generation)
     }
 
     /// Reads the configuration back.
@@ -127,6 +168,7 @@ impl ConfigMap {
             },
             signal_interval: Duration::from_nanos(v.signal_interval_ns),
             events: EventMask::from_bits(v.event_mask),
+            socket_cache: v.flags & CONFIG_F_NO_SKCACHE == 0,
         })
     }
 }

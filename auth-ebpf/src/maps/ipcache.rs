@@ -6,6 +6,7 @@ use std::path::Path;
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Map, MapData};
 
+use super::config::ConfigMap;
 use super::{insert_error, is_not_found, max_entries, names, open_pinned};
 use crate::error::DatapathError;
 use crate::types::{IPCACHE_KEY_PREFIX_BITS, IpcacheKeyData, IpcacheValue, RawAddr};
@@ -56,6 +57,7 @@ impl std::fmt::Display for Prefix {
 #[derive(Debug)]
 pub struct Ipcache {
     map: LpmTrie<MapData, IpcacheKeyData, IpcacheValue>,
+    config: ConfigMap,
     max_entries: u32,
 }
 
@@ -66,7 +68,12 @@ impl Ipcache {
         let max_entries = max_entries(&data, names::IPCACHE)?;
         let map =
             LpmTrie::try_from(Map::LpmTrie(data)).map_err(DatapathError::map(names::IPCACHE))?;
-        Ok(Self { map, max_entries })
+        let config = ConfigMap::open(pin_dir)?;
+        Ok(Self {
+            map,
+            config,
+            max_entries,
+        })
     }
 
     /// Maps a prefix to an identity on a node (0 = local).
@@ -83,13 +90,18 @@ impl Ipcache {
         };
         self.map
             .insert(&prefix.key()?, value, 0)
-            .map_err(|e| insert_error(names::IPCACHE, self.max_entries, e))
+            .map_err(|e| insert_error(names::IPCACHE, self.max_entries, e))?;
+        self.config.bump_generation()?;
+        Ok(())
     }
 
     /// Removes a prefix; `false` if it was not there.
     pub fn remove(&mut self, prefix: Prefix) -> Result<bool, DatapathError> {
         match self.map.remove(&prefix.key()?) {
-            Ok(()) => Ok(true),
+            Ok(()) => {
+                self.config.bump_generation()?;
+                Ok(true)
+            }
             Err(e) if is_not_found(&e) => Ok(false),
             Err(e) => Err(DatapathError::map(names::IPCACHE)(e)),
         }

@@ -4,6 +4,7 @@ use std::path::Path;
 
 use aya::maps::{HashMap, Map, MapData};
 
+use super::config::ConfigMap;
 use super::{insert_error, is_not_found, max_entries, names, open_pinned};
 use crate::error::DatapathError;
 use crate::types::{Direction, PolicyKey, PolicyValue};
@@ -39,6 +40,7 @@ impl PolicyRule {
 #[derive(Debug)]
 pub struct PolicyMap {
     map: HashMap<MapData, PolicyKey, PolicyValue>,
+    config: ConfigMap,
     max_entries: u32,
 }
 
@@ -49,7 +51,12 @@ impl PolicyMap {
         let max_entries = max_entries(&data, names::POLICY)?;
         let map =
             HashMap::try_from(Map::HashMap(data)).map_err(DatapathError::map(names::POLICY))?;
-        Ok(Self { map, max_entries })
+        let config = ConfigMap::open(pin_dir)?;
+        Ok(Self {
+            map,
+            config,
+            max_entries,
+        })
     }
 
     /// Requires `auth_type` for flows matching `rule` (0 = explicitly none).
@@ -61,13 +68,18 @@ impl PolicyMap {
         };
         self.map
             .insert(rule.key(), value, 0)
-            .map_err(|e| insert_error(names::POLICY, self.max_entries, e))
+            .map_err(|e| insert_error(names::POLICY, self.max_entries, e))?;
+        self.config.bump_generation()?;
+        Ok(())
     }
 
     /// Removes a rule; `false` if it was not there.
     pub fn remove(&mut self, rule: &PolicyRule) -> Result<bool, DatapathError> {
         match self.map.remove(&rule.key()) {
-            Ok(()) => Ok(true),
+            Ok(()) => {
+                self.config.bump_generation()?;
+                Ok(true)
+            }
             Err(e) if is_not_found(&e) => Ok(false),
             Err(e) => Err(DatapathError::map(names::POLICY)(e)),
         }

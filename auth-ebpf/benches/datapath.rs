@@ -1,0 +1,149 @@
+//! ns/packet of the datapath via BPF_PROG_TEST_RUN with repeat, beside a
+//! baseline program doing one hash lookup, all in the same run. Root.
+//!
+//!   cargo bench -p auth-ebpf --bench datapath [-- REPEAT RUNS]
+//!
+//! Each row is the median over RUNS of the kernel's average time per run of
+//! REPEAT repetitions (the kernel measures it; no user-space timing).
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::{Duration, SystemTime};
+
+use auth_ebpf::maps::auth::{AUTH_TYPE_MTLS, AuthMap};
+use auth_ebpf::maps::ipcache::{Ipcache, Prefix};
+use auth_ebpf::maps::policy::{PolicyMap, PolicyRule};
+use auth_ebpf::testing::{L4, TestPinDir, frame};
+use auth_ebpf::types::{AuthKey, Direction};
+use auth_ebpf::{Datapath, LoadOptions};
+use aya::programs::{CgroupSkb, TestRun, TestRunOptions};
+
+static BASELINE: &[u8] = aya::include_bytes_aligned!("../bpf/test/baseline.o");
+
+const LOCAL: Ipv4Addr = Ipv4Addr::new(10, 210, 0, 1);
+const REMOTE: Ipv4Addr = Ipv4Addr::new(10, 210, 1, 1);
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn main() {
+    let mut args = std::env::args().skip(1).filter(|a| !a.starts_with("--"));
+    let repeat: u32 = args
+        .next()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(1_000_000);
+    let runs: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(7);
+
+    let pkt = frame(
+        IpAddr::V4(REMOTE),
+        IpAddr::V4(LOCAL),
+        L4::Tcp {
+            sport: 40000,
+            dport: 8080,
+            flags: 0x10,
+        },
+        64,
+    );
+    let measure = |f: &dyn Fn() -> Duration| -> f64 {
+        median((0..runs).map(|_| f().as_nanos() as f64).collect())
+    };
+
+    // Baseline: one hash lookup.
+    let mut base = aya::Ebpf::load(BASELINE).expect("load baseline");
+    let prog: &mut CgroupSkb = base
+        .program_mut("baseline_ingress")
+        .unwrap()
+        .try_into()
+        .unwrap();
+    prog.load().expect("load baseline program");
+    let run_base = || {
+        prog.test_run(TestRunOptions {
+            data_in: Some(&pkt),
+            repeat,
+            ..Default::default()
+        })
+        .expect("baseline test run")
+        .duration
+    };
+    let baseline = measure(&run_base);
+
+    // meshauth, three states of the maps.
+    let pins = TestPinDir::new("bench");
+    let dp = Datapath::load(&LoadOptions {
+        pin_dir: pins.path().to_path_buf(),
+        ..LoadOptions::default()
+    })
+    .expect("load datapath");
+    let mut ipc = Ipcache::open(pins.path()).unwrap();
+    ipc.insert(Prefix::host(LOCAL.into()), 256, 0).unwrap();
+    ipc.insert(Prefix::host(REMOTE.into()), 257, 4).unwrap();
+    // Some unrelated state so lookups are not into near-empty maps.
+    for i in 0..1000u32 {
+        let ip = Ipv4Addr::from(0x0a14_0000 + i);
+        ipc.insert(Prefix::host(ip.into()), 1000 + i, (i % 50) as u16)
+            .unwrap();
+    }
+    let run_dp = || {
+        dp.test_run(Direction::Ingress, &pkt, repeat)
+            .expect("datapath test run")
+            .duration
+    };
+    let no_policy = measure(&run_dp);
+
+    let mut pol = PolicyMap::open(pins.path()).unwrap();
+    pol.insert(
+        PolicyRule {
+            local: 256,
+            remote: 257,
+            port: 8080,
+            proto: 6,
+            direction: Direction::Ingress,
+        },
+        AUTH_TYPE_MTLS,
+    )
+    .unwrap();
+    let miss = measure(&run_dp);
+
+    let mut auth = AuthMap::open(pins.path()).unwrap();
+    auth.insert(
+        AuthKey {
+            local_id: 256,
+            remote_id: 257,
+            remote_node_id: 4,
+            auth_type: AUTH_TYPE_MTLS,
+            pad: 0,
+        },
+        SystemTime::now() + Duration::from_secs(3600),
+    )
+    .unwrap();
+    let hit = measure(&run_dp);
+    let mut cfg = auth_ebpf::maps::config::ConfigMap::open(pins.path()).unwrap();
+    cfg.set(&auth_ebpf::maps::config::DatapathConfig {
+        socket_cache: false,
+        ..Default::default()
+    })
+    .unwrap();
+    let hit_uncached = measure(&run_dp);
+
+    println!(
+        "datapath ns/packet (BPF_PROG_TEST_RUN, cgroup_skb ingress, IPv4 TCP, repeat {repeat}, median of {runs})"
+    );
+    println!("| case | ns/packet | × baseline |");
+    println!("| --- | ---: | ---: |");
+    for (name, v) in [
+        ("baseline: one hash lookup", baseline),
+        ("meshauth, no policy", no_policy),
+        (
+            "meshauth, auth required + hit (socket's cached verdict)",
+            hit,
+        ),
+        (
+            "meshauth, auth required + hit, socket cache off (every lookup)",
+            hit_uncached,
+        ),
+        ("meshauth, auth required + miss (drop 189)", miss),
+    ] {
+        println!("| {name} | {v:.1} | {:.2} |", v / baseline);
+    }
+}
