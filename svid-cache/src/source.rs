@@ -347,6 +347,73 @@ pub(crate) fn classify_transport(
 }
 
 /// [`classify_transport`] for a tonic status.
+/// Default cap on one gRPC message from SPIRE. A full state carries each SVID
+/// with its chain, key and bundle (about 1.2 KiB for a P-256 SVID and one
+/// root), so 64 MiB holds some 50,000 identities; tonic's default (4 MiB,
+/// which the `spiffe` crate cannot change) stops at about 3,400.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+
+/// A gRPC channel over a unix socket (the URI is required by tonic and
+/// unused: the connector dials the socket).
+pub(crate) async fn uds_channel(
+    call: &'static str,
+    path: &Path,
+) -> Result<tonic::transport::Channel, SourceError> {
+    use hyper_util::rt::TokioIo;
+    use tokio::net::UnixStream;
+    use tonic::transport::{Endpoint, Uri};
+    let connect_path = path.to_owned();
+    Endpoint::from_static("http://spire-agent.invalid")
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let p = connect_path.clone();
+            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(p).await?)) }
+        }))
+        .await
+        .map_err(|e| classify_transport(call, path, None, None, &e))
+}
+
+/// Splits concatenated DER certificates (the Workload API's `x509_svid` and
+/// `bundle` encoding) by their outer SEQUENCE headers, without parsing them.
+pub(crate) fn split_der(
+    mut der: &[u8],
+) -> Result<Vec<rustls_pki_types::CertificateDer<'static>>, String> {
+    let mut out = Vec::new();
+    while !der.is_empty() {
+        let at = out.len();
+        if der[0] != 0x30 || der.len() < 2 {
+            return Err(format!("certificate {at}: not a DER SEQUENCE"));
+        }
+        let (header, len) = match der[1] {
+            n if n < 0x80 => (2, usize::from(n)),
+            0x81..=0x84 => {
+                let k = usize::from(der[1] & 0x7f);
+                if der.len() < 2 + k {
+                    return Err(format!("certificate {at}: truncated length"));
+                }
+                let len = der[2..2 + k]
+                    .iter()
+                    .fold(0usize, |a, &b| a << 8 | usize::from(b));
+                (2 + k, len)
+            }
+            _ => return Err(format!("certificate {at}: unsupported DER length form")),
+        };
+        let total = header
+            .checked_add(len)
+            .filter(|&t| t <= der.len())
+            .ok_or_else(|| {
+                format!(
+                    "certificate {at}: {len} bytes announced, {} left",
+                    der.len()
+                )
+            })?;
+        out.push(rustls_pki_types::CertificateDer::from(
+            der[..total].to_vec(),
+        ));
+        der = &der[total..];
+    }
+    Ok(out)
+}
+
 pub(crate) fn classify_status(
     call: &'static str,
     path: &Path,

@@ -656,3 +656,53 @@ async fn a_missing_socket_is_reported_from_the_start() {
     tokio::time::timeout(WAIT, h.join()).await.unwrap();
     tokio::time::timeout(WAIT, h2.join()).await.unwrap();
 }
+
+#[tokio::test]
+async fn workload_api_full_states_above_4_mib_are_received_and_the_cap_is_configurable() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("agent.sock");
+    let now = base_time();
+    let root = Ca::root("root");
+    let a = root.svid(300, now, HOUR);
+    // 4,500 copies of one SVID: a message of about 5 MB, above tonic's
+    // default 4 MiB cap (the spiffe crate's client stops there).
+    let Reply::State(one) = workload_state(&root, &[&a]) else {
+        unreachable!()
+    };
+    let big = X509svidResponse {
+        svids: std::iter::repeat_n(one.svids[0].clone(), 4500).collect(),
+        ..Default::default()
+    };
+    let size = prost::Message::encoded_len(&big);
+    assert!(size > 4 * 1024 * 1024, "message is only {size} bytes");
+    let (_tx, rx) = watch::channel(Reply::State(big));
+    let server = serve_workload(&sock, rx);
+
+    let cache = SvidCache::new(CacheConfig::default());
+    let shutdown = CancellationToken::new();
+    let mut config = WorkloadApiConfig::new(&sock);
+    config.backoff = backoff();
+    let h = spawn_workload_api(config, cache.clone(), shutdown.clone());
+    wait_ids(&cache, &[300]).await;
+    assert_eq!(h.status().last_error, None);
+
+    // With a 1 MiB cap the same state is refused with an error that says so,
+    // and nothing is cached.
+    let small = SvidCache::new(CacheConfig::default());
+    let mut config = WorkloadApiConfig::new(&sock);
+    config.backoff = backoff();
+    config.max_message_bytes = 1024 * 1024;
+    let h2 = spawn_workload_api(config, small.clone(), shutdown.clone());
+    let st = wait_status(&h2, "refused as too large", |s| s.last_error.is_some()).await;
+    let (_, err) = st.last_error.unwrap();
+    assert!(
+        err.to_string().contains("message length too large"),
+        "{err}"
+    );
+    assert!(small.is_empty());
+
+    shutdown.cancel();
+    tokio::time::timeout(WAIT, h.join()).await.unwrap();
+    tokio::time::timeout(WAIT, h2.join()).await.unwrap();
+    server.stop().await;
+}

@@ -5,7 +5,6 @@
 use std::path::{Path, PathBuf};
 
 use futures::stream::{self, StreamExt};
-use hyper_util::rt::TokioIo;
 use rustls_pki_types::{CertificateDer, PrivatePkcs8KeyDer};
 use spire_proto::delegatedidentity::delegated_identity_client::DelegatedIdentityClient;
 use spire_proto::delegatedidentity::{
@@ -13,12 +12,13 @@ use spire_proto::delegatedidentity::{
     SubscribeToX509sviDsResponse,
 };
 use spire_proto::types::Selector;
-use tokio::net::UnixStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Endpoint, Uri};
 
 use super::supervisor::{self, Connector, Session};
-use super::{BackoffConfig, SourceError, SourceHandle, classify_status, classify_transport};
+use super::{
+    BackoffConfig, DEFAULT_MAX_MESSAGE_BYTES, SourceError, SourceHandle, classify_status,
+    uds_channel,
+};
 use crate::bundle::TrustBundle;
 use crate::cache::{SvidCache, Update};
 use crate::identity::TrustDomain;
@@ -38,15 +38,18 @@ pub struct DelegatedIdentityConfig {
     pub selectors: Vec<(String, String)>,
     /// Reconnect timing.
     pub backoff: BackoffConfig,
+    /// Largest message accepted from the agent.
+    pub max_message_bytes: usize,
 }
 
 impl DelegatedIdentityConfig {
-    /// Default backoff for `socket_path` and `selectors`.
+    /// Default backoff and message cap for `socket_path` and `selectors`.
     pub fn new(socket_path: impl Into<PathBuf>, selectors: Vec<(String, String)>) -> Self {
         Self {
             socket_path: socket_path.into(),
             selectors,
             backoff: BackoffConfig::default(),
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
         }
     }
 }
@@ -71,6 +74,7 @@ pub fn spawn_delegated_identity(
             .into_iter()
             .map(|(r#type, value)| Selector { r#type, value })
             .collect(),
+        max_message_bytes: config.max_message_bytes,
     };
     supervisor::spawn(
         "delegated_identity",
@@ -85,6 +89,7 @@ struct DelegatedConnector {
     trust_domain: TrustDomain,
     path: PathBuf,
     selectors: Vec<Selector>,
+    max_message_bytes: usize,
 }
 
 enum Message {
@@ -102,16 +107,9 @@ impl Connector for DelegatedConnector {
 
     async fn connect(&mut self) -> Result<Session, SourceError> {
         let path = self.path.clone();
-        let connect_path = path.clone();
-        // The URI is required by tonic but unused: the connector dials the socket.
-        let channel = Endpoint::from_static("http://spire-agent.invalid")
-            .connect_with_connector(tower::service_fn(move |_: Uri| {
-                let p = connect_path.clone();
-                async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(p).await?)) }
-            }))
-            .await
-            .map_err(|e| classify_transport(CALL_SVIDS, &path, None, None, &e))?;
-        let mut client = DelegatedIdentityClient::new(channel);
+        let channel = uds_channel(CALL_SVIDS, &path).await?;
+        let mut client =
+            DelegatedIdentityClient::new(channel).max_decoding_message_size(self.max_message_bytes);
         let svids = client
             .subscribe_to_x509svi_ds(SubscribeToX509sviDsRequest {
                 selectors: self.selectors.clone(),

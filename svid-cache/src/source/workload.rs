@@ -1,16 +1,26 @@
-//! The SPIFFE Workload API source (`FetchX509SVID` stream), through the `spiffe`
-//! crate's [`WorkloadApiClient`].
+//! The SPIFFE Workload API source (`FetchX509SVID` stream).
+//!
+//! The client is generated from the upstream `workload.proto` (spire-proto),
+//! not the `spiffe` crate's: that crate's client keeps tonic's 4 MiB message
+//! cap, which a full state of more than about 3,400 SVIDs exceeds (each SVID
+//! travels with its chain, key and bundle). The wire contract is the same;
+//! the `spiffe` crate and py-spiffe are used in the tests as independent
+//! clients of spire-dev.
 
 use std::path::{Path, PathBuf};
 
 use futures::StreamExt;
-use rustls_pki_types::{CertificateDer, PrivatePkcs8KeyDer};
-use spiffe::workload_api::error::WorkloadApiError;
-use spiffe::{WorkloadApiClient, X509Context};
+use rustls_pki_types::PrivatePkcs8KeyDer;
+use spire_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
+use spire_proto::workload::{X509svidRequest, X509svidResponse};
+use spire_proto::{WORKLOAD_HEADER_KEY, WORKLOAD_HEADER_VALUE};
 use tokio_util::sync::CancellationToken;
 
 use super::supervisor::{self, Connector, Session};
-use super::{BackoffConfig, SourceError, SourceHandle, classify_transport};
+use super::{
+    BackoffConfig, DEFAULT_MAX_MESSAGE_BYTES, SourceError, SourceHandle, classify_status,
+    split_der, uds_channel,
+};
 use crate::bundle::TrustBundle;
 use crate::cache::{SvidCache, Update};
 use crate::identity::TrustDomain;
@@ -25,19 +35,22 @@ pub struct WorkloadApiConfig {
     pub socket_path: PathBuf,
     /// Reconnect timing.
     pub backoff: BackoffConfig,
+    /// Largest message accepted from the agent.
+    pub max_message_bytes: usize,
 }
 
 impl WorkloadApiConfig {
-    /// Default backoff for `socket_path`.
+    /// Default backoff and message cap for `socket_path`.
     pub fn new(socket_path: impl Into<PathBuf>) -> Self {
         Self {
             socket_path: socket_path.into(),
             backoff: BackoffConfig::default(),
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
         }
     }
 }
 
-/// Starts the worker streaming X.509 contexts from the Workload API at
+/// Starts the worker streaming X.509 SVIDs from the Workload API at
 /// `config.socket_path` into `cache`, until `shutdown` is cancelled.
 ///
 /// Every message is the full state: all SVIDs the caller is entitled to plus the
@@ -50,6 +63,7 @@ pub fn spawn_workload_api(
     let connector = WorkloadConnector {
         trust_domain: cache.trust_domain().clone(),
         path: config.socket_path,
+        max_message_bytes: config.max_message_bytes,
     };
     supervisor::spawn("workload_api", connector, cache, config.backoff, shutdown)
 }
@@ -57,6 +71,7 @@ pub fn spawn_workload_api(
 struct WorkloadConnector {
     trust_domain: TrustDomain,
     path: PathBuf,
+    max_message_bytes: usize,
 }
 
 impl Connector for WorkloadConnector {
@@ -67,64 +82,84 @@ impl Connector for WorkloadConnector {
     }
 
     async fn connect(&mut self) -> Result<Session, SourceError> {
-        let endpoint = format!("unix:{}", self.path.display());
-        let client = WorkloadApiClient::connect_to(&endpoint)
-            .await
-            .map_err(|e| classify(&self.path, e))?;
+        let channel = uds_channel(CALL, &self.path).await?;
+        let mut client =
+            SpiffeWorkloadApiClient::new(channel).max_decoding_message_size(self.max_message_bytes);
+        let mut request = tonic::Request::new(X509svidRequest {});
+        request.metadata_mut().insert(
+            WORKLOAD_HEADER_KEY,
+            tonic::metadata::MetadataValue::from_static(WORKLOAD_HEADER_VALUE),
+        );
         let stream = client
-            .stream_x509_contexts()
+            .fetch_x509svid(request)
             .await
-            .map_err(|e| classify(&self.path, e))?;
+            .map_err(|s| classify_status(CALL, &self.path, &s))?
+            .into_inner();
         let path = self.path.clone();
         let td = self.trust_domain.clone();
         Ok(stream
             .map(move |item| match item {
-                Ok(ctx) => update_from_context(&ctx, &td, &path),
-                Err(e) => Err(classify(&path, e)),
+                Ok(m) => update_from_response(m, &td, &path),
+                Err(s) => Err(classify_status(CALL, &path, &s)),
             })
             .boxed())
     }
 }
 
-/// Converts an X.509 context into a full-state update for the cache.
-fn update_from_context(
-    ctx: &X509Context,
+fn malformed(path: &Path, reason: String) -> SourceError {
+    SourceError::MalformedMessage {
+        call: CALL,
+        path: path.to_owned(),
+        reason,
+    }
+}
+
+/// Converts one `X509SVIDResponse` into a full-state update for the cache.
+/// Structure only (fields present, DER framing sound); the cache checks
+/// each certificate, key and chain.
+fn update_from_response(
+    m: X509svidResponse,
     td: &TrustDomain,
     path: &Path,
 ) -> Result<Update, SourceError> {
-    let svids = ctx
-        .svids()
-        .iter()
-        .map(|svid| SvidInput {
-            spiffe_id: svid.spiffe_id().to_string(),
-            cert_chain: svid
-                .cert_chain()
-                .iter()
-                .map(|c| CertificateDer::from(c.as_bytes().to_vec()))
-                .collect(),
-            private_key: PrivatePkcs8KeyDer::from(svid.private_key().as_bytes().to_vec()),
-        })
-        .collect();
-    let spiffe_td =
-        spiffe::TrustDomain::new(td.as_str()).map_err(|e| SourceError::MalformedMessage {
-            call: CALL,
-            path: path.to_owned(),
-            reason: format!("trust domain {td}: {e}"),
-        })?;
-    let bundle = match ctx.bundle_set().get(&spiffe_td) {
-        Some(b) => Some(
-            TrustBundle::new(
-                td.clone(),
-                b.authorities()
-                    .iter()
-                    .map(|c| CertificateDer::from(c.as_bytes().to_vec()))
-                    .collect(),
-            )
-            .map_err(|e| SourceError::MalformedMessage {
-                call: CALL,
-                path: path.to_owned(),
-                reason: e.to_string(),
-            })?,
+    if m.svids.is_empty() {
+        return Err(malformed(path, "X509SVIDResponse.svids is empty".into()));
+    }
+    let own_td = format!("spiffe://{td}/");
+    let mut bundle_der: Option<Vec<u8>> = None;
+    let mut svids = Vec::with_capacity(m.svids.len());
+    for (i, s) in m.svids.into_iter().enumerate() {
+        for (empty, field) in [
+            (s.spiffe_id.is_empty(), "spiffe_id"),
+            (s.x509_svid.is_empty(), "x509_svid"),
+            (s.x509_svid_key.is_empty(), "x509_svid_key"),
+            (s.bundle.is_empty(), "bundle"),
+        ] {
+            if empty {
+                return Err(malformed(path, format!("svids[{i}].{field} is empty")));
+            }
+        }
+        let cert_chain = split_der(&s.x509_svid)
+            .map_err(|e| malformed(path, format!("svids[{i}] ({}).x509_svid: {e}", s.spiffe_id)))?;
+        if bundle_der.is_none() && s.spiffe_id.starts_with(&own_td) {
+            bundle_der = Some(s.bundle);
+        }
+        svids.push(SvidInput {
+            spiffe_id: s.spiffe_id,
+            cert_chain,
+            private_key: PrivatePkcs8KeyDer::from(s.x509_svid_key),
+        });
+    }
+    let bundle_der = bundle_der.or_else(|| {
+        m.federated_bundles
+            .into_iter()
+            .find(|(k, _)| k.strip_prefix("spiffe://") == Some(td.as_str()))
+            .map(|(_, v)| v)
+    });
+    let bundle = match bundle_der {
+        Some(der) => Some(
+            TrustBundle::from_concatenated_der(td.clone(), &der)
+                .map_err(|e| malformed(path, format!("bundle of {td}: {e}")))?,
         ),
         None => None,
     };
@@ -134,42 +169,58 @@ fn update_from_context(
     })
 }
 
-fn classify(path: &Path, e: WorkloadApiError) -> SourceError {
-    use spiffe::transport::TransportError;
-    match e {
-        WorkloadApiError::NoIdentityIssued => SourceError::NoIdentityIssued {
-            call: CALL,
-            path: path.to_owned(),
-        },
-        WorkloadApiError::Transport(TransportError::Status(status)) => {
-            let code = format!("{:?}", status.code());
-            classify_transport(CALL, path, Some(code), None, &status)
-        }
-        WorkloadApiError::Transport(t) => classify_transport(CALL, path, None, None, &t),
-        WorkloadApiError::PermissionDenied(msg) => SourceError::Rpc {
-            call: CALL,
-            path: path.to_owned(),
-            code: "PermissionDenied".to_owned(),
-            message: msg,
-        },
-        // Everything else is about the content of a message.
-        other => SourceError::MalformedMessage {
-            call: CALL,
-            path: path.to_owned(),
-            reason: error_chain(&other),
-        },
-    }
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use spire_proto::workload::X509svid;
 
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut parts = vec![e.to_string()];
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        let t = s.to_string();
-        if !parts.iter().any(|p| p.contains(&t)) {
-            parts.push(t);
-        }
-        cur = s.source();
+    fn td() -> TrustDomain {
+        TrustDomain::new("meshauth.local").unwrap()
     }
-    parts.join(": ")
+
+    #[test]
+    fn empty_fields_are_named() {
+        let m = X509svidResponse {
+            svids: vec![X509svid {
+                spiffe_id: "spiffe://meshauth.local/identity/256".into(),
+                x509_svid: vec![0x30, 0x00],
+                x509_svid_key: vec![],
+                bundle: vec![0x30, 0x00],
+                hint: String::new(),
+            }],
+            ..Default::default()
+        };
+        let e = update_from_response(m, &td(), Path::new("/x")).unwrap_err();
+        assert!(
+            e.to_string().contains("svids[0].x509_svid_key is empty"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn broken_der_framing_is_named() {
+        let m = X509svidResponse {
+            svids: vec![X509svid {
+                spiffe_id: "spiffe://meshauth.local/identity/256".into(),
+                x509_svid: vec![0x30, 0x82, 0x05, 0x00, 1, 2, 3],
+                x509_svid_key: vec![1],
+                bundle: vec![0x30, 0x00],
+                hint: String::new(),
+            }],
+            ..Default::default()
+        };
+        let e = update_from_response(m, &td(), Path::new("/x")).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("x509_svid: certificate 0: 1280 bytes announced"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn empty_state_is_malformed_not_an_empty_cache() {
+        let e =
+            update_from_response(X509svidResponse::default(), &td(), Path::new("/x")).unwrap_err();
+        assert!(e.to_string().contains("svids is empty"), "{e}");
+    }
 }
