@@ -1,1 +1,60 @@
-fn main() {}
+//! `meshauth`: thin entry point; everything lives in the library.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "meshauth",
+    version,
+    about = "Sidecarless mutual authentication between Kubernetes workloads, enforced in the kernel"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the demo on this machine (no privileges, nothing installed).
+    Demo {
+        /// SVID lifetime in seconds (rotation at half of it; the outage lasts until expiry).
+        #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(2..=300))]
+        ttl: u64,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("MESHAUTH_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("meshauth: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match cli.command {
+        Command::Demo { ttl } => {
+            let opts = auth_agent::demo::DemoOptions {
+                ttl: Duration::from_secs(ttl),
+            };
+            match runtime.block_on(auth_agent::demo::run(opts)) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::FAILURE,
+                Err(e) => {
+                    eprintln!("meshauth demo: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
