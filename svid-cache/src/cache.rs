@@ -145,7 +145,11 @@ impl Default for CacheConfig {
 /// the trust bundle. Cheap to clone (all clones share state).
 ///
 /// Lookups never return an SVID past its NotAfter. Writers are the source
-/// workers ([`SvidCache::apply`]) and the expiry timer ([`SvidCache::spawn_expiry`]).
+/// worker ([`SvidCache::apply`]) and the expiry timer ([`SvidCache::spawn_expiry`]).
+///
+/// Feed one cache from one source: every update is a full state, so a second
+/// source on the same cache would remove the first one's identities as "no
+/// longer served". Use one cache per source.
 #[derive(Clone, Debug)]
 pub struct SvidCache {
     inner: Arc<Inner>,

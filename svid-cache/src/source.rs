@@ -346,7 +346,6 @@ pub(crate) fn classify_transport(
     }
 }
 
-/// [`classify_transport`] for a tonic status.
 /// Default cap on one gRPC message from SPIRE. A full state carries each SVID
 /// with its chain, key and bundle (about 1.2 KiB for a P-256 SVID and one
 /// root), so 64 MiB holds some 50,000 identities; tonic's default (4 MiB,
@@ -414,6 +413,7 @@ pub(crate) fn split_der(
     Ok(out)
 }
 
+/// [`classify_transport`] for a tonic status.
 pub(crate) fn classify_status(
     call: &'static str,
     path: &Path,
