@@ -27,9 +27,13 @@ pub const KUBELET_POD_CGROUPS: &[&str] = &["kubepods.slice", "kubepods"];
 
 /// The cgroup v2 mount points of this machine, from `/proc/self/mountinfo`.
 pub fn cgroup2_mounts() -> Vec<PathBuf> {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return Vec::new();
-    };
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .map(|info| cgroup2_mounts_in(&info))
+        .unwrap_or_default()
+}
+
+/// The cgroup v2 mount points listed in a mountinfo text.
+pub fn cgroup2_mounts_in(info: &str) -> Vec<PathBuf> {
     info.lines()
         .filter_map(|line| {
             let (left, right) = line.split_once(" - ")?;
@@ -45,8 +49,13 @@ pub fn cgroup2_mounts() -> Vec<PathBuf> {
 /// Finds the pods' cgroup: the first of [`KUBELET_POD_CGROUPS`] under any
 /// cgroup v2 mount.
 pub fn detect_pods_cgroup() -> Result<PathBuf, DatapathError> {
+    detect_pods_cgroup_in(&cgroup2_mounts())
+}
+
+/// [`detect_pods_cgroup`] over given cgroup v2 mount points.
+pub fn detect_pods_cgroup_in(mounts: &[PathBuf]) -> Result<PathBuf, DatapathError> {
     let mut tried = Vec::new();
-    for mount in cgroup2_mounts() {
+    for mount in mounts {
         for name in KUBELET_POD_CGROUPS {
             let p = mount.join(name);
             if p.is_dir() {
@@ -173,4 +182,53 @@ fn release_link(path: &Path) -> Result<(), DatapathError> {
     let link = pinned.unpin().map_err(DatapathError::io("unpin", path))?;
     drop(link);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HYBRID: &str = "\
+25 30 0:23 / /sys rw,nosuid,nodev,noexec,relatime shared:7 - sysfs sysfs rw
+31 25 0:26 / /sys/fs/cgroup ro,nosuid,nodev,noexec shared:9 - tmpfs tmpfs ro,mode=755
+32 31 0:27 / /sys/fs/cgroup/unified rw,nosuid,nodev,noexec,relatime shared:10 - cgroup2 cgroup2 rw,nsdelegate
+33 31 0:28 / /sys/fs/cgroup/systemd rw,nosuid,nodev,noexec,relatime shared:11 - cgroup cgroup rw,name=systemd
+";
+
+    #[test]
+    fn finds_cgroup2_mounts_in_mountinfo() {
+        assert_eq!(
+            cgroup2_mounts_in(HYBRID),
+            vec![PathBuf::from("/sys/fs/cgroup/unified")]
+        );
+        assert!(cgroup2_mounts_in("garbage line\n\n").is_empty());
+    }
+
+    #[test]
+    fn detects_kubelet_layouts_in_order() {
+        let root = tempfile::tempdir().unwrap();
+        let mounts = vec![root.path().to_path_buf()];
+        let err = detect_pods_cgroup_in(&mounts).unwrap_err().to_string();
+        assert!(
+            err.contains("kubepods.slice") && err.contains("kubepods"),
+            "{err}"
+        );
+        std::fs::create_dir(root.path().join("kubepods")).unwrap();
+        assert_eq!(
+            detect_pods_cgroup_in(&mounts).unwrap(),
+            root.path().join("kubepods")
+        );
+        std::fs::create_dir(root.path().join("kubepods.slice")).unwrap();
+        assert_eq!(
+            detect_pods_cgroup_in(&mounts).unwrap(),
+            root.path().join("kubepods.slice"),
+            "systemd driver layout first"
+        );
+        assert!(
+            detect_pods_cgroup_in(&[])
+                .unwrap_err()
+                .to_string()
+                .contains("no cgroup2 mount")
+        );
+    }
 }

@@ -47,6 +47,20 @@ impl SignalReader {
         self.ring.drain_now().into_iter().map(to_signal).collect()
     }
 
+    /// The signals as an async stream of batches (ends on a read error,
+    /// which it yields first).
+    pub fn into_stream(
+        self,
+    ) -> impl futures::Stream<Item = Result<Vec<Signal>, DatapathError>> + Send {
+        futures::stream::unfold(Some(self), |reader| async move {
+            let mut reader = reader?;
+            match reader.next_batch().await {
+                Ok(batch) => Some((Ok(batch), Some(reader))),
+                Err(e) => Some((Err(e), None)),
+            }
+        })
+    }
+
     /// Records of the wrong size seen so far (a layout mismatch).
     pub fn malformed(&self) -> u64 {
         self.ring.malformed

@@ -432,3 +432,35 @@ fn pass_events_only_when_asked() {
     assert_eq!(ev[0].reason, reason::PASS_NO_POLICY);
     assert_eq!(ev[0].local.1, 8081);
 }
+
+#[test]
+fn signals_arrive_on_the_async_stream() {
+    use futures::StreamExt as _;
+    let f = Fixture::new("stream");
+    f.require(Ingress, 8080, proto::TCP);
+    let rt = runtime();
+    rt.block_on(async {
+        let mut stream = Box::pin(
+            SignalReader::open(f.pins.path())
+                .expect("signals")
+                .into_stream(),
+        );
+        // Nothing yet: the stream waits.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), stream.next())
+                .await
+                .is_err(),
+            "no signal before a drop"
+        );
+        assert!(!f.run(Ingress, &tcp(Ingress, 8080, SYN)));
+        let batch = tokio::time::timeout(Duration::from_secs(5), stream.next())
+            .await
+            .expect("a signal within 5 s")
+            .expect("stream open")
+            .expect("read ok");
+        assert_eq!(
+            batch.iter().map(|s| s.key).collect::<Vec<_>>(),
+            vec![key(REMOTE_NODE)]
+        );
+    });
+}
