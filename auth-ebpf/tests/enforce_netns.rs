@@ -165,6 +165,26 @@ fn tcp_and_udp_pass_only_after_authentication() {
     // An unrelated port has no rule: it was never blocked.
     server.ok("serve 9090");
     client.ok(&format!("connect {B4} 9090 2"));
+
+    // Detaching removes enforcement: without an entry the flow now passes.
+    assert!(
+        AuthMap::open(pins.path())
+            .unwrap()
+            .remove(&server_key())
+            .unwrap()
+    );
+    let got = client.cmd(&format!("connect {B4} 8080 0.8"));
+    assert!(
+        got.starts_with("fail"),
+        "still enforced before detaching: {got}"
+    );
+    let released = Datapath::detach(pins.path(), &topo.cg.path).unwrap();
+    assert_eq!(released, 2, "one link per direction released");
+    assert_eq!(
+        Datapath::pinned_links(pins.path(), &topo.cg.path).unwrap(),
+        0
+    );
+    client.ok(&format!("connect {B4} 8080 2"));
 }
 
 #[test]
