@@ -1,7 +1,9 @@
 //! The meshauth node agent and its CLI.
 //!
-//! Today: `meshauth demo` ([`demo`]), which shows the identity supply
-//! (spire-dev and svid-cache) on this machine. The agent proper (datapath
-//! sync, auth manager, handshake, WireGuard) is being built.
+//! - [`nodes`]: node names ↔ datapath node ids, persisted across restarts.
+//! - [`auth`]: the auth map behind a trait, and the auth manager.
+//! - [`demo`]: `meshauth demo`.
 
+pub mod auth;
 pub mod demo;
+pub mod nodes;
