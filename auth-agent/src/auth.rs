@@ -2,6 +2,7 @@
 //! ([`store`]), and the manager that decides which pairs to authenticate and
 //! when ([`manager`]).
 
+pub mod manager;
 pub mod store;
 
 use std::time::SystemTime;

@@ -1,0 +1,677 @@
+//! The auth manager: keeps the auth map holding exactly the pairs policy
+//! requires, authenticated and not expired.
+//!
+//! Inputs: the desired state (rules, endpoints, nodes), auth-required
+//! signals from the datapath, SVID rotations from svid-cache, and sweep ticks
+//! (a cron schedule). One task owns all state; handshakes run as child tasks
+//! and report back.
+//!
+//! - Pre-authentication: every pair the desired state requires from this
+//!   node is authenticated as soon as it appears, before a packet needs it.
+//! - Signals are de-duplicated: one handshake in flight per pair, none for a
+//!   pair that already has a live entry.
+//! - Failure backs off per pair, exponentially with jitter.
+//! - Re-authentication at a fraction (2/3) of the pair's lifetime, and at
+//!   once when the local identity's SVID rotates; the entry is replaced in
+//!   place, so no flow meets a gap.
+//! - GC: an entry no longer required (identity, endpoint, node or rule gone)
+//!   is removed when the desired state changes; expired entries on each sweep.
+//! - Restart: the pinned map is read back and re-authentication resumes.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use policy_bridge::DesiredState;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use rand::Rng as _;
+use svid_cache::{CacheChanges, CacheEvent, Clock};
+use tokio::sync::{broadcast, mpsc, watch};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::store::{AuthStore, Pair, StoreError};
+use super::{AuthFailure, Authenticated, Authenticator};
+use crate::nodes::{NodeTable, NodeTableError};
+
+/// How the manager behaves.
+#[derive(Debug, Clone)]
+pub struct ManagerConfig {
+    /// Re-authenticate when this fraction of a pair's lifetime has passed.
+    pub reauth_fraction: f64,
+    /// First retry delay after a failed handshake.
+    pub backoff_initial: Duration,
+    /// Largest retry delay.
+    pub backoff_max: Duration,
+    /// Handshakes in flight at once.
+    pub max_in_flight: usize,
+    /// Cron expression (6 fields, seconds first) of the expired-entry sweep.
+    pub sweep_cron: String,
+}
+
+impl Default for ManagerConfig {
+    fn default() -> Self {
+        Self {
+            reauth_fraction: 2.0 / 3.0,
+            backoff_initial: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(60),
+            max_in_flight: 32,
+            sweep_cron: "0 * * * * *".to_string(),
+        }
+    }
+}
+
+/// Why the manager stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ManagerError {
+    /// Reading the pinned auth map back at start failed.
+    #[error("reading the auth map back at start: {0}")]
+    Resume(#[source] StoreError),
+    /// The node table could not be saved.
+    #[error("node table: {0}")]
+    Nodes(#[from] NodeTableError),
+    /// The sweep schedule could not be set up.
+    #[error("sweep schedule {cron:?}: {reason}")]
+    Schedule {
+        /// The cron expression.
+        cron: String,
+        /// What tokio-cron-scheduler said.
+        reason: String,
+    },
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: String,
+}
+
+/// The manager's metrics (`meshauth_auth_*` when registered under `auth`).
+#[derive(Debug, Clone, Default)]
+pub struct ManagerMetrics {
+    handshakes: Family<ResultLabel, Counter>,
+    signals: Family<OutcomeLabel, Counter>,
+    removed: Family<ReasonLabel, Counter>,
+    entries: Gauge,
+    in_flight: Gauge,
+}
+
+impl ManagerMetrics {
+    /// Registers the metrics under `registry` (use a prefixed sub-registry).
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        registry.register(
+            "handshakes_initiated",
+            "Handshakes this node initiated, by result (ok or the failed check)",
+            m.handshakes.clone(),
+        );
+        registry.register(
+            "signals",
+            "Auth-required signals from the datapath, by outcome",
+            m.signals.clone(),
+        );
+        registry.register(
+            "entries_removed",
+            "Auth entries removed, by reason",
+            m.removed.clone(),
+        );
+        registry.register(
+            "entries",
+            "Auth entries this agent holds",
+            m.entries.clone(),
+        );
+        registry.register(
+            "handshakes_in_flight",
+            "Handshakes in flight",
+            m.in_flight.clone(),
+        );
+        m
+    }
+
+    /// Handshakes counted with `result` so far.
+    pub fn handshakes(&self, result: &str) -> u64 {
+        self.handshakes
+            .get_or_create(&ResultLabel {
+                result: result.to_string(),
+            })
+            .get()
+    }
+
+    /// Signals counted with `outcome` so far.
+    pub fn signals(&self, outcome: &str) -> u64 {
+        self.signals
+            .get_or_create(&OutcomeLabel {
+                outcome: outcome.to_string(),
+            })
+            .get()
+    }
+
+    /// Entries removed for `reason` so far.
+    pub fn removed(&self, reason: &str) -> u64 {
+        self.removed
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_string(),
+            })
+            .get()
+    }
+
+    fn signal(&self, outcome: &str) {
+        self.signals
+            .get_or_create(&OutcomeLabel {
+                outcome: outcome.to_string(),
+            })
+            .inc();
+    }
+
+    fn remove(&self, reason: &str) {
+        self.removed
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+}
+
+/// The manager's inputs.
+#[derive(Debug)]
+pub struct ManagerInputs {
+    /// The desired state (the agent's policy bridge publishes it).
+    pub desired: watch::Receiver<Arc<DesiredState>>,
+    /// Auth-required signals, as pairs (the datapath's reader maps them).
+    pub signals: mpsc::Receiver<Pair>,
+    /// Local identities whose SVID changed ([`forward_rotations`] maps
+    /// svid-cache's events to these).
+    pub rotations: mpsc::Receiver<u32>,
+    /// Sweep ticks ([`spawn_sweep_schedule`] sends them on the cron schedule).
+    pub sweep: mpsc::Receiver<()>,
+}
+
+/// Forwards svid-cache's changes as "this identity has a new SVID" until
+/// either side closes. If events were missed, every identity then cached is
+/// sent (re-authenticating a pair needlessly is harmless, missing a
+/// rotation is not).
+pub fn forward_rotations(
+    cache: svid_cache::SvidCache,
+    tx: mpsc::Sender<u32>,
+) -> tokio::task::JoinHandle<()> {
+    let mut rx: broadcast::Receiver<Arc<CacheChanges>> = cache.subscribe();
+    tokio::spawn(async move {
+        loop {
+            let ids: Vec<u32> = match rx.recv().await {
+                Ok(changes) => changes
+                    .events
+                    .iter()
+                    .filter_map(|e| match e {
+                        CacheEvent::Rotated { identity, .. }
+                        | CacheEvent::Added { identity, .. } => Some(*identity),
+                        _ => None,
+                    })
+                    .collect(),
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    tracing::warn!(
+                        missed = n,
+                        "missed SVID events; treating every identity as rotated"
+                    );
+                    cache.identities()
+                }
+                Err(broadcast::error::RecvError::Closed) => return,
+            };
+            for id in ids {
+                if tx.send(id).await.is_err() {
+                    return;
+                }
+            }
+        }
+    })
+}
+
+/// Starts the cron schedule that sends a tick on `tx` at every match of
+/// `cron` (6 fields, seconds first). Stops with `shutdown`.
+pub async fn spawn_sweep_schedule(
+    cron: &str,
+    tx: mpsc::Sender<()>,
+    shutdown: CancellationToken,
+) -> Result<(), ManagerError> {
+    use tokio_cron_scheduler::{Job, JobScheduler};
+    let err = |e: tokio_cron_scheduler::JobSchedulerError| ManagerError::Schedule {
+        cron: cron.to_string(),
+        reason: e.to_string(),
+    };
+    let mut sched = JobScheduler::new().await.map_err(err)?;
+    let job = Job::new_async(cron, move |_, _| {
+        let tx = tx.clone();
+        Box::pin(async move {
+            let _ = tx.try_send(());
+        })
+    })
+    .map_err(err)?;
+    sched.add(job).await.map_err(err)?;
+    sched.start().await.map_err(err)?;
+    tokio::spawn(async move {
+        shutdown.cancelled().await;
+        let _ = sched.shutdown().await;
+    });
+    Ok(())
+}
+
+/// A pair's entry as the manager knows it.
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    expiry: SystemTime,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Backoff {
+    failures: u32,
+    next: Instant,
+}
+
+/// The auth manager. See the module docs.
+pub struct AuthManager<A: Authenticator, S: AuthStore> {
+    config: ManagerConfig,
+    authenticator: Arc<A>,
+    store: Arc<S>,
+    nodes: NodeTable,
+    clock: Arc<dyn Clock>,
+    metrics: ManagerMetrics,
+
+    wanted: BTreeSet<Pair>,
+    entries: BTreeMap<Pair, Entry>,
+    due: BTreeSet<(Instant, Pair)>,
+    due_at: HashMap<Pair, Instant>,
+    backoff: HashMap<Pair, Backoff>,
+    in_flight: HashSet<Pair>,
+    waiting: VecDeque<Pair>,
+    tasks: JoinSet<(Pair, Result<Authenticated, AuthFailure>)>,
+}
+
+impl<A: Authenticator, S: AuthStore> std::fmt::Debug for AuthManager<A, S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthManager")
+            .field("wanted", &self.wanted.len())
+            .field("entries", &self.entries.len())
+            .field("in_flight", &self.in_flight.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<A: Authenticator, S: AuthStore> AuthManager<A, S> {
+    /// A manager writing to `store`, authenticating with `authenticator`.
+    pub fn new(
+        config: ManagerConfig,
+        authenticator: Arc<A>,
+        store: Arc<S>,
+        nodes: NodeTable,
+        clock: Arc<dyn Clock>,
+        metrics: ManagerMetrics,
+    ) -> Self {
+        Self {
+            config,
+            authenticator,
+            store,
+            nodes,
+            clock,
+            metrics,
+            wanted: BTreeSet::new(),
+            entries: BTreeMap::new(),
+            due: BTreeSet::new(),
+            due_at: HashMap::new(),
+            backoff: HashMap::new(),
+            in_flight: HashSet::new(),
+            waiting: VecDeque::new(),
+            tasks: JoinSet::new(),
+        }
+    }
+
+    /// Runs until `shutdown`. Reads the auth map back first.
+    pub async fn run(
+        mut self,
+        mut inputs: ManagerInputs,
+        shutdown: CancellationToken,
+    ) -> Result<(), ManagerError> {
+        self.resume()?;
+        let first = inputs.desired.borrow_and_update().clone();
+        self.apply_desired(&first)?;
+        let mut signals_open = true;
+        let mut rotations_open = true;
+        let mut sweep_open = true;
+        loop {
+            let next_due = self.due.first().map(|(t, _)| *t);
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                changed = inputs.desired.changed() => {
+                    if changed.is_err() { break; }
+                    let d = inputs.desired.borrow_and_update().clone();
+                    self.apply_desired(&d)?;
+                }
+                s = inputs.signals.recv(), if signals_open => match s {
+                    Some(pair) => self.on_signal(pair),
+                    None => signals_open = false,
+                },
+                r = inputs.rotations.recv(), if rotations_open => match r {
+                    Some(identity) => self.on_rotation(identity),
+                    None => rotations_open = false,
+                },
+                t = inputs.sweep.recv(), if sweep_open => match t {
+                    Some(()) => self.sweep(),
+                    None => sweep_open = false,
+                },
+                Some(done) = self.tasks.join_next(), if !self.tasks.is_empty() => {
+                    match done {
+                        Ok((pair, result)) => self.complete(pair, result),
+                        Err(e) => tracing::error!(error = %e, "handshake task failed"),
+                    }
+                }
+                _ = sleep_until_opt(next_due) => self.fire_due(),
+            }
+        }
+        self.tasks.abort_all();
+        Ok(())
+    }
+
+    /// Reads the pinned map back: live entries are kept and scheduled for
+    /// re-authentication, expired ones removed.
+    fn resume(&mut self) -> Result<(), ManagerError> {
+        let now = self.clock.now();
+        for (pair, expiry) in self.store.entries().map_err(ManagerError::Resume)? {
+            if expiry <= now {
+                self.remove_entry(pair, "expired");
+                continue;
+            }
+            self.entries.insert(pair, Entry { expiry });
+            self.schedule_reauth(pair, expiry);
+        }
+        self.metrics.entries.set(self.entries.len() as i64);
+        tracing::info!(entries = self.entries.len(), "auth map read back");
+        Ok(())
+    }
+
+    fn apply_desired(&mut self, d: &DesiredState) -> Result<(), ManagerError> {
+        let changes = self.nodes.sync(&d.nodes)?;
+        let local = self.nodes.local_name();
+        let wanted: BTreeSet<Pair> = d
+            .required_pairs(&local)
+            .into_iter()
+            .filter_map(|(l, r, node)| {
+                Some(Pair {
+                    local: l,
+                    remote: r,
+                    node: self.nodes.id_of(&node)?,
+                })
+            })
+            .collect();
+        let removed_nodes: HashSet<u16> = changes.removed.iter().map(|(_, id)| *id).collect();
+        let stale: Vec<Pair> = self
+            .entries
+            .keys()
+            .filter(|p| !wanted.contains(p))
+            .copied()
+            .collect();
+        for p in stale {
+            let reason = if removed_nodes.contains(&p.node) {
+                "node_removed"
+            } else {
+                "not_required"
+            };
+            self.remove_entry(p, reason);
+        }
+        // Node keys changed: what was authenticated against the old key is re-done.
+        let changed_nodes: HashSet<u16> = changes.changed.iter().map(|(_, id)| *id).collect();
+        self.wanted = wanted;
+        self.waiting.retain(|p| self.wanted.contains(p));
+        let todo: Vec<(Pair, bool)> = self
+            .wanted
+            .iter()
+            .filter_map(|p| {
+                if !self.entries.contains_key(p) {
+                    Some((*p, false))
+                } else if changed_nodes.contains(&p.node) {
+                    Some((*p, true))
+                } else {
+                    None
+                }
+            })
+            .collect();
+        for (p, now) in todo {
+            self.request(p, now);
+        }
+        Ok(())
+    }
+
+    fn on_signal(&mut self, pair: Pair) {
+        if !self.wanted.contains(&pair) {
+            self.metrics.signal("not_required");
+            tracing::debug!(%pair, "signal for a pair no rule of this node requires");
+            return;
+        }
+        let live = self
+            .entries
+            .get(&pair)
+            .is_some_and(|e| e.expiry > self.clock.now());
+        if live || self.in_flight.contains(&pair) {
+            self.metrics.signal("deduplicated");
+            return;
+        }
+        self.metrics.signal("accepted");
+        self.request(pair, false);
+    }
+
+    fn on_rotation(&mut self, identity: u32) {
+        let pairs: Vec<Pair> = self
+            .wanted
+            .iter()
+            .filter(|p| p.local == identity)
+            .copied()
+            .collect();
+        for p in pairs {
+            // A new local SVID: re-authenticate now, so the entry's expiry
+            // follows the new certificate (and a pair that failed for want of
+            // an SVID is retried at once).
+            self.backoff.remove(&p);
+            self.request(p, true);
+        }
+    }
+
+    fn sweep(&mut self) {
+        let now = self.clock.now();
+        let expired: Vec<Pair> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| e.expiry <= now)
+            .map(|(p, _)| *p)
+            .collect();
+        for p in expired {
+            self.remove_entry(p, "expired");
+            if self.wanted.contains(&p) {
+                self.request(p, false);
+            }
+        }
+    }
+
+    /// Asks for a handshake of `pair`. `force` re-authenticates even a pair
+    /// with a live entry.
+    fn request(&mut self, pair: Pair, force: bool) {
+        if !self.wanted.contains(&pair) || self.in_flight.contains(&pair) {
+            return;
+        }
+        if !force
+            && self
+                .entries
+                .get(&pair)
+                .is_some_and(|e| e.expiry > self.clock.now() && self.due_at.contains_key(&pair))
+        {
+            return;
+        }
+        if let Some(b) = self.backoff.get(&pair) {
+            if b.next > Instant::now() {
+                self.schedule(pair, b.next);
+                return;
+            }
+        }
+        if self.in_flight.len() >= self.config.max_in_flight {
+            if !self.waiting.contains(&pair) {
+                self.waiting.push_back(pair);
+            }
+            return;
+        }
+        self.start(pair);
+    }
+
+    fn start(&mut self, pair: Pair) {
+        let Some(node) = self
+            .nodes
+            .name_of(pair.node)
+            .and_then(|n| self.nodes.info(&n))
+        else {
+            tracing::warn!(%pair, "no node information for the pair's node; not authenticating");
+            return;
+        };
+        self.unschedule(pair);
+        self.in_flight.insert(pair);
+        self.metrics.in_flight.set(self.in_flight.len() as i64);
+        let fut = self
+            .authenticator
+            .authenticate(pair.local, pair.remote, node);
+        self.tasks.spawn(async move { (pair, fut.await) });
+    }
+
+    fn complete(&mut self, pair: Pair, result: Result<Authenticated, AuthFailure>) {
+        self.in_flight.remove(&pair);
+        self.metrics.in_flight.set(self.in_flight.len() as i64);
+        match result {
+            Ok(auth) => {
+                self.metrics
+                    .handshakes
+                    .get_or_create(&ResultLabel {
+                        result: "ok".into(),
+                    })
+                    .inc();
+                self.backoff.remove(&pair);
+                if !self.wanted.contains(&pair) {
+                    tracing::debug!(%pair, "authenticated a pair no longer required; not writing it");
+                } else if auth.expiry <= self.clock.now() {
+                    tracing::warn!(%pair, "handshake gave an already expired pair; not writing it");
+                } else {
+                    match self.store.upsert(pair, auth.expiry) {
+                        Ok(()) => {
+                            self.entries.insert(
+                                pair,
+                                Entry {
+                                    expiry: auth.expiry,
+                                },
+                            );
+                            self.metrics.entries.set(self.entries.len() as i64);
+                            self.schedule_reauth(pair, auth.expiry);
+                            tracing::info!(%pair, peer.node = %auth.peer_node, "authenticated");
+                        }
+                        Err(e) => {
+                            tracing::error!(%pair, error = %e, "writing the auth entry failed");
+                            self.fail(pair, "store");
+                        }
+                    }
+                }
+            }
+            Err(f) => {
+                self.metrics
+                    .handshakes
+                    .get_or_create(&ResultLabel {
+                        result: f.label.to_string(),
+                    })
+                    .inc();
+                tracing::warn!(%pair, check = f.label, error = %f.message, "handshake failed");
+                self.fail(pair, f.label);
+            }
+        }
+        while self.in_flight.len() < self.config.max_in_flight {
+            let Some(p) = self.waiting.pop_front() else {
+                break;
+            };
+            if self.wanted.contains(&p) && !self.in_flight.contains(&p) {
+                self.start(p);
+            }
+        }
+    }
+
+    fn fail(&mut self, pair: Pair, _label: &str) {
+        if !self.wanted.contains(&pair) {
+            self.backoff.remove(&pair);
+            return;
+        }
+        let failures = self.backoff.get(&pair).map_or(0, |b| b.failures) + 1;
+        let base = self
+            .config
+            .backoff_initial
+            .saturating_mul(1u32 << (failures - 1).min(16))
+            .min(self.config.backoff_max);
+        let jittered = base.mul_f64(rand::rng().random_range(0.5..=1.0));
+        let next = Instant::now() + jittered;
+        self.backoff.insert(pair, Backoff { failures, next });
+        self.schedule(pair, next);
+    }
+
+    fn schedule_reauth(&mut self, pair: Pair, expiry: SystemTime) {
+        let now = self.clock.now();
+        let left = expiry.duration_since(now).unwrap_or_default();
+        let at = Instant::now() + left.mul_f64(self.config.reauth_fraction.clamp(0.0, 1.0));
+        self.schedule(pair, at);
+    }
+
+    fn schedule(&mut self, pair: Pair, at: Instant) {
+        self.unschedule(pair);
+        self.due.insert((at, pair));
+        self.due_at.insert(pair, at);
+    }
+
+    fn unschedule(&mut self, pair: Pair) {
+        if let Some(t) = self.due_at.remove(&pair) {
+            self.due.remove(&(t, pair));
+        }
+    }
+
+    fn fire_due(&mut self) {
+        let now = Instant::now();
+        while let Some(&(t, pair)) = self.due.first() {
+            if t > now {
+                break;
+            }
+            self.due.pop_first();
+            self.due_at.remove(&pair);
+            self.request(pair, true);
+        }
+    }
+
+    fn remove_entry(&mut self, pair: Pair, reason: &str) {
+        match self.store.remove(pair) {
+            Ok(_) => {
+                self.metrics.remove(reason);
+                tracing::info!(%pair, reason, "auth entry removed");
+            }
+            Err(e) => tracing::error!(%pair, error = %e, "removing the auth entry failed"),
+        }
+        self.entries.remove(&pair);
+        self.unschedule(pair);
+        self.backoff.remove(&pair);
+        self.metrics.entries.set(self.entries.len() as i64);
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}

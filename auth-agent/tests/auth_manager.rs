@@ -1,0 +1,667 @@
+//! The auth manager's logic under paused tokio time, with an in-memory auth
+//! store and a scripted authenticator.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use auth_agent::auth::manager::{AuthManager, ManagerConfig, ManagerInputs, ManagerMetrics};
+use auth_agent::auth::store::{AuthStore, MemoryAuthStore, Pair, StoreError};
+use auth_agent::auth::{AuthFailure, Authenticated, Authenticator};
+use auth_agent::nodes::NodeTable;
+use futures::FutureExt as _;
+use futures::future::BoxFuture;
+use policy_bridge::{
+    AuthRule, DesiredState, Direction, Endpoint, Identity, NodeInfo, PortRange, Protocol, Remote,
+};
+use svid_cache::{Clock, TokioClock};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+/// One handshake the fake saw.
+#[derive(Debug, Clone)]
+struct Call {
+    local: u32,
+    remote: u32,
+    node: String,
+    at: Instant,
+}
+
+/// A scripted authenticator: succeeds with expiry = now + lifetime after
+/// `delay`, unless a failure is queued for the pair.
+#[derive(Debug)]
+struct Fake {
+    clock: Arc<dyn Clock>,
+    lifetime: Duration,
+    delay: Duration,
+    calls: Mutex<Vec<Call>>,
+    failures: Mutex<HashMap<(u32, u32), u32>>,
+    in_flight: Mutex<(usize, usize)>,
+}
+
+impl Fake {
+    fn new(clock: Arc<dyn Clock>) -> Arc<Self> {
+        Arc::new(Self {
+            clock,
+            lifetime: HOUR,
+            delay: Duration::from_millis(10),
+            calls: Mutex::new(Vec::new()),
+            failures: Mutex::new(HashMap::new()),
+            in_flight: Mutex::new((0, 0)),
+        })
+    }
+
+    fn with(clock: Arc<dyn Clock>, lifetime: Duration, delay: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            clock,
+            lifetime,
+            delay,
+            calls: Mutex::new(Vec::new()),
+            failures: Mutex::new(HashMap::new()),
+            in_flight: Mutex::new((0, 0)),
+        })
+    }
+
+    fn fail(&self, local: u32, remote: u32, times: u32) {
+        self.failures.lock().unwrap().insert((local, remote), times);
+    }
+
+    fn calls(&self) -> Vec<Call> {
+        self.calls.lock().unwrap().clone()
+    }
+
+    fn max_concurrent(&self) -> usize {
+        self.in_flight.lock().unwrap().1
+    }
+}
+
+/// The manager's handle on the fake.
+struct FakeAuth(Arc<Fake>);
+
+impl Authenticator for FakeAuth {
+    fn authenticate(
+        &self,
+        local: u32,
+        remote: u32,
+        node: NodeInfo,
+    ) -> BoxFuture<'static, Result<Authenticated, AuthFailure>> {
+        let me = self.0.clone();
+        async move {
+            me.calls.lock().unwrap().push(Call {
+                local,
+                remote,
+                node: node.name.clone(),
+                at: Instant::now(),
+            });
+            {
+                let mut f = me.in_flight.lock().unwrap();
+                f.0 += 1;
+                f.1 = f.1.max(f.0);
+            }
+            tokio::time::sleep(me.delay).await;
+            me.in_flight.lock().unwrap().0 -= 1;
+            let fail = {
+                let mut f = me.failures.lock().unwrap();
+                match f.get_mut(&(local, remote)) {
+                    Some(n) if *n > 0 => {
+                        *n -= 1;
+                        true
+                    }
+                    _ => false,
+                }
+            };
+            if fail {
+                return Err(AuthFailure {
+                    label: "connect",
+                    message: "connection refused (scripted)".into(),
+                });
+            }
+            Ok(Authenticated {
+                expiry: me.clock.now() + me.lifetime,
+                peer_node: node.name,
+                peer_wireguard_key: None,
+            })
+        }
+        .boxed()
+    }
+}
+
+/// A store that also counts removals, to show re-authentication replaces
+/// entries in place.
+#[derive(Debug, Default)]
+struct Recording {
+    inner: MemoryAuthStore,
+    removed: Mutex<Vec<Pair>>,
+}
+
+impl AuthStore for Recording {
+    fn upsert(&self, pair: Pair, expiry: SystemTime) -> Result<(), StoreError> {
+        self.inner.upsert(pair, expiry)
+    }
+    fn remove(&self, pair: Pair) -> Result<bool, StoreError> {
+        self.removed.lock().unwrap().push(pair);
+        self.inner.remove(pair)
+    }
+    fn entries(&self) -> Result<Vec<(Pair, SystemTime)>, StoreError> {
+        self.inner.entries()
+    }
+}
+
+fn node(name: &str, ip: &str) -> (String, NodeInfo) {
+    let addr: IpAddr = ip.parse().unwrap();
+    (
+        name.into(),
+        NodeInfo {
+            name: name.into(),
+            handshake_addr: addr,
+            addresses: BTreeSet::from([addr]),
+            wireguard_key: None,
+        },
+    )
+}
+
+/// Node a (local) runs 256; node b runs 257 and 258; 256 must authenticate
+/// with 257 and 258.
+fn state() -> DesiredState {
+    let mut d = DesiredState::default();
+    d.nodes = BTreeMap::from([node("a", "10.1.0.1"), node("b", "10.1.0.2")]);
+    for (ip, id, n) in [
+        ("10.2.0.1", 256, "a"),
+        ("10.2.1.1", 257, "b"),
+        ("10.2.1.2", 258, "b"),
+    ] {
+        d.identities.insert(
+            id,
+            Identity {
+                id,
+                labels: BTreeSet::from([format!("k8s:app=x{id}")]),
+            },
+        );
+        d.endpoints.insert(
+            ip.parse().unwrap(),
+            Endpoint {
+                ip: ip.parse().unwrap(),
+                identity: id,
+                node: n.into(),
+                pod: format!("ns/p{id}"),
+            },
+        );
+    }
+    for r in [257, 258] {
+        d.rules.insert(AuthRule {
+            local: 256,
+            remote: Remote::Identity(r),
+            direction: Direction::Egress,
+            protocol: Protocol::Tcp,
+            ports: PortRange::single(8080),
+        });
+    }
+    d
+}
+
+struct Harness {
+    desired: watch::Sender<Arc<DesiredState>>,
+    signals: mpsc::Sender<Pair>,
+    rotations: mpsc::Sender<u32>,
+    sweep: mpsc::Sender<()>,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+    metrics: ManagerMetrics,
+    nodes: NodeTable,
+}
+
+fn start<S: AuthStore>(
+    fake: Arc<Fake>,
+    store: Arc<S>,
+    clock: Arc<dyn Clock>,
+    config: ManagerConfig,
+    nodes: NodeTable,
+    initial: DesiredState,
+) -> Harness {
+    let (desired, desired_rx) = watch::channel(Arc::new(initial));
+    let (signals, signals_rx) = mpsc::channel(64);
+    let (rotations, rotations_rx) = mpsc::channel(64);
+    let (sweep, sweep_rx) = mpsc::channel(4);
+    let metrics = ManagerMetrics::default();
+    let shutdown = CancellationToken::new();
+    let mgr = AuthManager::new(
+        config,
+        Arc::new(FakeAuth(fake)),
+        store,
+        nodes.clone(),
+        clock,
+        metrics.clone(),
+    );
+    let token = shutdown.clone();
+    let task = tokio::spawn(async move {
+        mgr.run(
+            ManagerInputs {
+                desired: desired_rx,
+                signals: signals_rx,
+                rotations: rotations_rx,
+                sweep: sweep_rx,
+            },
+            token,
+        )
+        .await
+        .expect("manager");
+    });
+    Harness {
+        desired,
+        signals,
+        rotations,
+        sweep,
+        shutdown,
+        task,
+        metrics,
+        nodes,
+    }
+}
+
+impl Harness {
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.task.await.unwrap();
+    }
+
+    fn pair(&self, local: u32, remote: u32, node: &str) -> Pair {
+        Pair {
+            local,
+            remote,
+            node: self.nodes.id_of(node).expect("known node"),
+        }
+    }
+}
+
+fn clock() -> Arc<dyn Clock> {
+    Arc::new(TokioClock::starting_at(
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000),
+    ))
+}
+
+/// Lets the manager run until it is idle at the current instant.
+async fn settle() {
+    for _ in 0..20 {
+        tokio::task::yield_now().await;
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn pre_authenticates_every_required_pair_before_any_packet() {
+    let clock = clock();
+    let fake = Fake::new(clock.clone());
+    let store = Arc::new(MemoryAuthStore::default());
+    let t0 = clock.now();
+    let h = start(
+        fake.clone(),
+        store.clone(),
+        clock.clone(),
+        ManagerConfig::default(),
+        NodeTable::in_memory("a"),
+        state(),
+    );
+    settle().await;
+    let entries = store.snapshot();
+    let (p257, p258) = (h.pair(256, 257, "b"), h.pair(256, 258, "b"));
+    assert_eq!(
+        entries.keys().copied().collect::<Vec<_>>(),
+        vec![p257, p258]
+    );
+    for e in entries.values() {
+        // The fake's handshake takes 10 ms and returns now + 1 h.
+        assert_eq!(
+            *e,
+            t0 + Duration::from_millis(10) + HOUR,
+            "expiry is the handshake's"
+        );
+    }
+    let calls = fake.calls();
+    assert_eq!(calls.len(), 2, "one handshake per pair: {calls:?}");
+    assert!(calls.iter().all(|c| c.local == 256 && c.node == "b"));
+    assert_eq!(h.metrics.handshakes("ok"), 2);
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn signals_are_deduplicated_and_unrequired_pairs_ignored() {
+    let clock = clock();
+    let fake = Fake::with(clock.clone(), HOUR, Duration::from_secs(2));
+    let store = Arc::new(MemoryAuthStore::default());
+    let mut d = state();
+    d.rules.clear();
+    let h = start(
+        fake.clone(),
+        store.clone(),
+        clock.clone(),
+        ManagerConfig::default(),
+        NodeTable::in_memory("a"),
+        d,
+    );
+    settle().await;
+    assert!(fake.calls().is_empty(), "no rule, no handshake");
+    // A signal for a pair no rule requires is not acted on.
+    let p = h.pair(256, 257, "b");
+    h.signals.send(p).await.unwrap();
+    settle().await;
+    assert!(fake.calls().is_empty());
+    assert_eq!(h.metrics.signals("not_required"), 1);
+
+    // With the rule, pre-authentication starts; signals meanwhile are deduplicated.
+    h.desired.send(Arc::new(state())).unwrap();
+    settle().await;
+    for _ in 0..5 {
+        h.signals.send(p).await.unwrap();
+    }
+    settle().await;
+    let n257 = fake.calls().iter().filter(|c| c.remote == 257).count();
+    assert_eq!(n257, 1, "one handshake in flight per pair");
+    assert_eq!(h.metrics.signals("deduplicated"), 5);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(store.snapshot().contains_key(&p));
+    // A live entry: still no second handshake.
+    h.signals.send(p).await.unwrap();
+    settle().await;
+    assert_eq!(fake.calls().iter().filter(|c| c.remote == 257).count(), 1);
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn failures_back_off_exponentially_per_pair() {
+    let clock = clock();
+    let fake = Fake::new(clock.clone());
+    fake.fail(256, 257, 4);
+    let store = Arc::new(MemoryAuthStore::default());
+    let config = ManagerConfig {
+        backoff_initial: Duration::from_secs(1),
+        backoff_max: Duration::from_secs(60),
+        ..ManagerConfig::default()
+    };
+    let h = start(
+        fake.clone(),
+        store.clone(),
+        clock.clone(),
+        config,
+        NodeTable::in_memory("a"),
+        state(),
+    );
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let at: Vec<Instant> = fake
+        .calls()
+        .iter()
+        .filter(|c| c.remote == 257)
+        .map(|c| c.at)
+        .collect();
+    assert_eq!(at.len(), 5, "4 failures then success");
+    let gaps: Vec<Duration> = at.windows(2).map(|w| w[1] - w[0]).collect();
+    // Jittered in [base/2, base] plus the 10 ms handshake: 1 s, 2 s, 4 s, 8 s bases.
+    for (i, g) in gaps.iter().enumerate() {
+        let base = Duration::from_secs(1 << i);
+        assert!(
+            *g >= base / 2 && *g <= base + Duration::from_millis(100),
+            "gap {i} = {g:?} for base {base:?}"
+        );
+    }
+    assert!(store.snapshot().contains_key(&h.pair(256, 257, "b")));
+    assert_eq!(h.metrics.handshakes("connect"), 4);
+    // The other pair was not held back by 257's failures.
+    assert_eq!(fake.calls().iter().filter(|c| c.remote == 258).count(), 1);
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn reauthenticates_at_two_thirds_of_the_lifetime_in_place() {
+    let clock = clock();
+    let fake = Fake::with(
+        clock.clone(),
+        Duration::from_secs(30 * 60),
+        Duration::from_millis(10),
+    );
+    let store = Arc::new(Recording::default());
+    let h = start(
+        fake.clone(),
+        store.clone(),
+        clock.clone(),
+        ManagerConfig::default(),
+        NodeTable::in_memory("a"),
+        state(),
+    );
+    settle().await;
+    let p = h.pair(256, 257, "b");
+    let first = store.inner.snapshot()[&p];
+    tokio::time::sleep(Duration::from_secs(19 * 60)).await;
+    assert_eq!(
+        fake.calls().iter().filter(|c| c.remote == 257).count(),
+        1,
+        "not before 2/3"
+    );
+    tokio::time::sleep(Duration::from_secs(2 * 60)).await;
+    assert_eq!(
+        fake.calls().iter().filter(|c| c.remote == 257).count(),
+        2,
+        "re-authenticated at 20 min"
+    );
+    let second = store.inner.snapshot()[&p];
+    assert!(
+        second > first,
+        "expiry moved forward: {first:?} -> {second:?}"
+    );
+    assert!(
+        store.removed.lock().unwrap().is_empty(),
+        "replaced in place, never removed"
+    );
+    // And again, indefinitely.
+    tokio::time::sleep(Duration::from_secs(25 * 60)).await;
+    assert!(fake.calls().iter().filter(|c| c.remote == 257).count() >= 3);
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_rotated_local_svid_reauthenticates_its_pairs_at_once() {
+    let clock = clock();
+    let fake = Fake::new(clock.clone());
+    let store = Arc::new(MemoryAuthStore::default());
+    let h = start(
+        fake.clone(),
+        store.clone(),
+        clock.clone(),
+        ManagerConfig::default(),
+        NodeTable::in_memory("a"),
+        state(),
+    );
+    settle().await;
+    assert_eq!(fake.calls().len(), 2);
+    h.rotations.send(256).await.unwrap();
+    settle().await;
+    assert_eq!(fake.calls().len(), 4, "both pairs of 256 re-authenticated");
+    h.rotations.send(999).await.unwrap();
+    settle().await;
+    assert_eq!(
+        fake.calls().len(),
+        4,
+        "an unrelated identity changes nothing"
+    );
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn gc_on_rule_endpoint_and_node_removal_and_expired_sweep() {
+    let clock = clock();
+    let fake = Fake::with(
+        clock.clone(),
+        Duration::from_secs(600),
+        Duration::from_millis(10),
+    );
+    let store = Arc::new(MemoryAuthStore::default());
+    let h = start(
+        fake.clone(),
+        store.clone(),
+        clock.clone(),
+        ManagerConfig::default(),
+        NodeTable::in_memory("a"),
+        state(),
+    );
+    settle().await;
+    let (p257, p258) = (h.pair(256, 257, "b"), h.pair(256, 258, "b"));
+    assert_eq!(store.snapshot().len(), 2);
+
+    // Rule for 258 removed.
+    let mut d = state();
+    d.rules.retain(|r| r.remote != Remote::Identity(258));
+    h.desired.send(Arc::new(d.clone())).unwrap();
+    settle().await;
+    assert_eq!(
+        store.snapshot().keys().copied().collect::<Vec<_>>(),
+        vec![p257]
+    );
+    assert_eq!(h.metrics.removed("not_required"), 1);
+
+    // Rule back: re-authenticated.
+    h.desired.send(Arc::new(state())).unwrap();
+    settle().await;
+    assert!(store.snapshot().contains_key(&p258));
+
+    // The local endpoint of 256 goes away: nothing on this node needs its pairs.
+    let mut d = state();
+    d.endpoints.retain(|_, e| e.identity != 256);
+    h.desired.send(Arc::new(d)).unwrap();
+    settle().await;
+    assert!(store.snapshot().is_empty());
+    h.desired.send(Arc::new(state())).unwrap();
+    settle().await;
+    assert_eq!(store.snapshot().len(), 2);
+
+    // Node b leaves the cluster (with its pods).
+    let mut d = state();
+    d.nodes.remove("b");
+    d.endpoints.retain(|_, e| e.node != "b");
+    h.desired.send(Arc::new(d)).unwrap();
+    settle().await;
+    assert!(store.snapshot().is_empty());
+    assert_eq!(h.metrics.removed("node_removed"), 2);
+
+    // Expired sweep: handshakes fail from now on, entries run out, the sweep
+    // removes them.
+    h.desired.send(Arc::new(state())).unwrap();
+    settle().await;
+    assert_eq!(store.snapshot().len(), 2);
+    fake.fail(256, 257, 1000);
+    fake.fail(256, 258, 1000);
+    tokio::time::sleep(Duration::from_secs(601)).await;
+    h.sweep.send(()).await.unwrap();
+    settle().await;
+    assert!(store.snapshot().is_empty(), "{:?}", store.snapshot());
+    assert_eq!(h.metrics.removed("expired"), 2);
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn resumes_from_the_map_after_a_restart() {
+    let clock = clock();
+    let fake = Fake::new(clock.clone());
+    let store = Arc::new(MemoryAuthStore::default());
+    let nodes = NodeTable::in_memory("a");
+    nodes.sync(&state().nodes).unwrap();
+    let b = nodes.id_of("b").unwrap();
+    // What a previous run left: one live entry (20 min left), one expired.
+    let live = Pair {
+        local: 256,
+        remote: 257,
+        node: b,
+    };
+    let dead = Pair {
+        local: 256,
+        remote: 258,
+        node: b,
+    };
+    store
+        .upsert(live, clock.now() + Duration::from_secs(20 * 60))
+        .unwrap();
+    store
+        .upsert(dead, clock.now() - Duration::from_secs(1))
+        .unwrap();
+
+    let h = start(
+        fake.clone(),
+        store.clone(),
+        clock.clone(),
+        ManagerConfig::default(),
+        nodes,
+        state(),
+    );
+    settle().await;
+    let calls = fake.calls();
+    assert_eq!(
+        calls.iter().filter(|c| c.remote == 258).count(),
+        1,
+        "the expired pair is re-done"
+    );
+    assert_eq!(
+        calls.iter().filter(|c| c.remote == 257).count(),
+        0,
+        "the live one is kept as it is"
+    );
+    assert!(store.snapshot().contains_key(&live));
+    // Its re-authentication resumes: at 2/3 of the 20 minutes left.
+    tokio::time::sleep(Duration::from_secs(14 * 60)).await;
+    assert_eq!(fake.calls().iter().filter(|c| c.remote == 257).count(), 1);
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn handshakes_in_flight_are_limited() {
+    let clock = clock();
+    let fake = Fake::with(clock.clone(), HOUR, Duration::from_secs(1));
+    let store = Arc::new(MemoryAuthStore::default());
+    let mut d = state();
+    for r in 300..310u32 {
+        let ip: IpAddr = format!("10.2.2.{}", r - 290).parse().unwrap();
+        d.identities.insert(
+            r,
+            Identity {
+                id: r,
+                labels: BTreeSet::from([format!("k8s:app=y{r}")]),
+            },
+        );
+        d.endpoints.insert(
+            ip,
+            Endpoint {
+                ip,
+                identity: r,
+                node: "b".into(),
+                pod: format!("ns/q{r}"),
+            },
+        );
+        d.rules.insert(AuthRule {
+            local: 256,
+            remote: Remote::Identity(r),
+            direction: Direction::Egress,
+            protocol: Protocol::Any,
+            ports: PortRange::ANY,
+        });
+    }
+    let config = ManagerConfig {
+        max_in_flight: 3,
+        ..ManagerConfig::default()
+    };
+    let h = start(
+        fake.clone(),
+        store.clone(),
+        clock.clone(),
+        config,
+        NodeTable::in_memory("a"),
+        d,
+    );
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(
+        store.snapshot().len(),
+        12,
+        "all pairs authenticated in the end"
+    );
+    assert_eq!(fake.max_concurrent(), 3, "never more than 3 at once");
+    h.stop().await;
+}

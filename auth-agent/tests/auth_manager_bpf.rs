@@ -1,0 +1,209 @@
+//! The auth manager against the real pinned auth map (root): entries land
+//! in the kernel map with the handshake's expiry, are read back by a new
+//! manager after a restart, and are removed when no longer required.
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use auth_agent::auth::manager::{AuthManager, ManagerConfig, ManagerInputs, ManagerMetrics};
+use auth_agent::auth::store::{BpfAuthStore, Pair};
+use auth_agent::auth::{AuthFailure, Authenticated, Authenticator};
+use auth_agent::nodes::NodeTable;
+use auth_ebpf::maps::auth::AuthMap;
+use auth_ebpf::testing::TestPinDir;
+use auth_ebpf::{Datapath, LoadOptions};
+use futures::FutureExt as _;
+use futures::future::BoxFuture;
+use policy_bridge::{
+    AuthRule, DesiredState, Direction, Endpoint, Identity, NodeInfo, PortRange, Protocol, Remote,
+};
+use svid_cache::SystemClock;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+/// Succeeds at once with a fixed expiry.
+struct Fixed(SystemTime);
+
+impl Authenticator for Fixed {
+    fn authenticate(
+        &self,
+        _: u32,
+        _: u32,
+        node: NodeInfo,
+    ) -> BoxFuture<'static, Result<Authenticated, AuthFailure>> {
+        let expiry = self.0;
+        async move {
+            Ok(Authenticated {
+                expiry,
+                peer_node: node.name,
+                peer_wireguard_key: None,
+            })
+        }
+        .boxed()
+    }
+}
+
+fn state(with_rule: bool) -> DesiredState {
+    let mut d = DesiredState::default();
+    for (name, ip) in [("a", "10.9.0.1"), ("b", "10.9.0.2")] {
+        let addr: IpAddr = ip.parse().unwrap();
+        d.nodes.insert(
+            name.into(),
+            NodeInfo {
+                name: name.into(),
+                handshake_addr: addr,
+                addresses: BTreeSet::from([addr]),
+                wireguard_key: None,
+            },
+        );
+    }
+    for (ip, id, n) in [("10.9.1.1", 256u32, "a"), ("10.9.2.1", 257, "b")] {
+        d.identities.insert(
+            id,
+            Identity {
+                id,
+                labels: BTreeSet::new(),
+            },
+        );
+        d.endpoints.insert(
+            ip.parse().unwrap(),
+            Endpoint {
+                ip: ip.parse().unwrap(),
+                identity: id,
+                node: n.into(),
+                pod: format!("ns/{id}"),
+            },
+        );
+    }
+    if with_rule {
+        d.rules.insert(AuthRule {
+            local: 256,
+            remote: Remote::Identity(257),
+            direction: Direction::Ingress,
+            protocol: Protocol::Tcp,
+            ports: PortRange::single(8080),
+        });
+    }
+    d
+}
+
+struct Running {
+    desired: watch::Sender<Arc<DesiredState>>,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+    _inputs: (mpsc::Sender<Pair>, mpsc::Sender<u32>, mpsc::Sender<()>),
+}
+
+fn run(pins: &TestPinDir, nodes: NodeTable, expiry: SystemTime, d: DesiredState) -> Running {
+    let store = Arc::new(BpfAuthStore::open(pins.path()).expect("open auth map"));
+    let (desired, desired_rx) = watch::channel(Arc::new(d));
+    let (s_tx, s_rx) = mpsc::channel(8);
+    let (r_tx, r_rx) = mpsc::channel(8);
+    let (w_tx, w_rx) = mpsc::channel(8);
+    let mgr = AuthManager::new(
+        ManagerConfig::default(),
+        Arc::new(Fixed(expiry)),
+        store,
+        nodes,
+        Arc::new(SystemClock),
+        ManagerMetrics::default(),
+    );
+    let shutdown = CancellationToken::new();
+    let token = shutdown.clone();
+    let task = tokio::spawn(async move {
+        mgr.run(
+            ManagerInputs {
+                desired: desired_rx,
+                signals: s_rx,
+                rotations: r_rx,
+                sweep: w_rx,
+            },
+            token,
+        )
+        .await
+        .expect("manager");
+    });
+    Running {
+        desired,
+        shutdown,
+        task,
+        _inputs: (s_tx, r_tx, w_tx),
+    }
+}
+
+async fn wait_for(
+    pins: &TestPinDir,
+    what: &str,
+    pred: impl Fn(&[(auth_ebpf::types::AuthKey, SystemTime)]) -> bool,
+) {
+    for _ in 0..200 {
+        let entries = AuthMap::open(pins.path()).unwrap().entries().unwrap();
+        if pred(&entries) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!(
+        "timed out waiting for {what}: {:?}",
+        AuthMap::open(pins.path()).unwrap().entries()
+    );
+}
+
+#[tokio::test]
+async fn manager_writes_resumes_and_collects_on_the_pinned_map() {
+    let pins = TestPinDir::new("manager");
+    let _dp = Datapath::load(&LoadOptions {
+        pin_dir: pins.path().to_path_buf(),
+        ..LoadOptions::default()
+    })
+    .expect("load datapath");
+    let dir = tempfile::tempdir().unwrap();
+    let nodes_file = dir.path().join("nodes.json");
+    let expiry = SystemTime::now() + Duration::from_secs(3600);
+
+    let m = run(
+        &pins,
+        NodeTable::open(&nodes_file, "a").unwrap(),
+        expiry,
+        state(true),
+    );
+    wait_for(&pins, "the pre-authenticated pair", |e| e.len() == 1).await;
+    let (k, t) = AuthMap::open(pins.path()).unwrap().entries().unwrap()[0];
+    assert_eq!(
+        (k.local_id, k.remote_id, k.remote_node_id, k.auth_type),
+        (256, 257, 1, 1)
+    );
+    let d = t.duration_since(expiry).unwrap_or_else(|e| e.duration());
+    assert!(
+        d < Duration::from_millis(5),
+        "expiry as the handshake said: {d:?}"
+    );
+    m.shutdown.cancel();
+    m.task.await.unwrap();
+
+    // A new manager (agent restart) reads the map back: the entry stays, no
+    // new handshake is needed (its expiry is unchanged).
+    let later = expiry + Duration::from_secs(600);
+    let m = run(
+        &pins,
+        NodeTable::open(&nodes_file, "a").unwrap(),
+        later,
+        state(true),
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let entries = AuthMap::open(pins.path()).unwrap().entries().unwrap();
+    assert_eq!(entries.len(), 1);
+    let d = entries[0]
+        .1
+        .duration_since(expiry)
+        .unwrap_or_else(|e| e.duration());
+    assert!(d < Duration::from_millis(5), "resumed, not re-done: {d:?}");
+
+    // The rule goes: the entry is collected from the kernel map.
+    m.desired.send(Arc::new(state(false))).unwrap();
+    wait_for(&pins, "the entry to be collected", |e| e.is_empty()).await;
+    m.shutdown.cancel();
+    m.task.await.unwrap();
+}
