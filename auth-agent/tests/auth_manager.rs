@@ -167,8 +167,10 @@ fn node(name: &str, ip: &str) -> (String, NodeInfo) {
 /// Node a (local) runs 256; node b runs 257 and 258; 256 must authenticate
 /// with 257 and 258.
 fn state() -> DesiredState {
-    let mut d = DesiredState::default();
-    d.nodes = BTreeMap::from([node("a", "10.1.0.1"), node("b", "10.1.0.2")]);
+    let mut d = DesiredState {
+        nodes: BTreeMap::from([node("a", "10.1.0.1"), node("b", "10.1.0.2")]),
+        ..DesiredState::default()
+    };
     for (ip, id, n) in [
         ("10.2.0.1", 256, "a"),
         ("10.2.1.1", 257, "b"),

@@ -516,11 +516,12 @@ impl<A: Authenticator, S: AuthStore> AuthManager<A, S> {
         {
             return;
         }
-        if let Some(b) = self.backoff.get(&pair) {
-            if b.next > Instant::now() {
-                self.schedule(pair, b.next);
-                return;
-            }
+        if let Some(b) = self.backoff.get(&pair)
+            && b.next > Instant::now()
+        {
+            let next = b.next;
+            self.schedule(pair, next);
+            return;
         }
         if self.in_flight.len() >= self.config.max_in_flight {
             if !self.waiting.contains(&pair) {
