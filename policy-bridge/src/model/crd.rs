@@ -1,0 +1,145 @@
+//! meshauth's own CRDs: MeshAuthPolicy, ClusterMeshAuthPolicy (Cilium's policy
+//! shape, for clusters without Cilium or whose Cilium CRDs dropped
+//! `authentication`) and MeshIdentity (cluster-wide identity allocation).
+//! `deploy/crds/*.yaml` are generated from these types; a test keeps them in sync.
+
+use kube::CustomResource;
+use kube::core::{ApiResource, GroupVersionKind};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::policy::PolicySpec;
+
+/// Spec of a namespaced [`MeshAuthPolicy`]: a Cilium policy spec.
+#[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "meshauth.io",
+    version = "v1alpha1",
+    kind = "MeshAuthPolicy",
+    plural = "meshauthpolicies",
+    shortname = "map",
+    namespaced,
+    doc = "Which flows between workloads must be mutually authenticated (namespaced; Cilium's policy shape)."
+)]
+#[serde(transparent)]
+pub struct MeshAuthPolicySpec(pub PolicySpec);
+
+/// Spec of a cluster-scoped [`ClusterMeshAuthPolicy`].
+#[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "meshauth.io",
+    version = "v1alpha1",
+    kind = "ClusterMeshAuthPolicy",
+    plural = "clustermeshauthpolicies",
+    shortname = "cmap",
+    doc = "Which flows between workloads must be mutually authenticated (cluster-wide; Cilium's policy shape)."
+)]
+#[serde(transparent)]
+pub struct ClusterMeshAuthPolicySpec(pub PolicySpec);
+
+/// Spec of a [`MeshIdentity`]: the object's name is the identity number
+/// (decimal), so the API server's name uniqueness makes allocation agree
+/// across nodes.
+#[derive(
+    CustomResource, Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema,
+)]
+#[kube(
+    group = "meshauth.io",
+    version = "v1alpha1",
+    kind = "MeshIdentity",
+    plural = "meshidentities",
+    printcolumn = r#"{"name":"Labels","type":"string","jsonPath":".spec.labels"}"#,
+    doc = "A security identity: its number (the object's name) and canonical label set."
+)]
+pub struct MeshIdentitySpec {
+    /// Canonical labels (`k8s:<key>=<value>`, sorted).
+    pub labels: Vec<String>,
+}
+
+/// The four policy kinds meshauth reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum PolicyKind {
+    /// cilium.io/v2 CiliumNetworkPolicy (namespaced).
+    CiliumNetworkPolicy,
+    /// cilium.io/v2 CiliumClusterwideNetworkPolicy.
+    CiliumClusterwideNetworkPolicy,
+    /// meshauth.io/v1alpha1 MeshAuthPolicy (namespaced).
+    MeshAuthPolicy,
+    /// meshauth.io/v1alpha1 ClusterMeshAuthPolicy.
+    ClusterMeshAuthPolicy,
+}
+
+impl PolicyKind {
+    /// Every kind.
+    pub const ALL: [Self; 4] = [
+        Self::CiliumNetworkPolicy,
+        Self::CiliumClusterwideNetworkPolicy,
+        Self::MeshAuthPolicy,
+        Self::ClusterMeshAuthPolicy,
+    ];
+
+    /// The kind's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::CiliumNetworkPolicy => "CiliumNetworkPolicy",
+            Self::CiliumClusterwideNetworkPolicy => "CiliumClusterwideNetworkPolicy",
+            Self::MeshAuthPolicy => "MeshAuthPolicy",
+            Self::ClusterMeshAuthPolicy => "ClusterMeshAuthPolicy",
+        }
+    }
+
+    /// The kind for an `apiVersion` / `kind` pair.
+    pub fn from_type(api_version: &str, kind: &str) -> Option<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|k| k.api_version() == api_version && k.as_str() == kind)
+    }
+
+    /// The `apiVersion` objects of this kind carry.
+    pub fn api_version(self) -> &'static str {
+        match self {
+            Self::CiliumNetworkPolicy | Self::CiliumClusterwideNetworkPolicy => "cilium.io/v2",
+            Self::MeshAuthPolicy | Self::ClusterMeshAuthPolicy => "meshauth.io/v1alpha1",
+        }
+    }
+
+    /// True for the cluster-scoped kinds (selectors are cluster-wide).
+    pub fn is_clusterwide(self) -> bool {
+        matches!(
+            self,
+            Self::CiliumClusterwideNetworkPolicy | Self::ClusterMeshAuthPolicy
+        )
+    }
+
+    /// True when objects of this kind may carry `specs` as well as `spec`.
+    pub fn allows_specs(self) -> bool {
+        matches!(
+            self,
+            Self::CiliumNetworkPolicy | Self::CiliumClusterwideNetworkPolicy
+        )
+    }
+
+    /// The API resource, for dynamic watches.
+    pub fn api_resource(self) -> ApiResource {
+        let (group, version) = self
+            .api_version()
+            .split_once('/')
+            .unwrap_or(("", self.api_version()));
+        let plural = match self {
+            Self::CiliumNetworkPolicy => "ciliumnetworkpolicies",
+            Self::CiliumClusterwideNetworkPolicy => "ciliumclusterwidenetworkpolicies",
+            Self::MeshAuthPolicy => "meshauthpolicies",
+            Self::ClusterMeshAuthPolicy => "clustermeshauthpolicies",
+        };
+        ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk(group, version, self.as_str()),
+            plural,
+        )
+    }
+}
+
+impl std::fmt::Display for PolicyKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}

@@ -1,0 +1,275 @@
+//! Standalone source: a directory of multi-document YAML (or JSON) files
+//! with Pods, Namespaces, Nodes and the four policy kinds.
+//!
+//! The directory is polled (default every second) rather than watched with
+//! inotify: polling sees every change on every filesystem — including
+//! ConfigMap volumes, whose updates are symlink swaps that inotify watches
+//! on the files miss — costs one `readdir` and a few reads per second for a
+//! manifest directory, and has no event-coalescing corner cases. Unchanged
+//! files are not re-parsed.
+//!
+//! A file or document that cannot be read does not lose state: objects
+//! that file produced before stay in force, and the error is published.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use tokio::task::JoinHandle;
+
+use super::{Publisher, Subscription};
+use crate::engine::{Change, Engine, EngineConfig};
+use crate::identity::{IdentityError, IdentityFile, IdentityTable};
+use crate::model::{Object, ObjectKey, parse_documents};
+use crate::state::StateDiff;
+
+/// Errors of the directory source.
+#[derive(Debug, thiserror::Error)]
+pub enum FilesError {
+    /// The directory cannot be listed.
+    #[error("reading directory {path}: {source}")]
+    ReadDir {
+        /// The directory.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The identity state file failed.
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+}
+
+/// Settings of the directory source.
+#[derive(Clone, Debug)]
+pub struct FilesConfig {
+    /// The manifest directory (files ending .yaml, .yml or .json; not recursive).
+    pub dir: PathBuf,
+    /// How often to look for changes.
+    pub interval: Duration,
+    /// Identity state file (None: identities live in memory only).
+    pub identity_file: Option<PathBuf>,
+    /// How long an unused identity is kept.
+    pub identity_grace: Duration,
+    /// Engine settings.
+    pub engine: EngineConfig,
+}
+
+impl FilesConfig {
+    /// Defaults for `dir`: poll every second, 15 minutes identity grace.
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self {
+            dir: dir.into(),
+            interval: Duration::from_secs(1),
+            identity_file: None,
+            identity_grace: Duration::from_secs(15 * 60),
+            engine: EngineConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct FileEntry {
+    text: String,
+    objects: BTreeMap<ObjectKey, Object>,
+    errors: Vec<String>,
+    invalid: BTreeMap<ObjectKey, crate::model::ModelError>,
+}
+
+/// The directory source, driven by [`FilesSource::sync`] (or [`spawn`]).
+#[derive(Debug)]
+pub struct FilesSource {
+    cfg: FilesConfig,
+    id_file: Option<IdentityFile>,
+    files: BTreeMap<PathBuf, FileEntry>,
+    applied: BTreeMap<ObjectKey, Object>,
+    engine: Engine,
+    errors: Vec<String>,
+}
+
+impl FilesSource {
+    /// Loads the identity state file (if any); reads nothing else yet.
+    pub fn new(cfg: FilesConfig) -> Result<Self, FilesError> {
+        let id_file = cfg.identity_file.clone().map(IdentityFile::new);
+        let table = match &id_file {
+            Some(f) => f.load()?,
+            None => IdentityTable::new(),
+        };
+        Ok(Self {
+            engine: Engine::new(cfg.engine.clone(), table),
+            cfg,
+            id_file,
+            files: BTreeMap::new(),
+            applied: BTreeMap::new(),
+            errors: Vec::new(),
+        })
+    }
+
+    /// The engine (state, status).
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Everything that could not be read in the last sync.
+    pub fn errors(&self) -> &[String] {
+        &self.errors
+    }
+
+    /// Reads the directory once and applies what changed.
+    pub fn sync(&mut self) -> Result<StateDiff, FilesError> {
+        let dir = &self.cfg.dir;
+        let rd = std::fs::read_dir(dir).map_err(|source| FilesError::ReadDir {
+            path: dir.clone(),
+            source,
+        })?;
+        let mut paths: Vec<PathBuf> = rd
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                !name.starts_with('.')
+                    && [".yaml", ".yml", ".json"].iter().any(|s| name.ends_with(s))
+            })
+            .collect();
+        paths.sort();
+        let mut next = BTreeMap::new();
+        for p in paths {
+            let old = self.files.remove(&p);
+            let entry = read_file(&p, old);
+            next.insert(p, entry);
+        }
+        self.files = next;
+        self.apply()
+    }
+
+    fn apply(&mut self) -> Result<StateDiff, FilesError> {
+        let mut wanted: BTreeMap<ObjectKey, Object> = BTreeMap::new();
+        let mut errors = Vec::new();
+        for f in self.files.values() {
+            for (k, o) in &f.objects {
+                wanted.insert(k.clone(), o.clone());
+            }
+            errors.extend(f.errors.iter().cloned());
+        }
+        let mut changes = Vec::new();
+        for (k, _) in self.applied.iter() {
+            if !wanted.contains_key(k) {
+                changes.push(Change::Delete(k.clone()));
+            }
+        }
+        // Namespaces first so pods see their labels; policies last.
+        let mut ups: Vec<&Object> = wanted
+            .iter()
+            .filter(|(k, o)| self.applied.get(*k) != Some(*o))
+            .map(|(_, o)| o)
+            .collect();
+        ups.sort_by_key(|o| match o {
+            Object::Namespace(_) => 0,
+            Object::Node(_) => 1,
+            Object::Pod(_) => 2,
+            Object::Policy(_) => 3,
+        });
+        changes.extend(ups.into_iter().map(|o| Change::Upsert(o.clone())));
+        for f in self.files.values() {
+            for (key, e) in f.invalid.iter() {
+                changes.push(Change::Invalid(key.clone(), e.clone()));
+            }
+        }
+        for c in changes {
+            if let Err(e) = self.engine.apply(c) {
+                errors.push(e.to_string());
+            }
+        }
+        self.applied = wanted;
+        let gone = self
+            .engine
+            .collect_identities(Instant::now(), self.cfg.identity_grace);
+        if !gone.is_empty() {
+            tracing::info!(count = gone.len(), "collected unused identities");
+        }
+        if self.engine.take_table_dirty() {
+            if let Some(f) = &self.id_file {
+                f.save(self.engine.table())?;
+            }
+        }
+        self.errors = errors;
+        Ok(self.engine.commit())
+    }
+}
+
+fn read_file(p: &Path, old: Option<FileEntry>) -> FileEntry {
+    let text = match std::fs::read_to_string(p) {
+        Ok(t) => t,
+        Err(e) => {
+            // Keep what the file gave before; report the error.
+            let mut keep = old.unwrap_or_default();
+            keep.errors = vec![format!("{}: {e}", p.display())];
+            keep.invalid.clear();
+            return keep;
+        }
+    };
+    if let Some(old) = old.as_ref().filter(|o| o.text == text) {
+        return FileEntry {
+            text,
+            objects: old.objects.clone(),
+            errors: old.errors.clone(),
+            invalid: old.invalid.clone(),
+        };
+    }
+    let mut entry = FileEntry {
+        text: text.clone(),
+        ..FileEntry::default()
+    };
+    let mut failed = false;
+    for r in parse_documents(&text, &p.display().to_string()) {
+        match r {
+            Ok(o) => {
+                entry.objects.insert(o.key(), o);
+            }
+            Err(inv) => {
+                failed = true;
+                entry.errors.push(inv.error.to_string());
+                if let Some(k) = inv.key {
+                    entry.invalid.insert(k, inv.error);
+                }
+            }
+        }
+    }
+    if failed {
+        // Objects this file gave before and did not give now stay in force.
+        for (k, o) in old.map(|o| o.objects).unwrap_or_default() {
+            entry.objects.entry(k).or_insert(o);
+        }
+    }
+    entry
+}
+
+/// Starts the directory source: reads the directory once (errors such as a
+/// missing directory are returned here), then polls it every
+/// `cfg.interval` until every [`Subscription`] is dropped.
+pub fn spawn(cfg: FilesConfig) -> Result<(Subscription, JoinHandle<()>), FilesError> {
+    let interval = cfg.interval;
+    let mut src = FilesSource::new(cfg)?;
+    let diff = src.sync()?;
+    let (publisher, sub) = Publisher::new();
+    publisher.publish(&src.engine, diff, src.errors.clone(), true);
+    let task = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            if publisher.is_closed() {
+                return;
+            }
+            match src.sync() {
+                Ok(diff) => publisher.publish(&src.engine, diff, src.errors.clone(), true),
+                Err(e) => {
+                    tracing::warn!(error = %e, "manifest directory sync failed; keeping the previous state");
+                    let mut errors = src.errors.clone();
+                    errors.insert(0, e.to_string());
+                    publisher.publish(&src.engine, StateDiff::default(), errors, true);
+                }
+            }
+        }
+    });
+    Ok((sub, task))
+}
