@@ -1,0 +1,79 @@
+//! The `meshauth/1` handshake: mutual TLS 1.3 between two nodes' agents,
+//! each presenting the X.509-SVID of its own workload identity, then one
+//! small versioned message each way ([`protocol`]).
+//!
+//! - [`server`]: the responder. Listens on TCP 4250, refuses peers whose
+//!   source address is no known node (before TLS), serves identity `R`'s SVID
+//!   for SNI `<R>.<td>` only when `R` has a local endpoint, verifies the
+//!   client's SVID, exchanges messages, and writes `(R, L, node X)` to the
+//!   auth map with expiry = the earlier leaf NotAfter.
+//! - [`client`]: the initiator, an [`crate::auth::Authenticator`]. Dials the
+//!   peer node's handshake address (never another), presents SVID(`L`),
+//!   requires the server to be exactly `R`, and returns what it established.
+//! - [`HandshakeError`]: one variant per check; [`HandshakeError::label`]
+//!   is the metric label. [`Metrics`] are `meshauth_handshake_*`.
+//!
+//! TLS session resumption is off on both sides: every handshake verifies
+//! both certificates afresh.
+
+pub mod client;
+mod error;
+pub mod metrics;
+pub mod protocol;
+pub mod server;
+
+use std::time::{Duration, SystemTime};
+
+use rustls::pki_types::CertificateDer;
+use svid_cache::TrustDomain;
+
+pub use client::{ClientOptions, HandshakeClient};
+pub use error::HandshakeError;
+pub use metrics::{Metrics, Role};
+pub use server::{Accepted, HandshakeServer, Outcome, ServerOptions};
+
+/// The handshake's ALPN protocol id.
+pub const ALPN: &[u8] = b"meshauth/1";
+
+/// Default TCP port of the handshake server.
+pub const DEFAULT_PORT: u16 = 4250;
+
+/// Default connect and handshake timeouts.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Default number of handshakes the responder runs at once.
+pub const DEFAULT_MAX_CONCURRENT: usize = 256;
+
+/// The identity and NotAfter of a leaf that rustls' SPIFFE verifier has
+/// already accepted (so it parses, and its one URI SAN is an identity of `td`).
+pub(crate) fn verified_leaf(
+    td: &TrustDomain,
+    leaf: &CertificateDer<'_>,
+) -> Option<(u32, SystemTime)> {
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
+    let not_after = cert.validity().not_after.timestamp();
+    let not_after = SystemTime::UNIX_EPOCH + Duration::from_secs(u64::try_from(not_after).ok()?);
+    let san = cert.subject_alternative_name().ok()??;
+    let identity = san.value.general_names.iter().find_map(|n| match n {
+        x509_parser::extensions::GeneralName::URI(u) => td.parse_spiffe_id(u).ok(),
+        _ => None,
+    })?;
+    Some((identity, not_after))
+}
+
+/// Checks the WireGuard key a peer stated against the one its node published.
+pub(crate) fn check_wireguard_key(
+    node: &policy_bridge::NodeInfo,
+    stated: &Option<String>,
+) -> Result<(), HandshakeError> {
+    match &node.wireguard_key {
+        Some(published) if stated.as_ref() != Some(published) => {
+            Err(HandshakeError::WireGuardKeyMismatch {
+                node: node.name.clone(),
+                published: published.clone(),
+                stated: stated.clone(),
+            })
+        }
+        _ => Ok(()),
+    }
+}

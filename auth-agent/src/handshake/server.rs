@@ -1,0 +1,516 @@
+//! The responder: accepts `meshauth/1` handshakes and writes the reverse
+//! pair `(R, L, node X)` to the auth map.
+//!
+//! Per connection, in order: the source address must belong to a known node
+//! (else the socket is closed before any TLS); a concurrency permit must be
+//! free (else closed, counted in `refused_concurrency`); the ClientHello must
+//! name `<R>.<td>` by SNI, offer ALPN `meshauth/1`, and `R` must have a local
+//! endpoint and a valid SVID here (else an `access_denied` alert); then TLS
+//! 1.3 with a mandatory client SVID of a known identity `L`; then the message
+//! exchange. The whole of it is bounded by the handshake timeout.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use policy_bridge::{DesiredState, NodeInfo};
+use rustls::server::{Acceptor, ClientHello, NoServerSessionStorage, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use svid_cache::{ServerCertResolver, SpiffeClientVerifier, SvidCache};
+use tokio::io::AsyncWriteExt as _;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, broadcast, watch};
+use tokio_rustls::LazyConfigAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument as _, debug, info, info_span, warn};
+
+use super::metrics::{Metrics, Role};
+use super::protocol::{self, Hello, Message, ProtocolError};
+use super::{ALPN, DEFAULT_MAX_CONCURRENT, DEFAULT_TIMEOUT, HandshakeError};
+use crate::auth::store::{AuthStore, Pair};
+use crate::nodes::NodeTable;
+
+/// What the responder needs.
+#[derive(Clone)]
+pub struct ServerOptions {
+    /// Where to listen (the node's handshake address, port 4250).
+    pub listen: SocketAddr,
+    /// This node's SVIDs and trust bundle.
+    pub cache: SvidCache,
+    /// Known nodes: who may connect, and their names and WireGuard keys.
+    pub nodes: NodeTable,
+    /// The desired state: which identities run here, which are known, which
+    /// pairs are required.
+    pub desired: watch::Receiver<Arc<DesiredState>>,
+    /// Where authenticated pairs go.
+    pub store: Arc<dyn AuthStore>,
+    /// Bound on TLS plus the message exchange.
+    pub handshake_timeout: Duration,
+    /// Handshakes served at once; connections beyond it are closed.
+    pub max_concurrent: usize,
+    /// This node's WireGuard public key, when WireGuard is on.
+    pub wireguard_key: Option<String>,
+}
+
+impl std::fmt::Debug for ServerOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerOptions")
+            .field("listen", &self.listen)
+            .field("local_node", &self.nodes.local_name())
+            .field("handshake_timeout", &self.handshake_timeout)
+            .field("max_concurrent", &self.max_concurrent)
+            .field("wireguard", &self.wireguard_key.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ServerOptions {
+    /// Options with the default timeout (5 s) and concurrency limit (256),
+    /// WireGuard off.
+    pub fn new(
+        listen: SocketAddr,
+        cache: SvidCache,
+        nodes: NodeTable,
+        desired: watch::Receiver<Arc<DesiredState>>,
+        store: Arc<dyn AuthStore>,
+    ) -> Self {
+        Self {
+            listen,
+            cache,
+            nodes,
+            desired,
+            store,
+            handshake_timeout: DEFAULT_TIMEOUT,
+            max_concurrent: DEFAULT_MAX_CONCURRENT,
+            wireguard_key: None,
+        }
+    }
+}
+
+/// A handshake the responder completed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Accepted {
+    /// `(R, L, node id of X)`.
+    pub pair: Pair,
+    /// The initiator's node.
+    pub peer_node: String,
+    /// The earlier leaf NotAfter.
+    pub expiry: SystemTime,
+    /// Whether the pair was written (only pairs the desired state requires are).
+    pub stored: bool,
+}
+
+/// How one connection ended.
+#[derive(Debug)]
+pub struct Outcome {
+    /// The peer's address.
+    pub peer: SocketAddr,
+    /// The result.
+    pub result: Result<Accepted, HandshakeError>,
+}
+
+/// What the desired state says, precomputed per snapshot.
+#[derive(Debug, Default)]
+struct View {
+    local_ids: HashSet<u32>,
+    known: HashSet<u32>,
+    required: HashSet<(u32, u32, String)>,
+}
+
+/// Derives the [`View`] of the current desired state, once per snapshot.
+#[derive(Debug)]
+struct ViewCell {
+    rx: watch::Receiver<Arc<DesiredState>>,
+    local: String,
+    cached: Mutex<Option<(Arc<DesiredState>, Arc<View>)>>,
+}
+
+impl ViewCell {
+    fn current(&self) -> Arc<View> {
+        let desired = self.rx.borrow().clone();
+        let mut cached = self.cached.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((d, v)) = &*cached
+            && Arc::ptr_eq(d, &desired)
+        {
+            return v.clone();
+        }
+        let view = Arc::new(View {
+            local_ids: desired.identities_on(&self.local).into_iter().collect(),
+            known: desired.identities.keys().copied().collect(),
+            required: desired.required_pairs(&self.local).into_iter().collect(),
+        });
+        *cached = Some((desired, view.clone()));
+        view
+    }
+}
+
+/// Serves one fixed SVID (the one chosen from the ClientHello).
+#[derive(Debug)]
+struct Fixed(Arc<CertifiedKey>);
+
+impl ResolvesServerCert for Fixed {
+    fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+}
+
+/// Serves nothing: rustls answers with an `access_denied` alert.
+#[derive(Debug)]
+struct Refuse;
+
+impl ResolvesServerCert for Refuse {
+    fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        None
+    }
+}
+
+struct Shared {
+    opts: ServerOptions,
+    local_name: String,
+    view: Arc<ViewCell>,
+    template: rustls::ServerConfig,
+    refuse: Arc<rustls::ServerConfig>,
+    metrics: Metrics,
+    outcomes: broadcast::Sender<Arc<Outcome>>,
+    permits: Arc<Semaphore>,
+}
+
+/// The `meshauth/1` responder, bound and ready to [`run`](Self::run).
+pub struct HandshakeServer {
+    listener: TcpListener,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for HandshakeServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HandshakeServer")
+            .field("listener", &self.listener)
+            .field("options", &self.shared.opts)
+            .finish_non_exhaustive()
+    }
+}
+
+impl HandshakeServer {
+    /// Binds the listener and builds the TLS configuration.
+    pub async fn bind(opts: ServerOptions, metrics: Metrics) -> Result<Self, HandshakeError> {
+        let local_name = opts.nodes.local_name();
+        let view = Arc::new(ViewCell {
+            rx: opts.desired.clone(),
+            local: local_name.clone(),
+            cached: Mutex::new(None),
+        });
+        let (serve, known) = (view.clone(), view.clone());
+        let mut template = svid_cache::tls::server_config(
+            ServerCertResolver::new(opts.cache.clone())
+                .with_filter(move |id| serve.current().local_ids.contains(&id)),
+            SpiffeClientVerifier::known(opts.cache.clone(), move |id| {
+                known.current().known.contains(&id)
+            }),
+        )
+        .map_err(HandshakeError::Config)?;
+        template.alpn_protocols = vec![ALPN.to_vec()];
+        template.send_tls13_tickets = 0;
+        template.session_storage = Arc::new(NoServerSessionStorage {});
+        let mut refuse = template.clone();
+        refuse.cert_resolver = Arc::new(Refuse);
+        let listener =
+            TcpListener::bind(opts.listen)
+                .await
+                .map_err(|source| HandshakeError::Io {
+                    stage: "binding the handshake listener",
+                    source,
+                })?;
+        let (outcomes, _) = broadcast::channel(256);
+        Ok(Self {
+            listener,
+            shared: Arc::new(Shared {
+                permits: Arc::new(Semaphore::new(opts.max_concurrent.max(1))),
+                opts,
+                local_name,
+                view,
+                template,
+                refuse: Arc::new(refuse),
+                metrics,
+                outcomes,
+            }),
+        })
+    }
+
+    /// The address actually bound (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .unwrap_or(self.shared.opts.listen)
+    }
+
+    /// Every connection's outcome from now on (for tests, status and logs).
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Outcome>> {
+        self.shared.outcomes.subscribe()
+    }
+
+    /// Serves until `shutdown` is cancelled, then stops accepting and waits
+    /// for the handshakes in flight (each bounded by the handshake timeout).
+    pub async fn run(self, shutdown: CancellationToken) {
+        let tasks = TaskTracker::new();
+        info!(addr = %self.local_addr(), node = %self.shared.local_name, "handshake server listening");
+        loop {
+            let (tcp, peer) = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                accepted = self.listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // EMFILE and friends: back off briefly instead of spinning.
+                        warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let Ok(permit) = self.shared.permits.clone().try_acquire_owned() else {
+                self.shared.metrics.refused_concurrency.inc();
+                let limit = self.shared.opts.max_concurrent;
+                warn!(peer.addr = %peer, limit, "handshake concurrency limit reached; closing the connection");
+                drop(tcp);
+                self.shared.publish(Outcome {
+                    peer,
+                    result: Err(HandshakeError::Overloaded { limit, peer }),
+                });
+                continue;
+            };
+            let shared = self.shared.clone();
+            tasks.spawn(async move {
+                shared.serve(tcp, peer).await;
+                drop(permit);
+            });
+        }
+        tasks.close();
+        tasks.wait().await;
+        info!(node = %self.shared.local_name, "handshake server stopped");
+    }
+
+    /// Spawns [`run`](Self::run) on the current runtime.
+    pub fn spawn(self, shutdown: CancellationToken) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(self.run(shutdown))
+    }
+}
+
+impl Shared {
+    fn publish(&self, outcome: Outcome) {
+        let _ = self.outcomes.send(Arc::new(outcome));
+    }
+
+    async fn serve(&self, tcp: TcpStream, peer: SocketAddr) {
+        let started = Instant::now();
+        let _in_flight = self.metrics.in_flight(Role::Responder);
+        let span = info_span!("handshake", role = "responder", peer.addr = %peer);
+        let result = async {
+            let Some((node_id, node)) = self.opts.nodes.by_address(peer.ip()) else {
+                drop(tcp);
+                return Err(HandshakeError::UnknownPeerAddress { addr: peer.ip() });
+            };
+            let _ = tcp.set_nodelay(true);
+            let after = self.opts.handshake_timeout;
+            tokio::time::timeout(after, self.exchange(tcp, node_id, node))
+                .await
+                .unwrap_or(Err(HandshakeError::Timeout { peer, after }))
+        }
+        .instrument(span.clone())
+        .await;
+        let took = started.elapsed();
+        let _enter = span.enter();
+        match &result {
+            Ok(a) => debug!(
+                local = a.pair.local, remote = a.pair.remote, node = %a.peer_node,
+                stored = a.stored, took_us = took.as_micros() as u64,
+                "handshake accepted"
+            ),
+            Err(e) => info!(reason = e.label(), error = %e, "handshake refused"),
+        }
+        self.metrics.record(
+            Role::Responder,
+            result.as_ref().map_or_else(|e| e.label(), |_| "ok"),
+            took,
+        );
+        self.publish(Outcome { peer, result });
+    }
+
+    /// Checks the ClientHello; on refusal answers with an alert.
+    fn choose(&self, hello: &ClientHello<'_>) -> Result<Arc<svid_cache::Svid>, HandshakeError> {
+        let td = self.opts.cache.trust_domain();
+        let sni = hello.server_name();
+        let Some(identity) = sni.and_then(|n| td.parse_server_name(n)) else {
+            return Err(HandshakeError::UnknownSni {
+                sni: sni.map(str::to_owned),
+                trust_domain: td.to_string(),
+            });
+        };
+        let offered: Vec<&[u8]> = hello.alpn().map(|a| a.collect()).unwrap_or_default();
+        if !offered.contains(&ALPN) {
+            return Err(HandshakeError::AlpnMismatch {
+                got: offered
+                    .iter()
+                    .map(|p| String::from_utf8_lossy(p).into_owned())
+                    .collect(),
+            });
+        }
+        if !self.view.current().local_ids.contains(&identity) {
+            return Err(HandshakeError::NoLocalEndpoint {
+                identity,
+                node: self.local_name.clone(),
+            });
+        }
+        self.opts
+            .cache
+            .get(identity)
+            .ok_or(HandshakeError::NoSvid { identity })
+    }
+
+    async fn exchange(
+        &self,
+        tcp: TcpStream,
+        node_id: u16,
+        node: NodeInfo,
+    ) -> Result<Accepted, HandshakeError> {
+        let start = LazyConfigAcceptor::new(Acceptor::default(), tcp)
+            .await
+            .map_err(|e| HandshakeError::from_io("reading the ClientHello", e))?;
+        let svid = match self.choose(&start.client_hello()) {
+            Ok(svid) => svid,
+            Err(refusal) => {
+                // Let rustls send the alert; the refusal is what we report.
+                let _ = start.into_stream(self.refuse.clone()).await;
+                return Err(refusal);
+            }
+        };
+        let r = svid.identity();
+        let mut config = self.template.clone();
+        config.cert_resolver = Arc::new(Fixed(svid.certified_key().clone()));
+        let mut tls = start
+            .into_stream(Arc::new(config))
+            .await
+            .map_err(|e| HandshakeError::from_io("TLS handshake", e))?;
+        let conn = tls.get_ref().1;
+        if conn.alpn_protocol() != Some(ALPN) {
+            return Err(HandshakeError::AlpnMismatch {
+                got: conn
+                    .alpn_protocol()
+                    .map(|p| vec![String::from_utf8_lossy(p).into_owned()])
+                    .unwrap_or_default(),
+            });
+        }
+        let td = self.opts.cache.trust_domain();
+        let (l, peer_not_after) = conn
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(|leaf| super::verified_leaf(td, leaf))
+            .ok_or(HandshakeError::NoClientCertificate)?;
+
+        let checked = async {
+            let hello = match protocol::read(&mut tls).await {
+                Ok(Message::Hello(h)) => h,
+                Ok(Message::Refused { label, message }) => {
+                    return Err(HandshakeError::PeerRefused { label, message });
+                }
+                Err(e) => return Err(from_protocol(e)),
+            };
+            if hello.local != l {
+                return Err(HandshakeError::IdentityMismatch {
+                    field: "local",
+                    stated: hello.local,
+                    expected: l,
+                });
+            }
+            if hello.remote != r {
+                return Err(HandshakeError::IdentityMismatch {
+                    field: "remote",
+                    stated: hello.remote,
+                    expected: r,
+                });
+            }
+            if hello.node != node.name {
+                return Err(HandshakeError::NodeMismatch {
+                    expected: node.name.clone(),
+                    stated: hello.node,
+                });
+            }
+            super::check_wireguard_key(&node, &hello.wireguard_key)?;
+            Ok(())
+        }
+        .await;
+        if let Err(e) = checked {
+            if !matches!(
+                e,
+                HandshakeError::Io { .. }
+                    | HandshakeError::Tls(_)
+                    | HandshakeError::PeerAlert { .. }
+            ) {
+                let _ = protocol::write(
+                    &mut tls,
+                    &Message::Refused {
+                        label: e.label().to_owned(),
+                        message: e.to_string(),
+                    },
+                )
+                .await;
+                let _ = tls.shutdown().await;
+            }
+            return Err(e);
+        }
+
+        let expiry = svid.not_after().min(peer_not_after);
+        let pair = Pair {
+            local: r,
+            remote: l,
+            node: node_id,
+        };
+        let required = self
+            .view
+            .current()
+            .required
+            .contains(&(r, l, node.name.clone()));
+        if required {
+            if let Err(e) = self.opts.store.upsert(pair, expiry) {
+                let e = HandshakeError::Store(e);
+                let _ = protocol::write(
+                    &mut tls,
+                    &Message::Refused {
+                        label: e.label().to_owned(),
+                        message: e.to_string(),
+                    },
+                )
+                .await;
+                return Err(e);
+            }
+        } else {
+            debug!(%pair, node = %node.name, "pair not required by the desired state; not written");
+        }
+        protocol::write(
+            &mut tls,
+            &Message::Hello(Hello {
+                node: self.local_name.clone(),
+                local: r,
+                remote: l,
+                wireguard_key: self.opts.wireguard_key.clone(),
+            }),
+        )
+        .await
+        .map_err(from_protocol)?;
+        let _ = tls.shutdown().await;
+        Ok(Accepted {
+            pair,
+            peer_node: node.name,
+            expiry,
+            stored: required,
+        })
+    }
+}
+
+/// Protocol errors, with TLS alerts hidden in I/O errors brought out.
+pub(crate) fn from_protocol(e: ProtocolError) -> HandshakeError {
+    match e {
+        ProtocolError::Io { call, source } => HandshakeError::from_io(call, source),
+        other => HandshakeError::Message(other),
+    }
+}
