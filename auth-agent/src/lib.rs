@@ -2,10 +2,12 @@
 //!
 //! - [`nodes`]: node names ↔ datapath node ids, persisted across restarts.
 //! - [`auth`]: the auth map behind a trait, and the auth manager.
+//! - [`datapath_sync`]: desired state into the ipcache and policy maps.
 //! - [`handshake`]: the `meshauth/1` mutual TLS handshake (server and client).
 //! - [`demo`]: `meshauth demo`.
 
 pub mod auth;
+pub mod datapath_sync;
 pub mod demo;
 pub mod handshake;
 pub mod nodes;
