@@ -1,1 +1,491 @@
-//! placeholder
+//! Kubernetes source: kube-rs watchers for Pods, Namespaces, Nodes, the four
+//! policy kinds and MeshIdentity, feeding the engine; identities allocated
+//! cluster-wide as MeshIdentity objects.
+//!
+//! - Each kind has its own watcher (list, then watch; on a watch error the
+//!   watcher backs off and relists, and objects missing from the relist are
+//!   deleted). Policies are watched as dynamic objects and parsed here, so
+//!   one malformed policy is reported in its status instead of breaking the
+//!   list for every other policy.
+//! - A policy kind whose CRD is not installed (the list answers 404) is
+//!   skipped with one log line.
+//! - Allocation: a new label set takes the lowest free number N and creates
+//!   MeshIdentity `N`. If the create conflicts (another node took N), the
+//!   existing object is read: same labels → use N; other labels → record it
+//!   and try the next number. Every node thus agrees; if two numbers ever
+//!   carry one label set, all nodes use the lowest (see [`crate::identity`]).
+//!   Allocation waits for the first MeshIdentity list, so a restarted agent
+//!   reuses the numbers already in the cluster.
+//! - Identities unused for the grace period are deleted (a 404 is fine:
+//!   every node sees every pod, so every node reaches the same conclusion).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::pin::Pin;
+use std::time::{Duration, Instant};
+
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use kube::Client;
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams, ObjectMeta, PostParams};
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event};
+use serde_json::Value;
+use tokio::task::JoinHandle;
+
+use super::{Publisher, Subscription};
+use crate::engine::{Allocation, Change, Engine, EngineConfig, EngineError};
+use crate::identity::{IdentityError, IdentityTable};
+use crate::labels::LabelSet;
+use crate::model::crd::{MeshIdentity, MeshIdentitySpec};
+use crate::model::{Object, ObjectKey, ObjectKind, PolicyKind, key_of, parse_value};
+
+/// Errors of the Kubernetes source.
+#[derive(Debug, thiserror::Error)]
+pub enum KubeError {
+    /// An API call failed.
+    #[error("{call}: {source}")]
+    Api {
+        /// What was called.
+        call: String,
+        /// kube's error.
+        source: kube::Error,
+    },
+    /// Allocation found no free number.
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    /// The engine refused a change.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    /// Too many conflicts in a row.
+    #[error("allocating an identity for {0}: gave up after repeated conflicts")]
+    Conflicts(LabelSet),
+}
+
+/// Settings of the Kubernetes source.
+#[derive(Clone, Debug)]
+pub struct KubeConfig {
+    /// Engine settings (allocation is always deferred to MeshIdentity objects).
+    pub engine: EngineConfig,
+    /// How long an unused identity is kept before its object is deleted.
+    pub identity_grace: Duration,
+    /// How often pending allocations are retried and unused identities collected.
+    pub housekeeping: Duration,
+}
+
+impl Default for KubeConfig {
+    fn default() -> Self {
+        Self {
+            engine: EngineConfig::default(),
+            identity_grace: Duration::from_secs(15 * 60),
+            housekeeping: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Which watcher an event came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum Feed {
+    Pods,
+    Namespaces,
+    Nodes,
+    Policy(PolicyKind),
+    Identities,
+}
+
+/// One item of a watcher, already converted.
+#[derive(Debug)]
+enum Item {
+    Object(Result<Object, (ObjectKey, crate::model::ModelError)>),
+    Identity(Option<(u32, LabelSet)>, String),
+}
+
+impl Item {
+    fn key(&self) -> Option<ObjectKey> {
+        match self {
+            Self::Object(Ok(o)) => Some(o.key()),
+            Self::Object(Err((k, _))) => Some(k.clone()),
+            Self::Identity(..) => None,
+        }
+    }
+}
+
+#[derive(Debug)]
+enum Msg {
+    Init,
+    InitItem(Item),
+    InitDone,
+    Apply(Item),
+    Delete(Item),
+    Error(String),
+}
+
+type Feeds = Pin<Box<dyn Stream<Item = (Feed, Msg)> + Send>>;
+
+fn feed<K, F>(api: Api<K>, which: Feed, convert: F) -> Feeds
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+    F: Fn(K) -> Item + Send + Sync + 'static,
+{
+    watcher::watcher(api, watcher::Config::default())
+        .default_backoff()
+        .map(move |ev| {
+            let msg = match ev {
+                Ok(Event::Init) => Msg::Init,
+                Ok(Event::InitApply(o)) => Msg::InitItem(convert(o)),
+                Ok(Event::InitDone) => Msg::InitDone,
+                Ok(Event::Apply(o)) => Msg::Apply(convert(o)),
+                Ok(Event::Delete(o)) => Msg::Delete(convert(o)),
+                Err(e) => Msg::Error(e.to_string()),
+            };
+            (which, msg)
+        })
+        .boxed()
+}
+
+fn policy_item(kind: PolicyKind, o: DynamicObject) -> Item {
+    let mut v = serde_json::to_value(&o).unwrap_or(Value::Null);
+    if let Some(m) = v.as_object_mut() {
+        m.insert("apiVersion".into(), kind.api_version().into());
+        m.insert("kind".into(), kind.as_str().into());
+    }
+    let key = key_of(&v).unwrap_or(ObjectKey {
+        kind: ObjectKind::Policy(kind),
+        namespace: o.metadata.namespace.clone(),
+        name: o.metadata.name.clone().unwrap_or_default(),
+    });
+    Item::Object(parse_value(v, "kubernetes").map_err(|e| (key, e)))
+}
+
+fn identity_item(o: MeshIdentity) -> Item {
+    let name = o.metadata.name.clone().unwrap_or_default();
+    let parsed = name.parse::<u32>().ok().and_then(|id| {
+        LabelSet::from_canonical(o.spec.labels.iter().map(String::as_str))
+            .ok()
+            .map(|l| (id, l))
+    });
+    Item::Identity(parsed, name)
+}
+
+fn api_err(call: impl Into<String>) -> impl FnOnce(kube::Error) -> KubeError {
+    let call = call.into();
+    move |source| KubeError::Api { call, source }
+}
+
+/// True if the kind's CRD answers; false (after one log line) on 404.
+async fn installed(client: &Client, kind: PolicyKind) -> bool {
+    let api: Api<DynamicObject> = Api::all_with(client.clone(), &kind.api_resource());
+    match api.list(&ListParams::default().limit(1)).await {
+        Ok(_) => true,
+        Err(kube::Error::Api(s)) if s.code == 404 => {
+            tracing::info!(kind = %kind, "CRD not installed; policies of this kind are skipped");
+            false
+        }
+        Err(e) => {
+            // Not a clear "absent": watch it and let the watcher retry.
+            tracing::warn!(kind = %kind, error = %e, "checking for the CRD failed; watching anyway");
+            true
+        }
+    }
+}
+
+/// Starts the Kubernetes source. The returned subscription reports
+/// `synced` once every watched kind has been listed once.
+pub async fn spawn(client: Client, cfg: KubeConfig) -> (Subscription, JoinHandle<()>) {
+    let mut feeds: Vec<Feeds> = vec![
+        feed(Api::<Pod>::all(client.clone()), Feed::Pods, |p| {
+            Item::Object(Ok(Object::Pod(Box::new(p))))
+        }),
+        feed(
+            Api::<Namespace>::all(client.clone()),
+            Feed::Namespaces,
+            |n| Item::Object(Ok(Object::Namespace(Box::new(n)))),
+        ),
+        feed(Api::<Node>::all(client.clone()), Feed::Nodes, |n| {
+            Item::Object(Ok(Object::Node(Box::new(n))))
+        }),
+        feed(
+            Api::<MeshIdentity>::all(client.clone()),
+            Feed::Identities,
+            identity_item,
+        ),
+    ];
+    // Kinds skipped as not installed are not waited for.
+    let mut expected: BTreeSet<Feed> =
+        BTreeSet::from([Feed::Pods, Feed::Namespaces, Feed::Nodes, Feed::Identities]);
+    for kind in PolicyKind::ALL {
+        if installed(&client, kind).await {
+            let api: Api<DynamicObject> = Api::all_with(client.clone(), &kind.api_resource());
+            feeds.push(feed(api, Feed::Policy(kind), move |o| policy_item(kind, o)));
+            expected.insert(Feed::Policy(kind));
+        }
+    }
+    let (publisher, sub) = Publisher::new();
+    let mut engine_cfg = cfg.engine.clone();
+    engine_cfg.allocation = Allocation::Deferred;
+    let mut driver = Driver {
+        engine: Engine::new(engine_cfg, IdentityTable::new()),
+        ids: Api::all(client),
+        known: HashMap::new(),
+        init: HashMap::new(),
+        synced: BTreeSet::new(),
+        expected,
+        identity_objects: BTreeMap::new(),
+        errors: Vec::new(),
+        cfg,
+    };
+    let task = tokio::spawn(async move {
+        let mut all = futures::stream::select_all(feeds);
+        let mut tick = tokio::time::interval(driver.cfg.housekeeping);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                next = all.next() => match next {
+                    Some((which, msg)) => driver.handle(which, msg),
+                    None => return,
+                },
+                _ = tick.tick() => driver.collect().await,
+            }
+            driver.allocate_pending().await;
+            let synced = driver.expected.iter().all(|f| driver.synced.contains(f));
+            let diff = driver.engine.commit();
+            publisher.publish(&driver.engine, diff, driver.errors.clone(), synced);
+            if publisher.is_closed() {
+                return;
+            }
+        }
+    });
+    (sub, task)
+}
+
+struct Driver {
+    cfg: KubeConfig,
+    engine: Engine,
+    ids: Api<MeshIdentity>,
+    known: HashMap<Feed, BTreeSet<ObjectKey>>,
+    init: HashMap<Feed, Vec<Item>>,
+    synced: BTreeSet<Feed>,
+    expected: BTreeSet<Feed>,
+    identity_objects: BTreeMap<u32, LabelSet>,
+    errors: Vec<String>,
+}
+
+impl Driver {
+    fn handle(&mut self, which: Feed, msg: Msg) {
+        match msg {
+            Msg::Init => {
+                self.init.insert(which, Vec::new());
+            }
+            Msg::InitItem(item) => self.init.entry(which).or_default().push(item),
+            Msg::InitDone => {
+                let items = self.init.remove(&which).unwrap_or_default();
+                if which == Feed::Identities {
+                    let now: BTreeSet<u32> = items
+                        .iter()
+                        .filter_map(|i| match i {
+                            Item::Identity(Some((id, _)), _) => Some(*id),
+                            _ => None,
+                        })
+                        .collect();
+                    let gone: Vec<u32> = self
+                        .identity_objects
+                        .keys()
+                        .filter(|id| !now.contains(id))
+                        .copied()
+                        .collect();
+                    for id in gone {
+                        self.identity_removed(id);
+                    }
+                } else {
+                    let now: BTreeSet<ObjectKey> = items.iter().filter_map(Item::key).collect();
+                    let gone: Vec<ObjectKey> = self
+                        .known
+                        .get(&which)
+                        .into_iter()
+                        .flatten()
+                        .filter(|k| !now.contains(k))
+                        .cloned()
+                        .collect();
+                    for k in gone {
+                        self.delete(which, k);
+                    }
+                }
+                // Namespaces before pods matters little here: a namespace
+                // update re-derives its pods' identities.
+                for item in items {
+                    self.apply(which, item);
+                }
+                self.synced.insert(which);
+            }
+            Msg::Apply(item) => self.apply(which, item),
+            Msg::Delete(item) => match item {
+                Item::Identity(Some((id, _)), _) => self.identity_removed(id),
+                Item::Identity(None, _) => {}
+                other => {
+                    if let Some(k) = other.key() {
+                        self.delete(which, k);
+                    }
+                }
+            },
+            Msg::Error(e) => {
+                tracing::warn!(feed = ?which, error = %e, "watch failed; retrying with backoff and relisting");
+            }
+        }
+    }
+
+    fn apply(&mut self, which: Feed, item: Item) {
+        let result = match item {
+            Item::Identity(Some((id, labels)), _) => {
+                self.identity_objects.insert(id, labels.clone());
+                self.engine.identity_allocated(id, labels)
+            }
+            Item::Identity(None, name) => {
+                tracing::warn!(
+                    name,
+                    "ignoring MeshIdentity whose name is not a number or whose labels are not canonical"
+                );
+                Ok(())
+            }
+            Item::Object(Ok(o)) => {
+                self.known.entry(which).or_default().insert(o.key());
+                self.engine.apply(Change::Upsert(o))
+            }
+            Item::Object(Err((k, e))) => {
+                tracing::warn!(object = %k, error = %e, "invalid object");
+                self.engine.apply(Change::Invalid(k, e))
+            }
+        };
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "applying a change failed");
+        }
+    }
+
+    fn delete(&mut self, which: Feed, key: ObjectKey) {
+        if let Some(set) = self.known.get_mut(&which) {
+            set.remove(&key);
+        }
+        if let Err(e) = self.engine.apply(Change::Delete(key)) {
+            tracing::warn!(error = %e, "applying a deletion failed");
+        }
+    }
+
+    fn identity_removed(&mut self, id: u32) {
+        let labels = self.identity_objects.remove(&id);
+        match self.engine.identity_deleted(id) {
+            Ok(true) => {}
+            Ok(false) => {
+                // Still in use here: put it back (create; a conflict means
+                // someone already did).
+                if let Some(l) = labels {
+                    self.identity_objects.insert(id, l.clone());
+                    let ids = self.ids.clone();
+                    tokio::spawn(async move {
+                        let _ = ids
+                            .create(&PostParams::default(), &identity_object(id, &l))
+                            .await;
+                    });
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "identity deletion"),
+        }
+    }
+
+    async fn allocate_pending(&mut self) {
+        if !self.synced.contains(&Feed::Identities) {
+            return;
+        }
+        for labels in self.engine.pending_identities() {
+            if let Err(e) = allocate(
+                &self.ids,
+                &mut self.engine,
+                &mut self.identity_objects,
+                &labels,
+            )
+            .await
+            {
+                tracing::warn!(error = %e, "identity allocation failed; will retry");
+                push_error(&mut self.errors, e.to_string());
+                return;
+            }
+        }
+    }
+
+    async fn collect(&mut self) {
+        let gone = self
+            .engine
+            .collect_identities(Instant::now(), self.cfg.identity_grace);
+        for (id, _) in gone {
+            self.identity_objects.remove(&id);
+            match self
+                .ids
+                .delete(&id.to_string(), &DeleteParams::default())
+                .await
+            {
+                Ok(_) => tracing::info!(identity = id, "collected unused identity"),
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(e) => tracing::warn!(identity = id, error = %e, "deleting unused identity"),
+            }
+        }
+    }
+}
+
+fn push_error(errors: &mut Vec<String>, e: String) {
+    errors.insert(0, e);
+    errors.truncate(16);
+}
+
+fn identity_object(id: u32, labels: &LabelSet) -> MeshIdentity {
+    MeshIdentity {
+        metadata: ObjectMeta {
+            name: Some(id.to_string()),
+            ..ObjectMeta::default()
+        },
+        spec: MeshIdentitySpec {
+            labels: labels.canonical().into_iter().collect(),
+        },
+    }
+}
+
+/// Creates MeshIdentity objects until one for `labels` exists (conflict-retry).
+pub async fn allocate(
+    api: &Api<MeshIdentity>,
+    engine: &mut Engine,
+    known: &mut BTreeMap<u32, LabelSet>,
+    labels: &LabelSet,
+) -> Result<u32, KubeError> {
+    for _ in 0..64 {
+        let mut id = engine.table().lowest_free()?;
+        while known.contains_key(&id) {
+            id += 1;
+        }
+        match api
+            .create(&PostParams::default(), &identity_object(id, labels))
+            .await
+        {
+            Ok(_) => {
+                known.insert(id, labels.clone());
+                engine.identity_allocated(id, labels.clone())?;
+                return Ok(id);
+            }
+            Err(kube::Error::Api(s)) if s.code == 409 => {
+                let existing = api
+                    .get(&id.to_string())
+                    .await
+                    .map_err(api_err(format!("get MeshIdentity {id}")))?;
+                match LabelSet::from_canonical(existing.spec.labels.iter().map(String::as_str)) {
+                    Ok(theirs) => {
+                        known.insert(id, theirs.clone());
+                        engine.identity_allocated(id, theirs.clone())?;
+                        if &theirs == labels {
+                            return Ok(id);
+                        }
+                    }
+                    Err(_) => {
+                        known.insert(id, LabelSet::default());
+                    }
+                }
+            }
+            Err(e) => return Err(api_err(format!("create MeshIdentity {id}"))(e)),
+        }
+    }
+    Err(KubeError::Conflicts(labels.clone()))
+}

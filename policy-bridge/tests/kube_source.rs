@@ -1,0 +1,390 @@
+//! The Kubernetes source against kube-rs's mock client (tower-test) backed
+//! by a small fake API server: initial list, watch events, a watch error
+//! and relist, deletion, CRDs not installed, and MeshIdentity allocation
+//! with a conflict.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::convert::Infallible;
+use std::pin::pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use http::{Method, Request, Response, StatusCode};
+use http_body::Frame;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use kube::Client;
+use kube::client::Body;
+use policy_bridge::source::kube::{KubeConfig, spawn};
+use policy_bridge::{Snapshot, Subscription};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+
+type RespBody = UnsyncBoxBody<Bytes, Infallible>;
+
+const PODS: &str = "/api/v1/pods";
+const NAMESPACES: &str = "/api/v1/namespaces";
+const NODES: &str = "/api/v1/nodes";
+const CNP: &str = "/apis/cilium.io/v2/ciliumnetworkpolicies";
+const CCNP: &str = "/apis/cilium.io/v2/ciliumclusterwidenetworkpolicies";
+const MAP: &str = "/apis/meshauth.io/v1alpha1/meshauthpolicies";
+const CMAP: &str = "/apis/meshauth.io/v1alpha1/clustermeshauthpolicies";
+const IDS: &str = "/apis/meshauth.io/v1alpha1/meshidentities";
+
+#[derive(Default)]
+struct Fake {
+    objects: HashMap<&'static str, BTreeMap<String, Value>>,
+    missing: HashSet<&'static str>,
+    watchers: HashMap<&'static str, Vec<mpsc::UnboundedSender<Bytes>>>,
+    rv: u64,
+    /// Names whose first create answers 409 after "another node" created them with these labels.
+    race: HashMap<String, Vec<String>>,
+    creates: Vec<String>,
+}
+
+fn obj_key(v: &Value) -> String {
+    let ns = v
+        .pointer("/metadata/namespace")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    let name = v
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    format!("{ns}/{name}")
+}
+
+fn status(code: u16, reason: &str) -> Value {
+    json!({"kind":"Status","apiVersion":"v1","metadata":{},"status":"Failure","message":reason,"reason":reason,"code":code})
+}
+
+impl Fake {
+    fn collection(path: &str) -> Option<(&'static str, Option<String>)> {
+        for c in [PODS, NAMESPACES, NODES, CNP, CCNP, MAP, CMAP, IDS] {
+            if path == c {
+                return Some((c, None));
+            }
+            if let Some(rest) = path.strip_prefix(c).and_then(|r| r.strip_prefix('/')) {
+                return Some((c, Some(rest.to_string())));
+            }
+        }
+        None
+    }
+
+    fn put(&mut self, c: &'static str, mut v: Value, event: Option<&str>) {
+        self.rv += 1;
+        v["metadata"]["resourceVersion"] = json!(self.rv.to_string());
+        self.objects
+            .entry(c)
+            .or_default()
+            .insert(obj_key(&v), v.clone());
+        if let Some(t) = event {
+            self.send(c, json!({"type": t, "object": v}));
+        }
+    }
+
+    fn remove(&mut self, c: &'static str, key: &str, event: bool) {
+        self.rv += 1;
+        if let Some(mut v) = self.objects.entry(c).or_default().remove(key) {
+            if event {
+                v["metadata"]["resourceVersion"] = json!(self.rv.to_string());
+                self.send(c, json!({"type": "DELETED", "object": v}));
+            }
+        }
+    }
+
+    fn send(&mut self, c: &'static str, ev: Value) {
+        let line = Bytes::from(format!("{ev}\n"));
+        if let Some(ws) = self.watchers.get_mut(c) {
+            ws.retain(|w| w.send(line.clone()).is_ok());
+        }
+    }
+
+    /// Ends every watch on `c` with a 410 Gone error event.
+    fn expire_watches(&mut self, c: &'static str) {
+        self.send(
+            c,
+            json!({"type": "ERROR", "object": status(410, "Expired")}),
+        );
+        self.watchers.remove(c);
+    }
+
+    fn respond(
+        &mut self,
+        method: &Method,
+        path: &str,
+        query: &str,
+        body: &[u8],
+    ) -> Response<RespBody> {
+        let full = |code: u16, v: Value| {
+            Response::builder()
+                .status(StatusCode::from_u16(code).unwrap())
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from(v.to_string())).boxed_unsync())
+                .unwrap()
+        };
+        let Some((c, name)) = Self::collection(path) else {
+            return full(404, status(404, "NotFound"));
+        };
+        if self.missing.contains(c) {
+            return full(404, status(404, "NotFound"));
+        }
+        match (method.as_str(), name) {
+            ("GET", None) if query.contains("watch=true") => {
+                let (tx, rx) = mpsc::unbounded_channel();
+                self.watchers.entry(c).or_default().push(tx);
+                let stream =
+                    UnboundedReceiverStream::new(rx).map(|b| Ok::<_, Infallible>(Frame::data(b)));
+                Response::builder()
+                    .status(200)
+                    .body(StreamBody::new(stream).boxed_unsync())
+                    .unwrap()
+            }
+            ("GET", None) => {
+                let items: Vec<Value> = self
+                    .objects
+                    .get(c)
+                    .into_iter()
+                    .flat_map(|m| m.values().cloned())
+                    .collect();
+                full(
+                    200,
+                    json!({"apiVersion":"v1","kind":"List","metadata":{"resourceVersion": self.rv.to_string()},"items": items}),
+                )
+            }
+            ("GET", Some(n)) => match self.objects.get(c).and_then(|m| m.get(&format!("/{n}"))) {
+                Some(v) => full(200, v.clone()),
+                None => full(404, status(404, "NotFound")),
+            },
+            ("POST", None) => {
+                let v: Value = serde_json::from_slice(body).unwrap();
+                let name = v
+                    .pointer("/metadata/name")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_string();
+                self.creates.push(name.clone());
+                if let Some(labels) = self.race.remove(&name) {
+                    let theirs = json!({"apiVersion":"meshauth.io/v1alpha1","kind":"MeshIdentity","metadata":{"name": name},"spec":{"labels": labels}});
+                    self.put(c, theirs, Some("ADDED"));
+                }
+                if self
+                    .objects
+                    .get(c)
+                    .is_some_and(|m| m.contains_key(&obj_key(&v)))
+                {
+                    return full(409, status(409, "AlreadyExists"));
+                }
+                self.put(c, v.clone(), Some("ADDED"));
+                full(201, v)
+            }
+            ("DELETE", Some(n)) => {
+                self.remove(c, &format!("/{n}"), true);
+                full(200, status(200, "Success"))
+            }
+            _ => full(405, status(405, "MethodNotAllowed")),
+        }
+    }
+}
+
+fn serve(fake: Arc<Mutex<Fake>>) -> Client {
+    let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<RespBody>>();
+    tokio::spawn(async move {
+        let mut handle = pin!(handle);
+        while let Some((req, send)) = handle.next_request().await {
+            let (parts, body) = req.into_parts();
+            let bytes = body.collect_bytes().await.unwrap_or_default();
+            let resp = fake.lock().unwrap().respond(
+                &parts.method,
+                parts.uri.path(),
+                parts.uri.query().unwrap_or(""),
+                &bytes,
+            );
+            send.send_response(resp);
+        }
+    });
+    Client::new(svc, "default")
+}
+
+fn pod(name: &str, app: &str, ip: &str) -> Value {
+    json!({"apiVersion":"v1","kind":"Pod","metadata":{"name":name,"namespace":"production","labels":{"app":app}},
+        "spec":{"nodeName":"node-a","containers":[{"name":"c"}]},
+        "status":{"phase":"Running","podIP":ip,"podIPs":[{"ip":ip}]}})
+}
+
+fn cnp(port: &str) -> Value {
+    json!({"apiVersion":"cilium.io/v2","kind":"CiliumNetworkPolicy","metadata":{"name":"require-mutual-auth","namespace":"production"},
+        "spec":{"endpointSelector":{"matchLabels":{"app":"payment-service"}},
+            "ingress":[{"fromEndpoints":[{"matchLabels":{"app":"order-service"}}],"authentication":{"mode":"required"},
+                "toPorts":[{"ports":[{"port":port,"protocol":"TCP"}]}]}]}})
+}
+
+fn canonical(app: &str, sa: &str) -> Vec<String> {
+    let mut v = vec![
+        format!("k8s:app={app}"),
+        "k8s:io.cilium.k8s.namespace.labels.kubernetes.io/metadata.name=production".to_string(),
+        format!("k8s:io.cilium.k8s.policy.serviceaccount={sa}"),
+        "k8s:io.kubernetes.pod.namespace=production".to_string(),
+    ];
+    v.sort();
+    v
+}
+
+async fn wait_for(
+    sub: &mut Subscription,
+    what: &str,
+    pred: impl Fn(&Snapshot) -> bool,
+) -> Arc<Snapshot> {
+    let cur = sub.current();
+    if pred(&cur) {
+        return cur;
+    }
+    let fut = async {
+        loop {
+            let (s, _) = sub.next().await.expect("source stopped");
+            if pred(&s) {
+                return s;
+            }
+        }
+    };
+    match tokio::time::timeout(Duration::from_secs(15), fut).await {
+        Ok(s) => s,
+        Err(_) => panic!(
+            "timed out waiting for {what}; last snapshot: {:#?}",
+            sub.current()
+        ),
+    }
+}
+
+#[tokio::test]
+async fn list_watch_error_relist_delete() {
+    let fake = Arc::new(Mutex::new(Fake::default()));
+    {
+        let mut f = fake.lock().unwrap();
+        f.put(NAMESPACES, json!({"apiVersion":"v1","kind":"Namespace","metadata":{"name":"production","labels":{"kubernetes.io/metadata.name":"production"}}}), None);
+        f.put(NODES, json!({"apiVersion":"v1","kind":"Node","metadata":{"name":"node-a"},"status":{"addresses":[{"type":"InternalIP","address":"fd00::1"},{"type":"InternalIP","address":"192.168.0.1"}]}}), None);
+        f.put(PODS, pod("payment", "payment-service", "10.0.0.1"), None);
+        f.put(PODS, pod("order", "order-service", "10.0.0.2"), None);
+        f.put(CNP, cnp("8080"), None);
+        // A previous run allocated 256 for payment-service: it must be reused.
+        f.put(IDS, json!({"apiVersion":"meshauth.io/v1alpha1","kind":"MeshIdentity","metadata":{"name":"256"},"spec":{"labels": canonical("payment-service","default")}}), None);
+        // Another node grabs 257 for something else just as we create it.
+        f.race.insert("257".into(), canonical("other", "default"));
+        f.missing.insert(CCNP);
+        f.missing.insert(MAP);
+        f.objects.entry(CMAP).or_default();
+    }
+    let client = serve(fake.clone());
+    let (mut sub, task) = spawn(client, KubeConfig::default()).await;
+
+    // Initial list.
+    let s = wait_for(&mut sub, "initial sync with one rule", |s| {
+        s.synced && s.state.rules.len() == 1
+    })
+    .await;
+    let rule = *s.state.rules.iter().next().unwrap();
+    assert_eq!(
+        rule.local, 256,
+        "payment-service keeps its number across restarts"
+    );
+    assert_eq!(
+        rule.remote,
+        policy_bridge::Remote::Identity(258),
+        "257 was taken by another node"
+    );
+    assert_eq!(rule.ports, policy_bridge::PortRange::single(8080));
+    assert_eq!(
+        s.state.nodes["node-a"].handshake_addr.to_string(),
+        "192.168.0.1",
+        "IPv4 InternalIP preferred"
+    );
+    assert_eq!(
+        fake.lock().unwrap().creates,
+        vec!["257", "258"],
+        "conflict, then the next number"
+    );
+    assert_eq!(s.policies.len(), 1);
+
+    // Watch events: a pod added, the policy modified.
+    fake.lock().unwrap().put(
+        PODS,
+        pod("order-2", "order-service", "10.0.0.3"),
+        Some("ADDED"),
+    );
+    let s = wait_for(&mut sub, "order-2 endpoint", |s| {
+        s.state.endpoints.contains_key(&"10.0.0.3".parse().unwrap())
+    })
+    .await;
+    assert_eq!(
+        s.state.endpoints[&"10.0.0.3".parse().unwrap()].identity,
+        258
+    );
+    fake.lock().unwrap().put(CNP, cnp("9090"), Some("MODIFIED"));
+    wait_for(&mut sub, "rule on 9090", |s| {
+        s.state.rules.len() == 1 && s.state.rules.iter().all(|r| r.ports.start == 9090)
+    })
+    .await;
+
+    // A watch error: order-2 vanished while the watch was broken; the relist finds out.
+    {
+        let mut f = fake.lock().unwrap();
+        f.remove(PODS, "production/order-2", false);
+        f.expire_watches(PODS);
+    }
+    wait_for(&mut sub, "order-2 gone after relist", |s| {
+        !s.state.endpoints.contains_key(&"10.0.0.3".parse().unwrap())
+    })
+    .await;
+
+    // Deletion.
+    fake.lock()
+        .unwrap()
+        .remove(CNP, "production/require-mutual-auth", true);
+    let s = wait_for(&mut sub, "policy deleted", |s| {
+        s.state.rules.is_empty() && s.policies.is_empty()
+    })
+    .await;
+    assert_eq!(s.state.endpoints.len(), 2);
+    task.abort();
+}
+
+#[tokio::test]
+async fn malformed_policy_is_reported_not_fatal() {
+    let fake = Arc::new(Mutex::new(Fake::default()));
+    {
+        let mut f = fake.lock().unwrap();
+        for c in [PODS, NAMESPACES, NODES, IDS, CCNP, MAP, CMAP] {
+            f.objects.entry(c).or_default();
+        }
+        let mut bad = cnp("8080");
+        bad["metadata"]["name"] = json!("bad");
+        bad["spec"]["ingress"][0]["toPorts"][0]["ports"][0]["port"] = json!(["x"]);
+        f.put(CNP, bad, None);
+        f.put(CNP, cnp("8080"), None);
+    }
+    let (mut sub, task) = spawn(serve(fake), KubeConfig::default()).await;
+    let s = wait_for(&mut sub, "two statuses", |s| {
+        s.synced && s.policies.len() == 2
+    })
+    .await;
+    let bad = s.policies.iter().find(|p| p.name == "bad").unwrap();
+    assert_eq!(bad.verdict, policy_bridge::Verdict::Rejected);
+    assert!(
+        bad.errors[0]
+            .message
+            .contains("spec.ingress[0].toPorts[0].ports[0].port"),
+        "{bad:#?}"
+    );
+    let good = s
+        .policies
+        .iter()
+        .find(|p| p.name == "require-mutual-auth")
+        .unwrap();
+    assert_eq!(good.verdict, policy_bridge::Verdict::Accepted);
+    task.abort();
+}
