@@ -1,0 +1,120 @@
+//! The directory source and bad input: malformed YAML, wrong types and
+//! unknown kinds are errors naming the object and field path; a bad document
+//! does not lose state built from good ones; identities survive restarts.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{id_of, read};
+use policy_bridge::model::{ModelError, parse_documents};
+use policy_bridge::source::files::{FilesConfig, FilesSource, spawn};
+
+fn err_of(yaml: &str) -> ModelError {
+    let mut r = parse_documents(yaml, "t.yaml");
+    assert_eq!(r.len(), 1, "{r:?}");
+    r.remove(0).expect_err("should fail").error
+}
+
+#[test]
+fn bad_input_names_object_and_field() {
+    let e = err_of("apiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: n}\nspec: {containers: 3}\n");
+    let s = e.to_string();
+    assert!(s.contains("Pod n/p") && s.contains("field spec.containers"), "{s}");
+
+    let e = err_of(
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: x, namespace: n}\nspec:\n  ingress:\n  - toPorts:\n    - ports:\n      - port: [1]\n",
+    );
+    match &e {
+        ModelError::Field { object, path, .. } => {
+            assert!(object.starts_with("CiliumNetworkPolicy n/x"), "{object}");
+            assert_eq!(path, "spec.ingress[0].toPorts[0].ports[0].port");
+        }
+        other => panic!("{other:?}"),
+    }
+    let e = err_of(
+        "apiVersion: cilium.io/v2\nkind: CiliumClusterwideNetworkPolicy\nmetadata: {name: c}\nspecs:\n- endpointSelector:\n    matchExpressions: [{key: a, operator: Maybe}]\n",
+    );
+    assert!(e.to_string().contains("specs[0].endpointSelector.matchExpressions[0].operator"), "{e}");
+    let e = err_of("apiVersion: v1\nkind: Secret\nmetadata: {name: s}\n");
+    assert!(matches!(e, ModelError::UnknownKind { .. }), "{e:?}");
+    let e = err_of("apiVersion: v1\nkind: Pod\nmetadata: {name: [}\n");
+    assert!(matches!(e, ModelError::Yaml { .. }), "{e:?}");
+    let e = err_of("- just\n- a list\n");
+    assert!(e.to_string().contains("expected a mapping"), "{e}");
+    let e = err_of("apiVersion: meshauth.io/v1alpha1\nkind: MeshAuthPolicy\nmetadata: {name: m}\nspecs: []\n");
+    assert!(e.to_string().contains("field specs"), "{e}");
+}
+
+#[test]
+fn a_bad_document_keeps_the_good_state_and_reports() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("cluster.yaml"), read("tests/fixtures/cluster.yaml")).unwrap();
+    let policy = read("../deploy/examples/payment-requires-auth.yaml");
+    std::fs::write(dir.path().join("policy.yaml"), &policy).unwrap();
+    std::fs::write(dir.path().join("notes.txt"), "ignored").unwrap();
+    let mut cfg = FilesConfig::new(dir.path());
+    cfg.identity_file = Some(dir.path().join(".identities.json"));
+    let mut src = FilesSource::new(cfg.clone()).unwrap();
+    let d = src.sync().unwrap();
+    assert_eq!(d.rules_added.len(), 1);
+    assert!(src.errors().is_empty(), "{:?}", src.errors());
+    let pay = id_of(src.engine().state(), "production", "payment-service");
+
+    // The policy's file now holds a broken version plus a bad document.
+    let broken = policy.replace("port: \"8080\"", "port: [8080]") + "---\nkind: Nope\n";
+    std::fs::write(dir.path().join("policy.yaml"), broken).unwrap();
+    let d = src.sync().unwrap();
+    assert!(d.is_empty(), "the previous version stays in force: {d:?}");
+    assert_eq!(src.engine().state().rules.len(), 1);
+    assert_eq!(src.errors().len(), 2, "{:?}", src.errors());
+    let st = src.engine().status();
+    assert!(st[0].errors[0].message.contains("previous version stays in force"), "{st:#?}");
+
+    // Fixed: the error goes away. Removed: the rule goes away.
+    std::fs::write(dir.path().join("policy.yaml"), policy.replace("8080", "9090")).unwrap();
+    let d = src.sync().unwrap();
+    assert_eq!((d.rules_added.len(), d.rules_removed.len()), (1, 1));
+    assert!(src.errors().is_empty());
+    std::fs::remove_file(dir.path().join("policy.yaml")).unwrap();
+    let d = src.sync().unwrap();
+    assert_eq!(d.rules_removed.len(), 1);
+    assert!(src.engine().status().is_empty());
+
+    // Restart: identities come back from the state file.
+    let again = {
+        let mut s = FilesSource::new(cfg).unwrap();
+        s.sync().unwrap();
+        id_of(s.engine().state(), "production", "payment-service")
+    };
+    assert_eq!(again, pay);
+}
+
+#[tokio::test]
+async fn spawned_source_publishes_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("cluster.yaml"), read("tests/fixtures/cluster.yaml")).unwrap();
+    let mut cfg = FilesConfig::new(dir.path());
+    cfg.interval = Duration::from_millis(20);
+    let (mut sub, task) = spawn(cfg).unwrap();
+    let first = sub.current();
+    assert!(first.synced && first.state.rules.is_empty() && !first.state.endpoints.is_empty());
+    std::fs::write(dir.path().join("p.yaml"), read("../deploy/examples/payment-requires-auth.yaml")).unwrap();
+    // The first `next` yields the initial snapshot (diff from empty); then
+    // the policy arrives (possibly after a poll that saw a half-written file).
+    let (init, diff) = tokio::time::timeout(Duration::from_secs(10), sub.next()).await.unwrap().unwrap();
+    assert_eq!(diff.endpoints_upserted.len(), init.state.endpoints.len());
+    let mut added = Vec::new();
+    let snap = loop {
+        let (snap, diff) = tokio::time::timeout(Duration::from_secs(10), sub.next()).await.unwrap().unwrap();
+        added.extend(diff.rules_added);
+        if !snap.state.rules.is_empty() {
+            break snap;
+        }
+    };
+    assert_eq!(added.len(), 1);
+    assert_eq!(snap.state.rules.len(), 1);
+    assert_eq!(snap.policies.len(), 1);
+    task.abort();
+    assert!(spawn(FilesConfig::new(dir.path().join("missing"))).is_err());
+}
