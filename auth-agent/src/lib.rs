@@ -1,5 +1,6 @@
 //! The meshauth node agent and its CLI.
 //!
+//! - [`config`]: the agent's configuration from flags, environment and file.
 //! - [`nodes`]: node names ↔ datapath node ids, persisted across restarts.
 //! - [`auth`]: the auth map behind a trait, and the auth manager.
 //! - [`datapath_sync`]: desired state into the ipcache and policy maps.
@@ -7,6 +8,7 @@
 //! - [`demo`]: `meshauth demo`.
 
 pub mod auth;
+pub mod config;
 pub mod datapath_sync;
 pub mod demo;
 pub mod handshake;
