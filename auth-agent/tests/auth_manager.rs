@@ -1,7 +1,9 @@
 //! The auth manager's logic under paused tokio time, with an in-memory auth
 //! store and a scripted authenticator.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+mod common;
+
+use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -151,56 +153,20 @@ impl AuthStore for Recording {
     }
 }
 
-fn node(name: &str, ip: &str) -> (String, NodeInfo) {
-    let addr: IpAddr = ip.parse().unwrap();
-    (
-        name.into(),
-        NodeInfo {
-            name: name.into(),
-            handshake_addr: addr,
-            addresses: BTreeSet::from([addr]),
-            wireguard_key: None,
-        },
-    )
-}
-
 /// Node a (local) runs 256; node b runs 257 and 258; 256 must authenticate
 /// with 257 and 258.
 fn state() -> DesiredState {
-    let mut d = DesiredState {
-        nodes: BTreeMap::from([node("a", "10.1.0.1"), node("b", "10.1.0.2")]),
-        ..DesiredState::default()
-    };
-    for (ip, id, n) in [
-        ("10.2.0.1", 256, "a"),
-        ("10.2.1.1", 257, "b"),
-        ("10.2.1.2", 258, "b"),
-    ] {
-        d.identities.insert(
-            id,
-            Identity {
-                id,
-                labels: BTreeSet::from([format!("k8s:app=x{id}")]),
-            },
-        );
-        d.endpoints.insert(
-            ip.parse().unwrap(),
-            Endpoint {
-                ip: ip.parse().unwrap(),
-                identity: id,
-                node: n.into(),
-                pod: format!("ns/p{id}"),
-            },
-        );
-    }
+    let mut d = common::state_of(
+        &[("a", "10.1.0.1"), ("b", "10.1.0.2")],
+        &[
+            ("10.2.0.1", 256, "a"),
+            ("10.2.1.1", 257, "b"),
+            ("10.2.1.2", 258, "b"),
+        ],
+    );
     for r in [257, 258] {
-        d.rules.insert(AuthRule {
-            local: 256,
-            remote: Remote::Identity(r),
-            direction: Direction::Egress,
-            protocol: Protocol::Tcp,
-            ports: PortRange::single(8080),
-        });
+        d.rules
+            .insert(common::rule(256, r, Direction::Egress, 8080));
     }
     d
 }

@@ -2,8 +2,8 @@
 //! in the kernel map with the handshake's expiry, are read back by a new
 //! manager after a restart, and are removed when no longer required.
 
-use std::collections::BTreeSet;
-use std::net::IpAddr;
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -16,9 +16,7 @@ use auth_ebpf::testing::TestPinDir;
 use auth_ebpf::{Datapath, LoadOptions};
 use futures::FutureExt as _;
 use futures::future::BoxFuture;
-use policy_bridge::{
-    AuthRule, DesiredState, Direction, Endpoint, Identity, NodeInfo, PortRange, Protocol, Remote,
-};
+use policy_bridge::{DesiredState, Direction, NodeInfo};
 use svid_cache::SystemClock;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -46,45 +44,13 @@ impl Authenticator for Fixed {
 }
 
 fn state(with_rule: bool) -> DesiredState {
-    let mut d = DesiredState::default();
-    for (name, ip) in [("a", "10.9.0.1"), ("b", "10.9.0.2")] {
-        let addr: IpAddr = ip.parse().unwrap();
-        d.nodes.insert(
-            name.into(),
-            NodeInfo {
-                name: name.into(),
-                handshake_addr: addr,
-                addresses: BTreeSet::from([addr]),
-                wireguard_key: None,
-            },
-        );
-    }
-    for (ip, id, n) in [("10.9.1.1", 256u32, "a"), ("10.9.2.1", 257, "b")] {
-        d.identities.insert(
-            id,
-            Identity {
-                id,
-                labels: BTreeSet::new(),
-            },
-        );
-        d.endpoints.insert(
-            ip.parse().unwrap(),
-            Endpoint {
-                ip: ip.parse().unwrap(),
-                identity: id,
-                node: n.into(),
-                pod: format!("ns/{id}"),
-            },
-        );
-    }
+    let mut d = common::state_of(
+        &[("a", "10.9.0.1"), ("b", "10.9.0.2")],
+        &[("10.9.1.1", 256, "a"), ("10.9.2.1", 257, "b")],
+    );
     if with_rule {
-        d.rules.insert(AuthRule {
-            local: 256,
-            remote: Remote::Identity(257),
-            direction: Direction::Ingress,
-            protocol: Protocol::Tcp,
-            ports: PortRange::single(8080),
-        });
+        d.rules
+            .insert(common::rule(256, 257, Direction::Ingress, 8080));
     }
     d
 }

@@ -1,6 +1,7 @@
 //! Desired state into the real pinned ipcache and policy maps (root).
 
-use std::collections::BTreeSet;
+mod common;
+
 use std::net::IpAddr;
 
 use auth_agent::datapath_sync::{DatapathSync, policy_for};
@@ -10,47 +11,18 @@ use auth_ebpf::maps::policy::PolicyMap;
 use auth_ebpf::testing::TestPinDir;
 use auth_ebpf::types::Direction as DpDirection;
 use auth_ebpf::{Datapath, LoadOptions};
-use policy_bridge::{
-    AuthRule, DesiredState, Direction, Endpoint, Identity, NodeInfo, PortRange, Protocol, Remote,
-};
+use policy_bridge::{AuthRule, DesiredState, Direction, PortRange, Protocol, Remote};
 
 fn state() -> DesiredState {
-    let mut d = DesiredState::default();
-    for (name, ip) in [("a", "10.8.0.1"), ("b", "10.8.0.2")] {
-        let addr: IpAddr = ip.parse().unwrap();
-        d.nodes.insert(
-            name.into(),
-            NodeInfo {
-                name: name.into(),
-                handshake_addr: addr,
-                addresses: BTreeSet::from([addr]),
-                wireguard_key: None,
-            },
-        );
-    }
-    for (ip, id, n) in [
-        ("10.8.1.1", 256u32, "a"),
-        ("fd00:8::1", 256, "a"),
-        ("10.8.2.1", 257, "b"),
-        ("10.8.2.2", 258, "b"),
-    ] {
-        d.identities.insert(
-            id,
-            Identity {
-                id,
-                labels: BTreeSet::new(),
-            },
-        );
-        d.endpoints.insert(
-            ip.parse().unwrap(),
-            Endpoint {
-                ip: ip.parse().unwrap(),
-                identity: id,
-                node: n.into(),
-                pod: format!("ns/{id}"),
-            },
-        );
-    }
+    let mut d = common::state_of(
+        &[("a", "10.8.0.1"), ("b", "10.8.0.2")],
+        &[
+            ("10.8.1.1", 256, "a"),
+            ("fd00:8::1", 256, "a"),
+            ("10.8.2.1", 257, "b"),
+            ("10.8.2.2", 258, "b"),
+        ],
+    );
     // 256 (on a) requires auth from 257 on 8080-8082/TCP; 257 (on b) from
     // any cluster identity on any port; 258 has no endpoint on a.
     d.rules.insert(AuthRule {
