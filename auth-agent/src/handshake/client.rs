@@ -178,7 +178,10 @@ impl HandshakeClient {
                 .peer_certificates()
                 .and_then(|c| c.first())
                 .and_then(|leaf| super::verified_leaf(td, leaf))
-                .ok_or(HandshakeError::Tls(rustls::Error::NoCertificatesPresented))?;
+                .ok_or(HandshakeError::Tls {
+                    stage: "reading the server certificate",
+                    source: rustls::Error::NoCertificatesPresented,
+                })?;
             protocol::write(
                 &mut tls,
                 &Message::Hello(Hello {

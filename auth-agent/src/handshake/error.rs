@@ -93,8 +93,14 @@ pub enum HandshakeError {
         alert: AlertDescription,
     },
     /// Any other TLS failure (garbage instead of TLS, bad record, …).
-    #[error("TLS: {0}")]
-    Tls(#[source] rustls::Error),
+    #[error("{stage}: TLS: {source}")]
+    Tls {
+        /// Where (`reading the ClientHello`, `TLS handshake`, …).
+        stage: &'static str,
+        /// rustls' error.
+        #[source]
+        source: rustls::Error,
+    },
     /// Reading or writing the connection failed (reset, closed mid-handshake).
     #[error("{stage}: {source}")]
     Io {
@@ -175,7 +181,7 @@ impl HandshakeError {
             Self::UnknownPeerAddress { .. } => "unknown_peer_address",
             Self::AlpnMismatch { .. } => "alpn_mismatch",
             Self::PeerAlert { alert } => alert_label(*alert),
-            Self::Tls(_) => "tls",
+            Self::Tls { .. } => "tls",
             Self::Io { .. } => "io",
             Self::Message(p) => p.label(),
             Self::IdentityMismatch { .. } => "message_identity_mismatch",
@@ -189,7 +195,7 @@ impl HandshakeError {
     }
 
     /// Classifies a rustls error seen on our side of the handshake.
-    pub(crate) fn from_rustls(err: rustls::Error) -> Self {
+    pub(crate) fn from_rustls(stage: &'static str, err: rustls::Error) -> Self {
         if let Some(v) = VerifyError::from_rustls(&err) {
             return Self::PeerCertificate(v.clone());
         }
@@ -204,11 +210,17 @@ impl HandshakeError {
                         reason: format!("{p:?}"),
                     }
                 }
-                other => Self::Tls(rustls::Error::PeerIncompatible(other)),
+                other => Self::Tls {
+                    stage,
+                    source: rustls::Error::PeerIncompatible(other),
+                },
             },
             rustls::Error::AlertReceived(alert) => Self::PeerAlert { alert },
             rustls::Error::NoApplicationProtocol => Self::AlpnMismatch { got: Vec::new() },
-            other => Self::Tls(other),
+            other => Self::Tls {
+                stage,
+                source: other,
+            },
         }
     }
 
@@ -218,7 +230,7 @@ impl HandshakeError {
             .get_ref()
             .and_then(|e| e.downcast_ref::<rustls::Error>())
         {
-            return Self::from_rustls(tls.clone());
+            return Self::from_rustls(stage, tls.clone());
         }
         Self::Io { stage, source: err }
     }

@@ -443,7 +443,7 @@ impl Shared {
             if !matches!(
                 e,
                 HandshakeError::Io { .. }
-                    | HandshakeError::Tls(_)
+                    | HandshakeError::Tls { .. }
                     | HandshakeError::PeerAlert { .. }
             ) {
                 let _ = protocol::write(
