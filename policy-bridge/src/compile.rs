@@ -457,7 +457,7 @@ pub fn parse_port(
     }
     let range = match end {
         None => PortRange::single(start),
-        Some(e) if e == 0 => PortRange::single(start),
+        Some(0) => PortRange::single(start),
         Some(e) if e >= i64::from(start) && e <= 65535 => PortRange {
             start,
             end: e as u16,

@@ -350,13 +350,13 @@ impl Engine {
             .map(|n| (n.label_set.clone(), n.identity))
             .unwrap_or_default();
         if old_ls != new_ls {
-            if let Some(ls) = &old_ls {
-                if let Some(set) = self.labels_pods.get_mut(ls) {
-                    set.remove(&key);
-                    if set.is_empty() {
-                        self.labels_pods.remove(ls);
-                        self.pending.remove(ls);
-                    }
+            if let Some(ls) = &old_ls
+                && let Some(set) = self.labels_pods.get_mut(ls)
+            {
+                set.remove(&key);
+                if set.is_empty() {
+                    self.labels_pods.remove(ls);
+                    self.pending.remove(ls);
                 }
             }
             if let Some(ls) = &new_ls {
@@ -716,15 +716,15 @@ impl Engine {
                 Some(ids) => pairs.extend(ids.iter().map(|&p| (id, Remote::Identity(p)))),
             }
         }
-        if let Some(ids) = peer_ids {
-            if ids.contains(&id) {
-                pairs.extend(
-                    locals
-                        .iter()
-                        .filter(|&&l| l != id)
-                        .map(|&l| (l, Remote::Identity(id))),
-                );
-            }
+        if let Some(ids) = peer_ids
+            && ids.contains(&id)
+        {
+            pairs.extend(
+                locals
+                    .iter()
+                    .filter(|&&l| l != id)
+                    .map(|&l| (l, Remote::Identity(id))),
+            );
         }
         let mut out = Vec::new();
         for (local, remote) in pairs {

@@ -125,10 +125,10 @@ impl IdentityTable {
         if id < FIRST_CLUSTER_IDENTITY {
             return Err(IdentityError::Reserved(id));
         }
-        if let Some(old) = self.by_id.insert(id, labels.clone()) {
-            if old != labels {
-                self.unlink(id, &old);
-            }
+        if let Some(old) = self.by_id.insert(id, labels.clone())
+            && old != labels
+        {
+            self.unlink(id, &old);
         }
         let effective = match self.by_labels.get(&labels) {
             Some(&cur) if cur < id => cur,

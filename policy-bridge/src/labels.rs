@@ -163,19 +163,19 @@ pub struct SelectorKey {
 impl SelectorKey {
     /// Parses `k8s:app`, `any:app`, `app`, `reserved:host`.
     pub fn parse(s: &str) -> Self {
-        if let Some((src, key)) = s.split_once(':') {
-            if SOURCES.contains(&src) {
-                let source = match src {
-                    "k8s" => Source::K8s,
-                    "any" => Source::Any,
-                    "reserved" => Source::Reserved,
-                    other => Source::Other(other.to_string()),
-                };
-                return Self {
-                    source,
-                    key: key.to_string(),
-                };
-            }
+        if let Some((src, key)) = s.split_once(':')
+            && SOURCES.contains(&src)
+        {
+            let source = match src {
+                "k8s" => Source::K8s,
+                "any" => Source::Any,
+                "reserved" => Source::Reserved,
+                other => Source::Other(other.to_string()),
+            };
+            return Self {
+                source,
+                key: key.to_string(),
+            };
         }
         Self {
             source: Source::Any,

@@ -29,3 +29,30 @@ pub use state::{
     StateDiff,
 };
 pub use status::{PolicyStatus, Verdict};
+
+/// Parses YAML text (any of the kinds read) and compiles it on its own: the
+/// desired state, every policy's status, and every document that could not
+/// be read. For `meshauth policy check`-style tooling and for fuzzing; never
+/// panics on any input.
+pub fn compile_text(text: &str, origin: &str) -> (DesiredState, Vec<PolicyStatus>, Vec<String>) {
+    let mut engine = Engine::new(EngineConfig::default(), identity::IdentityTable::new());
+    let mut errors = Vec::new();
+    for r in model::parse_documents(text, origin) {
+        let change = match r {
+            Ok(o) => Change::Upsert(o),
+            Err(inv) => {
+                errors.push(inv.error.to_string());
+                match inv.key {
+                    Some(k) => Change::Invalid(*k, inv.error),
+                    None => continue,
+                }
+            }
+        };
+        if let Err(e) = engine.apply(change) {
+            errors.push(e.to_string());
+        }
+    }
+    engine.commit();
+    let status = engine.status();
+    (engine.state().clone(), status, errors)
+}

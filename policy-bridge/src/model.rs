@@ -184,13 +184,13 @@ pub fn parse_documents(text: &str, origin: &str) -> Vec<Result<Object, Invalid>>
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Invalid {
     /// Kind, namespace and name, if the document got that far.
-    pub key: Option<ObjectKey>,
+    pub key: Option<Box<ObjectKey>>,
     /// What was wrong.
     pub error: ModelError,
 }
 
 fn parse_keyed(v: Value, origin: &str) -> Result<Object, Invalid> {
-    let key = key_of(&v);
+    let key = key_of(&v).map(Box::new);
     parse_value(v, origin).map_err(|error| Invalid { key, error })
 }
 
@@ -305,10 +305,11 @@ pub fn parse_value(mut v: Value, origin: &str) -> Result<Object, ModelError> {
         ObjectKind::Policy(p) => !p.is_clusterwide(),
     };
     // Like kubectl: a namespaced object without a namespace is in "default".
-    if namespaced && v.pointer("/metadata/namespace").is_none() {
-        if let Some(m) = v.get_mut("metadata").and_then(Value::as_object_mut) {
-            m.insert("namespace".into(), Value::String("default".into()));
-        }
+    if namespaced
+        && v.pointer("/metadata/namespace").is_none()
+        && let Some(m) = v.get_mut("metadata").and_then(Value::as_object_mut)
+    {
+        m.insert("namespace".into(), Value::String("default".into()));
     }
     let namespace = v
         .pointer("/metadata/namespace")

@@ -6,7 +6,10 @@ mod common;
 use kube::CustomResourceExt;
 use policy_bridge::model::crd::{ClusterMeshAuthPolicy, MeshAuthPolicy, MeshIdentity};
 
-fn check(file: &str, crd: k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition) {
+fn check(
+    file: &str,
+    crd: k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+) {
     let text = format!(
         "# Generated from policy-bridge's Rust types (tests/crds.rs); do not edit.\n{}",
         serde_norway::to_string(&crd).unwrap()
@@ -17,7 +20,11 @@ fn check(file: &str, crd: k8s_openapi::apiextensions_apiserver::pkg::apis::apiex
         std::fs::write(&path, &text).unwrap();
     }
     let on_disk = std::fs::read_to_string(&path).unwrap_or_default();
-    assert!(on_disk == text, "{} is stale; rerun with UPDATE_CRDS=1", path.display());
+    assert!(
+        on_disk == text,
+        "{} is stale; rerun with UPDATE_CRDS=1",
+        path.display()
+    );
 }
 
 #[test]

@@ -18,9 +18,14 @@ fn err_of(yaml: &str) -> ModelError {
 
 #[test]
 fn bad_input_names_object_and_field() {
-    let e = err_of("apiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: n}\nspec: {containers: 3}\n");
+    let e = err_of(
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: n}\nspec: {containers: 3}\n",
+    );
     let s = e.to_string();
-    assert!(s.contains("Pod n/p") && s.contains("field spec.containers"), "{s}");
+    assert!(
+        s.contains("Pod n/p") && s.contains("field spec.containers"),
+        "{s}"
+    );
 
     let e = err_of(
         "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: x, namespace: n}\nspec:\n  ingress:\n  - toPorts:\n    - ports:\n      - port: [1]\n",
@@ -35,21 +40,31 @@ fn bad_input_names_object_and_field() {
     let e = err_of(
         "apiVersion: cilium.io/v2\nkind: CiliumClusterwideNetworkPolicy\nmetadata: {name: c}\nspecs:\n- endpointSelector:\n    matchExpressions: [{key: a, operator: Maybe}]\n",
     );
-    assert!(e.to_string().contains("specs[0].endpointSelector.matchExpressions[0].operator"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("specs[0].endpointSelector.matchExpressions[0].operator"),
+        "{e}"
+    );
     let e = err_of("apiVersion: v1\nkind: Secret\nmetadata: {name: s}\n");
     assert!(matches!(e, ModelError::UnknownKind { .. }), "{e:?}");
     let e = err_of("apiVersion: v1\nkind: Pod\nmetadata: {name: [}\n");
     assert!(matches!(e, ModelError::Yaml { .. }), "{e:?}");
     let e = err_of("- just\n- a list\n");
     assert!(e.to_string().contains("expected a mapping"), "{e}");
-    let e = err_of("apiVersion: meshauth.io/v1alpha1\nkind: MeshAuthPolicy\nmetadata: {name: m}\nspecs: []\n");
+    let e = err_of(
+        "apiVersion: meshauth.io/v1alpha1\nkind: MeshAuthPolicy\nmetadata: {name: m}\nspecs: []\n",
+    );
     assert!(e.to_string().contains("field specs"), "{e}");
 }
 
 #[test]
 fn a_bad_document_keeps_the_good_state_and_reports() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("cluster.yaml"), read("tests/fixtures/cluster.yaml")).unwrap();
+    std::fs::write(
+        dir.path().join("cluster.yaml"),
+        read("tests/fixtures/cluster.yaml"),
+    )
+    .unwrap();
     let policy = read("../deploy/examples/payment-requires-auth.yaml");
     std::fs::write(dir.path().join("policy.yaml"), &policy).unwrap();
     std::fs::write(dir.path().join("notes.txt"), "ignored").unwrap();
@@ -69,10 +84,19 @@ fn a_bad_document_keeps_the_good_state_and_reports() {
     assert_eq!(src.engine().state().rules.len(), 1);
     assert_eq!(src.errors().len(), 2, "{:?}", src.errors());
     let st = src.engine().status();
-    assert!(st[0].errors[0].message.contains("previous version stays in force"), "{st:#?}");
+    assert!(
+        st[0].errors[0]
+            .message
+            .contains("previous version stays in force"),
+        "{st:#?}"
+    );
 
     // Fixed: the error goes away. Removed: the rule goes away.
-    std::fs::write(dir.path().join("policy.yaml"), policy.replace("8080", "9090")).unwrap();
+    std::fs::write(
+        dir.path().join("policy.yaml"),
+        policy.replace("8080", "9090"),
+    )
+    .unwrap();
     let d = src.sync().unwrap();
     assert_eq!((d.rules_added.len(), d.rules_removed.len()), (1, 1));
     assert!(src.errors().is_empty());
@@ -93,20 +117,34 @@ fn a_bad_document_keeps_the_good_state_and_reports() {
 #[tokio::test]
 async fn spawned_source_publishes_changes() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("cluster.yaml"), read("tests/fixtures/cluster.yaml")).unwrap();
+    std::fs::write(
+        dir.path().join("cluster.yaml"),
+        read("tests/fixtures/cluster.yaml"),
+    )
+    .unwrap();
     let mut cfg = FilesConfig::new(dir.path());
     cfg.interval = Duration::from_millis(20);
     let (mut sub, task) = spawn(cfg).unwrap();
     let first = sub.current();
     assert!(first.synced && first.state.rules.is_empty() && !first.state.endpoints.is_empty());
-    std::fs::write(dir.path().join("p.yaml"), read("../deploy/examples/payment-requires-auth.yaml")).unwrap();
+    std::fs::write(
+        dir.path().join("p.yaml"),
+        read("../deploy/examples/payment-requires-auth.yaml"),
+    )
+    .unwrap();
     // The first `next` yields the initial snapshot (diff from empty); then
     // the policy arrives (possibly after a poll that saw a half-written file).
-    let (init, diff) = tokio::time::timeout(Duration::from_secs(10), sub.next()).await.unwrap().unwrap();
+    let (init, diff) = tokio::time::timeout(Duration::from_secs(10), sub.next())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(diff.endpoints_upserted.len(), init.state.endpoints.len());
     let mut added = Vec::new();
     let snap = loop {
-        let (snap, diff) = tokio::time::timeout(Duration::from_secs(10), sub.next()).await.unwrap().unwrap();
+        let (snap, diff) = tokio::time::timeout(Duration::from_secs(10), sub.next())
+            .await
+            .unwrap()
+            .unwrap();
         added.extend(diff.rules_added);
         if !snap.state.rules.is_empty() {
             break snap;

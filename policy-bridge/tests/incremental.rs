@@ -12,7 +12,12 @@ use policy_bridge::{Change, DesiredState, Engine, EngineConfig, StateDiff};
 
 /// Rules with identity numbers replaced by label sets (numbers depend on allocation order).
 fn semantic(s: &DesiredState) -> BTreeSet<String> {
-    let name = |id: u32| s.identities.get(&id).map(|i| format!("{:?}", i.labels)).unwrap_or(format!("?{id}"));
+    let name = |id: u32| {
+        s.identities
+            .get(&id)
+            .map(|i| format!("{:?}", i.labels))
+            .unwrap_or(format!("?{id}"))
+    };
     s.rules
         .iter()
         .map(|r| {
@@ -20,7 +25,13 @@ fn semantic(s: &DesiredState) -> BTreeSet<String> {
                 policy_bridge::Remote::Identity(i) => name(i),
                 policy_bridge::Remote::AnyCluster => "any".into(),
             };
-            format!("{} {remote} {:?} {:?} {:?}", name(r.local), r.direction, r.protocol, r.ports)
+            format!(
+                "{} {remote} {:?} {:?} {:?}",
+                name(r.local),
+                r.direction,
+                r.protocol,
+                r.ports
+            )
         })
         .collect()
 }
@@ -79,15 +90,26 @@ fn policy(i: u64, r: &mut Rng) -> String {
     let b = apps[r.pick(4) as usize];
     let ns = ["x", "y"][r.pick(2) as usize];
     match r.pick(4) {
-        0 => format!("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: p{i}, namespace: {ns}}}\nspec:\n  endpointSelector: {{matchLabels: {{app: {a}}}}}\n  ingress:\n  - fromEndpoints: [{{matchLabels: {{app: {b}}}}}]\n    authentication: {{mode: required}}\n    toPorts: [{{ports: [{{port: \"80\", protocol: TCP}}]}}]\n"),
-        1 => format!("apiVersion: cilium.io/v2\nkind: CiliumClusterwideNetworkPolicy\nmetadata: {{name: p{i}}}\nspec:\n  endpointSelector: {{matchExpressions: [{{key: tier, operator: In, values: [front, back]}}]}}\n  egress:\n  - toEndpoints: [{{matchExpressions: [{{key: app, operator: NotIn, values: [{a}]}}]}}]\n    authentication: {{mode: required}}\n"),
-        2 => format!("apiVersion: meshauth.io/v1alpha1\nkind: ClusterMeshAuthPolicy\nmetadata: {{name: p{i}}}\nspec:\n  endpointSelector: {{matchLabels: {{io.cilium.k8s.namespace.labels.team: {b}}}}}\n  ingress:\n  - fromEndpoints: [{{}}]\n    authentication: {{mode: required}}\n"),
-        _ => format!("apiVersion: meshauth.io/v1alpha1\nkind: MeshAuthPolicy\nmetadata: {{name: p{i}, namespace: {ns}}}\nspec:\n  endpointSelector: {{}}\n  egress:\n  - toEndpoints: [{{matchLabels: {{tier: back}}}}, {{matchLabels: {{app: {b}, io.kubernetes.pod.namespace: y}}}}]\n    authentication: {{mode: required}}\n"),
+        0 => format!(
+            "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: p{i}, namespace: {ns}}}\nspec:\n  endpointSelector: {{matchLabels: {{app: {a}}}}}\n  ingress:\n  - fromEndpoints: [{{matchLabels: {{app: {b}}}}}]\n    authentication: {{mode: required}}\n    toPorts: [{{ports: [{{port: \"80\", protocol: TCP}}]}}]\n"
+        ),
+        1 => format!(
+            "apiVersion: cilium.io/v2\nkind: CiliumClusterwideNetworkPolicy\nmetadata: {{name: p{i}}}\nspec:\n  endpointSelector: {{matchExpressions: [{{key: tier, operator: In, values: [front, back]}}]}}\n  egress:\n  - toEndpoints: [{{matchExpressions: [{{key: app, operator: NotIn, values: [{a}]}}]}}]\n    authentication: {{mode: required}}\n"
+        ),
+        2 => format!(
+            "apiVersion: meshauth.io/v1alpha1\nkind: ClusterMeshAuthPolicy\nmetadata: {{name: p{i}}}\nspec:\n  endpointSelector: {{matchLabels: {{io.cilium.k8s.namespace.labels.team: {b}}}}}\n  ingress:\n  - fromEndpoints: [{{}}]\n    authentication: {{mode: required}}\n"
+        ),
+        _ => format!(
+            "apiVersion: meshauth.io/v1alpha1\nkind: MeshAuthPolicy\nmetadata: {{name: p{i}, namespace: {ns}}}\nspec:\n  endpointSelector: {{}}\n  egress:\n  - toEndpoints: [{{matchLabels: {{tier: back}}}}, {{matchLabels: {{app: {b}, io.kubernetes.pod.namespace: y}}}}]\n    authentication: {{mode: required}}\n"
+        ),
     }
 }
 
 fn objects(yaml: &str) -> Vec<policy_bridge::model::Object> {
-    parse_documents(yaml, "gen").into_iter().map(|r| r.unwrap()).collect()
+    parse_documents(yaml, "gen")
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect()
 }
 
 #[test]
@@ -103,13 +125,25 @@ fn incremental_matches_from_scratch() {
             0..=4 => {
                 let n = rng.pick(30);
                 let ns = ["x", "y"][(n % 2) as usize];
-                let y = pod(ns, &format!("pod{n}"), ["a", "b", "c", "d"][rng.pick(4) as usize], ["front", "back", "db"][rng.pick(3) as usize], n, rng.pick(5) != 0);
+                let y = pod(
+                    ns,
+                    &format!("pod{n}"),
+                    ["a", "b", "c", "d"][rng.pick(4) as usize],
+                    ["front", "back", "db"][rng.pick(3) as usize],
+                    n,
+                    rng.pick(5) != 0,
+                );
                 Some((format!("pod{n}"), y))
             }
             5 => {
                 let ns = ["x", "y"][rng.pick(2) as usize];
                 let team = ["a", "b", "c"][rng.pick(3) as usize];
-                Some((format!("ns-{ns}"), format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}, labels: {{team: {team}}}}}\n")))
+                Some((
+                    format!("ns-{ns}"),
+                    format!(
+                        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}, labels: {{team: {team}}}}}\n"
+                    ),
+                ))
             }
             6..=7 => {
                 let i = rng.pick(12);
@@ -140,12 +174,31 @@ fn incremental_matches_from_scratch() {
         }
         let d = eng.commit();
         apply_diff(&mut mirror, &d);
-        assert_eq!(&mirror, eng.state(), "step {step}: the diff reproduces the state");
+        assert_eq!(
+            &mirror,
+            eng.state(),
+            "step {step}: the diff reproduces the state"
+        );
         let texts: Vec<&str> = current.values().map(String::as_str).collect();
         let fresh = common::engine_with(&texts);
-        assert_eq!(semantic(fresh.state()), semantic(eng.state()), "step {step}");
-        assert_eq!(fresh.state().endpoints.len(), eng.state().endpoints.len(), "step {step}");
-        assert_eq!(fresh.state().identities.len(), eng.state().identities.len(), "step {step}");
+        assert_eq!(
+            semantic(fresh.state()),
+            semantic(eng.state()),
+            "step {step}"
+        );
+        assert_eq!(
+            fresh.state().endpoints.len(),
+            eng.state().endpoints.len(),
+            "step {step}"
+        );
+        assert_eq!(
+            fresh.state().identities.len(),
+            eng.state().identities.len(),
+            "step {step}"
+        );
     }
-    assert!(!eng.state().rules.is_empty(), "the sequence exercised rules");
+    assert!(
+        !eng.state().rules.is_empty(),
+        "the sequence exercised rules"
+    );
 }

@@ -90,11 +90,11 @@ impl Fake {
 
     fn remove(&mut self, c: &'static str, key: &str, event: bool) {
         self.rv += 1;
-        if let Some(mut v) = self.objects.entry(c).or_default().remove(key) {
-            if event {
-                v["metadata"]["resourceVersion"] = json!(self.rv.to_string());
-                self.send(c, json!({"type": "DELETED", "object": v}));
-            }
+        if let Some(mut v) = self.objects.entry(c).or_default().remove(key)
+            && event
+        {
+            v["metadata"]["resourceVersion"] = json!(self.rv.to_string());
+            self.send(c, json!({"type": "DELETED", "object": v}));
         }
     }
 

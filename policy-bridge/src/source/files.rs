@@ -185,10 +185,10 @@ impl FilesSource {
         if !gone.is_empty() {
             tracing::info!(count = gone.len(), "collected unused identities");
         }
-        if self.engine.take_table_dirty() {
-            if let Some(f) = &self.id_file {
-                f.save(self.engine.table())?;
-            }
+        if self.engine.take_table_dirty()
+            && let Some(f) = &self.id_file
+        {
+            f.save(self.engine.table())?;
         }
         self.errors = errors;
         Ok(self.engine.commit())
@@ -228,7 +228,7 @@ fn read_file(p: &Path, old: Option<FileEntry>) -> FileEntry {
                 failed = true;
                 entry.errors.push(inv.error.to_string());
                 if let Some(k) = inv.key {
-                    entry.invalid.insert(k, inv.error);
+                    entry.invalid.insert(*k, inv.error);
                 }
             }
         }
