@@ -36,7 +36,10 @@ const R: u32 = 257;
 const TD: &str = "meshauth.local";
 
 fn odt(t: SystemTime) -> time::OffsetDateTime {
-    let secs = t.duration_since(SystemTime::UNIX_EPOCH).expect("after 1970").as_secs();
+    let secs = t
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs();
     time::OffsetDateTime::from_unix_timestamp(secs as i64).expect("timestamp")
 }
 
@@ -47,7 +50,10 @@ fn caches() -> (SvidCache, SvidCache) {
     let mut p = CertificateParams::default();
     p.distinguished_name.push(DnType::CommonName, "bench CA");
     p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
+    p.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
     p.not_before = odt(now - Duration::from_secs(3600));
     p.not_after = odt(now + Duration::from_secs(86400));
     let ca = CertifiedIssuer::self_signed(p, KeyPair::generate().expect("key")).expect("CA");
@@ -58,8 +64,10 @@ fn caches() -> (SvidCache, SvidCache) {
         p.subject_alt_names = vec![SanType::URI(uri.as_str().try_into().expect("uri"))];
         p.is_ca = IsCa::ExplicitNoCa;
         p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        p.extended_key_usages =
-            vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        p.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
         p.not_before = odt(now - Duration::from_secs(60));
         p.not_after = odt(now + Duration::from_secs(3600));
         let cert = p.signed_by(&key, &ca).expect("sign");
@@ -96,14 +104,28 @@ fn node(name: &str, ip: IpAddr) -> NodeInfo {
 fn desired() -> DesiredState {
     let mut d = DesiredState::default();
     for (id, ip, n) in [(L, "10.0.1.1", "node-a"), (R, "10.0.2.1", "node-b")] {
-        d.identities.insert(id, Identity { id, labels: BTreeSet::new() });
+        d.identities.insert(
+            id,
+            Identity {
+                id,
+                labels: BTreeSet::new(),
+            },
+        );
         let ip: IpAddr = ip.parse().expect("ip");
         d.endpoints.insert(
             ip,
-            Endpoint { ip, identity: id, node: n.into(), pod: format!("default/w{id}") },
+            Endpoint {
+                ip,
+                identity: id,
+                node: n.into(),
+                pod: format!("default/w{id}"),
+            },
         );
     }
-    d.nodes = BTreeMap::from([("node-a".into(), node("node-a", A)), ("node-b".into(), node("node-b", B))]);
+    d.nodes = BTreeMap::from([
+        ("node-a".into(), node("node-a", A)),
+        ("node-b".into(), node("node-b", B)),
+    ]);
     d.rules.insert(AuthRule {
         local: R,
         remote: Remote::Identity(L),
@@ -128,7 +150,10 @@ fn openssl_speed() -> Option<(f64, f64)> {
         .ok()?;
     let text = String::from_utf8_lossy(&out.stdout);
     let line = text.lines().find(|l| l.contains("ecdsa (nistp256)"))?;
-    let nums: Vec<f64> = line.split_whitespace().filter_map(|w| w.parse().ok()).collect();
+    let nums: Vec<f64> = line
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
     // "256 bits ecdsa (nistp256)   0.0000s   0.0001s  40000.0  13000.0"
     match nums.as_slice() {
         [.., sign, verify] => Some((*sign, *verify)),
@@ -137,8 +162,14 @@ fn openssl_speed() -> Option<(f64, f64)> {
 }
 
 fn main() {
-    let n: usize = std::env::var("HANDSHAKES").ok().and_then(|v| v.parse().ok()).unwrap_or(3000);
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let n: usize = std::env::var("HANDSHAKES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3000);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
     let (seq, conc, conc_n, conc_took) = rt.block_on(async {
         let (cache_a, cache_b) = caches();
         let d = desired();
@@ -148,7 +179,9 @@ fn main() {
         let store = Arc::new(MemoryAuthStore::default());
         let mut opts = ServerOptions::new(SocketAddr::new(B, 0), cache_b, nodes, rx, store);
         opts.max_concurrent = 1024;
-        let server = HandshakeServer::bind(opts, Metrics::default()).await.expect("bind");
+        let server = HandshakeServer::bind(opts, Metrics::default())
+            .await
+            .expect("bind");
         let port = server.local_addr().port();
         let shutdown = CancellationToken::new();
         let task = server.spawn(shutdown.clone());
@@ -159,7 +192,10 @@ fn main() {
         let peer = d.nodes["node-b"].clone();
 
         for _ in 0..200 {
-            client.handshake(L, R, &peer).await.expect("warm-up handshake");
+            client
+                .handshake(L, R, &peer)
+                .await
+                .expect("warm-up handshake");
         }
         let mut lat = Vec::with_capacity(n);
         let t0 = Instant::now();
@@ -202,7 +238,9 @@ fn main() {
     let conc_rate = conc_n as f64 / conc_took.as_secs_f64();
     let us = |d: Duration| d.as_secs_f64() * 1e6;
 
-    println!("meshauth/1 full mutual handshakes, one core (current-thread runtime, client + server in one process, loopback, P-256 SVIDs)");
+    println!(
+        "meshauth/1 full mutual handshakes, one core (current-thread runtime, client + server in one process, loopback, P-256 SVIDs)"
+    );
     println!();
     println!("| run | handshakes | handshakes/s | p50 | p99 |");
     println!("| --- | ---: | ---: | ---: | ---: |");
@@ -226,8 +264,12 @@ fn main() {
             let four = 1.0 / (2.0 / sign + 4.0 / verify);
             println!("| openssl speed ecdsap256 | | sign {sign:.0}/s, verify {verify:.0}/s | | |");
             println!("| ceiling: 2 signs + 2 verifies (ECDHE not counted) | | {two:.0} | | |");
-            println!("| ceiling: 2 signs + 4 verifies (CertificateVerify + chain, both sides) | | {four:.0} | | |");
+            println!(
+                "| ceiling: 2 signs + 4 verifies (CertificateVerify + chain, both sides) | | {four:.0} | | |"
+            );
         }
-        None => println!("| openssl speed ecdsap256 | unavailable (openssl not installed?) | | | |"),
+        None => {
+            println!("| openssl speed ecdsap256 | unavailable (openssl not installed?) | | | |")
+        }
     }
 }
