@@ -165,6 +165,8 @@ struct Inner {
     events: broadcast::Sender<Arc<CacheChanges>>,
     generation: watch::Sender<u64>,
     expiry_changed: Notify,
+    /// Peer chains already verified against the current bundle.
+    paths: crate::verify::PathCache,
 }
 
 #[derive(Debug, Default)]
@@ -192,6 +194,7 @@ impl SvidCache {
                 events,
                 generation: watch::Sender::new(0),
                 expiry_changed: Notify::new(),
+                paths: crate::verify::PathCache::default(),
             }),
         }
     }
@@ -235,6 +238,11 @@ impl SvidCache {
     /// The trust bundle, once one has arrived.
     pub fn bundle(&self) -> Option<Arc<TrustBundle>> {
         self.read().bundle.clone()
+    }
+
+    /// The verified-chain cache the TLS verifiers share.
+    pub(crate) fn path_cache(&self) -> &crate::verify::PathCache {
+        &self.inner.paths
     }
 
     /// Identities holding an unexpired SVID, sorted.

@@ -16,9 +16,7 @@ use rustls::{
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
 use crate::cache::SvidCache;
-use crate::verify::{
-    Expectation, ExpectedIdentity, PeerRole, VerifiedPeer, VerifyError, verify_peer,
-};
+use crate::verify::{Expectation, ExpectedIdentity, PeerRole, VerifiedPeer, VerifyError};
 
 /// Errors from building TLS configurations.
 #[derive(Debug, thiserror::Error)]
@@ -168,7 +166,9 @@ fn verify_with_cache(
     let bundle = cache.bundle().ok_or_else(|| VerifyError::NoTrustBundle {
         trust_domain: cache.trust_domain().to_string(),
     })?;
-    let result = verify_peer(chain, &bundle, cache.clock().now(), expect);
+    let result = cache
+        .path_cache()
+        .verify(chain, &bundle, cache.clock().now(), expect);
     if let Err(e) = &result {
         tracing::info!(reason = e.label(), error = %e, "peer certificate rejected");
     }

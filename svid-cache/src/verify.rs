@@ -471,3 +471,119 @@ pub(crate) fn to_system_time(unix_secs: i64) -> SystemTime {
         SystemTime::UNIX_EPOCH - Duration::from_secs(unix_secs.unsigned_abs())
     }
 }
+
+/// Remembers chains that passed [`check_chain`] against a bundle, so a
+/// handshake with a peer whose SVID was already verified skips the chain's
+/// signature checks (two of the four ECDSA verifications in a mutual
+/// handshake). Keyed by the SHA-256 of the exact chain bytes, the peer role,
+/// and the bundle instance; a hit is used only while the leaf and every
+/// bundle authority are within their validity periods at `now` — anything
+/// else (expiry, a new bundle, another chain) takes the full check, which
+/// also produces the precise error.
+#[derive(Debug, Default)]
+pub(crate) struct PathCache {
+    entries: std::sync::Mutex<std::collections::HashMap<([u8; 32], bool), CachedPath>>,
+}
+
+#[derive(Debug)]
+struct CachedPath {
+    bundle: std::sync::Arc<TrustBundle>,
+    leaf: LeafInfo,
+    /// The earliest NotAfter among the leaf and the bundle's authorities.
+    valid_until: SystemTime,
+}
+
+/// Most chains remembered; the cache starts afresh when full.
+const PATH_CACHE_MAX: usize = 4096;
+
+impl PathCache {
+    /// [`verify_peer`] with the signature checks of a known chain skipped.
+    pub(crate) fn verify(
+        &self,
+        chain: &[CertificateDer<'_>],
+        bundle: &std::sync::Arc<TrustBundle>,
+        now: SystemTime,
+        expect: &Expectation,
+    ) -> Result<VerifiedPeer, VerifyError> {
+        let key = (chain_digest(chain), expect.role == PeerRole::Server);
+        let hit = {
+            let map = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+            map.get(&key).and_then(|c| {
+                (std::sync::Arc::ptr_eq(&c.bundle, bundle)
+                    && now >= c.leaf.not_before
+                    && now < c.valid_until)
+                    .then(|| (c.leaf.identity, c.leaf.spiffe_id.clone(), c.leaf.not_after))
+            })
+        };
+        let (identity, spiffe_id, not_after) = match hit {
+            Some(h) => h,
+            None => {
+                let usage = match expect.role {
+                    PeerRole::Server => KeyUsage::server_auth(),
+                    PeerRole::Client => KeyUsage::client_auth(),
+                };
+                let leaf = check_chain(
+                    chain,
+                    bundle.trust_domain(),
+                    Some(bundle),
+                    now,
+                    TimePolicy::Strict,
+                    usage,
+                )?;
+                let out = (leaf.identity, leaf.spiffe_id.clone(), leaf.not_after);
+                let valid_until = bundle
+                    .authorities()
+                    .iter()
+                    .filter_map(|a| x509_parser::parse_x509_certificate(a.as_ref()).ok())
+                    .map(|(_, c)| {
+                        SystemTime::UNIX_EPOCH
+                            + std::time::Duration::from_secs(
+                                c.validity().not_after.timestamp().max(0) as u64,
+                            )
+                    })
+                    .fold(leaf.not_after, std::cmp::min);
+                let mut map = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+                if map.len() >= PATH_CACHE_MAX {
+                    map.clear();
+                }
+                map.insert(
+                    key,
+                    CachedPath {
+                        bundle: bundle.clone(),
+                        leaf,
+                        valid_until,
+                    },
+                );
+                out
+            }
+        };
+        match &expect.identity {
+            ExpectedIdentity::Exact(n) if *n != identity => {
+                return Err(VerifyError::UnexpectedIdentity {
+                    expected: *n,
+                    actual: identity,
+                });
+            }
+            ExpectedIdentity::Known(known) if !known(identity) => {
+                return Err(VerifyError::UnknownIdentity { identity });
+            }
+            _ => {}
+        }
+        Ok(VerifiedPeer {
+            identity,
+            spiffe_id,
+            not_after,
+        })
+    }
+}
+
+fn chain_digest(chain: &[CertificateDer<'_>]) -> [u8; 32] {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    for c in chain {
+        ctx.update(&(c.as_ref().len() as u64).to_be_bytes());
+        ctx.update(c.as_ref());
+    }
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ctx.finish().as_ref());
+    out
+}

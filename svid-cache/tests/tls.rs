@@ -260,3 +260,66 @@ async fn an_expired_local_svid_is_not_presented() {
     assert!(matches!(side, Side::Server));
     assert_eq!(e, rustls::Error::NoCertificatesPresented);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_remembered_chain_still_expires_and_follows_the_bundle() {
+    use rustls::client::danger::ServerCertVerifier as _;
+    use svid_cache::SpiffeServerVerifier;
+
+    let now = base_time();
+    let root = Ca::root("root");
+    let cache = node(now, &[&root], &[&root.svid(300, now, 3 * HOUR)]);
+    let peer = root.svid(400, now, HOUR);
+    let name = ServerName::try_from("400.meshauth.local").unwrap();
+    let unix = rustls_pki_types::UnixTime::now();
+    let verify = |expected: u32| {
+        SpiffeServerVerifier::new(cache.clone(), expected).verify_server_cert(
+            &peer.chain[0],
+            &peer.chain[1..],
+            &name,
+            &[],
+            unix,
+        )
+    };
+    // Verified, then verified again (the second time from the remembered chain).
+    verify(400).expect("first verification");
+    verify(400).expect("second verification");
+    // The identity is still checked on a remembered chain.
+    let e = verify(401).unwrap_err();
+    assert!(
+        matches!(
+            verify_error(&Side::Client, &e),
+            VerifyError::UnexpectedIdentity {
+                expected: 401,
+                actual: 400
+            }
+        ),
+        "{e:?}"
+    );
+    // Past the leaf's NotAfter the remembered chain does not count.
+    tokio::time::advance(HOUR + std::time::Duration::from_secs(60)).await;
+    let e = verify(400).unwrap_err();
+    assert!(
+        matches!(verify_error(&Side::Client, &e), VerifyError::Expired { .. }),
+        "{e:?}"
+    );
+    // A new bundle without the old root: the chain is checked again, and refused.
+    let fresh = root.svid(400, now + HOUR, HOUR);
+    let root2 = Ca::root("root2");
+    cache
+        .apply(Update {
+            svids: Some(vec![root2.svid(300, now + HOUR, HOUR).input()]),
+            bundle: Some(bundle(&[&root2])),
+        })
+        .unwrap();
+    let e = SpiffeServerVerifier::new(cache.clone(), 400)
+        .verify_server_cert(&fresh.chain[0], &fresh.chain[1..], &name, &[], unix)
+        .unwrap_err();
+    assert!(
+        matches!(
+            verify_error(&Side::Client, &e),
+            VerifyError::UntrustedChain { .. }
+        ),
+        "{e:?}"
+    );
+}
