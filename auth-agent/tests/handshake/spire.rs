@@ -18,10 +18,10 @@ use tokio_util::sync::CancellationToken;
 use super::certs::{Ca, HOUR, TD};
 use super::*;
 
-struct Cluster {
-    dev: SpireDev,
-    a: SvidCache,
-    b: SvidCache,
+pub(super) struct Cluster {
+    pub(super) dev: SpireDev,
+    pub(super) a: SvidCache,
+    pub(super) b: SvidCache,
     shutdown: CancellationToken,
     _dir: tempfile::TempDir,
 }
@@ -50,7 +50,7 @@ async fn wait_for(cache: &SvidCache, ids: &[u32], node: &str) {
 
 /// spire-dev with node-a (256) and node-b (257, 258); one cache per node,
 /// fed by that node's agent over the Workload API.
-async fn cluster() -> Cluster {
+pub(super) async fn cluster() -> Cluster {
     init_tracing();
     let dir = tempfile::Builder::new()
         .prefix("meshauth-handshake-")
@@ -100,7 +100,7 @@ async fn cluster() -> Cluster {
 }
 
 /// A port free on both 127.0.0.1 and 127.0.0.2.
-fn shared_port() -> u16 {
+pub(super) fn shared_port() -> u16 {
     for _ in 0..20 {
         let a = std::net::TcpListener::bind(SocketAddr::new(A_IP, 0)).expect("bind");
         let port = a.local_addr().expect("addr").port();
@@ -111,7 +111,7 @@ fn shared_port() -> u16 {
     panic!("no port free on both 127.0.0.1 and 127.0.0.2 after 20 tries");
 }
 
-fn not_after_of(dev: &SpireDev, node: &str, id: u32) -> SystemTime {
+pub(super) fn not_after_of(dev: &SpireDev, node: &str, id: u32) -> SystemTime {
     let want = format!("spiffe://{TD}/identity/{id}");
     let held = dev
         .agent(node)
