@@ -72,11 +72,20 @@ impl ResolvesClientCert for FixedClientCert {
     }
 }
 
+/// Client configs by (local, remote), each for the local SVID it presents.
+type ConfigCache = std::sync::Mutex<
+    std::collections::HashMap<(u32, u32), (Arc<svid_cache::Svid>, Arc<rustls::ClientConfig>)>,
+>;
+
+/// Most client configs kept; the cache starts afresh when full.
+const CONFIG_CACHE_MAX: usize = 4096;
+
 /// The `meshauth/1` initiator. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct HandshakeClient {
     opts: Arc<ClientOptions>,
     metrics: Metrics,
+    configs: Arc<ConfigCache>,
 }
 
 impl HandshakeClient {
@@ -85,7 +94,37 @@ impl HandshakeClient {
         Self {
             opts: Arc::new(opts),
             metrics,
+            configs: Arc::default(),
         }
+    }
+
+    /// The rustls config for (local, remote) presenting `own`: built once
+    /// and reused until the local SVID changes (the verifier reads the
+    /// bundle at handshake time, so it never goes stale).
+    fn config_for(
+        &self,
+        local: u32,
+        remote: u32,
+        own: &Arc<svid_cache::Svid>,
+    ) -> Result<Arc<rustls::ClientConfig>, HandshakeError> {
+        let mut configs = self.configs.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((svid, config)) = configs.get(&(local, remote))
+            && Arc::ptr_eq(svid, own)
+        {
+            return Ok(config.clone());
+        }
+        let cache = &self.opts.cache;
+        let mut config =
+            svid_cache::tls::client_config(cache, local, remote).map_err(HandshakeError::Config)?;
+        config.alpn_protocols = vec![ALPN.to_vec()];
+        config.resumption = Resumption::disabled();
+        config.client_auth_cert_resolver = Arc::new(FixedClientCert(own.certified_key().clone()));
+        let config = Arc::new(config);
+        if configs.len() >= CONFIG_CACHE_MAX {
+            configs.clear();
+        }
+        configs.insert((local, remote), (own.clone(), config.clone()));
+        Ok(config)
     }
 
     /// Authenticates `(local, remote)` with `node`'s agent.
@@ -143,11 +182,7 @@ impl HandshakeClient {
         let own = cache
             .get(local)
             .ok_or(HandshakeError::NoSvid { identity: local })?;
-        let mut config =
-            svid_cache::tls::client_config(cache, local, remote).map_err(HandshakeError::Config)?;
-        config.alpn_protocols = vec![ALPN.to_vec()];
-        config.resumption = Resumption::disabled();
-        config.client_auth_cert_resolver = Arc::new(FixedClientCert(own.certified_key().clone()));
+        let config = self.config_for(local, remote, &own)?;
         let sni = ServerName::try_from(cache.trust_domain().server_name(remote)).map_err(|e| {
             HandshakeError::UnknownSni {
                 sni: Some(format!("{}: {e}", cache.trust_domain().server_name(remote))),
@@ -160,7 +195,7 @@ impl HandshakeClient {
         let tcp = self.connect(addr).await?;
         let after = self.opts.handshake_timeout;
         let exchange = async {
-            let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+            let mut tls = tokio_rustls::TlsConnector::from(config)
                 .connect(sni, tcp)
                 .await
                 .map_err(|e| HandshakeError::from_io("TLS handshake", e))?;
