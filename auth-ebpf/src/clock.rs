@@ -77,3 +77,88 @@ mod tests {
         assert!(later < now + 11_000_000_000, "{later} vs {now}");
     }
 }
+
+/// `CLOCK_BOOTTIME − CLOCK_MONOTONIC` in nanoseconds: how long the machine
+/// has been suspended since boot. It only grows, and only across a suspend.
+pub fn suspended_ns() -> u64 {
+    let boot = boottime_now_ns();
+    let ts = clock_gettime(ClockId::Monotonic);
+    let mono = (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64;
+    boot.saturating_sub(mono)
+}
+
+/// Notices a suspend: the socket verdict cache keeps deadlines on the
+/// monotonic clock, which stands still while suspended, so after a resume
+/// every cached verdict must be dropped (the agent bumps the map
+/// generation). Feed it [`suspended_ns`] readings; it says when the
+/// suspended time grew by more than `tolerance` since the last reading.
+#[derive(Debug, Clone)]
+pub struct SuspendWatch {
+    last: u64,
+    tolerance_ns: u64,
+}
+
+impl SuspendWatch {
+    /// Starts from `reading`; growth up to `tolerance` is ignored (the two
+    /// clocks are read one after the other, a few µs apart).
+    pub fn new(reading: u64, tolerance: std::time::Duration) -> Self {
+        Self {
+            last: reading,
+            tolerance_ns: tolerance.as_nanos().min(u128::from(u64::MAX)) as u64,
+        }
+    }
+
+    /// True when the machine was suspended since the previous reading.
+    pub fn resumed(&mut self, reading: u64) -> bool {
+        let grew = reading.saturating_sub(self.last);
+        self.last = self.last.max(reading);
+        grew > self.tolerance_ns
+    }
+}
+
+/// Runs until aborted: every `every`, reads the suspended time and, after a
+/// resume, bumps the datapath's map generation so no socket keeps a verdict
+/// whose coarse-clock deadline slept through the suspend.
+pub async fn bump_generation_on_resume(
+    pin_dir: std::path::PathBuf,
+    every: Duration,
+) -> Result<(), crate::DatapathError> {
+    let mut watch = SuspendWatch::new(suspended_ns(), Duration::from_millis(100));
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tick.tick().await;
+        if watch.resumed(suspended_ns()) {
+            let generation = crate::maps::config::ConfigMap::open(&pin_dir)?.bump_generation()?;
+            tracing::info!(
+                generation,
+                "resumed from suspend: socket-cached verdicts invalidated"
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod suspend_tests {
+    use super::*;
+
+    #[test]
+    fn a_jump_in_suspended_time_is_a_resume() {
+        let tol = Duration::from_millis(100);
+        let mut w = SuspendWatch::new(5_000_000_000, tol);
+        assert!(!w.resumed(5_000_000_000));
+        assert!(!w.resumed(5_000_050_000), "read jitter is not a suspend");
+        assert!(w.resumed(65_000_000_000), "a minute asleep");
+        assert!(!w.resumed(65_000_000_000));
+        assert!(!w.resumed(64_000_000_000), "never goes backwards");
+    }
+
+    #[test]
+    fn this_machine_reads_a_stable_value() {
+        let a = suspended_ns();
+        let b = suspended_ns();
+        assert!(
+            b >= a.saturating_sub(1_000_000) && b <= a + 1_000_000,
+            "{a} vs {b}"
+        );
+    }
+}

@@ -14,7 +14,8 @@
  * for the coarse clock's lag, so the cached path stops a little early and
  * the exact BOOTTIME check takes over for the last moments. The monotonic
  * clock stands still while the machine is suspended; the agent bumps the
- * generation when it sees BOOTTIME - MONOTONIC move, so no cached deadline
+ * generation when it sees BOOTTIME - MONOTONIC move
+ * (auth_ebpf::clock::bump_generation_on_resume), so no cached deadline
  * survives a suspend. */
 #ifndef __MESHAUTH_SKCACHE_H
 #define __MESHAUTH_SKCACHE_H
