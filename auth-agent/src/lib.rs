@@ -1,5 +1,6 @@
 //! The meshauth node agent and its CLI.
 //!
+//! - [`cli`]: subcommands that need no running agent (`policy status`).
 //! - [`config`]: the agent's configuration from flags, environment and file.
 //! - [`nodes`]: node names ↔ datapath node ids, persisted across restarts.
 //! - [`auth`]: the auth map behind a trait, and the auth manager.
@@ -8,6 +9,7 @@
 //! - [`demo`]: `meshauth demo`.
 
 pub mod auth;
+pub mod cli;
 pub mod config;
 pub mod datapath_sync;
 pub mod demo;

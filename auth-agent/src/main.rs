@@ -18,11 +18,31 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Policies: what meshauth makes of them.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
     /// Run the demo on this machine (no privileges, nothing installed).
     Demo {
         /// SVID lifetime in seconds (rotation at half of it; the outage lasts until expiry).
         #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(2..=300))]
         ttl: u64,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum PolicyCommand {
+    /// Accepted, partially enforced or rejected, with the reasons, for every
+    /// policy in a manifest directory. Exits 1 if any is rejected or a file
+    /// cannot be read.
+    Status {
+        /// Directory of YAML manifests (policies, pods, namespaces, nodes).
+        #[arg(long)]
+        dir: std::path::PathBuf,
+        /// Output format.
+        #[arg(short = 'o', long, default_value = "text", value_parser = ["text", "json"])]
+        output: String,
     },
 }
 
@@ -43,6 +63,22 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
+        Command::Policy {
+            command: PolicyCommand::Status { dir, output },
+        } => match auth_agent::cli::policy_status(&dir, output == "json") {
+            Ok((report, clean)) => {
+                print!("{report}");
+                if clean {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                }
+            }
+            Err(e) => {
+                eprintln!("meshauth policy status: {e:#}");
+                ExitCode::from(2)
+            }
+        },
         Command::Demo { ttl } => {
             let opts = auth_agent::demo::DemoOptions {
                 ttl: Duration::from_secs(ttl),
