@@ -61,8 +61,38 @@ pub(crate) fn verified_leaf(
     Some((identity, not_after))
 }
 
+/// Checks what a peer stated in its hello: the identities (`local` is the
+/// peer's own, `remote` the one it talks to), its node's name, and its
+/// WireGuard key against the one the node published.
+pub(crate) fn check_statement(
+    hello: &protocol::Hello,
+    local: u32,
+    remote: u32,
+    node: &policy_bridge::NodeInfo,
+) -> Result<(), HandshakeError> {
+    for (field, stated, expected) in [
+        ("local", hello.local, local),
+        ("remote", hello.remote, remote),
+    ] {
+        if stated != expected {
+            return Err(HandshakeError::IdentityMismatch {
+                field,
+                stated,
+                expected,
+            });
+        }
+    }
+    if hello.node != node.name {
+        return Err(HandshakeError::NodeMismatch {
+            expected: node.name.clone(),
+            stated: hello.node.clone(),
+        });
+    }
+    check_wireguard_key(node, &hello.wireguard_key)
+}
+
 /// Checks the WireGuard key a peer stated against the one its node published.
-pub(crate) fn check_wireguard_key(
+fn check_wireguard_key(
     node: &policy_bridge::NodeInfo,
     stated: &Option<String>,
 ) -> Result<(), HandshakeError> {

@@ -235,27 +235,7 @@ impl HandshakeClient {
                 }
             };
             let _ = tls.shutdown().await;
-            if reply.local != remote {
-                return Err(HandshakeError::IdentityMismatch {
-                    field: "local",
-                    stated: reply.local,
-                    expected: remote,
-                });
-            }
-            if reply.remote != local {
-                return Err(HandshakeError::IdentityMismatch {
-                    field: "remote",
-                    stated: reply.remote,
-                    expected: local,
-                });
-            }
-            if reply.node != node.name {
-                return Err(HandshakeError::NodeMismatch {
-                    expected: node.name.clone(),
-                    stated: reply.node,
-                });
-            }
-            super::check_wireguard_key(node, &reply.wireguard_key)?;
+            super::check_statement(&reply, remote, local, node)?;
             Ok(Authenticated {
                 expiry: own.not_after().min(peer_not_after),
                 peer_node: reply.node,

@@ -415,27 +415,7 @@ impl Shared {
                 }
                 Err(e) => return Err(from_protocol(e)),
             };
-            if hello.local != l {
-                return Err(HandshakeError::IdentityMismatch {
-                    field: "local",
-                    stated: hello.local,
-                    expected: l,
-                });
-            }
-            if hello.remote != r {
-                return Err(HandshakeError::IdentityMismatch {
-                    field: "remote",
-                    stated: hello.remote,
-                    expected: r,
-                });
-            }
-            if hello.node != node.name {
-                return Err(HandshakeError::NodeMismatch {
-                    expected: node.name.clone(),
-                    stated: hello.node,
-                });
-            }
-            super::check_wireguard_key(&node, &hello.wireguard_key)?;
+            super::check_statement(&hello, l, r, &node)?;
             Ok(())
         }
         .await;
