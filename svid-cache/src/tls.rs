@@ -34,11 +34,15 @@ pub enum TlsError {
 
 /// The ring provider all of this crate's TLS uses.
 pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    PROVIDER.clone()
 }
 
+/// Built once: every handshake verifies signatures with it.
+static PROVIDER: std::sync::LazyLock<Arc<CryptoProvider>> =
+    std::sync::LazyLock::new(|| Arc::new(rustls::crypto::ring::default_provider()));
+
 fn algorithms() -> WebPkiSupportedAlgorithms {
-    rustls::crypto::ring::default_provider().signature_verification_algorithms
+    PROVIDER.signature_verification_algorithms
 }
 
 /// Presents the SVID of a fixed local identity as the client certificate;
