@@ -87,6 +87,9 @@ pub struct Config {
     pub handshake_timeout: Duration,
     /// Handshakes served at once.
     pub max_concurrent_handshakes: usize,
+    /// How often a manifest directory is checked for changes.
+    #[serde(with = "duration_str")]
+    pub policy_poll_interval: Duration,
     /// Metrics and health endpoints.
     pub metrics_listen: SocketAddr,
     /// The local API socket for the CLI.
@@ -133,6 +136,8 @@ pub struct ConfigFile {
     pub handshake_timeout: Option<String>,
     /// See [`Config::max_concurrent_handshakes`].
     pub max_concurrent_handshakes: Option<usize>,
+    /// e.g. `1s`.
+    pub policy_poll_interval: Option<String>,
     /// `ip:port`.
     pub metrics_listen: Option<String>,
     /// See [`Config::api_socket`].
@@ -515,6 +520,17 @@ pub fn build(layers: &Layers) -> Result<Config, ConfigErrors> {
         &mut bad,
     );
 
+    let policy_poll_interval = dur_or(
+        &key!(
+            "policy-poll-interval",
+            "MESHAUTH_POLICY_POLL_INTERVAL",
+            policy_poll_interval,
+            "policyPollInterval"
+        ),
+        Duration::from_secs(1),
+        &mut bad,
+    );
+
     let max_concurrent_handshakes = match layers.get(&key!(
         "max-concurrent-handshakes",
         "MESHAUTH_MAX_CONCURRENT_HANDSHAKES",
@@ -597,6 +613,7 @@ pub fn build(layers: &Layers) -> Result<Config, ConfigErrors> {
         connect_timeout,
         handshake_timeout,
         max_concurrent_handshakes,
+        policy_poll_interval,
         metrics_listen,
         api_socket,
         state_dir,

@@ -1,5 +1,7 @@
 //! The meshauth node agent and its CLI.
 //!
+//! - [`app`]: `meshauth agent`, everything wired together.
+//! - [`api`]: the local API (unix socket) the CLI talks to, and flows.
 //! - [`cli`]: subcommands that need no running agent (`policy status`).
 //! - [`config`]: the agent's configuration from flags, environment and file.
 //! - [`nodes`]: node names ↔ datapath node ids, persisted across restarts.
@@ -8,6 +10,8 @@
 //! - [`handshake`]: the `meshauth/1` mutual TLS handshake (server and client).
 //! - [`demo`]: `meshauth demo`.
 
+pub mod api;
+pub mod app;
 pub mod auth;
 pub mod cli;
 pub mod config;

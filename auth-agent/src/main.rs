@@ -1,9 +1,14 @@
 //! `meshauth`: thin entry point; everything lives in the library.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use auth_agent::api::ApiClient;
+use auth_agent::cli::{self, AgentArgs, ObserveArgs};
 use clap::{Parser, Subcommand};
+
+const DEFAULT_API_SOCKET: &str = "/var/run/meshauth/agent.sock";
 
 #[derive(Parser, Debug)]
 #[command(
@@ -16,14 +21,56 @@ struct Cli {
     command: Command,
 }
 
+/// Where the running agent's API is.
+#[derive(clap::Args, Debug, Clone)]
+struct Api {
+    /// The agent's local API socket.
+    #[arg(long, env = "MESHAUTH_API_SOCKET", default_value = DEFAULT_API_SOCKET)]
+    api_socket: PathBuf,
+    /// Output format.
+    #[arg(short = 'o', long, default_value = "text", value_parser = ["text", "json"])]
+    output: String,
+}
+
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Run the node agent.
+    Agent(Box<AgentArgs>),
+    /// The running agent's health, SPIRE state, map usage and peers.
+    Status(Api),
+    /// Stream flow verdicts, like `hubble observe`.
+    Observe {
+        #[command(flatten)]
+        api: Api,
+        /// Only this verdict: DROPPED, FORWARDED or AUDIT.
+        #[arg(long)]
+        verdict: Option<String>,
+        /// Only flows to or from this identity.
+        #[arg(long)]
+        identity: Option<u32>,
+        /// Past flows to show first.
+        #[arg(long, default_value_t = 20)]
+        last: usize,
+        /// Keep following new flows.
+        #[arg(short, long)]
+        follow: bool,
+    },
+    /// The auth map.
+    Auth {
+        #[command(subcommand)]
+        command: ListCommand,
+    },
+    /// Identities in the desired state.
+    Identity {
+        #[command(subcommand)]
+        command: ListCommand,
+    },
     /// Policies: what meshauth makes of them.
     Policy {
         #[command(subcommand)]
         command: PolicyCommand,
     },
-    /// Run the demo on this machine (no privileges, nothing installed).
+    /// Run the demo on this machine.
     Demo {
         /// SVID lifetime in seconds (rotation at half of it; the outage lasts until expiry).
         #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(2..=300))]
@@ -32,29 +79,37 @@ enum Command {
 }
 
 #[derive(Subcommand, Debug)]
+enum ListCommand {
+    /// List them.
+    List(Api),
+}
+
+#[derive(Subcommand, Debug)]
 enum PolicyCommand {
-    /// Accepted, partially enforced or rejected, with the reasons, for every
-    /// policy in a manifest directory. Exits 1 if any is rejected or a file
-    /// cannot be read.
+    /// Accepted, partially enforced or rejected, with the reasons: for every
+    /// policy the running agent sees, or in a manifest directory with
+    /// `--dir`. Exits 1 if any is rejected or a file cannot be read.
     Status {
-        /// Directory of YAML manifests (policies, pods, namespaces, nodes).
+        /// Directory of YAML manifests (policies, pods, namespaces, nodes);
+        /// without it, ask the running agent.
         #[arg(long)]
-        dir: std::path::PathBuf,
-        /// Output format.
-        #[arg(short = 'o', long, default_value = "text", value_parser = ["text", "json"])]
-        output: String,
+        dir: Option<PathBuf>,
+        #[command(flatten)]
+        api: Api,
     },
+}
+
+fn init_logs(default: &str, json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MESHAUTH_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json { b.json().init() } else { b.init() }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("MESHAUTH_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -62,24 +117,142 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let fail = |what: &str, e: &dyn std::fmt::Display| {
+        eprintln!("meshauth {what}: {e}");
+        ExitCode::from(2)
+    };
+    let print = |json: bool, text: String, value: serde_json::Result<String>| {
+        if json {
+            println!("{}", value.unwrap_or_default());
+        } else {
+            print!("{text}");
+        }
+        ExitCode::SUCCESS
+    };
     match cli.command {
-        Command::Policy {
-            command: PolicyCommand::Status { dir, output },
-        } => match auth_agent::cli::policy_status(&dir, output == "json") {
-            Ok((report, clean)) => {
-                print!("{report}");
-                if clean {
-                    ExitCode::SUCCESS
-                } else {
-                    ExitCode::FAILURE
+        Command::Agent(args) => {
+            let config = match args.build() {
+                Ok(c) => c,
+                Err(e) => return fail("agent", &e),
+            };
+            init_logs(
+                "info",
+                config.log_format == auth_agent::config::LogFormat::Json,
+            );
+            runtime.block_on(async {
+                let token = tokio_util::sync::CancellationToken::new();
+                let t = token.clone();
+                tokio::spawn(async move {
+                    auth_agent::app::wait_for_signal().await;
+                    t.cancel();
+                });
+                match auth_agent::app::run(config, token).await {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => fail("agent", &e),
                 }
+            })
+        }
+        Command::Status(api) => {
+            init_logs("error", false);
+            let c = ApiClient::new(&api.api_socket);
+            match runtime.block_on(c.get_json::<auth_agent::api::types::AgentStatus>("/v1/status"))
+            {
+                Ok(s) => {
+                    let ready = s.ready.all();
+                    print(
+                        api.output == "json",
+                        cli::render_status(&s),
+                        serde_json::to_string_pretty(&s),
+                    );
+                    if ready {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::FAILURE
+                    }
+                }
+                Err(e) => fail("status", &e),
             }
-            Err(e) => {
-                eprintln!("meshauth policy status: {e:#}");
-                ExitCode::from(2)
+        }
+        Command::Observe {
+            api,
+            verdict,
+            identity,
+            last,
+            follow,
+        } => {
+            init_logs("error", false);
+            let c = ApiClient::new(&api.api_socket);
+            let args = ObserveArgs {
+                verdict,
+                identity,
+                last,
+                follow,
+                json: api.output == "json",
+            };
+            match runtime.block_on(cli::observe(&c, &args, std::io::stdout().lock())) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail("observe", &e),
             }
-        },
+        }
+        Command::Auth {
+            command: ListCommand::List(api),
+        } => {
+            init_logs("error", false);
+            let c = ApiClient::new(&api.api_socket);
+            match runtime.block_on(c.get_json::<Vec<auth_agent::api::types::AuthEntry>>("/v1/auth"))
+            {
+                Ok(v) => print(
+                    api.output == "json",
+                    cli::render_auth(&v),
+                    serde_json::to_string_pretty(&v),
+                ),
+                Err(e) => fail("auth list", &e),
+            }
+        }
+        Command::Identity {
+            command: ListCommand::List(api),
+        } => {
+            init_logs("error", false);
+            let c = ApiClient::new(&api.api_socket);
+            match runtime.block_on(
+                c.get_json::<Vec<auth_agent::api::types::IdentityEntry>>("/v1/identities"),
+            ) {
+                Ok(v) => print(
+                    api.output == "json",
+                    cli::render_identities(&v),
+                    serde_json::to_string_pretty(&v),
+                ),
+                Err(e) => fail("identity list", &e),
+            }
+        }
+        Command::Policy {
+            command: PolicyCommand::Status { dir, api },
+        } => {
+            init_logs("error", false);
+            let json = api.output == "json";
+            let result = match dir {
+                Some(dir) => cli::policy_status(&dir, json).map_err(|e| format!("{e:#}")),
+                None => runtime
+                    .block_on(cli::policy_status_live(
+                        &ApiClient::new(&api.api_socket),
+                        json,
+                    ))
+                    .map_err(|e| e.to_string()),
+            };
+            match result {
+                Ok((report, clean)) => {
+                    print!("{report}");
+                    if clean {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::FAILURE
+                    }
+                }
+                Err(e) => fail("policy status", &e),
+            }
+        }
         Command::Demo { ttl } => {
+            init_logs("error", false);
             let opts = auth_agent::demo::DemoOptions {
                 ttl: Duration::from_secs(ttl),
             };

@@ -1,0 +1,633 @@
+//! `meshauth agent`: svid-cache, policy-bridge, the datapath, the auth
+//! manager and the handshake server wired together, with metrics, health
+//! and the local API.
+//!
+//! Start order: SVID source and policy source first (they need nothing),
+//! then the datapath (loaded, attached — pinned maps and links are reused,
+//! so a restart changes nothing the kernel holds), health and API, then —
+//! once policy has synced — the datapath maps, the handshake server and the
+//! auth manager (which reads the auth map back first: starting it on an
+//! empty desired state would collect every entry). Shutdown leaves the
+//! programs attached and the maps pinned: a restarted agent loses no
+//! authentication.
+
+pub mod backend;
+pub mod health;
+pub mod metrics;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use auth_ebpf::{Datapath, DatapathError, LoadOptions};
+use futures::StreamExt as _;
+use policy_bridge::{DesiredState, NodeInfo, Subscription};
+use prometheus_client::registry::Registry;
+use svid_cache::{
+    CacheConfig, DelegatedIdentityConfig, SourceError, SourceHandle, SourceState, SvidCache,
+    SystemClock, TrustDomain, WorkloadApiConfig, spawn_delegated_identity, spawn_workload_api,
+};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::api::FlowHub;
+use crate::auth::manager::{
+    AuthManager, ManagerConfig, ManagerError, ManagerInputs, ManagerMetrics, forward_rotations,
+    spawn_sweep_schedule,
+};
+use crate::auth::store::{BpfAuthStore, Pair, StoreError};
+use crate::auth::{AuthFailure, Authenticated, Authenticator};
+use crate::config::{Config, IdentitySource, Mode, PolicySource};
+use crate::datapath_sync::{DatapathSync, SyncError};
+use crate::handshake::{
+    ClientOptions, HandshakeClient, HandshakeError, HandshakeServer, Metrics, ServerOptions,
+};
+use crate::nodes::{NodeTable, NodeTableError};
+
+/// Why the agent could not start (or stopped).
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The trust domain is not valid.
+    #[error("trust domain {0:?}: {1}")]
+    TrustDomain(String, svid_cache::IdentityError),
+    /// The state directory cannot be created.
+    #[error("state directory {path}: {source}")]
+    StateDir {
+        /// The directory.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The node table failed.
+    #[error(transparent)]
+    Nodes(#[from] NodeTableError),
+    /// Loading or attaching the datapath failed.
+    #[error("datapath: {0}")]
+    Datapath(#[from] DatapathError),
+    /// The datapath maps could not be synced.
+    #[error(transparent)]
+    Sync(#[from] SyncError),
+    /// The auth map could not be opened.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The manifest directory source failed to start.
+    #[error("policy source: {0}")]
+    Files(#[from] policy_bridge::source::files::FilesError),
+    /// No Kubernetes client could be built.
+    #[error("kubernetes client: {0}")]
+    Kube(String),
+    /// The handshake server could not start.
+    #[error("handshake server: {0}")]
+    Handshake(#[from] HandshakeError),
+    /// A listener could not be bound.
+    #[error("{what} on {addr}: {source}")]
+    Listen {
+        /// Which listener.
+        what: &'static str,
+        /// Where.
+        addr: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The auth manager stopped.
+    #[error(transparent)]
+    Manager(#[from] ManagerError),
+    /// Shut down before policy synced.
+    #[error("shut down before the first policy sync")]
+    Interrupted,
+}
+
+/// Readiness parts, set as the agent comes up.
+#[derive(Debug, Default)]
+pub struct Readiness {
+    datapath: AtomicBool,
+    svids: AtomicBool,
+    policy: AtomicBool,
+}
+
+impl Readiness {
+    /// The parts now.
+    pub fn get(&self) -> crate::api::types::Readiness {
+        crate::api::types::Readiness {
+            datapath: self.datapath.load(Ordering::Relaxed),
+            svids: self.svids.load(Ordering::Relaxed),
+            policy: self.policy.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Liveness: healthy until a task the agent cannot do without fails.
+#[derive(Debug, Default)]
+pub struct Liveness {
+    failed: Mutex<Option<String>>,
+}
+
+impl Liveness {
+    /// Marks the agent unhealthy (the first reason is kept).
+    pub fn fail(&self, why: impl Into<String>) {
+        let why = why.into();
+        tracing::error!(reason = %why, "agent unhealthy");
+        self.failed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert(why);
+    }
+
+    /// Why the agent is unhealthy, if it is.
+    pub fn failure(&self) -> Option<String> {
+        self.failed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+/// Handshakes by outcome, for `meshauth status`.
+#[derive(Debug, Default)]
+pub struct Counts {
+    pub(crate) initiated_ok: AtomicU64,
+    pub(crate) initiated_failed: AtomicU64,
+    pub(crate) served_ok: AtomicU64,
+    pub(crate) served_failed: AtomicU64,
+}
+
+/// The initiator, counting outcomes.
+#[derive(Debug)]
+struct Counting {
+    inner: HandshakeClient,
+    counts: Arc<Counts>,
+}
+
+impl Authenticator for Counting {
+    fn authenticate(
+        &self,
+        local: u32,
+        remote: u32,
+        node: NodeInfo,
+    ) -> futures::future::BoxFuture<'static, Result<Authenticated, AuthFailure>> {
+        let fut = self.inner.authenticate(local, remote, node);
+        let counts = self.counts.clone();
+        Box::pin(async move {
+            let r = fut.await;
+            match &r {
+                Ok(_) => counts.initiated_ok.fetch_add(1, Ordering::Relaxed),
+                Err(_) => counts.initiated_failed.fetch_add(1, Ordering::Relaxed),
+            };
+            r
+        })
+    }
+}
+
+fn selectors(v: &[String]) -> Vec<(String, String)> {
+    v.iter()
+        .filter_map(|s| s.split_once(':'))
+        .map(|(t, v)| (t.to_string(), v.to_string()))
+        .collect()
+}
+
+/// Starts the SVID source.
+fn start_identity_source(
+    config: &Config,
+    cache: &SvidCache,
+    token: &CancellationToken,
+) -> SourceHandle {
+    match &config.identity_source {
+        IdentitySource::WorkloadApi { socket } => spawn_workload_api(
+            WorkloadApiConfig::new(socket.clone()),
+            cache.clone(),
+            token.clone(),
+        ),
+        IdentitySource::DelegatedIdentity {
+            socket,
+            selectors: s,
+        } => spawn_delegated_identity(
+            DelegatedIdentityConfig::new(socket.clone(), selectors(s)),
+            cache.clone(),
+            token.clone(),
+        ),
+    }
+}
+
+/// Starts the policy source.
+async fn start_policy_source(config: &Config) -> Result<Subscription, AgentError> {
+    match &config.policy_source {
+        PolicySource::Directory { path } => {
+            let mut cfg = policy_bridge::source::files::FilesConfig::new(path.clone());
+            cfg.interval = config.policy_poll_interval;
+            cfg.identity_file = Some(config.state_dir.join("identities.json"));
+            let (sub, _task) = policy_bridge::source::files::spawn(cfg)?;
+            Ok(sub)
+        }
+        PolicySource::Kubernetes => {
+            let client = kube::Client::try_default()
+                .await
+                .map_err(|e| AgentError::Kube(e.to_string()))?;
+            let (sub, _task) = policy_bridge::source::kube::spawn(
+                client,
+                policy_bridge::source::kube::KubeConfig::default(),
+            )
+            .await;
+            Ok(sub)
+        }
+    }
+}
+
+/// Follows the SVID source: readiness, and the outage story in the logs.
+fn watch_source(
+    source: &SourceHandle,
+    cache: SvidCache,
+    ready: Arc<Readiness>,
+    token: CancellationToken,
+) {
+    let mut rx = source.watch_status();
+    tokio::spawn(async move {
+        let mut was_connected = false;
+        loop {
+            let s = rx.borrow_and_update().clone();
+            let answered = s.updates_applied > 0
+                || s.is_connected()
+                || s.last_error
+                    .as_ref()
+                    .is_some_and(|(_, e)| matches!(**e, SourceError::NoIdentityIssued { .. }));
+            if answered && !ready.svids.swap(true, Ordering::Relaxed) {
+                tracing::info!(svids = cache.len(), "SPIRE answered");
+            }
+            match &s.state {
+                SourceState::Connected { .. } if !was_connected => {
+                    was_connected = true;
+                    tracing::info!(svids = cache.len(), "SPIRE source connected");
+                }
+                SourceState::Disconnected { error, .. } if was_connected => {
+                    was_connected = false;
+                    tracing::warn!(
+                        error = %error,
+                        svids = cache.len(),
+                        next_expiry = ?cache.next_expiry().map(crate::api::flows::rfc3339),
+                        "SPIRE unreachable: cached SVIDs stay in use until they expire; no rotation until it is back"
+                    );
+                }
+                _ => {}
+            }
+            tokio::select! {
+                _ = token.cancelled() => return,
+                r = rx.changed() => if r.is_err() { return },
+            }
+        }
+    });
+}
+
+/// Runs the agent until `shutdown` is cancelled.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), AgentError> {
+    tracing::info!(
+        config = %serde_json::to_string(&config).unwrap_or_default(),
+        version = env!("CARGO_PKG_VERSION"),
+        "meshauth agent starting"
+    );
+    let token = shutdown.child_token();
+    let result = run_inner(&config, &token).await;
+    token.cancel();
+    // Programs stay attached and maps pinned; only the API socket goes.
+    let _ = std::fs::remove_file(&config.api_socket);
+    // Give tasks a moment to finish writing.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    match &result {
+        Ok(()) => tracing::info!("meshauth agent stopped; programs stay attached, maps pinned"),
+        Err(e) => tracing::error!(error = %e, "meshauth agent failed"),
+    }
+    result
+}
+
+async fn run_inner(config: &Config, token: &CancellationToken) -> Result<(), AgentError> {
+    {
+        use std::os::unix::fs::DirBuilderExt as _;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&config.state_dir)
+            .map_err(|source| AgentError::StateDir {
+                path: config.state_dir.clone(),
+                source,
+            })?;
+    }
+    let ready = Arc::new(Readiness::default());
+    let live = Arc::new(Liveness::default());
+    let counts = Arc::new(Counts::default());
+    let mut registry = Registry::with_prefix("meshauth");
+    let hs_metrics = Metrics::register(registry.sub_registry_with_prefix("handshake"));
+    let mgr_metrics = ManagerMetrics::register(registry.sub_registry_with_prefix("auth"));
+
+    // Identities.
+    let td = TrustDomain::new(&config.trust_domain)
+        .map_err(|e| AgentError::TrustDomain(config.trust_domain.clone(), e))?;
+    let cache = SvidCache::new(CacheConfig {
+        trust_domain: td,
+        ..CacheConfig::default()
+    });
+    cache.spawn_expiry(token.clone());
+    let source = start_identity_source(config, &cache, token);
+    watch_source(&source, cache.clone(), ready.clone(), token.clone());
+
+    // Cluster state.
+    let mut subscription = start_policy_source(config).await?;
+    let nodes = NodeTable::open(&config.state_dir.join("nodes.json"), &config.node_name)?;
+
+    // Datapath.
+    let dp_config = auth_ebpf::maps::config::DatapathConfig {
+        mode: match config.mode {
+            Mode::Enforce => auth_ebpf::maps::config::Mode::Enforce,
+            Mode::Audit => auth_ebpf::maps::config::Mode::Audit,
+        },
+        ..Default::default()
+    };
+    let mut datapath = Datapath::load(&LoadOptions {
+        pin_dir: config.bpf_pin_dir.clone(),
+        config: dp_config,
+        auth_capacity: None,
+    })?;
+    tracing::info!(layout = ?datapath.layout_report(), pin_dir = %config.bpf_pin_dir.display(), "datapath loaded");
+    let cgroup = match &config.pods_cgroup {
+        Some(c) => c.clone(),
+        None => auth_ebpf::attach::detect_pods_cgroup()?,
+    };
+    datapath.attach(&cgroup)?;
+    ready.datapath.store(true, Ordering::Relaxed);
+    tracing::info!(cgroup = %cgroup.display(), "datapath attached");
+    let pin_dir = config.bpf_pin_dir.clone();
+
+    // Flows, health, API.
+    let hub = FlowHub::new(4096);
+    let (desired_tx, desired_rx) = watch::channel(Arc::new(DesiredState::default()));
+    registry.register_collector(Box::new(metrics::AgentCollector {
+        pin_dir: pin_dir.clone(),
+        cache: cache.clone(),
+        source: source.watch_status(),
+        nodes: nodes.clone(),
+        ready: ready.clone(),
+    }));
+    let registry = Arc::new(Mutex::new(registry));
+    let listener = tokio::net::TcpListener::bind(config.metrics_listen)
+        .await
+        .map_err(|source| AgentError::Listen {
+            what: "metrics and health",
+            addr: config.metrics_listen.to_string(),
+            source,
+        })?;
+    tokio::spawn(health::serve(
+        listener,
+        health::Health {
+            registry,
+            ready: ready.clone(),
+            live: live.clone(),
+        },
+        token.clone(),
+    ));
+    let backend = Arc::new(backend::AgentBackend {
+        config: config.clone(),
+        started: SystemTime::now(),
+        cgroup: cgroup.clone(),
+        cache: cache.clone(),
+        source: source.watch_status(),
+        subscription: subscription.clone(),
+        nodes: nodes.clone(),
+        ready: ready.clone(),
+        counts: counts.clone(),
+        hub: hub.clone(),
+    });
+    let api =
+        crate::api::server::bind(&config.api_socket).map_err(|source| AgentError::Listen {
+            what: "local API",
+            addr: config.api_socket.display().to_string(),
+            source,
+        })?;
+    tokio::spawn(crate::api::server::serve(api, backend, token.clone()));
+
+    // Events → observe.
+    {
+        let mut events = auth_ebpf::events::EventReader::open(&pin_dir)?;
+        let sub = subscription.clone();
+        let hub = hub.clone();
+        let node = config.node_name.clone();
+        let token = token.clone();
+        let live = live.clone();
+        tokio::spawn(async move {
+            loop {
+                let batch = tokio::select! {
+                    _ = token.cancelled() => return,
+                    b = events.next_batch() => b,
+                };
+                match batch {
+                    Ok(batch) => {
+                        let snap = sub.current();
+                        for e in &batch {
+                            hub.push(crate::api::flows::to_record(e, &snap.state, &node));
+                        }
+                    }
+                    Err(e) => {
+                        live.fail(format!("reading flow events: {e}"));
+                        return;
+                    }
+                }
+            }
+        });
+    }
+
+    // Wait for the first full policy read.
+    tracing::info!("waiting for the first policy sync");
+    let first = tokio::select! {
+        _ = token.cancelled() => return Err(AgentError::Interrupted),
+        s = subscription.synced() => s.ok_or(AgentError::Interrupted)?,
+    };
+    let mut sync = DatapathSync::open(&pin_dir, nodes.clone())?;
+    nodes.sync(&first.state.nodes)?;
+    let report = sync.apply(&first.state)?;
+    tracing::info!(
+        ?report,
+        generation = first.generation,
+        "policy synced into the datapath"
+    );
+    desired_tx.send_replace(first.state.clone());
+    ready.policy.store(true, Ordering::Relaxed);
+    {
+        let mut subscription = subscription.clone();
+        let nodes = nodes.clone();
+        let token = token.clone();
+        let live = live.clone();
+        tokio::spawn(async move {
+            loop {
+                let next = tokio::select! {
+                    _ = token.cancelled() => return,
+                    n = subscription.next() => n,
+                };
+                let Some((snap, _diff)) = next else {
+                    live.fail("the policy source stopped");
+                    return;
+                };
+                if let Err(e) = nodes.sync(&snap.state.nodes) {
+                    tracing::error!(error = %e, "node table");
+                }
+                match sync.apply(&snap.state) {
+                    Ok(r) => {
+                        tracing::debug!(report = ?r, generation = snap.generation, "datapath synced")
+                    }
+                    // The maps keep what they held; the next snapshot retries.
+                    Err(e) => {
+                        tracing::error!(error = %e, generation = snap.generation, "datapath sync failed")
+                    }
+                }
+                desired_tx.send_replace(snap.state.clone());
+            }
+        });
+    }
+
+    // Authentication.
+    let store = Arc::new(BpfAuthStore::open(&pin_dir)?);
+    let mut server_opts = ServerOptions::new(
+        config.handshake_listen,
+        cache.clone(),
+        nodes.clone(),
+        desired_rx.clone(),
+        store.clone(),
+    );
+    server_opts.handshake_timeout = config.handshake_timeout;
+    server_opts.max_concurrent = config.max_concurrent_handshakes;
+    let server = HandshakeServer::bind(server_opts, hs_metrics.clone()).await?;
+    tracing::info!(listen = %server.local_addr(), "handshake server listening");
+    {
+        let mut outcomes = server.subscribe();
+        let counts = counts.clone();
+        let token = token.clone();
+        tokio::spawn(async move {
+            loop {
+                let o = tokio::select! {
+                    _ = token.cancelled() => return,
+                    o = outcomes.recv() => o,
+                };
+                match o {
+                    Ok(o) => {
+                        match &o.result {
+                            Ok(_) => counts.served_ok.fetch_add(1, Ordering::Relaxed),
+                            Err(_) => counts.served_failed.fetch_add(1, Ordering::Relaxed),
+                        };
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(_) => return,
+                }
+            }
+        });
+    }
+    server.spawn(token.clone());
+
+    let mut client_opts = ClientOptions::new(cache.clone(), config.node_name.clone());
+    client_opts.port = config.handshake_listen.port();
+    client_opts.connect_timeout = config.connect_timeout;
+    client_opts.handshake_timeout = config.handshake_timeout;
+    if !config.handshake_listen.ip().is_unspecified() {
+        client_opts.source_addr = Some(config.handshake_listen.ip());
+    }
+    let client = Counting {
+        inner: HandshakeClient::new(client_opts, hs_metrics),
+        counts: counts.clone(),
+    };
+
+    let (signal_tx, signal_rx) = mpsc::channel::<Pair>(4096);
+    {
+        let stream = auth_ebpf::signals::SignalReader::open(&pin_dir)?.into_stream();
+        let token = token.clone();
+        let live = live.clone();
+        tokio::spawn(async move {
+            let mut stream = std::pin::pin!(stream);
+            loop {
+                let batch = tokio::select! {
+                    _ = token.cancelled() => return,
+                    b = stream.next() => b,
+                };
+                match batch {
+                    Some(Ok(batch)) => {
+                        for s in batch {
+                            let pair = Pair {
+                                local: s.key.local_id,
+                                remote: s.key.remote_id,
+                                node: s.key.remote_node_id,
+                            };
+                            if signal_tx.send(pair).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    Some(Err(e)) => {
+                        live.fail(format!("reading auth signals: {e}"));
+                        return;
+                    }
+                    None => return,
+                }
+            }
+        });
+    }
+    let (rot_tx, rot_rx) = mpsc::channel(1024);
+    forward_rotations(cache.clone(), rot_tx);
+    let (sweep_tx, sweep_rx) = mpsc::channel(4);
+    spawn_sweep_schedule(&config.sweep_cron, sweep_tx, token.clone()).await?;
+    {
+        let pin_dir = pin_dir.clone();
+        let token = token.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = token.cancelled() => {}
+                r = auth_ebpf::clock::bump_generation_on_resume(pin_dir, Duration::from_secs(1)) => {
+                    if let Err(e) = r {
+                        tracing::error!(error = %e, "suspend watch stopped");
+                    }
+                }
+            }
+        });
+    }
+    let manager = AuthManager::new(
+        ManagerConfig {
+            reauth_fraction: config.reauth_fraction,
+            sweep_cron: config.sweep_cron.clone(),
+            ..ManagerConfig::default()
+        },
+        Arc::new(client),
+        store,
+        nodes.clone(),
+        Arc::new(SystemClock),
+        mgr_metrics,
+    );
+    tracing::info!(node = %config.node_name, "meshauth agent running");
+    let r = manager
+        .run(
+            ManagerInputs {
+                desired: desired_rx,
+                signals: signal_rx,
+                rotations: rot_rx,
+                sweep: sweep_rx,
+            },
+            token.clone(),
+        )
+        .await;
+    if let Err(e) = &r {
+        live.fail(format!("auth manager: {e}"));
+    }
+    drop(datapath);
+    Ok(r?)
+}
+
+/// Waits for SIGTERM (Kubernetes stopping the pod) or SIGINT (Ctrl-C).
+pub async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+                _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
