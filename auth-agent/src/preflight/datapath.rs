@@ -31,13 +31,39 @@ impl Drop for ProbeDir {
     }
 }
 
+const PREFIX: &str = "meshauth-preflight-";
+
 /// Where the probe pins under `bpffs`: unique to this process.
 pub fn probe_dir(bpffs: &Path) -> PathBuf {
-    bpffs.join(format!("meshauth-preflight-{}", std::process::id()))
+    bpffs.join(format!("{PREFIX}{}", std::process::id()))
 }
 
-/// Loads the datapath into [`probe_dir`] and removes it again.
+/// Removes probe directories of preflight runs that no longer exist (killed
+/// mid-probe, so their drop guard never ran); returns how many.
+pub fn sweep_stale(bpffs: &Path, proc_dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(bpffs) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .and_then(|n| n.strip_prefix(PREFIX))
+                .and_then(|pid| pid.parse::<u32>().ok())
+                .is_some_and(|pid| !proc_dir.join(pid.to_string()).exists())
+        })
+        .filter(|e| std::fs::remove_dir_all(e.path()).is_ok())
+        .count()
+}
+
+/// Loads the datapath into [`probe_dir`] and removes it again (first
+/// sweeping what killed runs left, see [`sweep_stale`]).
 pub fn probe(bpffs: &Path) -> Check {
+    let swept = sweep_stale(bpffs, Path::new("/proc"));
+    if swept > 0 {
+        tracing::info!(count = swept, "removed probe directories of earlier runs");
+    }
     let dir = ProbeDir(probe_dir(bpffs));
     let opts = LoadOptions {
         pin_dir: dir.0.clone(),
@@ -102,6 +128,32 @@ mod tests {
         assert!(
             !probe_dir(root.path()).exists(),
             "the probe directory is removed"
+        );
+    }
+
+    #[test]
+    fn stale_probe_directories_of_dead_runs_are_swept() {
+        let bpffs = tempfile::tempdir().unwrap();
+        let proc_dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(proc_dir.path().join("77")).unwrap();
+        for name in [
+            "meshauth-preflight-77",
+            "meshauth-preflight-78",
+            "meshauth",
+            "meshauth-preflight-x",
+        ] {
+            std::fs::create_dir(bpffs.path().join(name)).unwrap();
+        }
+        assert_eq!(sweep_stale(bpffs.path(), proc_dir.path()), 1);
+        let mut left: Vec<String> = std::fs::read_dir(bpffs.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            ["meshauth", "meshauth-preflight-77", "meshauth-preflight-x"]
         );
     }
 
