@@ -140,10 +140,15 @@ impl Report {
 
     /// `{"passed": bool, "checks": [{name, status, found, fix}]}`.
     pub fn render_json(&self) -> String {
-        serde_json::to_string_pretty(&serde_json::json!({
-            "passed": self.passed(),
-            "checks": self.checks,
-        }))
+        #[derive(Serialize)]
+        struct Out<'a> {
+            passed: bool,
+            checks: &'a [Check],
+        }
+        serde_json::to_string_pretty(&Out {
+            passed: self.passed(),
+            checks: &self.checks,
+        })
         .expect("a report serializes")
     }
 }
