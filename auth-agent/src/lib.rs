@@ -9,6 +9,7 @@
 //! - [`datapath_sync`]: desired state into the ipcache and policy maps.
 //! - [`handshake`]: the `meshauth/1` mutual TLS handshake (server and client).
 //! - [`demo`]: `meshauth demo`.
+//! - [`preflight`]: `meshauth preflight`, what to fix on a node before install.
 
 pub mod api;
 pub mod app;
@@ -19,3 +20,4 @@ pub mod datapath_sync;
 pub mod demo;
 pub mod handshake;
 pub mod nodes;
+pub mod preflight;

@@ -76,6 +76,39 @@ enum Command {
         #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(2..=300))]
         ttl: u64,
     },
+    /// Check this node before install: kernel, BPF, mounts, privileges,
+    /// SPIRE, ports. One line per check with what to fix; exits 1 if any
+    /// check FAILs.
+    Preflight(PreflightArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct PreflightArgs {
+    /// The SPIRE agent's Workload API socket.
+    #[arg(
+        long,
+        env = "SPIFFE_ENDPOINT_SOCKET",
+        default_value = "unix:///run/spire/sockets/agent.sock"
+    )]
+    spire_socket: String,
+    /// The cgroup v2 directory holding all pods (detected if not given).
+    #[arg(long)]
+    pods_cgroup: Option<std::path::PathBuf>,
+    /// The handshake port (TCP).
+    #[arg(long, default_value_t = 4250)]
+    handshake_port: u16,
+    /// The metrics and health port (TCP).
+    #[arg(long, default_value_t = 9964)]
+    metrics_port: u16,
+    /// Where bpffs must be mounted.
+    #[arg(long, default_value = "/sys/fs/bpf")]
+    bpffs: std::path::PathBuf,
+    /// Seconds the SPIRE agent gets to answer.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=60))]
+    spire_timeout: u64,
+    /// Output format.
+    #[arg(short = 'o', long, default_value = "text", value_parser = ["text", "json"])]
+    output: String,
 }
 
 #[derive(Subcommand, Debug)]
@@ -249,6 +282,28 @@ fn main() -> ExitCode {
                     }
                 }
                 Err(e) => fail("policy status", &e),
+            }
+        }
+        Command::Preflight(args) => {
+            use auth_agent::preflight;
+            let opts = preflight::Options {
+                spire_socket: preflight::socket_path(&args.spire_socket),
+                pods_cgroup: args.pods_cgroup,
+                handshake_port: args.handshake_port,
+                metrics_port: args.metrics_port,
+                bpffs: args.bpffs,
+                spire_timeout: Duration::from_secs(args.spire_timeout),
+            };
+            let report = runtime.block_on(preflight::run(&preflight::Host::default(), &opts));
+            if args.output == "json" {
+                println!("{}", report.render_json());
+            } else {
+                print!("{}", report.render_text());
+            }
+            if report.passed() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
             }
         }
         Command::Demo { ttl } => {

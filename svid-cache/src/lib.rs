@@ -62,7 +62,7 @@ pub use cache::{
 pub use clock::{Clock, SystemClock, TokioClock};
 pub use identity::{DEFAULT_TRUST_DOMAIN, IdentityError, TrustDomain};
 pub use source::delegated::{DelegatedIdentityConfig, spawn_delegated_identity};
-pub use source::workload::{WorkloadApiConfig, spawn_workload_api};
+pub use source::workload::{WorkloadApiConfig, fetch_x509_svid_ids, spawn_workload_api};
 pub use source::{Backoff, BackoffConfig, SourceError, SourceHandle, SourceState, SourceStatus};
 pub use svid::{Svid, SvidError, SvidInput};
 pub use tls::{ClientCertResolver, ServerCertResolver, SpiffeClientVerifier, SpiffeServerVerifier};

@@ -29,7 +29,8 @@ use spire_proto::workload::{
 };
 use svid_cache::{
     BackoffConfig, CacheConfig, DelegatedIdentityConfig, SourceError, SourceHandle, SourceState,
-    SourceStatus, SvidCache, WorkloadApiConfig, spawn_delegated_identity, spawn_workload_api,
+    SourceStatus, SvidCache, WorkloadApiConfig, fetch_x509_svid_ids, spawn_delegated_identity,
+    spawn_workload_api,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixListener;
@@ -615,6 +616,39 @@ async fn delegated_identity_merges_svids_and_bundles_and_rejects_malformed_certi
 
     shutdown.cancel();
     tokio::time::timeout(WAIT, h.join()).await.unwrap();
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn one_fetch_names_the_svids_or_says_why_there_are_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("agent.sock");
+    let e = fetch_x509_svid_ids(&sock).await.unwrap_err();
+    assert!(matches!(e, SourceError::SocketMissing { .. }), "{e}");
+
+    let now = base_time();
+    let root = Ca::root("root");
+    let (a, b) = (root.svid(300, now, HOUR), root.svid(301, now, HOUR));
+    let (tx, rx) = watch::channel(workload_state(&root, &[&a, &b]));
+    let server = serve_workload(&sock, rx);
+    let ids = tokio::time::timeout(WAIT, fetch_x509_svid_ids(&sock))
+        .await
+        .expect("answer in time")
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        ids,
+        [
+            format!("spiffe://{TD}/identity/300"),
+            format!("spiffe://{TD}/identity/301")
+        ]
+    );
+
+    tx.send(Reply::Denied("no identity issued")).unwrap();
+    let e = tokio::time::timeout(WAIT, fetch_x509_svid_ids(&sock))
+        .await
+        .expect("answer in time")
+        .unwrap_err();
+    assert!(matches!(e, SourceError::NoIdentityIssued { .. }), "{e}");
     server.stop().await;
 }
 

@@ -82,19 +82,7 @@ impl Connector for WorkloadConnector {
     }
 
     async fn connect(&mut self) -> Result<Session, SourceError> {
-        let channel = uds_channel(CALL, &self.path).await?;
-        let mut client =
-            SpiffeWorkloadApiClient::new(channel).max_decoding_message_size(self.max_message_bytes);
-        let mut request = tonic::Request::new(X509svidRequest {});
-        request.metadata_mut().insert(
-            WORKLOAD_HEADER_KEY,
-            tonic::metadata::MetadataValue::from_static(WORKLOAD_HEADER_VALUE),
-        );
-        let stream = client
-            .fetch_x509svid(request)
-            .await
-            .map_err(|s| classify_status(CALL, &self.path, &s))?
-            .into_inner();
+        let stream = open_stream(&self.path, self.max_message_bytes).await?;
         let path = self.path.clone();
         let td = self.trust_domain.clone();
         Ok(stream
@@ -103,6 +91,45 @@ impl Connector for WorkloadConnector {
                 Err(s) => Err(classify_status(CALL, &path, &s)),
             })
             .boxed())
+    }
+}
+
+/// Opens a `FetchX509SVID` stream (with the `workload.spiffe.io: true`
+/// header the Workload API requires).
+async fn open_stream(
+    path: &Path,
+    max_message_bytes: usize,
+) -> Result<tonic::Streaming<X509svidResponse>, SourceError> {
+    let channel = uds_channel(CALL, path).await?;
+    let mut client =
+        SpiffeWorkloadApiClient::new(channel).max_decoding_message_size(max_message_bytes);
+    let mut request = tonic::Request::new(X509svidRequest {});
+    request.metadata_mut().insert(
+        WORKLOAD_HEADER_KEY,
+        tonic::metadata::MetadataValue::from_static(WORKLOAD_HEADER_VALUE),
+    );
+    Ok(client
+        .fetch_x509svid(request)
+        .await
+        .map_err(|s| classify_status(CALL, path, &s))?
+        .into_inner())
+}
+
+/// One `FetchX509SVID` call on the Workload API at `socket_path`: opens the
+/// stream, reads the first message and returns the SPIFFE IDs it carries,
+/// without keeping anything (a readiness probe, as `meshauth preflight`
+/// runs). Failures are classified as the source's are: a missing socket, a
+/// refused connection, "no identity issued", a gRPC status. The caller
+/// bounds the time.
+pub async fn fetch_x509_svid_ids(socket_path: &Path) -> Result<Vec<String>, SourceError> {
+    let mut stream = open_stream(socket_path, DEFAULT_MAX_MESSAGE_BYTES).await?;
+    match stream.message().await {
+        Ok(Some(m)) => Ok(m.svids.into_iter().map(|s| s.spiffe_id).collect()),
+        Ok(None) => Err(SourceError::StreamEnded {
+            call: CALL,
+            path: socket_path.to_owned(),
+        }),
+        Err(s) => Err(classify_status(CALL, socket_path, &s)),
     }
 }
 
