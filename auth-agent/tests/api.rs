@@ -1,0 +1,261 @@
+//! The local API over a real unix socket: the CLI's client against the
+//! server with a stand-in backend; Hubble-shaped flows, following, filters,
+//! the socket's mode, bad requests and garbage on the socket.
+
+use std::os::unix::fs::PermissionsExt as _;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use auth_agent::api::types::{
+    AgentStatus, AuthEntry, DatapathStatus, FlowRecord, HandshakeCounts, IdentityEntry,
+    PolicySummary, Readiness, SpireStatus,
+};
+use auth_agent::api::{ApiClient, ApiError, Backend, FlowHub};
+use auth_agent::cli::{ObserveArgs, observe};
+use auth_ebpf::events::FlowEvent;
+use auth_ebpf::types::Direction;
+use tokio::io::AsyncWriteExt as _;
+use tokio_util::sync::CancellationToken;
+
+struct Fake {
+    hub: FlowHub,
+}
+
+fn status() -> AgentStatus {
+    AgentStatus {
+        node: "node-a".into(),
+        version: "0.1.0".into(),
+        mode: "enforce".into(),
+        started: "2026-11-26T00:00:00Z".into(),
+        ready: Readiness {
+            datapath: true,
+            svids: false,
+            policy: true,
+        },
+        spire: SpireStatus {
+            source: "workload_api".into(),
+            socket: "/run/spire/sockets/agent.sock".into(),
+            state: "disconnected".into(),
+            since: None,
+            last_error: Some("connect: refused".into()),
+            outage: true,
+            svids: 2,
+            next_expiry: None,
+            reconnects: 3,
+        },
+        datapath: DatapathStatus {
+            pin_dir: "/sys/fs/bpf/meshauth".into(),
+            cgroup: "/sys/fs/cgroup/kubepods.slice".into(),
+            links: 2,
+            auth_entries: 5,
+            auth_capacity: 100,
+            ipcache_entries: 9,
+            policy_entries: 1,
+            auth_required_drops: 7,
+        },
+        policy: PolicySummary {
+            source: "kubernetes".into(),
+            generation: 4,
+            synced: true,
+            policies: 2,
+            rejected: 1,
+            identities: 3,
+            endpoints: 9,
+            rules: 1,
+            errors: vec![],
+        },
+        peers: vec![],
+        handshakes: HandshakeCounts {
+            initiated_ok: 1,
+            initiated_failed: 0,
+            served_ok: 2,
+            served_failed: 1,
+        },
+    }
+}
+
+impl Backend for Fake {
+    fn status(&self) -> Result<AgentStatus, String> {
+        Ok(status())
+    }
+    fn auth(&self) -> Result<Vec<AuthEntry>, String> {
+        Err("auth map: opening /sys/fs/bpf/x: no such file".into())
+    }
+    fn identities(&self) -> Vec<IdentityEntry> {
+        vec![]
+    }
+    fn policies(&self, json: bool) -> String {
+        if json { "[]".into() } else { "none\n".into() }
+    }
+    fn flows(&self) -> &FlowHub {
+        &self.hub
+    }
+}
+
+fn event(i: u16, dropped: bool) -> FlowEvent {
+    FlowEvent {
+        time: SystemTime::now(),
+        direction: Direction::Ingress,
+        local: ("10.0.1.2".parse().unwrap(), 8080),
+        remote: ("fd00::3".parse().unwrap(), 40000 + i),
+        local_identity: 257,
+        remote_identity: 256,
+        remote_node_id: 1,
+        proto: 17,
+        forwarded: !dropped,
+        reason: if dropped { 189 } else { 2 },
+        auth_type: 1,
+        len: 100,
+    }
+}
+
+async fn start() -> (tempfile::TempDir, ApiClient, FlowHub, CancellationToken) {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("run/meshauth/agent.sock");
+    let listener = auth_agent::api::server::bind(&sock).unwrap();
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the API socket is root's only");
+    let hub = FlowHub::new(100);
+    let token = CancellationToken::new();
+    tokio::spawn(auth_agent::api::server::serve(
+        listener,
+        Arc::new(Fake { hub: hub.clone() }),
+        token.clone(),
+    ));
+    (dir, ApiClient::new(&sock), hub, token)
+}
+
+#[tokio::test]
+async fn status_round_trips_and_errors_name_what_failed() {
+    let (dir, api, _hub, token) = start().await;
+    let s: AgentStatus = api.get_json("/v1/status").await.unwrap();
+    assert_eq!(s, status());
+    let text = auth_agent::cli::render_status(&s);
+    assert!(text.contains("Ready:       NO"), "{text}");
+    assert!(text.contains("SPIRE answered: NO"), "{text}");
+    assert!(text.contains("OUTAGE"), "{text}");
+    assert!(text.contains("auth 5/100 (5.0%)"), "{text}");
+
+    match api.get_json::<Vec<AuthEntry>>("/v1/auth").await {
+        Err(ApiError::Status { status, body, .. }) => {
+            assert_eq!(status, 500);
+            assert!(body.contains("no such file"), "{body}");
+        }
+        other => panic!("expected the backend's error, got {other:?}"),
+    }
+    match api.get_text("/v1/nope").await {
+        Err(ApiError::Status { status, .. }) => assert_eq!(status, 404),
+        other => panic!("{other:?}"),
+    }
+    match api.get_text("/v1/flows?identity=abc").await {
+        Err(ApiError::Status { status, body, .. }) => {
+            assert_eq!(status, 400);
+            assert!(body.contains("identity"));
+        }
+        other => panic!("{other:?}"),
+    }
+
+    // Garbage on the socket: that connection fails, the server keeps serving.
+    let sock = dir.path().join("run/meshauth/agent.sock");
+    let mut raw = tokio::net::UnixStream::connect(&sock).await.unwrap();
+    raw.write_all(b"\x16\x03\x01garbage\r\n\r\n").await.unwrap();
+    drop(raw);
+    let s: AgentStatus = api.get_json("/v1/status").await.unwrap();
+    assert_eq!(s.node, "node-a");
+
+    // No agent: the error says where it looked.
+    let missing = ApiClient::new(dir.path().join("none.sock"));
+    let e = missing
+        .get_text("/v1/status")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("none.sock") && e.contains("meshauth agent"),
+        "{e}"
+    );
+    token.cancel();
+}
+
+#[tokio::test]
+async fn observe_gives_history_then_follows_with_the_verdict_filter() {
+    let (_dir, api, hub, token) = start().await;
+    let d = policy_bridge::DesiredState::default();
+    for i in 0..5 {
+        hub.push(auth_agent::api::flows::to_record(
+            &event(i, i % 2 == 0),
+            &d,
+            "node-b",
+        ));
+    }
+    // History only: the last 2 drops.
+    let mut got = Vec::new();
+    let args = ObserveArgs {
+        verdict: Some("dropped".into()),
+        last: 2,
+        json: true,
+        ..ObserveArgs::default()
+    };
+    observe(&api, &args, &mut got).await.unwrap();
+    let lines: Vec<FlowRecord> = String::from_utf8(got)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert!(lines.iter().all(|r| r.flow.verdict == "DROPPED"));
+    assert_eq!(lines[0].flow.l4.udp.unwrap().source_port, 40002);
+    assert_eq!(lines[1].flow.drop_reason_desc, "Authentication required");
+    assert_eq!(lines[1].flow.ip.source, "fd00::3");
+    assert_eq!(lines[1].flow.ip.ip_version, "IPv6");
+
+    // Following: flows pushed after the request arrive, filtered.
+    let api2 = api.clone();
+    let follower = tokio::spawn(async move {
+        let mut seen = Vec::new();
+        api2.stream_lines("/v1/flows?last=0&follow=true&verdict=FORWARDED", |l| {
+            seen.push(l.to_string());
+            seen.len() < 3
+        })
+        .await
+        .unwrap();
+        seen
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for i in 10..20 {
+        hub.push(auth_agent::api::flows::to_record(
+            &event(i, i % 2 == 0),
+            &d,
+            "node-b",
+        ));
+    }
+    let seen = tokio::time::timeout(Duration::from_secs(5), follower)
+        .await
+        .expect("three followed flows in time")
+        .unwrap();
+    let ports: Vec<u16> = seen
+        .iter()
+        .map(|l| {
+            let r: FlowRecord = serde_json::from_str(l).unwrap();
+            assert_eq!(r.flow.verdict, "FORWARDED");
+            r.flow.l4.udp.unwrap().source_port
+        })
+        .collect();
+    assert_eq!(ports, vec![40011, 40013, 40015]);
+
+    // Text lines like hubble observe.
+    let mut got = Vec::new();
+    let args = ObserveArgs {
+        last: 1,
+        ..ObserveArgs::default()
+    };
+    observe(&api, &args, &mut got).await.unwrap();
+    let text = String::from_utf8(got).unwrap();
+    assert!(
+        text.contains(
+            "[fd00::3]:40019 (ID:256) -> 10.0.1.2:8080 (ID:257) FORWARDED (UDP) on node-b"
+        ),
+        "{text}"
+    );
+    token.cancel();
+}
