@@ -7,6 +7,7 @@
 //! - [`datapath_sync`]: desired state into the ipcache and policy maps.
 //! - [`handshake`]: the `meshauth/1` mutual TLS handshake (server and client).
 //! - [`demo`]: `meshauth demo`.
+//! - [`lab`]: a multi-node cluster in network namespaces (demo, tests, bench).
 
 pub mod auth;
 pub mod cli;
@@ -14,4 +15,5 @@ pub mod config;
 pub mod datapath_sync;
 pub mod demo;
 pub mod handshake;
+pub mod lab;
 pub mod nodes;

@@ -29,6 +29,22 @@ enum Command {
         #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(2..=300))]
         ttl: u64,
     },
+    /// Run CMD in a cgroup and network namespace (the lab's process launcher).
+    #[command(hide = true)]
+    LabExec {
+        /// Network namespace file to enter.
+        #[arg(long)]
+        netns: std::path::PathBuf,
+        /// Cgroup v2 directory to join first.
+        #[arg(long)]
+        cgroup: Option<std::path::PathBuf>,
+        /// The command and its arguments.
+        #[arg(last = true, required = true)]
+        cmd: Vec<std::ffi::OsString>,
+    },
+    /// A lab pod's workload: a line protocol on stdin/stdout.
+    #[command(hide = true)]
+    LabPod,
 }
 
 #[derive(Subcommand, Debug)]
@@ -48,6 +64,24 @@ enum PolicyCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Before any runtime thread exists: lab-exec changes this thread's netns.
+    match &cli.command {
+        Command::LabExec { netns, cgroup, cmd } => {
+            let e = auth_agent::lab::exec::exec_in(netns, cgroup.as_deref(), cmd);
+            eprintln!("meshauth lab-exec: {e}");
+            return ExitCode::from(127);
+        }
+        Command::LabPod => {
+            return match auth_agent::lab::pod::run_stdio() {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("meshauth lab-pod: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        _ => {}
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("MESHAUTH_LOG")
@@ -92,5 +126,6 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::LabExec { .. } | Command::LabPod => unreachable!("handled above"),
     }
 }
