@@ -38,7 +38,7 @@ use std::ffi::OsStr;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::AsRawFd as _;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
@@ -234,6 +234,7 @@ pub struct Lab {
     fabric: PathBuf,
     bridge: u32,
     cgroup_root: PathBuf,
+    cgroup_mount: PathBuf,
     nodes: BTreeMap<String, Node>,
     pods: BTreeMap<String, PodInfo>,
 }
@@ -302,6 +303,7 @@ impl Lab {
             fabric: PathBuf::new(),
             bridge: 0,
             cgroup_root,
+            cgroup_mount: mount,
             nodes: BTreeMap::new(),
             pods: BTreeMap::new(),
         };
@@ -633,20 +635,88 @@ impl Lab {
         &self.bin
     }
 
-    /// Starts the `lab-pod` workload in a pod.
-    pub fn start_pod_process(&self, pod: &PodInfo) -> Result<PodProcess, LabError> {
-        let mut cmd = self.command(pod, &self.bin);
-        cmd.arg("lab-pod");
-        PodProcess::spawn(&pod.name, cmd)
+    /// Spawns `program args…` inside `target`, stdin closed, stdout and
+    /// stderr inherited (use [`Self::command`] for more control); returns
+    /// once the process is in the target's cgroup.
+    pub fn spawn<'a, I, S>(
+        &self,
+        target: impl Into<Target<'a>>,
+        program: impl AsRef<OsStr>,
+        args: I,
+    ) -> Result<Child, LabError>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let target = target.into();
+        let cgroup = match target {
+            Target::Node(n) => &n.host_cgroup,
+            Target::Pod(p) => &p.cgroup,
+        };
+        let mut cmd = self.command(target, program);
+        cmd.args(args).stdin(Stdio::null());
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| LabError::sys("spawn", format!("{cmd:?}"), e))?;
+        // Return once the process is in its cgroup, so that a kill of the
+        // cgroup right after cannot miss it.
+        let want = format!(
+            "0::/{}",
+            cgroup
+                .strip_prefix(&self.cgroup_mount)
+                .unwrap_or(cgroup)
+                .display()
+        );
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let now =
+                std::fs::read_to_string(format!("/proc/{}/cgroup", child.id())).unwrap_or_default();
+            if now.lines().any(|l| l == want) {
+                return Ok(child);
+            }
+            if Instant::now() > deadline || child.try_wait().ok().flatten().is_some() {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(LabError::Invalid(format!(
+                    "{cmd:?} did not join cgroup {} (its cgroups: {})",
+                    cgroup.display(),
+                    now.trim().replace('\n', ", ")
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
-    /// Removes everything; what [`Drop`] does. Idempotent.
+    /// Starts the `lab-pod` workload in a pod.
+    pub fn start_pod_process(&self, pod: &PodInfo) -> Result<PodProcess, LabError> {
+        self.start_workload(pod.into(), &pod.name)
+    }
+
+    /// Starts the `lab-pod` workload on a node itself (its namespace and
+    /// host cgroup, outside the pods' cgroup): traffic from the node.
+    pub fn start_node_process(&self, node: &NodeInfo) -> Result<PodProcess, LabError> {
+        self.start_workload(node.into(), &format!("node {}", node.name))
+    }
+
+    fn start_workload(&self, target: Target<'_>, label: &str) -> Result<PodProcess, LabError> {
+        let mut cmd = self.command(target, &self.bin);
+        cmd.arg("lab-pod");
+        PodProcess::spawn(label, cmd)
+    }
+
+    /// Removes everything; what [`Drop`] does. Idempotent, and it needs no
+    /// netlink: processes die with the cgroups, links with the namespaces.
     pub fn teardown(&mut self) {
-        // Kill first: nothing keeps using the namespaces while they go.
         kill_cgroup(&self.cgroup_root);
-        let nodes: Vec<String> = self.nodes.keys().cloned().collect();
-        for n in nodes {
-            let _ = self.remove_node(&n);
+        for p in std::mem::take(&mut self.pods).into_values() {
+            if !p.netns.as_os_str().is_empty() {
+                netns::remove(&p.netns);
+            }
+        }
+        for n in std::mem::take(&mut self.nodes).into_values() {
+            if !n.info.netns.as_os_str().is_empty() {
+                netns::remove(&n.info.netns);
+            }
         }
         if !self.fabric.as_os_str().is_empty() {
             netns::remove(&self.fabric);

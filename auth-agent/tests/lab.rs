@@ -200,3 +200,71 @@ fn cleanup_stale_removes_leftovers_of_a_dead_run() {
     let removed = Lab::cleanup_stale("stale");
     assert!(!cg.exists() && !ns.exists(), "removed {removed:?}");
 }
+
+#[test]
+fn a_panic_drops_the_lab() {
+    let mut names = None;
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let mut lab = lab();
+        lab.add_node("n").expect("node");
+        let pod = lab.add_pod("n", "p").expect("pod");
+        let proc = lab.start_pod_process(&pod).expect("process");
+        names = Some((
+            pod.netns.clone(),
+            lab.cgroup_root().to_path_buf(),
+            proc.pid(),
+        ));
+        std::mem::forget(proc); // only the lab can kill it now
+        panic!("test body fails");
+    }));
+    assert!(r.is_err());
+    let (netns, cgroup, pid) = names.expect("the body ran");
+    assert!(!netns.exists() && !cgroup.exists(), "{netns:?} {cgroup:?}");
+    assert_not_running(pid);
+}
+
+/// `pid` is gone or a zombie (a forgotten Child is never reaped).
+fn assert_not_running(pid: u32) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let state = stat
+        .rsplit(')')
+        .next()
+        .and_then(|r| r.split_whitespace().next());
+    assert!(matches!(state, None | Some("Z")), "pid {pid}: {stat}");
+}
+
+#[test]
+fn cleanup_stale_removes_a_forgotten_lab() {
+    let mut lab = lab();
+    let node = lab.add_node("n").expect("node");
+    let pod = lab.add_pod("n", "p").expect("pod");
+    let proc = lab.start_pod_process(&pod).expect("process");
+    let agent = lab.spawn(&node, "sleep", ["60"]).expect("a node process");
+    let host = std::fs::read_to_string(format!("/proc/{}/cgroup", agent.id())).expect("cgroup");
+    assert!(
+        host.contains(&format!(
+            "/{}/n.host",
+            lab.cgroup_root().file_name().unwrap().to_string_lossy()
+        )),
+        "{host}"
+    );
+    let prefix = lab
+        .fabric_netns()
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.split('-').next())
+        .expect("fabric netns name")
+        .to_string();
+    let cgroup = lab.cgroup_root().to_path_buf();
+    let pids = [proc.pid(), agent.id()];
+    // As if the run had been killed with -9: nothing dropped.
+    std::mem::forget(proc);
+    std::mem::forget(agent);
+    std::mem::forget(lab);
+    let removed = Lab::cleanup_stale(&prefix);
+    assert!(removed.len() >= 4, "{removed:?}");
+    assert_eq!(leftovers(&prefix, &cgroup), Vec::<String>::new());
+    for pid in pids {
+        assert_not_running(pid);
+    }
+}
