@@ -268,3 +268,25 @@ fn cleanup_stale_removes_a_forgotten_lab() {
         assert_not_running(pid);
     }
 }
+
+#[test]
+fn connect_retry_counts_attempts_until_a_server_appears() {
+    let mut lab = lab();
+    lab.add_node("a").expect("node a");
+    lab.add_node("b").expect("node b");
+    let client = lab.add_pod("a", "client").expect("client");
+    let server = lab.add_pod("b", "server").expect("server");
+    let mut c = lab.start_pod_process(&client).expect("client process");
+    let mut s = lab.start_pod_process(&server).expect("server process");
+    let to: IpAddr = server.ipv6.into();
+    let retry = std::thread::spawn(move || {
+        let r = c.connect_retry(to, PORT, Duration::from_secs(5));
+        (c, r)
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    s.serve(PORT).expect("serve");
+    let (_c, r) = retry.join().expect("retry thread");
+    let r = r.expect("connect_retry succeeds once the server is up");
+    // Refused while nothing listened (the timing is not asserted).
+    assert!(r.failed_attempts >= 1, "{r:?}");
+}

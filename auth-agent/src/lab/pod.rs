@@ -424,3 +424,89 @@ fn rr(w: &[&str]) -> Answer {
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A port free on both TCP and UDP right now (in the test's own netns).
+    fn free_port() -> u16 {
+        loop {
+            let t = TcpListener::bind("[::]:0").expect("bind tcp");
+            let port = t.local_addr().expect("addr").port();
+            if UdpSocket::bind(("::", port)).is_ok() {
+                return port;
+            }
+        }
+    }
+
+    fn ok(w: &mut Workload, line: &str) -> String {
+        let (a, _) = w.handle(line);
+        a.strip_prefix("ok")
+            .unwrap_or_else(|| panic!("`{line}`: {a}"))
+            .trim()
+            .to_string()
+    }
+
+    #[test]
+    fn bad_commands_say_what_is_wrong() {
+        let mut w = Workload::default();
+        assert_eq!(w.handle("bogus 1").0, "fail unknown command bogus");
+        assert_eq!(w.handle("stats 9").0, "fail not serving 9");
+        assert_eq!(w.handle("connect ::1").0, "fail missing port");
+        assert_eq!(
+            w.handle("connect example.org 80 10").0,
+            "fail bad host \"example.org\""
+        );
+        assert_eq!(w.handle("ping x 10").0, "fail no connection x");
+        assert_eq!(
+            w.handle("rr sctp ::1 1 1 10").0,
+            "fail bad proto \"sctp\": want tcp or udp"
+        );
+        assert_eq!(w.handle("quit"), ("ok".to_string(), true));
+    }
+
+    #[test]
+    fn echo_over_loopback_v4_and_v6() {
+        let mut w = Workload::default();
+        let port = free_port();
+        ok(&mut w, &format!("serve {port}"));
+        for host in ["127.0.0.1", "::1"] {
+            let ns: u64 = ok(&mut w, &format!("connect {host} {port} 1000"))
+                .parse()
+                .expect("ns");
+            assert!(ns > 0);
+            ok(&mut w, &format!("udp {host} {port} 1000"));
+            let samples = ok(&mut w, &format!("rr tcp {host} {port} 5 1000"));
+            assert_eq!(samples.split(' ').count(), 5, "{samples}");
+            let samples = ok(&mut w, &format!("rr udp {host} {port} 3 1000"));
+            assert_eq!(samples.split(' ').count(), 3, "{samples}");
+        }
+        let retry = ok(&mut w, &format!("retry ::1 {port} 1000 100 10"));
+        assert!(retry.starts_with("0 "), "{retry}");
+        ok(&mut w, &format!("open c 127.0.0.1 {port} 1000"));
+        ok(&mut w, "ping c 1000");
+        ok(&mut w, "close c");
+        ok(&mut w, &format!("stream s ::1 {port} 2 1000"));
+        std::thread::sleep(Duration::from_millis(30));
+        let st = ok(&mut w, "stream-stop s");
+        let (okn, failed) = st.split_once(' ').expect("two counts");
+        assert!(
+            okn.parse::<u64>().expect("ok count") >= 3 && failed == "0",
+            "{st}"
+        );
+        // 2 × (connect + rr) + retry + open + stream connections.
+        assert_eq!(ok(&mut w, &format!("stats {port}")), "7 8");
+    }
+
+    #[test]
+    fn retry_reports_failures_until_the_deadline() {
+        let mut w = Workload::default();
+        let port = free_port(); // nothing serves it
+        let (a, _) = w.handle(&format!("retry 127.0.0.1 {port} 50 10 10"));
+        let rest = a.strip_prefix("fail ").unwrap_or_else(|| panic!("{a}"));
+        let (n, why) = rest.split_once(' ').expect("count and reason");
+        assert!(n.parse::<u64>().expect("count") >= 3, "{a}");
+        assert!(why.contains("refused"), "{a}");
+    }
+}
