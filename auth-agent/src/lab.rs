@@ -27,111 +27,33 @@
 //! everything, also on a panic; [`Lab::cleanup_stale`] removes what a killed
 //! run left.
 
+mod cgroup;
+mod error;
 pub mod exec;
 mod netlink;
 mod netns;
 pub mod pod;
 mod process;
+mod stale;
+mod topology;
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::fd::AsRawFd as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+pub use error::LabError;
 pub use process::{ConnectRetry, PodProcess, Proto, StreamStats};
+pub use topology::{Cidr, NodeInfo, PodInfo, Target};
+
+use cgroup::{kill_cgroup, remove_cgroup_tree};
+use topology::{gateway_v4, gateway_v6, pod_routes};
 
 use netlink::Via;
-
-/// What went wrong in the lab.
-#[derive(Debug, thiserror::Error)]
-pub enum LabError {
-    /// A file operation failed.
-    #[error("{action} {path}: {source}")]
-    Io {
-        /// What was being done.
-        action: &'static str,
-        /// On which file.
-        path: PathBuf,
-        /// The error.
-        source: std::io::Error,
-    },
-    /// A system call failed.
-    #[error("{call} ({what}): {source}")]
-    Sys {
-        /// The call.
-        call: &'static str,
-        /// Its argument.
-        what: String,
-        /// The error.
-        source: std::io::Error,
-    },
-    /// A netlink request failed.
-    #[error("netlink {op} ({what}): {source}")]
-    Netlink {
-        /// The request.
-        op: &'static str,
-        /// Its object.
-        what: String,
-        /// The error.
-        source: rtnetlink::Error,
-    },
-    /// A helper thread panicked.
-    #[error("thread panicked: {0}")]
-    Thread(String),
-    /// A bad name or argument.
-    #[error("invalid: {0}")]
-    Invalid(String),
-    /// Something named does not exist.
-    #[error("not found: {0}")]
-    NotFound(String),
-    /// A pod process answered `fail`, answered nonsense, or died.
-    #[error("pod {pod}: `{command}`: {reason}")]
-    Pod {
-        /// The pod.
-        pod: String,
-        /// The command sent.
-        command: String,
-        /// What failed.
-        reason: String,
-    },
-}
-
-impl LabError {
-    fn io(action: &'static str, path: impl AsRef<Path>, source: std::io::Error) -> Self {
-        Self::Io {
-            action,
-            path: path.as_ref().to_path_buf(),
-            source,
-        }
-    }
-
-    fn sys(call: &'static str, what: impl std::fmt::Display, source: std::io::Error) -> Self {
-        Self::Sys {
-            call,
-            what: what.to_string(),
-            source,
-        }
-    }
-}
-
-/// An address block.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Cidr {
-    /// The network address.
-    pub addr: IpAddr,
-    /// The prefix length.
-    pub prefix: u8,
-}
-
-impl std::fmt::Display for Cidr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.addr, self.prefix)
-    }
-}
 
 /// Lab settings.
 #[derive(Debug, Clone)]
@@ -149,71 +71,6 @@ impl Default for LabOptions {
             net: 42,
             meshauth_bin: None,
         }
-    }
-}
-
-/// A node of the lab.
-#[derive(Debug, Clone)]
-pub struct NodeInfo {
-    /// Its name.
-    pub name: String,
-    /// Its number *i* (1..=254).
-    pub index: u8,
-    /// Its network namespace.
-    pub netns: PathBuf,
-    /// The address of its `eth0`.
-    pub ipv4: Ipv4Addr,
-    /// The IPv6 address of its `eth0`.
-    pub ipv6: Ipv6Addr,
-    /// Its pods' IPv4 block.
-    pub pod_cidr_v4: Cidr,
-    /// Its pods' IPv6 block.
-    pub pod_cidr_v6: Cidr,
-    /// Its "kubepods" cgroup: every pod cgroup is below it.
-    pub pods_cgroup: PathBuf,
-    /// The cgroup for the node's own processes (outside `pods_cgroup`).
-    pub host_cgroup: PathBuf,
-}
-
-/// A pod of the lab.
-#[derive(Debug, Clone)]
-pub struct PodInfo {
-    /// Its name (unique in the lab).
-    pub name: String,
-    /// Its node's name.
-    pub node: String,
-    /// Its number *k* on the node (2..=254).
-    pub index: u8,
-    /// Its network namespace.
-    pub netns: PathBuf,
-    /// Its IPv4 address.
-    pub ipv4: Ipv4Addr,
-    /// Its IPv6 address.
-    pub ipv6: Ipv6Addr,
-    /// Its cgroup (below the node's `pods_cgroup`).
-    pub cgroup: PathBuf,
-    /// The node side of its veth (in the node namespace).
-    pub host_veth: String,
-}
-
-/// Where [`Lab::command`] runs a program.
-#[derive(Debug, Clone, Copy)]
-pub enum Target<'a> {
-    /// In the node's namespace and its host cgroup.
-    Node(&'a NodeInfo),
-    /// In the pod's namespace and cgroup.
-    Pod(&'a PodInfo),
-}
-
-impl<'a> From<&'a NodeInfo> for Target<'a> {
-    fn from(n: &'a NodeInfo) -> Self {
-        Self::Node(n)
-    }
-}
-
-impl<'a> From<&'a PodInfo> for Target<'a> {
-    fn from(p: &'a PodInfo) -> Self {
-        Self::Pod(p)
     }
 }
 
@@ -727,111 +584,17 @@ impl Lab {
 
     /// Removes what earlier runs with this prefix left behind (killed before
     /// they could drop their lab): namespaces `/run/netns/<prefix>-<pid>x<n>-*`
-    /// and cgroups `meshauth-lab-<prefix>-<pid>x<n>` whose process is gone.
+    /// and cgroups `meshauth-lab-<prefix>-<pid>x<n>` whose process is gone
+    /// (or is this one: a lab it leaked). Prefixes must not be shared by
+    /// labs of live processes.
     /// Returns what it removed.
     pub fn cleanup_stale(prefix: &str) -> Vec<PathBuf> {
-        let mut removed = Vec::new();
-        let stale = |rest: &str| -> bool {
-            let uniq = rest.split('-').next().unwrap_or("");
-            let Some((pid, seq)) = uniq.split_once('x') else {
-                return false;
-            };
-            let (Ok(pid), Ok(_)) = (pid.parse::<u32>(), seq.parse::<u32>()) else {
-                return false;
-            };
-            pid == std::process::id() || !Path::new(&format!("/proc/{pid}")).exists()
-        };
-        if let Ok(rd) = std::fs::read_dir(netns::NETNS_DIR) {
-            for e in rd.flatten() {
-                let name = e.file_name().to_string_lossy().into_owned();
-                if let Some(rest) = name.strip_prefix(&format!("{prefix}-"))
-                    && stale(rest)
-                {
-                    netns::remove(&e.path());
-                    removed.push(e.path());
-                }
-            }
-        }
-        for mount in auth_ebpf::attach::cgroup2_mounts() {
-            let Ok(rd) = std::fs::read_dir(&mount) else {
-                continue;
-            };
-            for e in rd.flatten() {
-                let name = e.file_name().to_string_lossy().into_owned();
-                if let Some(rest) = name.strip_prefix(&format!("meshauth-lab-{prefix}-"))
-                    && stale(rest)
-                {
-                    kill_cgroup(&e.path());
-                    remove_cgroup_tree(&e.path());
-                    removed.push(e.path());
-                }
-            }
-        }
-        removed
+        stale::cleanup_stale(prefix)
     }
 }
 
 impl Drop for Lab {
     fn drop(&mut self) {
         self.teardown();
-    }
-}
-
-/// The pod CIDRs of a node, each with the node's address as gateway.
-fn pod_routes(n: &NodeInfo) -> [(Cidr, IpAddr); 2] {
-    [
-        (n.pod_cidr_v4, n.ipv4.into()),
-        (n.pod_cidr_v6, n.ipv6.into()),
-    ]
-}
-
-/// The pods' IPv4 gateway on a node: `10.<net>.<i>.1`.
-fn gateway_v4(n: &NodeInfo) -> Ipv4Addr {
-    match n.pod_cidr_v4.addr {
-        IpAddr::V4(a) => {
-            let o = a.octets();
-            Ipv4Addr::new(o[0], o[1], o[2], 1)
-        }
-        IpAddr::V6(_) => unreachable!("pod_cidr_v4 is IPv4"),
-    }
-}
-
-/// The pods' IPv6 gateway: `fe80::1` on every pod veth.
-fn gateway_v6() -> Ipv6Addr {
-    Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1)
-}
-
-/// Kills every process in a cgroup subtree (`cgroup.kill`) and waits up to
-/// 2 s until it is empty.
-fn kill_cgroup(dir: &Path) {
-    if std::fs::write(dir.join("cgroup.kill"), "1").is_err() {
-        return;
-    }
-    let deadline = Instant::now() + Duration::from_secs(2);
-    while Instant::now() < deadline {
-        match std::fs::read_to_string(dir.join("cgroup.events")) {
-            Ok(ev) if ev.lines().any(|l| l == "populated 1") => {
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            _ => return,
-        }
-    }
-}
-
-/// Removes a cgroup and its children, deepest first.
-fn remove_cgroup_tree(dir: &Path) {
-    if let Ok(rd) = std::fs::read_dir(dir) {
-        for e in rd.flatten() {
-            if e.file_type().is_ok_and(|t| t.is_dir()) {
-                remove_cgroup_tree(&e.path());
-            }
-        }
-    }
-    for _ in 0..100 {
-        match std::fs::remove_dir(dir) {
-            Ok(()) => return,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
-            Err(_) => std::thread::sleep(Duration::from_millis(10)),
-        }
     }
 }
