@@ -10,6 +10,7 @@
 //! - [`handshake`]: the `meshauth/1` mutual TLS handshake (server and client).
 //! - [`demo`]: `meshauth demo`.
 //! - [`preflight`]: `meshauth preflight`, what to fix on a node before install.
+//! - [`lab`]: a multi-node cluster in network namespaces (demo, tests, bench).
 
 pub mod api;
 pub mod app;
@@ -19,5 +20,6 @@ pub mod config;
 pub mod datapath_sync;
 pub mod demo;
 pub mod handshake;
+pub mod lab;
 pub mod nodes;
 pub mod preflight;

@@ -80,6 +80,22 @@ enum Command {
     /// SPIRE, ports. One line per check with what to fix; exits 1 if any
     /// check FAILs.
     Preflight(PreflightArgs),
+    /// Run CMD in a cgroup and network namespace (the lab's process launcher).
+    #[command(hide = true)]
+    LabExec {
+        /// Network namespace file to enter.
+        #[arg(long)]
+        netns: std::path::PathBuf,
+        /// Cgroup v2 directory to join first.
+        #[arg(long)]
+        cgroup: Option<std::path::PathBuf>,
+        /// The command and its arguments.
+        #[arg(last = true, required = true)]
+        cmd: Vec<std::ffi::OsString>,
+    },
+    /// A lab pod's workload: a line protocol on stdin/stdout.
+    #[command(hide = true)]
+    LabPod,
 }
 
 #[derive(clap::Args, Debug)]
@@ -143,6 +159,24 @@ fn init_logs(default: &str, json: bool) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Before any runtime thread exists: lab-exec changes this thread's netns.
+    match &cli.command {
+        Command::LabExec { netns, cgroup, cmd } => {
+            let e = auth_agent::lab::exec::exec_in(netns, cgroup.as_deref(), cmd);
+            eprintln!("meshauth lab-exec: {e}");
+            return ExitCode::from(127);
+        }
+        Command::LabPod => {
+            return match auth_agent::lab::pod::run_stdio() {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("meshauth lab-pod: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        _ => {}
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -320,5 +354,6 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::LabExec { .. } | Command::LabPod => unreachable!("handled above"),
     }
 }
