@@ -10,6 +10,7 @@
 //! - [`handshake`]: the `meshauth/1` mutual TLS handshake (server and client).
 //! - [`demo`]: `meshauth demo`.
 //! - [`preflight`]: `meshauth preflight`, what to fix on a node before install.
+//! - [`testbed`]: real agents on a lab cluster with spire-dev (demo, tests, bench).
 //! - [`lab`]: a multi-node cluster in network namespaces (demo, tests, bench).
 
 pub mod api;
@@ -23,3 +24,4 @@ pub mod handshake;
 pub mod lab;
 pub mod nodes;
 pub mod preflight;
+pub mod testbed;

@@ -1,0 +1,562 @@
+//! A cluster of real `meshauth agent` processes on a [`crate::lab::Lab`]:
+//! one agent per node (in the node's namespace, attached to the node's pods
+//! cgroup, maps pinned in its own bpffs directory), spire-dev with one
+//! agent socket per node, and a manifest directory (Nodes, Namespace, Pods,
+//! policies) every agent reads. Used by `meshauth demo`, the multi-node
+//! tests and the latency bench.
+//!
+//! Identities: in directory mode each agent allocates identity numbers in
+//! its own state file. The testbed allocates them first (same compiler, same
+//! file) and seeds every agent's state with that file, so all agree;
+//! SPIRE entries are made per (identity, node that runs it) — a node only
+//! ever gets the keys of its own workloads.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use policy_bridge::source::files::{FilesConfig, FilesSource};
+use spire_dev::{DevConfig, EntrySpec, SpiffeId, SpireDev};
+
+use crate::api::ApiClient;
+use crate::api::types::{AgentStatus, AuthEntry};
+use crate::lab::{Lab, LabError, LabOptions, NodeInfo, PodInfo};
+
+/// The namespace every testbed pod runs in.
+pub const NAMESPACE: &str = "production";
+
+/// Testbed failures.
+#[derive(Debug, thiserror::Error)]
+pub enum TestbedError {
+    /// The lab failed.
+    #[error(transparent)]
+    Lab(#[from] LabError),
+    /// spire-dev failed.
+    #[error("spire-dev: {0}")]
+    Spire(String),
+    /// A file operation failed.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// Compiling the manifests failed.
+    #[error("compiling the manifests: {0}")]
+    Compile(String),
+    /// Something did not happen in time, or is unknown.
+    #[error("{0}")]
+    Failed(String),
+}
+
+fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> TestbedError + 'a {
+    move |source| TestbedError::Io {
+        what,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Testbed settings.
+#[derive(Debug, Clone)]
+pub struct TestbedOptions {
+    /// Lab prefix (1..=8 of `[a-z0-9]`).
+    pub prefix: String,
+    /// Node names.
+    pub nodes: Vec<String>,
+    /// SVID lifetime.
+    pub svid_ttl: Duration,
+    /// The `meshauth` binary (None: this executable).
+    pub meshauth_bin: Option<PathBuf>,
+    /// How often agents re-read the manifest directory.
+    pub poll_interval: Duration,
+    /// `MESHAUTH_LOG` for the agents.
+    pub log: String,
+    /// Lab `<net>`.
+    pub net: u8,
+}
+
+impl Default for TestbedOptions {
+    fn default() -> Self {
+        Self {
+            prefix: "tb".into(),
+            nodes: vec!["node-a".into(), "node-b".into(), "node-c".into()],
+            svid_ttl: Duration::from_secs(3600),
+            meshauth_bin: None,
+            poll_interval: Duration::from_millis(100),
+            log: "info".into(),
+            net: 42,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct PodRecord {
+    node: String,
+}
+
+/// The running testbed. Drop removes everything (agents, namespaces,
+/// cgroups, pinned programs and maps).
+#[derive(Debug)]
+pub struct Testbed {
+    opts: TestbedOptions,
+    lab: Lab,
+    root: tempfile::TempDir,
+    spire: SpireDev,
+    pin_root: PathBuf,
+    agents: BTreeMap<String, Child>,
+    pods: BTreeMap<String, PodRecord>,
+    entries: BTreeMap<(u32, String), String>,
+    compiler: FilesSource,
+    torn_down: bool,
+}
+
+/// Where an agent's things are.
+#[derive(Debug, Clone)]
+pub struct AgentPaths {
+    /// Its local API socket.
+    pub api_socket: PathBuf,
+    /// Its log file.
+    pub log: PathBuf,
+    /// Its state directory.
+    pub state_dir: PathBuf,
+    /// Its bpffs pin directory.
+    pub pin_dir: PathBuf,
+}
+
+impl Testbed {
+    /// Removes what a killed earlier run with `prefix` left behind.
+    pub fn cleanup_stale(prefix: &str) {
+        Lab::cleanup_stale(prefix);
+        let Ok(rd) = std::fs::read_dir("/sys/fs/bpf") else {
+            return;
+        };
+        let me = std::process::id();
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(rest) = name.strip_prefix(&format!("meshauth-tb-{prefix}-")) else {
+                continue;
+            };
+            let pid: u32 = rest.parse().unwrap_or(0);
+            if pid != me && !Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+
+    /// Builds the lab (nodes only), starts spire-dev and writes the Nodes
+    /// and the Namespace. Agents start with [`Self::start_agents`].
+    pub async fn start(opts: TestbedOptions) -> Result<Self, TestbedError> {
+        Self::cleanup_stale(&opts.prefix);
+        let mut lab = Lab::with_options(
+            &opts.prefix,
+            LabOptions {
+                net: opts.net,
+                meshauth_bin: opts.meshauth_bin.clone(),
+            },
+        )?;
+        for n in &opts.nodes {
+            lab.add_node(n)?;
+        }
+        let root = tempfile::Builder::new()
+            .prefix(&format!("meshauth-{}-", opts.prefix))
+            .tempdir()
+            .map_err(io("creating", Path::new("/tmp")))?;
+        for d in ["manifests", "spire", "agents"] {
+            let p = root.path().join(d);
+            std::fs::create_dir_all(&p).map_err(io("creating", &p))?;
+        }
+        let mut cfg = DevConfig::new(root.path().join("spire"));
+        cfg.default_ttl = opts.svid_ttl;
+        cfg.nodes = opts.nodes.clone();
+        let spire = SpireDev::start(cfg)
+            .await
+            .map_err(|e| TestbedError::Spire(e.to_string()))?;
+        let mut fc = FilesConfig::new(root.path().join("manifests"));
+        fc.identity_file = Some(root.path().join("identities.json"));
+        let compiler = FilesSource::new(fc).map_err(|e| TestbedError::Compile(e.to_string()))?;
+        let pin_root = PathBuf::from(format!(
+            "/sys/fs/bpf/meshauth-tb-{}-{}",
+            opts.prefix,
+            std::process::id()
+        ));
+        let tb = Self {
+            opts,
+            lab,
+            root,
+            spire,
+            pin_root,
+            agents: BTreeMap::new(),
+            pods: BTreeMap::new(),
+            entries: BTreeMap::new(),
+            compiler,
+            torn_down: false,
+        };
+        tb.write(
+            "namespace.yaml",
+            &format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {NAMESPACE}\n"),
+        )?;
+        for n in tb.lab.nodes() {
+            tb.write(&format!("node-{}.yaml", n.name), &node_yaml(n))?;
+        }
+        Ok(tb)
+    }
+
+    /// The lab.
+    pub fn lab(&self) -> &Lab {
+        &self.lab
+    }
+
+    /// spire-dev.
+    pub fn spire(&self) -> &SpireDev {
+        &self.spire
+    }
+
+    /// The manifest directory.
+    pub fn manifests(&self) -> PathBuf {
+        self.root.path().join("manifests")
+    }
+
+    /// A node of the lab.
+    pub fn node(&self, name: &str) -> Result<&NodeInfo, TestbedError> {
+        self.lab
+            .node(name)
+            .ok_or_else(|| TestbedError::Failed(format!("no node {name}")))
+    }
+
+    /// A pod of the lab.
+    pub fn pod(&self, name: &str) -> Result<&PodInfo, TestbedError> {
+        self.lab
+            .pod(name)
+            .ok_or_else(|| TestbedError::Failed(format!("no pod {name}")))
+    }
+
+    /// Writes a manifest atomically (readers never see half a file).
+    pub fn write(&self, file: &str, yaml: &str) -> Result<(), TestbedError> {
+        let dir = self.manifests();
+        let tmp = dir.join(format!(".{file}.tmp"));
+        let dst = dir.join(file);
+        std::fs::write(&tmp, yaml).map_err(io("writing", &tmp))?;
+        std::fs::rename(&tmp, &dst).map_err(io("renaming", &dst))
+    }
+
+    /// Removes a manifest.
+    pub fn unlink(&self, file: &str) -> Result<(), TestbedError> {
+        let p = self.manifests().join(file);
+        std::fs::remove_file(&p).map_err(io("removing", &p))
+    }
+
+    /// Adds a pod with label `app=<app>` (service account `<app>`) on
+    /// `node` and publishes it (phase Running, both addresses).
+    pub fn add_pod(&mut self, node: &str, name: &str, app: &str) -> Result<PodInfo, TestbedError> {
+        let info = self.lab.add_pod(node, name)?;
+        self.pods.insert(
+            name.to_string(),
+            PodRecord {
+                node: node.to_string(),
+            },
+        );
+        self.write(&format!("pod-{name}.yaml"), &pod_yaml(&info, app))?;
+        Ok(info)
+    }
+
+    /// Removes a pod (manifest first, then its namespace).
+    pub fn remove_pod(&mut self, name: &str) -> Result<(), TestbedError> {
+        self.unlink(&format!("pod-{name}.yaml"))?;
+        self.pods.remove(name);
+        self.lab.remove_pod(name)?;
+        Ok(())
+    }
+
+    /// Removes a node: its pods and Node object from the manifests, its
+    /// agent (killed), its namespaces.
+    pub fn remove_node(&mut self, name: &str) -> Result<(), TestbedError> {
+        let pods: Vec<String> = self
+            .pods
+            .iter()
+            .filter(|(_, p)| p.node == name)
+            .map(|(n, _)| n.clone())
+            .collect();
+        for p in &pods {
+            self.unlink(&format!("pod-{p}.yaml"))?;
+            self.pods.remove(p);
+        }
+        self.unlink(&format!("node-{name}.yaml"))?;
+        self.kill_agent(name);
+        let paths = self.paths(name);
+        if let Some(n) = self.lab.node(name) {
+            let _ = auth_ebpf::Datapath::detach(&paths.pin_dir, &n.pods_cgroup);
+        }
+        let _ = std::fs::remove_dir_all(&paths.pin_dir);
+        self.lab.remove_node(name)?;
+        Ok(())
+    }
+
+    /// The identity the agents give `pod` (allocating as they do).
+    pub fn identity_of(&mut self, pod: &str) -> Result<u32, TestbedError> {
+        self.compiler
+            .sync()
+            .map_err(|e| TestbedError::Compile(e.to_string()))?;
+        let ip: IpAddr = self.pod(pod)?.ipv4.into();
+        self.compiler
+            .engine()
+            .state()
+            .endpoints
+            .get(&ip)
+            .map(|e| e.identity)
+            .ok_or_else(|| TestbedError::Failed(format!("pod {pod} has no identity (yet)")))
+    }
+
+    /// Registers `pod`'s identity with SPIRE on the pod's node (once per
+    /// identity and node); returns the identity.
+    pub fn register(&mut self, pod: &str) -> Result<u32, TestbedError> {
+        let id = self.identity_of(pod)?;
+        let node = self
+            .pods
+            .get(pod)
+            .map(|p| p.node.clone())
+            .ok_or_else(|| TestbedError::Failed(format!("no pod {pod}")))?;
+        if !self.entries.contains_key(&(id, node.clone())) {
+            let sid = SpiffeId::parse(&format!("spiffe://meshauth.local/identity/{id}"))
+                .map_err(|e| TestbedError::Spire(e.to_string()))?;
+            let e = self
+                .spire
+                .add_entry(EntrySpec::new(node.clone(), sid))
+                .map_err(|e| TestbedError::Spire(e.to_string()))?;
+            self.entries.insert((id, node), e.id.clone());
+        }
+        Ok(id)
+    }
+
+    /// Where `node`'s agent keeps its things.
+    pub fn paths(&self, node: &str) -> AgentPaths {
+        let dir = self.root.path().join("agents").join(node);
+        AgentPaths {
+            api_socket: dir.join("agent.sock"),
+            log: dir.join("agent.log"),
+            state_dir: dir.join("state"),
+            pin_dir: self.pin_root.join(node),
+        }
+    }
+
+    /// The API of `node`'s agent.
+    pub fn api(&self, node: &str) -> ApiClient {
+        ApiClient::new(self.paths(node).api_socket)
+    }
+
+    /// Starts every node's agent and waits until all are ready.
+    pub async fn start_agents(&mut self) -> Result<(), TestbedError> {
+        let names: Vec<String> = self.lab.nodes().map(|n| n.name.clone()).collect();
+        for n in &names {
+            self.start_agent(n)?;
+        }
+        for n in &names {
+            self.wait_ready(n, Duration::from_secs(30)).await?;
+        }
+        Ok(())
+    }
+
+    /// Starts `node`'s agent (again, after a kill: its state and pins stay).
+    pub fn start_agent(&mut self, node: &str) -> Result<(), TestbedError> {
+        // Seed the identity allocation (first start only).
+        self.compiler
+            .sync()
+            .map_err(|e| TestbedError::Compile(e.to_string()))?;
+        let paths = self.paths(node);
+        std::fs::create_dir_all(&paths.state_dir).map_err(io("creating", &paths.state_dir))?;
+        let ids = paths.state_dir.join("identities.json");
+        if !ids.exists() {
+            let src = self.root.path().join("identities.json");
+            if src.exists() {
+                std::fs::copy(&src, &ids).map_err(io("copying", &ids))?;
+            }
+        }
+        let info = self.node(node)?.clone();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&paths.log)
+            .map_err(io("opening", &paths.log))?;
+        let log2 = log.try_clone().map_err(io("opening", &paths.log))?;
+        let spire = self
+            .spire
+            .agent(node)
+            .map_err(|e| TestbedError::Spire(e.to_string()))?
+            .workload_socket();
+        let bin = self.lab.meshauth_bin().to_path_buf();
+        let mut cmd = self.lab.command(&info, &bin);
+        cmd.arg("agent")
+            .arg("--node-name")
+            .arg(node)
+            .arg("--spire-socket")
+            .arg(&spire)
+            .arg("--policy-source")
+            .arg(self.manifests())
+            .arg("--policy-poll-interval")
+            .arg(format!("{}ms", self.opts.poll_interval.as_millis()))
+            .arg("--bpf-pin-dir")
+            .arg(&paths.pin_dir)
+            .arg("--pods-cgroup")
+            .arg(&info.pods_cgroup)
+            .arg("--handshake-listen")
+            .arg(format!("{}:4250", info.ipv4))
+            .arg("--metrics-listen")
+            .arg(format!("{}:9964", info.ipv4))
+            .arg("--api-socket")
+            .arg(&paths.api_socket)
+            .arg("--state-dir")
+            .arg(&paths.state_dir)
+            .arg("--connect-timeout")
+            .arg("1s")
+            .arg("--sweep-cron")
+            .arg("*/5 * * * * *")
+            .env("MESHAUTH_LOG", &self.opts.log)
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(log2));
+        let child = cmd.spawn().map_err(io("starting the agent", &bin))?;
+        self.agents.insert(node.to_string(), child);
+        Ok(())
+    }
+
+    /// `kill -9` of `node`'s agent.
+    pub fn kill_agent(&mut self, node: &str) {
+        if let Some(mut c) = self.agents.remove(node) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Whether `node`'s agent process is still running.
+    pub fn agent_running(&mut self, node: &str) -> bool {
+        self.agents
+            .get_mut(node)
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// Waits until `node`'s agent reports ready.
+    pub async fn wait_ready(
+        &mut self,
+        node: &str,
+        timeout: Duration,
+    ) -> Result<AgentStatus, TestbedError> {
+        let deadline = Instant::now() + timeout;
+        let api = self.api(node);
+        let mut last;
+        loop {
+            match api.get_json::<AgentStatus>("/v1/status").await {
+                Ok(s) if s.ready.all() => return Ok(s),
+                Ok(s) => last = format!("{:?}", s.ready),
+                Err(e) => last = e.to_string(),
+            }
+            if !self.agent_running(node) {
+                return Err(TestbedError::Failed(format!(
+                    "the agent of {node} exited; its log:\n{}",
+                    self.log_tail(node, 30)
+                )));
+            }
+            if Instant::now() > deadline {
+                return Err(TestbedError::Failed(format!(
+                    "the agent of {node} not ready after {timeout:?}: {last}; its log:\n{}",
+                    self.log_tail(node, 30)
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The last `n` lines of `node`'s agent log.
+    pub fn log_tail(&self, node: &str, n: usize) -> String {
+        let text = std::fs::read_to_string(self.paths(node).log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
+    /// `node`'s auth map through its agent.
+    pub async fn auth_entries(&self, node: &str) -> Result<Vec<AuthEntry>, TestbedError> {
+        self.api(node)
+            .get_json("/v1/auth")
+            .await
+            .map_err(|e| TestbedError::Failed(e.to_string()))
+    }
+
+    /// `node`'s status through its agent.
+    pub async fn status(&self, node: &str) -> Result<AgentStatus, TestbedError> {
+        self.api(node)
+            .get_json("/v1/status")
+            .await
+            .map_err(|e| TestbedError::Failed(e.to_string()))
+    }
+
+    /// Polls `f` every 50 ms until it returns `Some` or `timeout` passes.
+    pub async fn wait_for<T, F, Fut>(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut f: F,
+    ) -> Result<T, TestbedError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Option<T>>,
+    {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(v) = f().await {
+                return Ok(v);
+            }
+            if Instant::now() > deadline {
+                return Err(TestbedError::Failed(format!(
+                    "{what}: not within {timeout:?}"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Stops everything; what Drop does.
+    pub fn teardown(&mut self) {
+        if self.torn_down {
+            return;
+        }
+        self.torn_down = true;
+        let names: Vec<String> = self.agents.keys().cloned().collect();
+        for n in names {
+            self.kill_agent(&n);
+        }
+        for n in self.lab.nodes() {
+            let pin = self.pin_root.join(&n.name);
+            let _ = auth_ebpf::Datapath::detach(&pin, &n.pods_cgroup);
+        }
+        let _ = std::fs::remove_dir_all(&self.pin_root);
+        self.lab.teardown();
+    }
+}
+
+impl Drop for Testbed {
+    fn drop(&mut self) {
+        self.teardown();
+    }
+}
+
+fn node_yaml(n: &NodeInfo) -> String {
+    format!(
+        "apiVersion: v1\nkind: Node\nmetadata:\n  name: {}\nstatus:\n  addresses:\n    - type: InternalIP\n      address: {}\n    - type: InternalIP\n      address: \"{}\"\n",
+        n.name, n.ipv4, n.ipv6
+    )
+}
+
+fn pod_yaml(p: &PodInfo, app: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {NAMESPACE}\n  labels:\n    app: {app}\nspec:\n  nodeName: {node}\n  serviceAccountName: {app}\nstatus:\n  phase: Running\n  podIP: {v4}\n  podIPs:\n    - ip: {v4}\n    - ip: \"{v6}\"\n",
+        name = p.name,
+        node = p.node,
+        v4 = p.ipv4,
+        v6 = p.ipv6,
+    )
+}
