@@ -394,7 +394,7 @@ impl Testbed {
             .arg("--node-name")
             .arg(node)
             .arg("--spire-socket")
-            .arg(&spire)
+            .arg(spire)
             .arg("--policy-source")
             .arg(self.manifests())
             .arg("--policy-poll-interval")
