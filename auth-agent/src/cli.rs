@@ -101,6 +101,14 @@ pub fn render_status(s: &AgentStatus) -> String {
             "             OUTAGE: cached SVIDs stay in use until they expire; nothing rotates until SPIRE is back"
         );
     }
+    if sp.overdue_svids > 0 {
+        let _ = writeln!(
+            o,
+            "             WARNING: {} SVIDs past 3/4 of their lifetime and not rotated (SPIRE server unreachable?); they stay in use until they expire ({})",
+            sp.overdue_svids,
+            sp.next_expiry.as_deref().unwrap_or("-")
+        );
+    }
     if let Some(e) = &sp.last_error {
         let _ = writeln!(o, "             last error: {e}");
     }

@@ -1,26 +1,19 @@
-//! `meshauth demo`: what exists so far, on this machine, narrated.
-//!
-//! Today that is the identity supply: spire-dev stands in for a SPIRE server
-//! with one agent per node; each node's svid-cache pulls only that node's
-//! SVIDs; the two nodes complete a mutual TLS 1.3 handshake with their
-//! workloads' SVIDs; SVIDs rotate; a SPIRE server outage keeps them in use
-//! until they really expire, and fresh ones arrive when the server returns.
-//! Every step checks what it shows; the demo exits non-zero if any did not
-//! hold. It needs no privileges and installs nothing.
+//! `meshauth demo`: a three-node cluster in network namespaces on this
+//! machine, with real `meshauth agent`s enforcing in the kernel, spire-dev
+//! as SPIRE (one agent socket per node), and the example policies from
+//! `deploy/examples/`. Narrated; every step checks what it shows; exits
+//! non-zero if any expectation did not hold; removes everything on exit and
+//! on Ctrl-C.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
-use spire_dev::{DevConfig, EntrySpec, SpiffeId, SpireDev};
-use svid_cache::{
-    CacheConfig, CacheEvent, RemovalReason, ServerCertResolver, SourceHandle, SpiffeClientVerifier,
-    SvidCache, VerifyError, WorkloadApiConfig, spawn_workload_api,
-};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::{TcpListener, TcpStream};
-use tokio_util::sync::CancellationToken;
+
+use crate::api::flows::render_line;
+use crate::api::types::{AuthEntry, FlowRecord};
+use crate::lab::PodProcess;
+use crate::testbed::{Testbed, TestbedOptions};
 
 /// How the demo runs.
 #[derive(Debug, Clone)]
@@ -37,464 +30,366 @@ impl Default for DemoOptions {
     }
 }
 
-/// One workload of the demo cluster.
-struct Workload {
-    identity: u32,
-    name: &'static str,
-    node: &'static str,
+const PAYMENT_POLICY: &str = include_str!("../../deploy/examples/payment-requires-auth.yaml");
+const CLUSTER_POLICY: &str = include_str!("../../deploy/examples/cluster-wide-auth.yaml");
+
+struct Checks {
+    results: Vec<(String, bool, String)>,
 }
-
-const WORKLOADS: &[Workload] = &[
-    Workload {
-        identity: 256,
-        name: "production/order-service",
-        node: "node-a",
-    },
-    Workload {
-        identity: 257,
-        name: "production/payment-service",
-        node: "node-b",
-    },
-    Workload {
-        identity: 258,
-        name: "production/inventory",
-        node: "node-a",
-    },
-];
-const NODES: &[&str] = &["node-a", "node-b"];
-
-/// The node agent's view: its cache and its source.
-struct Node {
-    name: &'static str,
-    cache: SvidCache,
-    source: SourceHandle,
-}
-
-/// What each step showed; the summary and the exit code come from it.
-#[derive(Default)]
-struct Checks(Vec<(String, bool)>);
 
 impl Checks {
-    fn check(&mut self, what: impl Into<String>, held: bool) {
-        let what = what.into();
-        println!("    {} {what}", if held { "✓" } else { "✗" });
-        self.0.push((what, held));
+    fn check(&mut self, what: &str, ok: bool, detail: impl Into<String>) -> bool {
+        let detail = detail.into();
+        println!(
+            "    {} {what}{}",
+            if ok { "✔" } else { "✘" },
+            if detail.is_empty() {
+                String::new()
+            } else {
+                format!(" — {detail}")
+            }
+        );
+        self.results.push((what.to_string(), ok, detail));
+        ok
     }
 }
 
-fn step(n: u32, text: &str) {
-    println!("\n[{n}] {text}");
+fn step(n: u32, title: &str) {
+    println!("\n==> {n}. {title}");
 }
 
-fn serial_of(svid: &svid_cache::Svid) -> String {
-    x509_parser::parse_x509_certificate(svid.leaf().as_ref())
-        .map(|(_, c)| c.tbs_certificate.raw_serial_as_string().replace(':', ""))
-        .unwrap_or_else(|_| "?".into())
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    tokio::task::block_in_place(f)
 }
 
-fn secs_left(t: SystemTime) -> String {
-    match t.duration_since(SystemTime::now()) {
-        Ok(d) => format!("expires in {:.1}s", d.as_secs_f64()),
-        Err(_) => "expired".into(),
-    }
-}
-
-fn print_node(node: &Node) {
-    let ids = node.cache.identities();
-    println!("    {} holds {} SVID(s):", node.name, ids.len());
-    for id in ids {
-        if let Some(s) = node.cache.get(id) {
-            let name = WORKLOADS
-                .iter()
-                .find(|w| w.identity == id)
-                .map_or("?", |w| w.name);
-            println!(
-                "      identity {id:<4} {:<28} spiffe://meshauth.local/identity/{id}  serial {}  {}",
-                name,
-                serial_of(&s).chars().take(12).collect::<String>(),
-                secs_left(s.not_after())
-            );
-        }
-    }
-}
-
-/// Waits until `pred` holds for the cache, or the deadline passes.
-async fn wait_cache(
-    cache: &SvidCache,
-    within: Duration,
-    pred: impl Fn(&SvidCache) -> bool,
-) -> bool {
-    let mut generation = cache.watch_generation();
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        if pred(cache) {
-            return true;
-        }
-        match tokio::time::timeout_at(deadline, generation.changed()).await {
-            Ok(Ok(())) => {}
-            _ => return pred(cache),
-        }
-    }
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(2) == Some("0"))
+        })
+        .unwrap_or(false)
 }
 
 /// Runs the demo; `Ok(true)` when every expectation held.
 pub async fn run(opts: DemoOptions) -> Result<bool> {
-    let dir = tempfile::Builder::new()
-        .prefix("meshauth-demo-")
-        .tempdir()
-        .context("creating the demo directory")?;
-    let shutdown = CancellationToken::new();
-    let result = tokio::select! {
-        r = run_in(&opts, dir.path(), shutdown.clone()) => r,
+    if !is_root() {
+        bail!(
+            "the demo builds network namespaces, cgroups and BPF programs: run it as root (sudo -E cargo run --release --bin meshauth -- demo)"
+        );
+    }
+    let started = Instant::now();
+    let mut checks = Checks {
+        results: Vec::new(),
+    };
+    let mut tb = Testbed::start(TestbedOptions {
+        prefix: "demo".into(),
+        svid_ttl: opts.ttl,
+        log: "info".into(),
+        ..TestbedOptions::default()
+    })
+    .await
+    .context("building the demo cluster")?;
+    let outcome = tokio::select! {
+        r = scenario(&mut tb, &opts, &mut checks) => r,
         _ = tokio::signal::ctrl_c() => {
-            println!("\ninterrupted: cleaning up");
-            Ok(false)
+            println!("\nInterrupted: removing the demo cluster.");
+            tb.teardown();
+            return Ok(false);
         }
     };
-    shutdown.cancel();
-    result
+    let logs = tb.paths("node-b").log;
+    tb.teardown();
+    if let Err(e) = outcome {
+        println!("\nThe demo stopped: {e:#}");
+        println!("(agent logs were in {})", logs.display());
+        return Ok(false);
+    }
+    println!("\n==> Summary ({:.0} s)", started.elapsed().as_secs_f64());
+    let failed = checks.results.iter().filter(|(_, ok, _)| !ok).count();
+    for (what, ok, _) in &checks.results {
+        println!("    {} {what}", if *ok { "✔" } else { "✘" });
+    }
+    println!(
+        "    {} of {} expectations held. Namespaces, cgroups and BPF pins removed.",
+        checks.results.len() - failed,
+        checks.results.len()
+    );
+    Ok(failed == 0)
 }
 
-async fn run_in(
-    opts: &DemoOptions,
-    dir: &std::path::Path,
-    shutdown: CancellationToken,
-) -> Result<bool> {
-    let mut checks = Checks::default();
-    println!("meshauth demo: the identity supply (spire-dev as SPIRE, svid-cache per node)");
+async fn scenario(tb: &mut Testbed, opts: &DemoOptions, c: &mut Checks) -> Result<()> {
+    step(
+        1,
+        "A three-node cluster in network namespaces, one SPIRE agent socket per node",
+    );
+    for n in tb.lab().nodes() {
+        println!(
+            "    {:<7} {} / {}  pods {}",
+            n.name, n.ipv4, n.ipv6, n.pod_cidr_v4.addr
+        );
+    }
+    let order = tb.add_pod("node-a", "order-1", "order-service")?;
+    let payment = tb.add_pod("node-b", "payment-1", "payment-service")?;
+    let inventory = tb.add_pod("node-c", "inventory-1", "inventory-service")?;
+    tb.write("payment-requires-auth.yaml", PAYMENT_POLICY)?;
+    tb.write("cluster-wide-auth.yaml", CLUSTER_POLICY)?;
+    let order_id = tb.register("order-1")?;
+    let payment_id = tb.register("payment-1")?;
+    let inventory_id = tb.identity_of("inventory-1")?;
     println!(
-        "SVID lifetime {}s (renewed by the SPIRE agent at half-life)",
+        "    pods: production/order-1 on node-a ({}, identity {order_id}), production/payment-1 on node-b ({}, identity {payment_id}),",
+        order.ipv4, payment.ipv4
+    );
+    println!(
+        "          production/inventory-1 on node-c ({}, identity {inventory_id}) — registered with SPIRE: order and payment only",
+        inventory.ipv4
+    );
+    println!("    policies (deploy/examples): payment-requires-auth.yaml, cluster-wide-auth.yaml");
+    let (report, _) = crate::cli::policy_status(&tb.manifests(), false)?;
+    for l in report.lines() {
+        println!("      {l}");
+    }
+    println!(
+        "    SVID lifetime {} s (SPIRE rotates at half of it)",
         opts.ttl.as_secs()
     );
 
     step(
-        1,
-        "Start spire-dev: one server, one agent per node, one registration entry per workload, parented to the node that runs it",
-    );
-    let mut cfg = DevConfig::new(dir);
-    cfg.default_ttl = opts.ttl;
-    cfg.nodes = NODES.iter().map(|n| (*n).to_string()).collect();
-    cfg.entries = WORKLOADS
-        .iter()
-        .map(|w| {
-            SpiffeId::parse(&format!("spiffe://meshauth.local/identity/{}", w.identity))
-                .map(|id| EntrySpec::new(w.node, id))
-        })
-        .collect::<Result<_, _>>()
-        .context("building entries")?;
-    let dev = SpireDev::start(cfg).await.context("starting spire-dev")?;
-    for n in NODES {
-        println!(
-            "    agent {n}: {}",
-            dev.agent(n)?.workload_socket().display()
-        );
-    }
-
-    step(
         2,
-        "Each node's svid-cache connects to its own SPIRE agent (SPIFFE Workload API)",
+        "One meshauth agent per node: eBPF on the node's pods cgroup, SVIDs from its SPIRE agent",
     );
-    let mut nodes = Vec::new();
-    for &name in NODES {
-        let cache = SvidCache::new(CacheConfig::default());
-        let _expiry = cache.spawn_expiry(shutdown.clone());
-        let source = spawn_workload_api(
-            WorkloadApiConfig::new(dev.agent(name)?.workload_socket()),
-            cache.clone(),
-            shutdown.clone(),
-        );
-        nodes.push(Node {
-            name,
-            cache,
-            source,
-        });
-    }
-    for node in &nodes {
-        let want: Vec<u32> = WORKLOADS
-            .iter()
-            .filter(|w| w.node == node.name)
-            .map(|w| w.identity)
-            .collect();
-        let got = wait_cache(&node.cache, Duration::from_secs(10), |c| {
-            c.identities() == want
-        })
-        .await;
-        print_node(node);
-        checks.check(
-            format!(
-                "{} holds exactly its own workloads' SVIDs {want:?} and no other node's",
-                node.name
-            ),
-            got,
+    tb.start_agents().await?;
+    for n in ["node-a", "node-b", "node-c"] {
+        let s = tb.status(n).await?;
+        println!(
+            "    {n}: ready; {} SVID(s) from SPIRE, {} links attached, {} auth rule(s) in the datapath",
+            s.spire.svids, s.datapath.links, s.datapath.policy_entries
         );
     }
-    let (a, b) = (&nodes[0], &nodes[1]);
+    let (a, b, cc) = (
+        tb.status("node-a").await?,
+        tb.status("node-b").await?,
+        tb.status("node-c").await?,
+    );
+    c.check(
+        "each node holds only its own workloads' keys",
+        a.spire.svids == 1 && b.spire.svids == 1 && cc.spire.svids == 0,
+        format!(
+            "node-a {}, node-b {}, node-c {}",
+            a.spire.svids, b.spire.svids, cc.spire.svids
+        ),
+    );
 
     step(
         3,
-        "Mutual TLS 1.3 between nodes: order-service (256, node-a) dials payment-service (257, node-b) with SNI 257.meshauth.local",
+        "Pre-authentication: the agents authenticate order → payment before any packet",
     );
-    let hs = handshake(&a.cache, &b.cache, 256, 257, false).await;
-    match &hs {
-        Ok(peer) => println!(
-            "    handshake done; server saw client {peer}; client verified spiffe://meshauth.local/identity/257"
-        ),
-        Err(e) => println!("    handshake failed: {e:#}"),
-    }
-    checks.check(
-        "both sides verified each other's SVID (chain to the bundle, one URI SAN, not a CA)",
-        hs.is_ok(),
-    );
-    let wrong = handshake(&a.cache, &b.cache, 256, 258, true).await;
-    let refused_right =
-        matches!(&wrong, Err(e) if format!("{e:#}").contains("[unexpected_identity]"));
-    match &wrong {
-        Ok(_) => println!("    an impostor answering for 258 with 257's SVID: accepted (wrong!)"),
-        Err(e) => println!("    an impostor answering for 258 with 257's SVID: refused ({e:#})"),
-    }
-    checks.check(
-        "a client refuses a valid SVID of another identity than the one it dialled",
-        refused_right,
-    );
-
-    step(
-        4,
-        "Rotation: the SPIRE agent renews every SVID at half-life; the caches see Rotated and keep serving",
-    );
-    let mut events = a.cache.subscribe();
-    let before = a.cache.get(256).map(|s| serial_of(&s));
-    let rotated = tokio::time::timeout(opts.ttl, async {
-        loop {
-            let Ok(changes) = events.recv().await else {
-                return false;
-            };
-            if changes
-                .events
-                .iter()
-                .any(|e| matches!(e, CacheEvent::Rotated { identity: 256, .. }))
-            {
-                return true;
+    let want = |e: &AuthEntry| e.local == payment_id && e.remote == order_id;
+    let entries = tb
+        .wait_for("the pair's auth entry", Duration::from_secs(10), || async {
+            let e = tb.auth_entries("node-b").await.ok()?;
+            e.iter().any(want).then_some(e)
+        })
+        .await;
+    match &entries {
+        Ok(e) => {
+            println!("    meshauth auth list (node-b):");
+            for l in crate::cli::render_auth(e).lines() {
+                println!("      {l}");
             }
         }
-    })
-    .await
-    .unwrap_or(false);
-    let after = a.cache.get(256).map(|s| serial_of(&s));
-    let short = |s: &Option<String>| {
-        s.as_deref()
-            .map_or("-".to_string(), |s| s.chars().take(12).collect())
-    };
-    println!(
-        "    identity 256: serial {} -> {}",
-        short(&before),
-        short(&after)
+        Err(e) => println!("    {e}"),
+    }
+    c.check(
+        "node-b holds (payment, order, node-a) before any traffic",
+        entries.is_ok(),
+        "mutual TLS 1.3 between the nodes' agents, each presenting its workload's SVID",
     );
-    checks.check(
-        "identity 256 rotated to a new certificate before it expired",
-        rotated && before != after,
+
+    step(4, "order-1 → payment-1:8080 (TCP), authentication required");
+    let mut server = blocking(|| tb.lab().start_pod_process(&payment))?;
+    blocking(|| server.serve(8080))?;
+    let mut client = blocking(|| tb.lab().start_pod_process(&order))?;
+    let mut ok = 0;
+    for addr in [IpAddr::from(payment.ipv4), IpAddr::from(payment.ipv6)] {
+        match blocking(|| client.connect(addr, 8080, Duration::from_millis(500))) {
+            Ok(t) => {
+                ok += 1;
+                println!(
+                    "    {addr}: connected and echoed in {:.2} ms",
+                    t.as_secs_f64() * 1e3
+                )
+            }
+            Err(e) => println!("    {addr}: {e}"),
+        }
+    }
+    let drops = tb.status("node-b").await?.datapath.auth_required_drops;
+    c.check(
+        "the authenticated flow passes at once, over IPv4 and IPv6",
+        ok == 2 && drops == 0,
+        format!("{ok}/2 connected, {drops} packets dropped"),
     );
 
     step(
         5,
-        "SPIRE server outage: agents keep what they hold, nothing is renewed",
+        "inventory-1 → payment-1:8080: inventory has no SVID, so the pair cannot authenticate",
     );
-    dev.set_outage(true);
-    let last = a.cache.get(256).map(|s| s.not_after());
-    let t0 = Instant::now();
-    if let Some(t) = last {
-        println!("    node-a's SVID for 256 {}", secs_left(t));
-    }
-    let usable_midway = {
-        tokio::time::sleep(opts.ttl / 4).await;
-        a.cache.get(256).is_some()
-    };
-    checks.check(
-        "during the outage the still-valid SVID keeps being used",
-        usable_midway,
-    );
-    let mut events = a.cache.subscribe();
-    let expired = tokio::time::timeout(opts.ttl + Duration::from_secs(2), async {
-        loop {
-            let Ok(changes) = events.recv().await else {
-                return false;
-            };
-            if changes.events.iter().any(|e| {
-                matches!(
-                    e,
-                    CacheEvent::Removed {
-                        identity: 256,
-                        reason: RemovalReason::Expired
-                    }
-                )
-            }) {
-                return true;
-            }
-        }
-    })
-    .await
-    .unwrap_or(false);
+    let mut intruder = blocking(|| tb.lab().start_pod_process(&inventory))?;
+    let r = blocking(|| intruder.connect(payment.ipv4.into(), 8080, Duration::from_millis(1500)));
     println!(
-        "    after {:.1}s: node-a holds {:?} (the agent still serves the expired SVID; the cache refuses it)",
-        t0.elapsed().as_secs_f64(),
-        a.cache.identities()
+        "    connect: {}",
+        match &r {
+            Ok(_) => "succeeded".to_string(),
+            Err(e) => format!("failed ({e})"),
+        }
     );
-    checks.check(
-        "at NotAfter the cache drops the SVID and hands out nothing for 256",
-        expired && a.cache.get(256).is_none(),
+    let flows = dropped_flows(tb, "node-b").await;
+    println!("    meshauth observe --verdict DROPPED (node-b):");
+    for f in flows.iter().rev().take(3).rev() {
+        println!("      {}", render_line(f));
+    }
+    let from_inventory = flows.iter().any(|f| {
+        f.flow.ip.source == inventory.ipv4.to_string()
+            && f.flow.drop_reason_desc == "Authentication required"
+    });
+    c.check(
+        "the unauthenticated flow is dropped with \"Authentication required\"",
+        r.is_err() && from_inventory,
+        format!("{} drop(s) seen", flows.len()),
     );
-    let connected = matches!(
-        a.source.status().state,
-        svid_cache::SourceState::Connected { .. }
+
+    outage(tb, c, &mut client, &payment).await?;
+    Ok(())
+}
+
+async fn dropped_flows(tb: &Testbed, node: &str) -> Vec<FlowRecord> {
+    let mut out = Vec::new();
+    let _ = tb
+        .api(node)
+        .stream_lines("/v1/flows?verdict=DROPPED&last=50", |l| {
+            if let Ok(r) = serde_json::from_str::<FlowRecord>(l) {
+                out.push(r);
+            }
+            true
+        })
+        .await;
+    out
+}
+
+async fn outage(
+    tb: &mut Testbed,
+    c: &mut Checks,
+    client: &mut PodProcess,
+    payment: &crate::lab::PodInfo,
+) -> Result<()> {
+    step(6, "SPIRE server outage: SVIDs cannot rotate");
+    tb.spire().set_outage(true);
+    let expiry = tb
+        .auth_entries("node-b")
+        .await?
+        .iter()
+        .filter(|e| e.node.as_deref() == Some("node-a"))
+        .map(|e| e.remaining_seconds)
+        .min()
+        .unwrap_or(0);
+    let svid_expiry = tb
+        .status("node-b")
+        .await?
+        .spire
+        .next_expiry
+        .unwrap_or_default();
+    println!(
+        "    the pair's entry must not outlive the SVIDs: they expire at {svid_expiry} (~{expiry} s)"
     );
-    checks.check(
-        "the source stayed connected through the outage (SPIRE agent up, server down)",
-        connected,
+    let start = Instant::now();
+    let mut passed_before = 0;
+    let mut failed_before = 0;
+    let mut first_drop: Option<Duration> = None;
+    let mut said_overdue = false;
+    let deadline = Duration::from_secs(expiry.max(0) as u64 + 4);
+    let addr: IpAddr = payment.ipv4.into();
+    while start.elapsed() < deadline {
+        let r = blocking(|| client.connect(addr, 8080, Duration::from_millis(300)));
+        let t = start.elapsed();
+        let status = tb.status("node-b").await?;
+        if status.spire.overdue_svids > 0 && !said_overdue {
+            said_overdue = true;
+            println!(
+                "    t={:>4.1}s  meshauth status: WARNING {} SVID(s) past rotation time, still valid until {}",
+                t.as_secs_f64(),
+                status.spire.overdue_svids,
+                status.spire.next_expiry.as_deref().unwrap_or("-")
+            );
+        }
+        match r {
+            Ok(_) if first_drop.is_none() => {
+                passed_before += 1;
+                println!(
+                    "    t={:>4.1}s  order → payment passes (cached SVIDs still valid)",
+                    t.as_secs_f64()
+                );
+            }
+            Err(_) if first_drop.is_none() => {
+                if t.as_secs() + 1 < expiry.max(0) as u64 {
+                    failed_before += 1;
+                }
+                first_drop = Some(t);
+                println!(
+                    "    t={:>4.1}s  order → payment DROPPED: the SVIDs expired, the entry with them",
+                    t.as_secs_f64()
+                );
+            }
+            _ => {}
+        }
+        if first_drop.is_some_and(|d| t > d + Duration::from_secs(1)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    c.check(
+        "flows keep passing through the outage while the SVIDs are valid",
+        passed_before > 0 && failed_before == 0,
+        format!("{passed_before} connections passed"),
+    );
+    c.check(
+        "the agent says the SVIDs are overdue for rotation",
+        said_overdue,
+        "",
+    );
+    c.check(
+        "after the SVIDs expire, the flow is dropped",
+        first_drop.is_some(),
+        first_drop
+            .map(|d| format!("first drop {:.1} s into the outage", d.as_secs_f64()))
+            .unwrap_or_else(|| "never dropped".into()),
     );
 
     step(
-        6,
-        "SPIRE server back: fresh SVIDs arrive on the same stream, nothing restarted",
+        7,
+        "SPIRE is back: fresh SVIDs, re-authentication, traffic recovers",
     );
-    dev.set_outage(false);
-    let back_a = wait_cache(&a.cache, Duration::from_secs(10), |c| {
-        c.get(256).is_some() && c.get(258).is_some()
-    })
-    .await;
-    let back_b = wait_cache(&b.cache, Duration::from_secs(10), |c| c.get(257).is_some()).await;
-    print_node(a);
-    print_node(b);
-    checks.check(
-        "both nodes hold fresh SVIDs for all their workloads again",
-        back_a && back_b,
-    );
-    let hs = handshake(&a.cache, &b.cache, 256, 257, false).await;
-    if let Err(e) = &hs {
-        println!("    handshake failed: {e:#}");
-    }
-    checks.check("and the mutual TLS handshake works again", hs.is_ok());
-
-    println!("\nSummary:");
-    let failed: Vec<_> = checks.0.iter().filter(|(_, ok)| !ok).collect();
+    tb.spire().set_outage(false);
+    let back = Instant::now();
+    let recovered = tb
+        .wait_for("recovery", Duration::from_secs(20), || {
+            let ok = blocking(|| client.connect(addr, 8080, Duration::from_millis(300))).is_ok();
+            async move { ok.then_some(()) }
+        })
+        .await;
+    let s = tb.status("node-b").await?;
     println!(
-        "    {} of {} expectations held{}",
-        checks.0.len() - failed.len(),
-        checks.0.len(),
-        if failed.is_empty() { "" } else { "; failed:" }
+        "    node-b: SPIRE {}, {} SVID(s), next expiry {}",
+        s.spire.state,
+        s.spire.svids,
+        s.spire.next_expiry.as_deref().unwrap_or("-")
     );
-    for (what, _) in &failed {
-        println!("      ✗ {what}");
-    }
-    shutdown.cancel();
-    for n in nodes {
-        n.source.join().await;
-    }
-    dev.shutdown().await;
-    Ok(failed.is_empty())
-}
-
-/// Serves one fixed identity's SVID whatever SNI asks for: an impostor.
-#[derive(Debug)]
-struct Impostor(Arc<rustls::sign::CertifiedKey>);
-
-impl rustls::server::ResolvesServerCert for Impostor {
-    fn resolve(
-        &self,
-        _: rustls::server::ClientHello<'_>,
-    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
-        Some(self.0.clone())
-    }
-}
-
-/// One meshauth/1-style mutual TLS 1.3 handshake over loopback: `local` on
-/// the client's node dials `remote` on the server's node. Returns the
-/// client identity the server verified. With `impostor`, the server answers
-/// every SNI with the first SVID it holds.
-async fn handshake(
-    client: &SvidCache,
-    server: &SvidCache,
-    local: u32,
-    remote: u32,
-    impostor: bool,
-) -> Result<String> {
-    let known: BTreeMap<u32, ()> = WORKLOADS.iter().map(|w| (w.identity, ())).collect();
-    let mut server_cfg = svid_cache::tls::server_config(
-        ServerCertResolver::new(server.clone()),
-        SpiffeClientVerifier::known(server.clone(), move |id| known.contains_key(&id)),
-    )?;
-    if impostor {
-        let id = *server
-            .identities()
-            .first()
-            .context("server node holds no SVID")?;
-        let key = server.certified_key(id).context("no certified key")?;
-        server_cfg.cert_resolver = Arc::new(Impostor(key));
-    }
-    let client_cfg = svid_cache::tls::client_config(client, local, remote)?;
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_cfg));
-    let server_task = tokio::spawn(async move {
-        let (tcp, _) = listener.accept().await?;
-        let mut tls = acceptor.accept(tcp).await?;
-        let mut buf = [0u8; 5];
-        tls.read_exact(&mut buf).await?;
-        tls.write_all(b"hello").await?;
-        tls.shutdown().await?;
-        let peer = tls
-            .get_ref()
-            .1
-            .peer_certificates()
-            .and_then(|c| c.first())
-            .and_then(|c| {
-                x509_parser::parse_x509_certificate(c.as_ref())
-                    .ok()
-                    .map(|(_, x)| x)
-            })
-            .and_then(|x| {
-                x.subject_alternative_name().ok().flatten().and_then(|san| {
-                    san.value.general_names.iter().find_map(|n| match n {
-                        x509_parser::extensions::GeneralName::URI(u) => Some((*u).to_string()),
-                        _ => None,
-                    })
-                })
-            })
-            .unwrap_or_default();
-        anyhow::Ok(peer)
-    });
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(client_cfg));
-    let name = rustls::pki_types::ServerName::try_from(client.trust_domain().server_name(remote))?;
-    let client_side = async {
-        let tcp = TcpStream::connect(addr).await?;
-        let mut tls = connector.connect(name, tcp).await?;
-        if tls.get_ref().1.protocol_version() != Some(rustls::ProtocolVersion::TLSv1_3) {
-            bail!(
-                "negotiated {:?}, not TLS 1.3",
-                tls.get_ref().1.protocol_version()
-            );
-        }
-        tls.write_all(b"hello").await?;
-        let mut buf = [0u8; 5];
-        tls.read_exact(&mut buf).await?;
-        anyhow::Ok(())
-    };
-    let client_result = tokio::time::timeout(Duration::from_secs(5), client_side).await;
-    let client_result = match client_result {
-        Ok(r) => r,
-        Err(_) => Err(anyhow::anyhow!("handshake timed out")),
-    };
-    if let Err(e) = client_result {
-        server_task.abort();
-        let label = e
-            .chain()
-            .find_map(|c| {
-                c.downcast_ref::<std::io::Error>()
-                    .and_then(|io| io.get_ref())
-                    .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-                    .and_then(VerifyError::from_rustls)
-                    .map(|v| v.label())
-            })
-            .unwrap_or("other");
-        bail!("{e} [{label}]");
-    }
-    server_task.await?
+    c.check(
+        "traffic recovers by itself when SPIRE returns",
+        recovered.is_ok(),
+        format!("in {:.1} s", back.elapsed().as_secs_f64()),
+    );
+    Ok(())
 }

@@ -42,6 +42,7 @@ fn status() -> AgentStatus {
             svids: 2,
             next_expiry: None,
             reconnects: 3,
+            overdue_svids: 1,
         },
         datapath: DatapathStatus {
             pin_dir: "/sys/fs/bpf/meshauth".into(),
@@ -134,6 +135,10 @@ async fn status_round_trips_and_errors_name_what_failed() {
     assert!(text.contains("Ready:       NO"), "{text}");
     assert!(text.contains("SPIRE answered: NO"), "{text}");
     assert!(text.contains("OUTAGE"), "{text}");
+    assert!(
+        text.contains("1 SVIDs past 3/4 of their lifetime"),
+        "{text}"
+    );
     assert!(text.contains("auth 5/100 (5.0%)"), "{text}");
 
     match api.get_json::<Vec<AuthEntry>>("/v1/auth").await {

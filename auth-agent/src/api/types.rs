@@ -68,6 +68,10 @@ pub struct SpireStatus {
     pub next_expiry: Option<String>,
     /// Streams reopened after the first.
     pub reconnects: u64,
+    /// SVIDs past 3/4 of their lifetime and not yet rotated (SPIRE rotates
+    /// at half): the SPIRE server is likely unreachable from the agent.
+    #[serde(default)]
+    pub overdue_svids: usize,
 }
 
 /// The datapath.

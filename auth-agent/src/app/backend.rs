@@ -61,7 +61,24 @@ fn spire(config: &Config, s: &SourceStatus, cache: &SvidCache) -> SpireStatus {
         svids: cache.len(),
         next_expiry: cache.next_expiry().map(rfc3339),
         reconnects: s.reconnects,
+        overdue_svids: overdue(cache, SystemTime::now()),
     }
+}
+
+/// SVIDs past 3/4 of their lifetime at `now`.
+pub(crate) fn overdue(cache: &SvidCache, now: SystemTime) -> usize {
+    cache
+        .identities()
+        .into_iter()
+        .filter_map(|id| cache.get(id))
+        .filter(|s| {
+            let life = s
+                .not_after()
+                .duration_since(s.not_before())
+                .unwrap_or_default();
+            now.duration_since(s.not_before()).unwrap_or_default() > life * 3 / 4
+        })
+        .count()
 }
 
 impl AgentBackend {

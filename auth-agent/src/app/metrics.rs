@@ -158,6 +158,13 @@ impl Collector for AgentCollector {
         )?)?;
         let g = ConstGauge::new(self.cache.len() as i64);
         g.encode(enc.encode_descriptor("svids", "SVIDs held", None, g.metric_type())?)?;
+        let g = ConstGauge::new(super::backend::overdue(&self.cache, SystemTime::now()) as i64);
+        g.encode(enc.encode_descriptor(
+            "svids_rotation_overdue",
+            "SVIDs past 3/4 of their lifetime and not rotated (SPIRE server unreachable?)",
+            None,
+            g.metric_type(),
+        )?)?;
         let g = ConstGauge::new(self.nodes.ids().len().saturating_sub(1) as i64);
         g.encode(enc.encode_descriptor(
             "peer_nodes",
