@@ -31,7 +31,7 @@ mod cgroup;
 mod error;
 pub mod exec;
 mod netlink;
-mod netns;
+pub(crate) mod netns;
 pub mod pod;
 mod process;
 mod stale;

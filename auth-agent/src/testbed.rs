@@ -433,6 +433,68 @@ impl Testbed {
         }
     }
 
+    /// SIGTERM to `node`'s agent; waits for it to exit and returns its exit
+    /// status (None if it had to be killed after `grace`).
+    pub fn terminate_agent(
+        &mut self,
+        node: &str,
+        grace: Duration,
+    ) -> Option<std::process::ExitStatus> {
+        let mut c = self.agents.remove(node)?;
+        if let Some(pid) = rustix::process::Pid::from_raw(c.id() as i32) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        }
+        let deadline = Instant::now() + grace;
+        loop {
+            if let Ok(Some(st)) = c.try_wait() {
+                return Some(st);
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `GET path` on `node`'s metrics and health address (inside the node's
+    /// namespace); the status code and body.
+    pub fn http_get(&self, node: &str, path: &str) -> Result<(u16, String), TestbedError> {
+        use std::io::{Read as _, Write as _};
+        let n = self.node(node)?;
+        let addr = std::net::SocketAddr::from((n.ipv4, 9964));
+        let path = path.to_string();
+        crate::lab::netns::run_in(&n.netns, move || {
+            let err = |e: std::io::Error| LabError::sys("http", addr.to_string(), e);
+            let mut s =
+                std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(err)?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))
+                .map_err(err)?;
+            write!(
+                s,
+                "GET {path} HTTP/1.1\r\nHost: meshauth\r\nConnection: close\r\n\r\n"
+            )
+            .map_err(err)?;
+            let mut buf = String::new();
+            s.read_to_string(&mut buf).map_err(err)?;
+            Ok(buf)
+        })
+        .map_err(TestbedError::from)
+        .and_then(|raw| {
+            let code = raw
+                .split_whitespace()
+                .nth(1)
+                .and_then(|c| c.parse().ok())
+                .ok_or_else(|| TestbedError::Failed(format!("not HTTP: {raw:.80}")))?;
+            let body = raw
+                .split_once("\r\n\r\n")
+                .map(|(_, b)| b.to_string())
+                .unwrap_or_default();
+            Ok((code, body))
+        })
+    }
+
     /// Whether `node`'s agent process is still running.
     pub fn agent_running(&mut self, node: &str) -> bool {
         self.agents

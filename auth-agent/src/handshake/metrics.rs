@@ -10,13 +10,27 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-/// Which side of the handshake this agent played.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, EncodeLabelValue)]
+/// Which side of the handshake this agent played (label values
+/// `initiator` / `responder`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Role {
     /// The side that dialled (client).
     Initiator,
     /// The side that accepted (server).
     Responder,
+}
+
+impl EncodeLabelValue for Role {
+    fn encode(
+        &self,
+        encoder: &mut prometheus_client::encoding::LabelValueEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use std::fmt::Write as _;
+        encoder.write_str(match self {
+            Self::Initiator => "initiator",
+            Self::Responder => "responder",
+        })
+    }
 }
 
 /// Labels of `handshakes_total`.

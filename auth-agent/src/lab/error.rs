@@ -65,7 +65,7 @@ impl LabError {
         }
     }
 
-    pub(super) fn sys(
+    pub(crate) fn sys(
         call: &'static str,
         what: impl std::fmt::Display,
         source: std::io::Error,

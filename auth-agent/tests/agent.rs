@@ -1,0 +1,165 @@
+//! `meshauth agent` as a process: every invalid setting reported at once;
+//! metrics, liveness and readiness on 9964; SIGTERM leaves the programs
+//! attached and the maps pinned, and the restarted agent resumes.
+
+use std::net::IpAddr;
+use std::process::Command;
+use std::time::Duration;
+
+use auth_agent::testbed::{Testbed, TestbedOptions};
+
+const POLICY: &str = include_str!("../../deploy/examples/payment-requires-auth.yaml");
+
+#[test]
+fn every_invalid_setting_is_reported_at_once() {
+    let out = Command::new(env!("CARGO_BIN_EXE_meshauth"))
+        .args([
+            "agent",
+            "--mode",
+            "block",
+            "--handshake-listen",
+            "nowhere",
+            "--policy-poll-interval",
+            "often",
+        ])
+        .env_remove("NODE_NAME")
+        .env("MESHAUTH_REAUTH_FRACTION", "1.5")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for source in [
+        "--node-name",
+        "--mode",
+        "--handshake-listen",
+        "--policy-poll-interval",
+        "MESHAUTH_REAUTH_FRACTION",
+    ] {
+        assert!(err.contains(source), "{source} missing from:\n{err}");
+    }
+    assert!(err.contains("5 invalid configuration value(s)"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn health_metrics_and_a_graceful_restart_that_loses_nothing() {
+    assert!(
+        std::fs::read_to_string("/proc/self/status")
+            .unwrap()
+            .lines()
+            .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0")),
+        "this test needs root (network namespaces, cgroups, BPF)"
+    );
+    let mut tb = Testbed::start(TestbedOptions {
+        prefix: "ag1".into(),
+        nodes: vec!["node-a".into(), "node-b".into()],
+        meshauth_bin: Some(env!("CARGO_BIN_EXE_meshauth").into()),
+        ..TestbedOptions::default()
+    })
+    .await
+    .unwrap();
+    tb.add_pod("node-a", "order-1", "order-service").unwrap();
+    tb.add_pod("node-b", "payment-1", "payment-service")
+        .unwrap();
+    tb.write("policy.yaml", POLICY).unwrap();
+    let order = tb.register("order-1").unwrap();
+    let payment = tb.register("payment-1").unwrap();
+    tb.start_agents().await.unwrap();
+    let before = tb
+        .wait_for(
+            "the pair authenticated",
+            Duration::from_secs(10),
+            || async {
+                let e = tb.auth_entries("node-b").await.ok()?;
+                e.iter()
+                    .any(|e| e.local == payment && e.remote == order)
+                    .then_some(e)
+            },
+        )
+        .await
+        .unwrap();
+
+    let (code, body) = tb.http_get("node-b", "/readyz").unwrap();
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("policy synced: true"), "{body}");
+    let (code, _) = tb.http_get("node-b", "/healthz").unwrap();
+    assert_eq!(code, 200);
+    let (code, _) = tb.http_get("node-b", "/nope").unwrap();
+    assert_eq!(code, 404);
+
+    // Traffic, then the metrics: verdicts by reason, the pair's handshake
+    // on both sides (node-b initiates: the rule is payment's ingress).
+    let pay = tb.pod("payment-1").unwrap().clone();
+    let ord = tb.pod("order-1").unwrap().clone();
+    let mut server = tb.lab().start_pod_process(&pay).unwrap();
+    server.serve(8080).unwrap();
+    let mut client = tb.lab().start_pod_process(&ord).unwrap();
+    client
+        .open("c1", IpAddr::from(pay.ipv4), 8080, Duration::from_secs(1))
+        .unwrap();
+    let (code, metrics) = tb.http_get("node-b", "/metrics").unwrap();
+    assert_eq!(code, 200);
+    for needle in [
+        "meshauth_ready 1".to_string(),
+        "meshauth_auth_map_entries 1".to_string(),
+        format!("meshauth_svid_expiration_timestamp_seconds{{identity=\"{payment}\"}}"),
+        "meshauth_spire_source_state{state=\"connected\"} 1".to_string(),
+        "meshauth_handshake_handshakes_total{role=\"initiator\",result=\"ok\"} 1".to_string(),
+        "meshauth_datapath_packets_total{verdict=\"forwarded\",reason=\"authenticated\",direction=\"ingress\"}".to_string(),
+        "meshauth_auth_entries 1".to_string(),
+        "# EOF".to_string(),
+    ] {
+        assert!(metrics.contains(&needle), "{needle} not in:\n{metrics}");
+    }
+    let (_, metrics_a) = tb.http_get("node-a", "/metrics").unwrap();
+    assert!(
+        metrics_a
+            .contains("meshauth_handshake_handshakes_total{role=\"responder\",result=\"ok\"} 1"),
+        "{metrics_a}"
+    );
+
+    // SIGTERM: clean exit, programs stay attached, maps stay pinned.
+    let st = tb.terminate_agent("node-b", Duration::from_secs(10));
+    assert!(
+        st.is_some_and(|s| s.success()),
+        "exit status {st:?}\n{}",
+        tb.log_tail("node-b", 20)
+    );
+    let paths = tb.paths("node-b");
+    assert!(
+        !paths.api_socket.exists(),
+        "the API socket is removed on exit"
+    );
+    let links =
+        auth_ebpf::Datapath::pinned_links(&paths.pin_dir, &tb.node("node-b").unwrap().pods_cgroup)
+            .unwrap();
+    assert_eq!(links, 2, "both programs stay attached");
+    client
+        .ping("c1", Duration::from_secs(1))
+        .expect("the established flow keeps flowing with the agent stopped");
+    client
+        .connect(IpAddr::from(pay.ipv4), 8080, Duration::from_secs(1))
+        .expect("a new connection passes on the pinned entry");
+
+    tb.start_agent("node-b").unwrap();
+    tb.wait_ready("node-b", Duration::from_secs(20))
+        .await
+        .unwrap();
+    let after = tb.auth_entries("node-b").await.unwrap();
+    assert_eq!(
+        after
+            .iter()
+            .map(|e| (e.local, e.remote, &e.node, &e.expiry))
+            .collect::<Vec<_>>(),
+        before
+            .iter()
+            .map(|e| (e.local, e.remote, &e.node, &e.expiry))
+            .collect::<Vec<_>>(),
+        "the restarted agent reads the auth map back unchanged"
+    );
+    client.ping("c1", Duration::from_secs(1)).unwrap();
+    let s = tb.status("node-b").await.unwrap();
+    assert_eq!(
+        s.datapath.auth_required_drops, 0,
+        "nothing dropped across the restart"
+    );
+}
