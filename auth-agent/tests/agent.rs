@@ -106,6 +106,7 @@ async fn health_metrics_and_a_graceful_restart_that_loses_nothing() {
         "meshauth_handshake_handshakes_total{role=\"initiator\",result=\"ok\"} 1".to_string(),
         "meshauth_datapath_packets_total{verdict=\"forwarded\",reason=\"authenticated\",direction=\"ingress\"}".to_string(),
         "meshauth_auth_entries 1".to_string(),
+        "meshauth_datapath_signals_total{outcome=\"lost\",direction=\"ingress\"} 0".to_string(),
         "# EOF".to_string(),
     ] {
         assert!(metrics.contains(&needle), "{needle} not in:\n{metrics}");

@@ -109,7 +109,7 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 				      now);
 	}
 
-	signal_auth_required(&key, now, &cfg);
+	signal_auth_required(&key, now, &cfg, dir);
 	if (cfg.mode == MODE_AUDIT) {
 		ct_track(&f);
 		return verdict(&f, &cfg, local.identity, remote.identity, remote.node_id,

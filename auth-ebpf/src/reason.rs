@@ -12,6 +12,12 @@ pub const PASS_REPLY: u8 = 3;
 pub const PASS_AUDIT: u8 = 4;
 /// Passed: the local end is a reserved identity, not enforced.
 pub const PASS_NOT_ENFORCED: u8 = 5;
+/// Event: an auth-required signal was queued for the agent.
+pub const EVENT_SIGNAL_SENT: u8 = 64;
+/// Event: no signal, one for the same pair went out within the interval.
+pub const EVENT_SIGNAL_RATE_LIMITED: u8 = 65;
+/// Event: no signal, the ring buffer was full.
+pub const EVENT_SIGNAL_LOST: u8 = 66;
 /// Dropped: headers could not be parsed.
 pub const DROP_INVALID: u8 = 134;
 /// Dropped: "Authentication required".
@@ -28,6 +34,21 @@ pub const REASONS: &[(u8, &str, &str)] = &[
         "not_enforced",
         "Reserved local identity, not enforced",
     ),
+    (
+        EVENT_SIGNAL_SENT,
+        "signal_sent",
+        "Auth-required signal sent",
+    ),
+    (
+        EVENT_SIGNAL_RATE_LIMITED,
+        "signal_rate_limited",
+        "Auth-required signal rate-limited",
+    ),
+    (
+        EVENT_SIGNAL_LOST,
+        "signal_lost",
+        "Auth-required signal lost (ring buffer full)",
+    ),
     (DROP_INVALID, "invalid", "Invalid packet"),
     (
         DROP_AUTH_REQUIRED,
@@ -35,6 +56,11 @@ pub const REASONS: &[(u8, &str, &str)] = &[
         "Authentication required",
     ),
 ];
+
+/// True for event codes (counted in the metrics map, not verdicts).
+pub fn is_event(code: u8) -> bool {
+    (64..128).contains(&code)
+}
 
 /// True for drop codes (Hubble's numbering starts at 130).
 pub fn is_drop(code: u8) -> bool {

@@ -204,6 +204,14 @@ fn signals_are_rate_limited_per_key() {
         m.packets(reason::DROP_AUTH_REQUIRED, Ingress).unwrap(),
         1000
     );
+    assert_eq!(m.packets(reason::EVENT_SIGNAL_SENT, Ingress).unwrap(), 1);
+    assert_eq!(
+        m.packets(reason::EVENT_SIGNAL_RATE_LIMITED, Ingress)
+            .unwrap(),
+        999,
+        "the datapath counts what became of each auth-required packet's signal"
+    );
+    assert_eq!(m.packets(reason::EVENT_SIGNAL_LOST, Ingress).unwrap(), 0);
 
     // A second key (another remote node) is limited on its own.
     let mut ipc = auth_ebpf::maps::ipcache::Ipcache::open(f.pins.path()).unwrap();

@@ -55,7 +55,7 @@ impl Collector for AgentCollector {
                 None,
                 pkts.metric_type(),
             )?;
-            for c in &counters {
+            for c in counters.iter().filter(|c| !reason::is_event(c.reason)) {
                 let verdict = if reason::is_drop(c.reason) {
                     "dropped"
                 } else {
@@ -67,6 +67,26 @@ impl Collector for AgentCollector {
                     ("direction", dir(c.direction)),
                 ];
                 ConstCounter::new(c.packets).encode(fam.encode_family(&labels)?)?;
+            }
+            let mut fam = enc.encode_descriptor(
+                "datapath_signals",
+                "What became of auth-required signals in the datapath: sent, rate_limited (one for the pair went out within the interval) or lost (ring buffer full)",
+                None,
+                pkts.metric_type(),
+            )?;
+            for (code, outcome) in [
+                (reason::EVENT_SIGNAL_SENT, "sent"),
+                (reason::EVENT_SIGNAL_RATE_LIMITED, "rate_limited"),
+                (reason::EVENT_SIGNAL_LOST, "lost"),
+            ] {
+                for d in [Direction::Ingress, Direction::Egress] {
+                    let n = counters
+                        .iter()
+                        .find(|c| c.reason == code && c.direction == d)
+                        .map_or(0, |c| c.packets);
+                    let labels = [("outcome", outcome), ("direction", dir(d))];
+                    ConstCounter::new(n).encode(fam.encode_family(&labels)?)?;
+                }
             }
             let mut fam = enc.encode_descriptor(
                 "drops",

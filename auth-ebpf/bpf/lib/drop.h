@@ -18,6 +18,15 @@
  * which meshauth does not enforce. */
 #define REASON_PASS_NOT_ENFORCED 5
 
+/* Events counted in the metrics map beside the verdicts (64..127: neither a
+ * pass nor a drop): what became of an auth-required signal. */
+/* A signal was queued for the agent. */
+#define EVENT_SIGNAL_SENT 64
+/* No signal: one for the same pair went out less than the interval ago. */
+#define EVENT_SIGNAL_RATE_LIMITED 65
+/* No signal: the ring buffer was full (the agent is behind). */
+#define EVENT_SIGNAL_LOST 66
+
 /* Dropped: the packet could not be parsed (truncated headers). */
 #define DROP_INVALID 134
 /* Dropped: "Authentication required" (Hubble's code). */

@@ -6,6 +6,8 @@
 #include "common.h"
 #include "auth.h"
 #include "config.h"
+#include "drop.h"
+#include "metrics.h"
 
 struct signal_msg {
 	struct auth_key key;
@@ -34,17 +36,26 @@ static __noinline int signal_submit(const struct signal_msg *m)
 }
 
 /* Sends a signal for `key` unless one was sent less than the configured
- * interval ago. Returns 1 when a signal was queued. */
+ * interval ago; counts the outcome (sent, rate-limited, lost) for `dir`.
+ * Returns 1 when a signal was queued. */
 static __always_inline int signal_auth_required(const struct auth_key *key, __u64 now,
-						const struct config_value *cfg)
+						const struct config_value *cfg, __u8 dir)
 {
 	__u64 *last = bpf_map_lookup_elem(&meshauth_signal_limit, key);
 	struct signal_msg msg = { .key = *key, .ts = now };
 
-	if (last && now - *last < cfg->signal_interval_ns)
+	if (last && now - *last < cfg->signal_interval_ns) {
+		metrics_count(EVENT_SIGNAL_RATE_LIMITED, dir, 0);
 		return 0;
+	}
+	if (signal_submit(&msg) != 0) {
+		/* Not remembered as sent: the next packet tries again. */
+		metrics_count(EVENT_SIGNAL_LOST, dir, 0);
+		return 0;
+	}
 	bpf_map_update_elem(&meshauth_signal_limit, key, &now, BPF_ANY);
-	return signal_submit(&msg) == 0;
+	metrics_count(EVENT_SIGNAL_SENT, dir, 0);
+	return 1;
 }
 
 #endif /* __MESHAUTH_SIGNAL_H */
