@@ -192,39 +192,78 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
     Ok(listener)
 }
 
-/// Serves the API on `listener` until `shutdown`.
-pub async fn serve<B: Backend>(
-    listener: UnixListener,
-    backend: Arc<B>,
+/// A listener the HTTP loop can accept connections from (the API's unix
+/// socket, the metrics TCP port).
+pub trait Listener: Send + 'static {
+    /// One accepted connection.
+    type Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static;
+    /// Waits for the next connection.
+    fn next_conn(&self) -> impl std::future::Future<Output = std::io::Result<Self::Io>> + Send;
+}
+
+impl Listener for UnixListener {
+    type Io = tokio::net::UnixStream;
+    async fn next_conn(&self) -> std::io::Result<Self::Io> {
+        self.accept().await.map(|(s, _)| s)
+    }
+}
+
+impl Listener for tokio::net::TcpListener {
+    type Io = tokio::net::TcpStream;
+    async fn next_conn(&self) -> std::io::Result<Self::Io> {
+        self.accept().await.map(|(s, _)| s)
+    }
+}
+
+/// Serves HTTP/1.1 on `listener` with `handler` until `shutdown`; `what`
+/// names the endpoint in logs.
+pub async fn serve_http<L, H, F>(
+    what: &'static str,
+    listener: L,
+    handler: H,
     shutdown: CancellationToken,
-) {
+) where
+    L: Listener,
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: std::future::Future<Output = Response<Body>> + Send + 'static,
+{
     loop {
         let stream = tokio::select! {
             _ = shutdown.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok((s, _)) => s,
+            r = listener.next_conn() => match r {
+                Ok(s) => s,
                 Err(e) => {
-                    tracing::warn!(error = %e, "local API: accept failed");
+                    tracing::warn!(error = %e, "{what}: accept failed");
                     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                     continue;
                 }
             },
         };
-        let backend = backend.clone();
+        let handler = handler.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
-                let backend = backend.clone();
-                async move { Ok::<_, Infallible>(route(backend, req).await) }
+                let resp = handler(req);
+                async move { Ok::<_, Infallible>(resp.await) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
             tokio::select! {
                 _ = shutdown.cancelled() => {}
                 r = conn => if let Err(e) = r {
-                    tracing::debug!(error = %e, "local API connection");
+                    tracing::debug!(error = %e, "{what} connection");
                 },
             }
         });
     }
+}
+
+/// Serves the API on `listener` until `shutdown`.
+pub async fn serve<B: Backend>(
+    listener: UnixListener,
+    backend: Arc<B>,
+    shutdown: CancellationToken,
+) {
+    let handler = move |req| route(backend.clone(), req);
+    serve_http("local API", listener, handler, shutdown).await
 }

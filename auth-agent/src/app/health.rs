@@ -1,7 +1,6 @@
 //! `/metrics` (Prometheus text format), `/healthz` (liveness) and `/readyz`
 //! (readiness) over HTTP on the metrics address (9964).
 
-use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 
 use http::{Request, Response, StatusCode};
@@ -73,33 +72,9 @@ fn route(h: &Health, req: &Request<Incoming>) -> Response<Body> {
 
 /// Serves until `shutdown`.
 pub async fn serve(listener: TcpListener, h: Health, shutdown: CancellationToken) {
-    loop {
-        let stream = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok((s, _)) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "metrics: accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        let h = h.clone();
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| {
-                let resp = route(&h, &req);
-                async move { Ok::<_, Infallible>(resp) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
-            tokio::select! {
-                _ = shutdown.cancelled() => {}
-                r = conn => if let Err(e) = r {
-                    tracing::debug!(error = %e, "metrics connection");
-                },
-            }
-        });
-    }
+    let handler = move |req: Request<Incoming>| {
+        let resp = route(&h, &req);
+        async move { resp }
+    };
+    crate::api::server::serve_http("metrics", listener, handler, shutdown).await
 }
