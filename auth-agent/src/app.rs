@@ -93,6 +93,9 @@ pub enum AgentError {
     /// The auth manager stopped.
     #[error(transparent)]
     Manager(#[from] ManagerError),
+    /// A setting asks for something this build cannot do.
+    #[error("{0}")]
+    Unsupported(&'static str),
     /// Shut down before policy synced.
     #[error("shut down before the first policy sync")]
     Interrupted,
@@ -299,6 +302,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
 }
 
 async fn run_inner(config: &Config, token: &CancellationToken) -> Result<(), AgentError> {
+    if config.wireguard {
+        // Refuse rather than run unencrypted when encryption was asked for.
+        return Err(AgentError::Unsupported(
+            "wireguard: true — WireGuard management is not built into this agent yet; set wireguard: false (node-to-node traffic is then not encrypted by meshauth)",
+        ));
+    }
     {
         use std::os::unix::fs::DirBuilderExt as _;
         std::fs::DirBuilder::new()

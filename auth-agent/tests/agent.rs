@@ -40,6 +40,30 @@ fn every_invalid_setting_is_reported_at_once() {
     assert!(err.contains("5 invalid configuration value(s)"), "{err}");
 }
 
+#[test]
+fn asking_for_wireguard_is_refused_not_ignored() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_meshauth"))
+        .args([
+            "agent",
+            "--node-name",
+            "n1",
+            "--wireguard",
+            "true",
+            "--policy-source",
+        ])
+        .arg(dir.path())
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .arg("--api-socket")
+        .arg(dir.path().join("api.sock"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("WireGuard management is not built"), "{err}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn health_metrics_and_a_graceful_restart_that_loses_nothing() {
     assert!(
