@@ -527,6 +527,60 @@ async fn gc_on_rule_endpoint_and_node_removal_and_expired_sweep() {
     h.stop().await;
 }
 
+/// The handshake server writes the responder's side of a pair into the map
+/// without the manager: GC and the sweep must collect such entries too.
+#[tokio::test(start_paused = true)]
+async fn gc_and_sweep_collect_entries_the_handshake_server_wrote() {
+    let clock = clock();
+    let fake = Fake::with(
+        clock.clone(),
+        Duration::from_secs(600),
+        Duration::from_millis(10),
+    );
+    // The manager's own handshakes for both pairs keep failing (the peer's
+    // server is not up yet, say).
+    fake.fail(256, 257, 1000);
+    fake.fail(256, 258, 1000);
+    let store = Arc::new(MemoryAuthStore::default());
+    let h = start(
+        fake.clone(),
+        store.clone(),
+        clock.clone(),
+        ManagerConfig::default(),
+        NodeTable::in_memory("a"),
+        state(),
+    );
+    settle().await;
+    assert!(store.snapshot().is_empty());
+    let (p257, p258) = (h.pair(256, 257, "b"), h.pair(256, 258, "b"));
+    // The peer authenticated both pairs towards us; our server wrote them.
+    store
+        .upsert(p257, clock.now() + Duration::from_secs(600))
+        .unwrap();
+    store
+        .upsert(p258, clock.now() + Duration::from_secs(60))
+        .unwrap();
+
+    // Rule for 257 removed: its entry goes, though the manager never wrote it.
+    let mut d = state();
+    d.rules.retain(|r| r.remote != Remote::Identity(257));
+    h.desired.send(Arc::new(d)).unwrap();
+    settle().await;
+    assert_eq!(
+        store.snapshot().keys().copied().collect::<Vec<_>>(),
+        vec![p258]
+    );
+    assert_eq!(h.metrics.removed("not_required"), 1);
+
+    // 258's entry runs out: the sweep removes it.
+    tokio::time::sleep(Duration::from_secs(61)).await;
+    h.sweep.send(()).await.unwrap();
+    settle().await;
+    assert!(store.snapshot().is_empty(), "{:?}", store.snapshot());
+    assert_eq!(h.metrics.removed("expired"), 1);
+    h.stop().await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn resumes_from_the_map_after_a_restart() {
     let clock = clock();

@@ -415,11 +415,12 @@ impl<A: Authenticator, S: AuthStore> AuthManager<A, S> {
             })
             .collect();
         let removed_nodes: HashSet<u16> = changes.removed.iter().map(|(_, id)| *id).collect();
-        let stale: Vec<Pair> = self
+        let stale: BTreeSet<Pair> = self
             .entries
             .keys()
-            .filter(|p| !wanted.contains(p))
             .copied()
+            .chain(self.untracked().into_iter().map(|(p, _)| p))
+            .filter(|p| !wanted.contains(p))
             .collect();
         for p in stale {
             let reason = if removed_nodes.contains(&p.node) {
@@ -488,16 +489,34 @@ impl<A: Authenticator, S: AuthStore> AuthManager<A, S> {
 
     fn sweep(&mut self) {
         let now = self.clock.now();
-        let expired: Vec<Pair> = self
+        let expired: BTreeSet<Pair> = self
             .entries
             .iter()
-            .filter(|(_, e)| e.expiry <= now)
-            .map(|(p, _)| *p)
+            .map(|(p, e)| (*p, e.expiry))
+            .chain(self.untracked())
+            .filter(|(_, expiry)| *expiry <= now)
+            .map(|(p, _)| p)
             .collect();
         for p in expired {
             self.remove_entry(p, "expired");
             if self.wanted.contains(&p) {
                 self.request(p, false);
+            }
+        }
+    }
+
+    /// Entries of the map this manager did not write: the handshake server
+    /// writes the responder's side of the pairs it accepts. GC and the sweep
+    /// must see them too, or they would outlive their rule.
+    fn untracked(&self) -> Vec<(Pair, SystemTime)> {
+        match self.store.entries() {
+            Ok(all) => all
+                .into_iter()
+                .filter(|(p, _)| !self.entries.contains_key(p))
+                .collect(),
+            Err(e) => {
+                tracing::error!(error = %e, "reading the auth map");
+                Vec::new()
             }
         }
     }
