@@ -687,3 +687,52 @@ async fn handshakes_in_flight_are_limited() {
     assert_eq!(fake.max_concurrent(), 3, "never more than 3 at once");
     h.stop().await;
 }
+
+/// The agent shares its node table with the manager and syncs it before the
+/// manager sees a desired state: node removals and key changes must still
+/// be recognised (collected as `node_removed`; re-authenticated at once).
+#[tokio::test(start_paused = true)]
+async fn node_changes_are_seen_when_the_agent_syncs_the_shared_table_first() {
+    let clock = clock();
+    let fake = Fake::with(
+        clock.clone(),
+        Duration::from_secs(600),
+        Duration::from_millis(10),
+    );
+    let store = Arc::new(MemoryAuthStore::default());
+    let nodes = NodeTable::in_memory("a");
+    nodes.sync(&state().nodes).unwrap();
+    let h = start(
+        fake.clone(),
+        store.clone(),
+        clock.clone(),
+        ManagerConfig::default(),
+        nodes.clone(),
+        state(),
+    );
+    settle().await;
+    assert_eq!(fake.calls().len(), 2);
+
+    // Node b publishes a WireGuard key: the agent syncs the table first.
+    let mut d = state();
+    d.nodes.get_mut("b").unwrap().wireguard_key = Some("a2V5".into());
+    nodes.sync(&d.nodes).unwrap();
+    h.desired.send(Arc::new(d.clone())).unwrap();
+    settle().await;
+    assert_eq!(
+        fake.calls().len(),
+        4,
+        "both pairs re-authenticated against the new key"
+    );
+
+    // Node b leaves; again the table is synced before the manager looks.
+    d.nodes.remove("b");
+    d.endpoints.retain(|_, e| e.node != "b");
+    nodes.sync(&d.nodes).unwrap();
+    h.desired.send(Arc::new(d)).unwrap();
+    settle().await;
+    assert!(store.snapshot().is_empty());
+    assert_eq!(h.metrics.removed("node_removed"), 2);
+    assert_eq!(h.metrics.removed("not_required"), 0);
+    h.stop().await;
+}

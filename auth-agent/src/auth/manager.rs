@@ -290,6 +290,7 @@ pub struct AuthManager<A: Authenticator, S: AuthStore> {
     metrics: ManagerMetrics,
 
     wanted: BTreeSet<Pair>,
+    known_nodes: BTreeMap<String, (u16, policy_bridge::NodeInfo)>,
     entries: BTreeMap<Pair, Entry>,
     due: BTreeSet<(Instant, Pair)>,
     due_at: HashMap<Pair, Instant>,
@@ -327,6 +328,7 @@ impl<A: Authenticator, S: AuthStore> AuthManager<A, S> {
             clock,
             metrics,
             wanted: BTreeSet::new(),
+            known_nodes: BTreeMap::new(),
             entries: BTreeMap::new(),
             due: BTreeSet::new(),
             due_at: HashMap::new(),
@@ -400,8 +402,39 @@ impl<A: Authenticator, S: AuthStore> AuthManager<A, S> {
         Ok(())
     }
 
+    /// Which nodes left and which changed (address, key) since the last
+    /// desired state. Computed here, not from [`NodeTable::sync`]'s answer:
+    /// the agent shares the table and syncs it before the manager sees the
+    /// state, so that answer would usually be empty.
+    fn node_changes(&mut self, d: &DesiredState) -> (HashSet<u16>, HashSet<u16>) {
+        let mut removed = HashSet::new();
+        let mut changed = HashSet::new();
+        let mut now = BTreeMap::new();
+        for (name, info) in &d.nodes {
+            let Some(id) = self.nodes.id_of(name) else {
+                continue;
+            };
+            if let Some((old_id, old)) = self.known_nodes.get(name)
+                && (*old_id != id || old != info)
+            {
+                changed.insert(id);
+            }
+            now.insert(name.clone(), (id, info.clone()));
+        }
+        for (name, (id, _)) in &self.known_nodes {
+            if !now.contains_key(name) {
+                removed.insert(*id);
+            }
+        }
+        self.known_nodes = now;
+        (removed, changed)
+    }
+
     fn apply_desired(&mut self, d: &DesiredState) -> Result<(), ManagerError> {
         let changes = self.nodes.sync(&d.nodes)?;
+        let (mut removed_nodes, mut changed_nodes) = self.node_changes(d);
+        removed_nodes.extend(changes.removed.iter().map(|(_, id)| *id));
+        changed_nodes.extend(changes.changed.iter().map(|(_, id)| *id));
         let local = self.nodes.local_name();
         let wanted: BTreeSet<Pair> = d
             .required_pairs(&local)
@@ -414,7 +447,6 @@ impl<A: Authenticator, S: AuthStore> AuthManager<A, S> {
                 })
             })
             .collect();
-        let removed_nodes: HashSet<u16> = changes.removed.iter().map(|(_, id)| *id).collect();
         let stale: BTreeSet<Pair> = self
             .entries
             .keys()
@@ -431,7 +463,6 @@ impl<A: Authenticator, S: AuthStore> AuthManager<A, S> {
             self.remove_entry(p, reason);
         }
         // Node keys changed: what was authenticated against the old key is re-done.
-        let changed_nodes: HashSet<u16> = changes.changed.iter().map(|(_, id)| *id).collect();
         self.wanted = wanted;
         self.waiting.retain(|p| self.wanted.contains(p));
         let todo: Vec<(Pair, bool)> = self
