@@ -572,7 +572,8 @@ impl Testbed {
             .spire
             .add_entry(EntrySpec::new(node.to_string(), sid))
             .map_err(|e| TestbedError::Spire(e.to_string()))?;
-        self.entries.insert((identity, node.to_string()), e.id.clone());
+        self.entries
+            .insert((identity, node.to_string()), e.id.clone());
         Ok(())
     }
 
