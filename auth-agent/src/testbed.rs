@@ -600,6 +600,97 @@ impl Testbed {
     }
 }
 
+/// Helpers for the cluster bench: pods published in two steps, SPIRE
+/// entries by identity, agents stopped with their datapath.
+impl Testbed {
+    /// Adds a pod to the lab (namespace, cgroup, veth) without publishing
+    /// it; [`Self::publish_pod`] writes its manifest later.
+    pub fn add_lab_pod(&mut self, node: &str, name: &str) -> Result<PodInfo, TestbedError> {
+        let info = self.lab.add_pod(node, name)?;
+        self.pods.insert(
+            name.to_string(),
+            PodRecord {
+                node: node.to_string(),
+            },
+        );
+        Ok(info)
+    }
+
+    /// Publishes a pod added with [`Self::add_lab_pod`] (label `app=<app>`).
+    pub fn publish_pod(&self, name: &str, app: &str) -> Result<(), TestbedError> {
+        let info = self.pod(name)?;
+        self.write(&format!("pod-{name}.yaml"), &pod_yaml(info, app))
+    }
+
+    /// Registers `identity` with SPIRE on `node` (once per pair); the
+    /// node's SPIRE agent holds the SVID on return.
+    pub fn register_identity(&mut self, identity: u32, node: &str) -> Result<(), TestbedError> {
+        if self.entries.contains_key(&(identity, node.to_string())) {
+            return Ok(());
+        }
+        let sid = SpiffeId::parse(&format!("spiffe://meshauth.local/identity/{identity}"))
+            .map_err(|e| TestbedError::Spire(e.to_string()))?;
+        let e = self
+            .spire
+            .add_entry(EntrySpec::new(node.to_string(), sid))
+            .map_err(|e| TestbedError::Spire(e.to_string()))?;
+        self.entries
+            .insert((identity, node.to_string()), e.id.clone());
+        Ok(())
+    }
+
+    /// Removes the SPIRE entry of `identity` on `node`; the node's SPIRE
+    /// agent has dropped the SVID on return.
+    pub fn unregister_identity(&mut self, identity: u32, node: &str) -> Result<(), TestbedError> {
+        let Some(id) = self.entries.remove(&(identity, node.to_string())) else {
+            return Err(TestbedError::Failed(format!(
+                "identity {identity} is not registered on {node}"
+            )));
+        };
+        self.spire
+            .remove_entry(&id)
+            .map(drop)
+            .map_err(|e| TestbedError::Spire(e.to_string()))
+    }
+
+    /// The identity the agents give the endpoint at `ip` (any published
+    /// pod, also one without a lab namespace).
+    pub fn identity_at(&mut self, ip: IpAddr) -> Result<u32, TestbedError> {
+        self.compiler
+            .sync()
+            .map_err(|e| TestbedError::Compile(e.to_string()))?;
+        self.compiler
+            .engine()
+            .state()
+            .endpoints
+            .get(&ip)
+            .map(|e| e.identity)
+            .ok_or_else(|| TestbedError::Failed(format!("no endpoint at {ip} (yet)")))
+    }
+
+    /// The process id of `node`'s agent, while it runs.
+    pub fn agent_pid(&mut self, node: &str) -> Option<u32> {
+        self.agent_running(node)
+            .then(|| self.agents.get(node).map(Child::id))
+            .flatten()
+    }
+
+    /// Stops `node`'s agent and removes its datapath: links released (the
+    /// pods' cgroup is no longer attached), maps unpinned. Its state
+    /// directory stays; [`Self::start_agent`] starts it afresh.
+    pub fn stop_agent(&mut self, node: &str) -> Result<(), TestbedError> {
+        self.kill_agent(node);
+        let paths = self.paths(node);
+        let cgroup = self.node(node)?.pods_cgroup.clone();
+        if paths.pin_dir.exists() {
+            auth_ebpf::Datapath::detach(&paths.pin_dir, &cgroup)
+                .map_err(|e| TestbedError::Failed(format!("detaching {node}: {e}")))?;
+            std::fs::remove_dir_all(&paths.pin_dir).map_err(io("removing", &paths.pin_dir))?;
+        }
+        Ok(())
+    }
+}
+
 impl Drop for Testbed {
     fn drop(&mut self) {
         self.teardown();
