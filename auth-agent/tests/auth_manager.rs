@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -43,6 +43,7 @@ struct Fake {
     calls: Mutex<Vec<Call>>,
     failures: Mutex<HashMap<(u32, u32), u32>>,
     in_flight: Mutex<(usize, usize)>,
+    down: Mutex<HashSet<String>>,
 }
 
 impl Fake {
@@ -54,6 +55,7 @@ impl Fake {
             calls: Mutex::new(Vec::new()),
             failures: Mutex::new(HashMap::new()),
             in_flight: Mutex::new((0, 0)),
+            down: Mutex::new(HashSet::new()),
         })
     }
 
@@ -65,6 +67,7 @@ impl Fake {
             calls: Mutex::new(Vec::new()),
             failures: Mutex::new(HashMap::new()),
             in_flight: Mutex::new((0, 0)),
+            down: Mutex::new(HashSet::new()),
         })
     }
 
@@ -116,6 +119,12 @@ impl Authenticator for FakeAuth {
                     _ => false,
                 }
             };
+            if me.down.lock().unwrap().contains(&node.name) {
+                return Err(AuthFailure {
+                    label: "connect",
+                    message: "no route to host (scripted: node down)".into(),
+                });
+            }
             if fail {
                 return Err(AuthFailure {
                     label: "connect",
@@ -734,5 +743,70 @@ async fn node_changes_are_seen_when_the_agent_syncs_the_shared_table_first() {
     assert!(store.snapshot().is_empty());
     assert_eq!(h.metrics.removed("node_removed"), 2);
     assert_eq!(h.metrics.removed("not_required"), 0);
+    h.stop().await;
+}
+
+/// A node that cannot be reached costs one probe per backoff step, not one
+/// connect per pair; when it answers again every parked pair goes ahead.
+#[tokio::test(start_paused = true)]
+async fn an_unreachable_node_is_probed_once_per_backoff_step() {
+    let clock = clock();
+    let fake = Fake::new(clock.clone());
+    let mut d = state();
+    d.nodes.insert(
+        "c".into(),
+        common::state_of(&[("c", "10.1.0.3")], &[]).nodes["c"].clone(),
+    );
+    for (i, id) in (300..310).enumerate() {
+        let ip = format!("10.2.2.{}", i + 1);
+        d.endpoints.insert(
+            ip.parse().unwrap(),
+            policy_bridge::Endpoint {
+                ip: ip.parse().unwrap(),
+                identity: id,
+                node: "c".into(),
+                pod: format!("ns/p{id}"),
+            },
+        );
+        d.rules
+            .insert(common::rule(256, id, Direction::Egress, 8080));
+    }
+    fake.down.lock().unwrap().insert("c".into());
+    let store = Arc::new(MemoryAuthStore::default());
+    let h = start(
+        fake.clone(),
+        store.clone(),
+        clock.clone(),
+        ManagerConfig::default(),
+        NodeTable::in_memory("a"),
+        d,
+    );
+    tokio::time::sleep(Duration::from_secs(40)).await;
+    let to_c = |fake: &Fake| fake.calls().iter().filter(|c| c.node == "c").count();
+    let tried = to_c(&fake);
+    // The first round (10 pairs start together), then one probe at each
+    // step of 1, 2, 4, 8, 16 s (jittered down to half): at most 10 + 7.
+    assert!(
+        (11..=17).contains(&tried),
+        "10 pairs, node down for 40 s: {tried} connects"
+    );
+    assert_eq!(
+        store.snapshot().len(),
+        2,
+        "node b's pairs are not held back by node c"
+    );
+
+    fake.down.lock().unwrap().clear();
+    tokio::time::sleep(Duration::from_secs(65)).await;
+    let c_pairs = store.snapshot().keys().filter(|p| p.remote >= 300).count();
+    assert_eq!(
+        c_pairs, 10,
+        "every parked pair authenticated once c answered"
+    );
+    assert!(
+        to_c(&fake) <= tried + 10 + 1,
+        "after recovery each pair handshakes once: {} after {tried}",
+        to_c(&fake)
+    );
     h.stop().await;
 }

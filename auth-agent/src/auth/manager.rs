@@ -295,6 +295,13 @@ pub struct AuthManager<A: Authenticator, S: AuthStore> {
     due: BTreeSet<(Instant, Pair)>,
     due_at: HashMap<Pair, Instant>,
     backoff: HashMap<Pair, Backoff>,
+    /// Nodes whose handshake port could not be reached, with their backoff:
+    /// while one is backing off, its pairs are parked and a single pair
+    /// probes it when the backoff ends (a node down costs one connect per
+    /// backoff step, not one per pair).
+    node_backoff: HashMap<u16, Backoff>,
+    parked: HashMap<u16, BTreeSet<Pair>>,
+    probing: HashSet<u16>,
     in_flight: HashSet<Pair>,
     waiting: VecDeque<Pair>,
     tasks: JoinSet<(Pair, Result<Authenticated, AuthFailure>)>,
@@ -333,6 +340,9 @@ impl<A: Authenticator, S: AuthStore> AuthManager<A, S> {
             due: BTreeSet::new(),
             due_at: HashMap::new(),
             backoff: HashMap::new(),
+            node_backoff: HashMap::new(),
+            parked: HashMap::new(),
+            probing: HashSet::new(),
             in_flight: HashSet::new(),
             waiting: VecDeque::new(),
             tasks: JoinSet::new(),
@@ -435,6 +445,18 @@ impl<A: Authenticator, S: AuthStore> AuthManager<A, S> {
         let (mut removed_nodes, mut changed_nodes) = self.node_changes(d);
         removed_nodes.extend(changes.removed.iter().map(|(_, id)| *id));
         changed_nodes.extend(changes.changed.iter().map(|(_, id)| *id));
+        for id in removed_nodes.iter().chain(&changed_nodes) {
+            // A gone node's state goes; a changed one (new address) is tried afresh.
+            self.node_backoff.remove(id);
+            self.probing.remove(id);
+            for p in self.parked.remove(id).unwrap_or_default() {
+                self.unschedule(p);
+                self.backoff.remove(&p);
+                if self.wanted.contains(&p) {
+                    self.schedule(p, Instant::now());
+                }
+            }
+        }
         let local = self.nodes.local_name();
         let wanted: BTreeSet<Pair> = d
             .required_pairs(&local)
@@ -573,6 +595,25 @@ impl<A: Authenticator, S: AuthStore> AuthManager<A, S> {
             self.schedule(pair, next);
             return;
         }
+        if let Some(nb) = self.node_backoff.get(&pair.node) {
+            // The node was unreachable: one probe at a time, the rest wait.
+            let next = nb.next;
+            if next > Instant::now() || self.probing.contains(&pair.node) {
+                self.unschedule(pair);
+                let parked = self.parked.entry(pair.node).or_default();
+                let first = parked.is_empty();
+                parked.insert(pair);
+                if first && !self.probing.contains(&pair.node) {
+                    // This pair probes the node when its backoff ends.
+                    self.schedule(pair, next);
+                }
+                return;
+            }
+            self.probing.insert(pair.node);
+            if let Some(parked) = self.parked.get_mut(&pair.node) {
+                parked.remove(&pair);
+            }
+        }
         if self.in_flight.len() >= self.config.max_in_flight {
             if !self.waiting.contains(&pair) {
                 self.waiting.push_back(pair);
@@ -600,7 +641,51 @@ impl<A: Authenticator, S: AuthStore> AuthManager<A, S> {
         self.tasks.spawn(async move { (pair, fut.await) });
     }
 
+    /// The node of a finished handshake answered (or not): ends or extends
+    /// its backoff; an answer releases the pairs parked for it.
+    fn node_outcome(&mut self, node: u16, reachable: bool) {
+        let was_probe = self.probing.remove(&node);
+        if reachable {
+            if self.node_backoff.remove(&node).is_some() {
+                tracing::info!(node, "node reachable again; resuming its pairs");
+            }
+            for p in self.parked.remove(&node).unwrap_or_default() {
+                self.request(p, false);
+            }
+            return;
+        }
+        let failures = match self.node_backoff.get(&node) {
+            None => 1,
+            Some(b) if was_probe => b.failures + 1,
+            // Another handshake already in flight when the node went away:
+            // the backoff it set stands.
+            Some(_) => return,
+        };
+        let next = Instant::now() + self.backoff_delay(failures);
+        if failures == 1 {
+            tracing::warn!(
+                node,
+                "node unreachable; its pairs wait while one probes it with backoff"
+            );
+        }
+        self.node_backoff.insert(node, Backoff { failures, next });
+        if let Some(p) = self.parked.get(&node).and_then(|s| s.first().copied()) {
+            self.schedule(p, next);
+        }
+    }
+
+    fn backoff_delay(&self, failures: u32) -> Duration {
+        let base = self
+            .config
+            .backoff_initial
+            .saturating_mul(1u32 << (failures.max(1) - 1).min(16))
+            .min(self.config.backoff_max);
+        base.mul_f64(rand::rng().random_range(0.5..=1.0))
+    }
+
     fn complete(&mut self, pair: Pair, result: Result<Authenticated, AuthFailure>) {
+        let reachable =
+            !matches!(&result, Err(f) if f.label == "connect" || f.label == "connect_timeout");
         self.in_flight.remove(&pair);
         self.metrics.in_flight.set(self.in_flight.len() as i64);
         match result {
@@ -647,6 +732,7 @@ impl<A: Authenticator, S: AuthStore> AuthManager<A, S> {
                 self.fail(pair, f.label);
             }
         }
+        self.node_outcome(pair.node, reachable);
         while self.in_flight.len() < self.config.max_in_flight {
             let Some(p) = self.waiting.pop_front() else {
                 break;
@@ -663,13 +749,7 @@ impl<A: Authenticator, S: AuthStore> AuthManager<A, S> {
             return;
         }
         let failures = self.backoff.get(&pair).map_or(0, |b| b.failures) + 1;
-        let base = self
-            .config
-            .backoff_initial
-            .saturating_mul(1u32 << (failures - 1).min(16))
-            .min(self.config.backoff_max);
-        let jittered = base.mul_f64(rand::rng().random_range(0.5..=1.0));
-        let next = Instant::now() + jittered;
+        let next = Instant::now() + self.backoff_delay(failures);
         self.backoff.insert(pair, Backoff { failures, next });
         self.schedule(pair, next);
     }

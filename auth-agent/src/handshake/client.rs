@@ -182,7 +182,6 @@ impl HandshakeClient {
         let own = cache
             .get(local)
             .ok_or(HandshakeError::NoSvid { identity: local })?;
-        let config = self.config_for(local, remote, &own)?;
         let sni = ServerName::try_from(cache.trust_domain().server_name(remote)).map_err(|e| {
             HandshakeError::UnknownSni {
                 sni: Some(format!("{}: {e}", cache.trust_domain().server_name(remote))),
@@ -191,8 +190,10 @@ impl HandshakeClient {
         })?;
 
         // The node's handshake address: never any other address of it.
+        // Connected first: an unreachable node costs no TLS config.
         let addr = SocketAddr::new(node.handshake_addr, self.opts.port);
         let tcp = self.connect(addr).await?;
+        let config = self.config_for(local, remote, &own)?;
         let after = self.opts.handshake_timeout;
         let exchange = async {
             let mut tls = tokio_rustls::TlsConnector::from(config)
