@@ -89,6 +89,11 @@ pub fn options(prefix: &str, nodes: &[&str]) -> TestbedOptions {
         prefix: prefix.into(),
         nodes: nodes.iter().map(|n| n.to_string()).collect(),
         meshauth_bin: Some(env!("CARGO_BIN_EXE_meshauth").into()),
+        poll_interval: std::env::var("POLL_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map(std::time::Duration::from_millis)
+            .unwrap_or(TestbedOptions::default().poll_interval),
         ..TestbedOptions::default()
     }
 }

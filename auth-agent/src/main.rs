@@ -157,7 +157,21 @@ fn init_logs(default: &str, json: bool) {
     if json { b.json().init() } else { b.init() }
 }
 
+/// One glibc malloc arena. By default every thread that allocates
+/// gets its own arena and keeps what it freed: the agent's short bursts on
+/// runtime and blocking threads (the first policy compile) left ~30 MiB
+/// resident for good at 1,000 identities (BENCHMARKS.md, agent memory).
+#[allow(unsafe_code)]
+fn limit_malloc_arenas() {
+    // SAFETY: mallopt only sets allocator parameters; called before any
+    // thread is started, with a documented parameter and value.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+}
+
 fn main() -> ExitCode {
+    limit_malloc_arenas();
     let cli = Cli::parse();
     // Before any runtime thread exists: lab-exec changes this thread's netns.
     match &cli.command {

@@ -66,6 +66,10 @@ impl Datapath {
 
         let mut obj = aya_obj::Object::parse(OBJECT)?;
         let mut loader = EbpfLoader::new();
+        // The programs read packets and maps only: no CO-RE relocation needs
+        // the kernel's BTF, and parsing vmlinux's (~5 MiB) would cost the
+        // agent's heap tens of MiB it never gives back.
+        loader.btf(None);
         loader.default_map_pin_directory(pin_dir);
         if let Some(n) = opts.auth_capacity {
             if n == 0 {

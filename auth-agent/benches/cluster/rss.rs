@@ -99,6 +99,9 @@ fn write_cluster(tb: &Testbed) -> anyhow::Result<Vec<IpAddr>> {
     let mut pol = String::from(
         "apiVersion: cilium.io/v2\nkind: CiliumClusterwideNetworkPolicy\nmetadata:\n  name: all-require-auth\nspec:\n  endpointSelector: {}\n  ingress:\n    - fromEndpoints:\n        - {}\n      authentication:\n        mode: required\n      toPorts:\n        - ports:\n            - port: \"8080\"\n              protocol: TCP\n",
     );
+    if std::env::var("RSS_NO_CLUSTERWIDE").is_ok() {
+        pol.clear();
+    }
     for i in 0..PODS {
         let next = (i + 1) % PODS;
         let _ = write!(

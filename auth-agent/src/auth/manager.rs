@@ -737,9 +737,9 @@ impl<A: Authenticator, S: AuthStore> AuthManager<A, S> {
             let Some(p) = self.waiting.pop_front() else {
                 break;
             };
-            if self.wanted.contains(&p) && !self.in_flight.contains(&p) {
-                self.start(p);
-            }
+            // Through `request`: a pair that queued before its node went
+            // unreachable is parked, not dialled.
+            self.request(p, false);
         }
     }
 
