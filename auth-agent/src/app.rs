@@ -347,6 +347,7 @@ async fn run_inner(config: &Config, token: &CancellationToken) -> Result<(), Age
             Mode::Enforce => auth_ebpf::maps::config::Mode::Enforce,
             Mode::Audit => auth_ebpf::maps::config::Mode::Audit,
         },
+        drop_unknown_local: config.drop_unknown_pods,
         ..Default::default()
     };
     let mut datapath = Datapath::load(&LoadOptions {

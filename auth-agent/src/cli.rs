@@ -333,6 +333,10 @@ pub struct AgentArgs {
     /// WireGuard: true or false.
     #[arg(long)]
     pub wireguard: Option<String>,
+    /// Traffic of pod addresses not known yet: `pass` (not enforced) or
+    /// `drop` (strict: 133 "Policy denied" until the agent knows the pod).
+    #[arg(long)]
+    pub unknown_pods: Option<String>,
     /// `plain` or `json`.
     #[arg(long)]
     pub log_format: Option<String>,
@@ -366,6 +370,7 @@ impl AgentArgs {
         put("reauth-fraction", &self.reauth_fraction);
         put("sweep-cron", &self.sweep_cron);
         put("wireguard", &self.wireguard);
+        put("unknown-pods", &self.unknown_pods);
         put("log-format", &self.log_format);
         if !self.spire_selector.is_empty() {
             flags.push(("spire-selector", self.spire_selector.join(",")));

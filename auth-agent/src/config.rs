@@ -102,6 +102,9 @@ pub struct Config {
     pub sweep_cron: String,
     /// WireGuard on or off.
     pub wireguard: bool,
+    /// Strict mode: drop traffic of pod addresses not known yet (a pod the
+    /// agent has not learned of) instead of passing it unenforced.
+    pub drop_unknown_pods: bool,
     /// Log format.
     pub log_format: LogFormat,
 }
@@ -150,6 +153,8 @@ pub struct ConfigFile {
     pub sweep_cron: Option<String>,
     /// See [`Config::wireguard`].
     pub wireguard: Option<bool>,
+    /// `pass` (default) or `drop`: see [`Config::drop_unknown_pods`].
+    pub unknown_pods: Option<String>,
     /// `plain` or `json`.
     pub log_format: Option<String>,
 }
@@ -597,6 +602,24 @@ pub fn build(layers: &Layers) -> Result<Config, ConfigErrors> {
             false
         }
     };
+    let drop_unknown_pods = match layers.get(&key!(
+        "unknown-pods",
+        "MESHAUTH_UNKNOWN_PODS",
+        unknown_pods,
+        "unknownPods"
+    )) {
+        None => false,
+        Some((_, v)) if v == "pass" => false,
+        Some((_, v)) if v == "drop" => true,
+        Some((src, v)) => {
+            bad(
+                &src,
+                &v,
+                "pass (traffic of pods not known yet is not enforced) or drop (strict)",
+            );
+            false
+        }
+    };
 
     if !errors.is_empty() {
         return Err(ConfigErrors(errors));
@@ -620,6 +643,7 @@ pub fn build(layers: &Layers) -> Result<Config, ConfigErrors> {
         reauth_fraction,
         sweep_cron,
         wireguard,
+        drop_unknown_pods,
         log_format,
     })
 }

@@ -1,7 +1,8 @@
 //! Desired state → the datapath's ipcache and policy maps.
 //!
 //! Every pod address in the cluster goes into the ipcache (the remote end of
-//! a flow can be anywhere), with the node id of the node that runs it. Auth
+//! a flow can be anywhere), with the node id of the node that runs it; node
+//! addresses go in as host (this node) or remote-node (the others). Auth
 //! rules go into the policy map for the identities that have an endpoint on
 //! this node (the programs look policy up by the local end). Changes are
 //! applied as a diff against what the maps hold, in an order that never
@@ -20,6 +21,11 @@ use auth_ebpf::types::Direction;
 use policy_bridge::{DesiredState, Remote};
 
 use crate::nodes::NodeTable;
+
+/// Reserved identity of this node's own addresses (Cilium's numbering).
+pub const ID_HOST: u32 = 1;
+/// Reserved identity of other nodes' addresses.
+pub const ID_REMOTE_NODE: u32 = 6;
 
 /// Port ranges wider than this are enforced on every port of the pair
 /// (more authentication, never less) instead of one map entry per port.
@@ -52,6 +58,23 @@ pub struct SyncReport {
 pub fn ipcache_for(d: &DesiredState, nodes: &NodeTable) -> (BTreeMap<Prefix, (u32, u16)>, usize) {
     let mut out = BTreeMap::new();
     let mut skipped = 0;
+    // Node addresses first (hostNetwork workloads use them): host for this
+    // node, remote-node for the others. Never enforced, but known — so in
+    // strict mode a miss on the local end really is a pod not learned yet.
+    let local = nodes.local_name();
+    for n in d.nodes.values() {
+        let Some(id) = nodes.id_of(&n.name) else {
+            continue;
+        };
+        let identity = if n.name == local {
+            ID_HOST
+        } else {
+            ID_REMOTE_NODE
+        };
+        for a in &n.addresses {
+            out.insert(Prefix::host(*a), (identity, id));
+        }
+    }
     for e in d.endpoints.values() {
         match nodes.id_of(&e.node) {
             Some(id) => {

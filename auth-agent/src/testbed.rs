@@ -79,6 +79,8 @@ pub struct TestbedOptions {
     pub log: String,
     /// Lab `<net>`.
     pub net: u8,
+    /// More `meshauth agent` flags.
+    pub agent_args: Vec<String>,
 }
 
 impl Default for TestbedOptions {
@@ -91,6 +93,7 @@ impl Default for TestbedOptions {
             poll_interval: Duration::from_millis(100),
             log: "info".into(),
             net: 42,
+            agent_args: Vec::new(),
         }
     }
 }
@@ -415,6 +418,7 @@ impl Testbed {
             .arg("1s")
             .arg("--sweep-cron")
             .arg("*/5 * * * * *")
+            .args(&self.opts.agent_args)
             .env("MESHAUTH_LOG", &self.opts.log)
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())

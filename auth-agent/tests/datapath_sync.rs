@@ -100,11 +100,25 @@ fn maps_follow_the_desired_state_and_a_restart_rewrites_nothing() {
     nodes.sync(&d.nodes).unwrap();
     let mut sync = DatapathSync::open(pins.path(), nodes.clone()).unwrap();
     let r = sync.apply(&d).unwrap();
-    assert_eq!((r.ipcache_written, r.policy_written), (4, 3));
+    assert_eq!(
+        (r.ipcache_written, r.policy_written),
+        (6, 3),
+        "4 pod addresses and the 2 nodes' addresses"
+    );
 
     let ipc = Ipcache::open(pins.path()).unwrap();
     let v = ipc.lookup("10.8.2.1".parse().unwrap()).unwrap().unwrap();
     assert_eq!((v.identity, v.node_id), (257, nodes.id_of("b").unwrap()));
+    let a = *d.nodes["a"].addresses.iter().next().unwrap();
+    let b = *d.nodes["b"].addresses.iter().next().unwrap();
+    let v = ipc.lookup(a).unwrap().unwrap();
+    assert_eq!((v.identity, v.node_id), (1, 0), "this node: host");
+    let v = ipc.lookup(b).unwrap().unwrap();
+    assert_eq!(
+        (v.identity, v.node_id),
+        (6, nodes.id_of("b").unwrap()),
+        "another node: remote-node"
+    );
     let v = ipc.lookup("fd00:8::1".parse().unwrap()).unwrap().unwrap();
     assert_eq!(
         (v.identity, v.node_id),

@@ -393,6 +393,70 @@ async fn a_new_pod_that_connects_at_once_gets_through() {
     assert_eq!(drops(&tb, "node-a").await, 0);
 }
 
+/// Strict mode (`--unknown-pods drop`): a pod whose address the agents do
+/// not know yet gets nothing through (133 "Policy denied", seen in observe)
+/// (the default mode lets it pass unenforced: BENCHMARKS.md); once published
+/// and registered it authenticates and connects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn strict_mode_holds_an_unknown_pod_until_it_is_known_and_authenticated() {
+    let mut o = opts("mnstrict", 57);
+    o.nodes = vec!["node-a".into(), "node-b".into()];
+    o.agent_args = vec!["--unknown-pods".into(), "drop".into()];
+    let mut tb = Testbed::start(o).await.unwrap();
+    tb.add_pod("node-a", "order-a", ORDER).unwrap();
+    tb.add_pod("node-b", "pay-b", PAYMENT).unwrap();
+    tb.write("policy.yaml", TWO_WAY_POLICY).unwrap();
+    let order = tb.register("order-a").unwrap();
+    let payment = tb.register("pay-b").unwrap();
+    tb.start_agents().await.unwrap();
+    wait_entries(&tb, "node-a", &[(order, payment, "node-b")]).await;
+    let (pay_b, _server) = serve(&tb, "pay-b");
+    let mut known = client(&tb, "order-a");
+    all_first_packets(&tb, &mut known, &pay_b);
+
+    // A pod in the lab that no manifest names yet.
+    tb.add_lab_pod("node-a", "order-new").unwrap();
+    let mut c = client(&tb, "order-new");
+    let r = c.connect(pay_b.ipv4.into(), 8080, Duration::from_millis(300));
+    assert!(
+        r.is_err(),
+        "an unknown pod must not get through in strict mode"
+    );
+    let mut flows = Vec::new();
+    tb.api("node-a")
+        .stream_lines("/v1/flows?verdict=DROPPED&last=50", |l| {
+            flows.push(serde_json::from_str::<FlowRecord>(l).unwrap());
+            true
+        })
+        .await
+        .unwrap();
+    let new_ip = tb.pod("order-new").unwrap().ipv4.to_string();
+    assert!(
+        flows.iter().any(|f| f.flow.drop_reason == 133
+            && f.flow.ip.source == new_ip
+            && f.flow.drop_reason_desc.contains("not yet known")),
+        "{flows:?}"
+    );
+
+    // Published and registered: known, authenticated, through.
+    tb.publish_pod("order-new", ORDER).unwrap();
+    assert_eq!(tb.register("order-new").unwrap(), order);
+    let r = c
+        .connect_retry(pay_b.ipv4.into(), 8080, Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("order-new never got through: {e}{}", logs(&tb)));
+    println!(
+        "strict: order-new -> pay-b after publication: {} failed attempts, {:?}",
+        r.failed_attempts, r.time_to_success
+    );
+    let entries = tb.auth_entries("node-a").await.unwrap();
+    assert!(
+        entries
+            .iter()
+            .any(|e| e.local == order && e.remote == payment),
+        "it got through because the pair is authenticated: {entries:?}"
+    );
+}
+
 /// Removing the policy collects the pair's entries on both nodes and the
 /// traffic passes without a rule; restoring it authenticates the pair again
 /// before traffic needs it.
@@ -499,9 +563,10 @@ async fn a_removed_node_is_forgotten() {
             .unwrap_or_else(|e| panic!("{e}{}", logs(&tb)));
         let peers: Vec<&str> = s.peers.iter().map(|p| p.node.as_str()).collect();
         assert_eq!(peers.len(), 1, "{n}: {peers:?}");
-        // Four pods with an IPv4 and an IPv6 address each; node-c's two left.
-        assert_eq!(before, 8, "{n}");
-        assert_eq!(s.datapath.ipcache_entries, 4, "{n}: ipcache {before} → 4");
+        // Four pods and three nodes with an IPv4 and an IPv6 address each;
+        // node-c and its two pods left.
+        assert_eq!(before, 14, "{n}");
+        assert_eq!(s.datapath.ipcache_entries, 8, "{n}: ipcache {before} → 8");
     }
     let (pay_b, _server) = serve(&tb, "pay-b");
     let mut c = client(&tb, "order-a");

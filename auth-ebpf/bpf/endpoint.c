@@ -74,6 +74,9 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 		return verdict(&f, &cfg, 0, 0, 0, 0, cached->reason, 0);
 
 	local = ipcache_lookup(&f.local, f.family);
+	if (local.identity == ID_WORLD && (cfg.flags & CONFIG_F_DROP_UNKNOWN_LOCAL) &&
+	    cfg.mode != MODE_AUDIT)
+		return verdict(&f, &cfg, local.identity, 0, 0, 0, DROP_POLICY_DENIED, 0);
 	if (local.identity < ID_FIRST_CLUSTER)
 		return pass_and_cache(skb, &f, &cfg, local.identity, 0, 0, 0,
 				      REASON_PASS_NOT_ENFORCED, SKCACHE_NO_EXPIRY, now);

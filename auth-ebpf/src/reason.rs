@@ -20,6 +20,9 @@ pub const EVENT_SIGNAL_RATE_LIMITED: u8 = 65;
 pub const EVENT_SIGNAL_LOST: u8 = 66;
 /// Dropped: headers could not be parsed.
 pub const DROP_INVALID: u8 = 134;
+/// Dropped: "Policy denied" — strict mode, the pod's own address is not
+/// known to meshauth yet.
+pub const DROP_POLICY_DENIED: u8 = 133;
 /// Dropped: "Authentication required".
 pub const DROP_AUTH_REQUIRED: u8 = 189;
 
@@ -50,6 +53,11 @@ pub const REASONS: &[(u8, &str, &str)] = &[
         "Auth-required signal lost (ring buffer full)",
     ),
     (DROP_INVALID, "invalid", "Invalid packet"),
+    (
+        DROP_POLICY_DENIED,
+        "unknown_pod",
+        "Policy denied (pod address not yet known to meshauth)",
+    ),
     (
         DROP_AUTH_REQUIRED,
         "auth_required",

@@ -180,6 +180,7 @@ fn reason_codes_match_drop_h() {
         ("EVENT_SIGNAL_RATE_LIMITED", EVENT_SIGNAL_RATE_LIMITED),
         ("EVENT_SIGNAL_LOST", EVENT_SIGNAL_LOST),
         ("DROP_INVALID", DROP_INVALID),
+        ("DROP_POLICY_DENIED", DROP_POLICY_DENIED),
         ("DROP_AUTH_REQUIRED", DROP_AUTH_REQUIRED),
     ] {
         assert_eq!(defined.get(name), Some(&code), "{name}");

@@ -331,6 +331,72 @@ fn reserved_local_identity_is_not_enforced() {
 }
 
 #[test]
+fn strict_mode_drops_unknown_pod_addresses_but_not_host_ones() {
+    let cfg = DatapathConfig {
+        drop_unknown_local: true,
+        ..DatapathConfig::default()
+    };
+    let f = Fixture::with_config("strict", cfg);
+    f.require(Ingress, 8080, proto::TCP);
+    let to = |local: Ipv4Addr| {
+        frame(
+            REMOTE_V4.into(),
+            local.into(),
+            L4::Tcp {
+                sport: 1,
+                dport: 9999,
+                flags: SYN,
+            },
+            0,
+        )
+    };
+    // A pod the agent has not learned of yet: no ipcache entry.
+    let unknown = Ipv4Addr::new(192, 0, 2, 1);
+    assert!(
+        !f.run(Ingress, &to(unknown)),
+        "unknown pod address: dropped"
+    );
+    // A hostNetwork workload: the node's address, in the ipcache as host.
+    let host = Ipv4Addr::new(192, 0, 2, 2);
+    let mut ipc = auth_ebpf::maps::ipcache::Ipcache::open(f.pins.path()).unwrap();
+    ipc.insert(auth_ebpf::maps::ipcache::Prefix::host(host.into()), 1, 0)
+        .unwrap();
+    assert!(f.run(Ingress, &to(host)), "host address: not enforced");
+    // A known pod with no rule for this port passes as before.
+    assert!(f.run(Ingress, &tcp(Ingress, 9999, SYN)));
+    // Once the pod is known the same address passes (the insert bumped the
+    // generation, so nothing cached stands in the way).
+    ipc.insert(
+        auth_ebpf::maps::ipcache::Prefix::host(unknown.into()),
+        LOCAL_ID,
+        0,
+    )
+    .unwrap();
+    assert!(
+        f.run(Ingress, &to(unknown)),
+        "now known: no rule on 9999, passes"
+    );
+    let m = MetricsReader::open(f.pins.path()).expect("metrics");
+    assert_eq!(m.packets(reason::DROP_POLICY_DENIED, Ingress).unwrap(), 1);
+    assert_eq!(m.packets(reason::PASS_NOT_ENFORCED, Ingress).unwrap(), 1);
+    assert_eq!(
+        reason::description(133),
+        "Policy denied (pod address not yet known to meshauth)"
+    );
+
+    // Audit mode never drops for it.
+    let audit = Fixture::with_config(
+        "strictaudit",
+        DatapathConfig {
+            drop_unknown_local: true,
+            mode: Mode::Audit,
+            ..DatapathConfig::default()
+        },
+    );
+    assert!(audit.run(Ingress, &to(unknown)));
+}
+
+#[test]
 fn ipv6_udp_and_icmp_are_enforced() {
     let f = Fixture::new("v6");
     f.require(Ingress, 53, proto::UDP);

@@ -26,6 +26,11 @@ struct config_value {
 
 /* Do not use or fill the per-socket verdict cache (debugging, benchmarks). */
 #define CONFIG_F_NO_SKCACHE (1 << 0)
+/* Strict: a pod address the ipcache does not know yet (a pod the agent has
+ * not learned of) is dropped (133) instead of passed unenforced. The agent
+ * puts node addresses in the ipcache as host / remote-node, so a miss on the
+ * local end means a pod, not a hostNetwork workload. */
+#define CONFIG_F_DROP_UNKNOWN_LOCAL (1 << 1)
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);

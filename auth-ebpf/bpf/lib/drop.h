@@ -29,6 +29,9 @@
 
 /* Dropped: the packet could not be parsed (truncated headers). */
 #define DROP_INVALID 134
+/* Dropped: "Policy denied" (Hubble's code): in strict mode, the pod's own
+ * address is not known to meshauth yet, so its policy cannot be applied. */
+#define DROP_POLICY_DENIED 133
 /* Dropped: "Authentication required" (Hubble's code). */
 #define DROP_AUTH_REQUIRED 189
 

@@ -65,6 +65,9 @@ pub struct DatapathConfig {
     pub events: EventMask,
     /// Cache verdicts per socket (the fast path for established flows).
     pub socket_cache: bool,
+    /// Strict: drop traffic of pod addresses the ipcache does not know yet
+    /// (133 "Policy denied") instead of passing it unenforced.
+    pub drop_unknown_local: bool,
 }
 
 impl Default for DatapathConfig {
@@ -74,11 +77,13 @@ impl Default for DatapathConfig {
             signal_interval: Duration::from_secs(1),
             events: EventMask::default(),
             socket_cache: true,
+            drop_unknown_local: false,
         }
     }
 }
 
 const CONFIG_F_NO_SKCACHE: u32 = 1;
+const CONFIG_F_DROP_UNKNOWN_LOCAL: u32 = 1 << 1;
 
 /// Typed handle on `meshauth_config`.
 pub struct ConfigMap {
@@ -118,6 +123,10 @@ impl ConfigMap {
                 0
             } else {
                 CONFIG_F_NO_SKCACHE
+            } | if cfg.drop_unknown_local {
+                CONFIG_F_DROP_UNKNOWN_LOCAL
+            } else {
+                0
             },
             mode: match cfg.mode {
                 Mode::Enforce => 0,
@@ -169,6 +178,7 @@ impl ConfigMap {
             signal_interval: Duration::from_nanos(v.signal_interval_ns),
             events: EventMask::from_bits(v.event_mask),
             socket_cache: v.flags & CONFIG_F_NO_SKCACHE == 0,
+            drop_unknown_local: v.flags & CONFIG_F_DROP_UNKNOWN_LOCAL != 0,
         })
     }
 }
