@@ -492,17 +492,21 @@ async fn policy_removed_and_restored() {
     let a = wait_entries(&tb, "node-a", &[(order, payment, "node-b")]).await;
     let b = wait_entries(&tb, "node-b", &[(payment, order, "node-a")]).await;
     assert!(a[0].remaining_seconds > 0 && b[0].remaining_seconds > 0);
-    // Each node initiates its own pair: a fresh handshake on both.
-    let hs_a2 = tb.status("node-a").await.unwrap().handshakes;
-    let hs_b2 = tb.status("node-b").await.unwrap().handshakes;
-    assert!(
-        hs_a2.initiated_ok > hs_a.initiated_ok,
-        "{hs_a:?} → {hs_a2:?}"
-    );
-    assert!(
-        hs_b2.initiated_ok > hs_b.initiated_ok,
-        "{hs_b:?} → {hs_b2:?}"
-    );
+    // Each node also initiates its own pair: a fresh handshake on both. (The
+    // responder's write may come first; a node that found the other's
+    // handshake port closed at start retries after its node backoff.)
+    for (n, before) in [("node-a", hs_a), ("node-b", hs_b)] {
+        tb.wait_for(
+            &format!("{n} initiates a fresh handshake"),
+            Duration::from_secs(5),
+            || async {
+                let now = tb.status(n).await.ok()?.handshakes;
+                (now.initiated_ok > before.initiated_ok).then_some(())
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}: {before:?}{}", logs(&tb)));
+    }
     all_first_packets(&tb, &mut c, &pay_b);
     assert_no_drops(&tb, "policy restored, re-authenticated").await;
 }
