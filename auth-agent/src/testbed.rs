@@ -155,6 +155,7 @@ impl Testbed {
     /// Builds the lab (nodes only), starts spire-dev and writes the Nodes
     /// and the Namespace. Agents start with [`Self::start_agents`].
     pub async fn start(opts: TestbedOptions) -> Result<Self, TestbedError> {
+        ensure_bpffs()?;
         Self::cleanup_stale(&opts.prefix);
         let mut lab = Lab::with_options(
             &opts.prefix,
@@ -698,6 +699,31 @@ impl Testbed {
 impl Drop for Testbed {
     fn drop(&mut self) {
         self.teardown();
+    }
+}
+
+/// Mounts bpffs on `/sys/fs/bpf` when nothing mounted it (systemd does on a
+/// normal Debian 12; a minimal system or container may not).
+fn ensure_bpffs() -> Result<(), TestbedError> {
+    const BPF_FS_MAGIC: u64 = 0xcafe_4a11;
+    let dir = Path::new("/sys/fs/bpf");
+    let is_bpffs = || rustix::fs::statfs(dir).is_ok_and(|s| s.f_type as u64 == BPF_FS_MAGIC);
+    if is_bpffs() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(dir).map_err(io("creating", dir))?;
+    rustix::mount::mount("bpf", dir, "bpf", rustix::mount::MountFlags::empty(), None)
+        .map_err(|e| TestbedError::Io {
+            what: "mounting bpffs (mount -t bpf bpf /sys/fs/bpf) on",
+            path: dir.to_path_buf(),
+            source: e.into(),
+        })?;
+    if is_bpffs() {
+        Ok(())
+    } else {
+        Err(TestbedError::Failed(
+            "/sys/fs/bpf is not bpffs after mounting it".into(),
+        ))
     }
 }
 
