@@ -13,7 +13,7 @@ use anyhow::{Context as _, Result, bail};
 use crate::api::flows::render_line;
 use crate::api::types::{AuthEntry, FlowRecord};
 use crate::lab::PodProcess;
-use crate::testbed::{Testbed, TestbedOptions};
+use crate::testbed::{Testbed, TestbedOptions, is_root};
 
 /// How the demo runs.
 #[derive(Debug, Clone)]
@@ -60,17 +60,6 @@ fn step(n: u32, title: &str) {
 
 fn blocking<T>(f: impl FnOnce() -> T) -> T {
     tokio::task::block_in_place(f)
-}
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .map(|l| l.split_whitespace().nth(2) == Some("0"))
-        })
-        .unwrap_or(false)
 }
 
 /// Runs the demo; `Ok(true)` when every expectation held.

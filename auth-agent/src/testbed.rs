@@ -702,6 +702,12 @@ impl Drop for Testbed {
     }
 }
 
+/// Whether this process runs as root (the lab needs it: namespaces,
+/// cgroups, BPF).
+pub fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
 /// Mounts bpffs on `/sys/fs/bpf` when nothing mounted it (systemd does on a
 /// normal Debian 12; a minimal system or container may not).
 fn ensure_bpffs() -> Result<(), TestbedError> {
@@ -712,12 +718,13 @@ fn ensure_bpffs() -> Result<(), TestbedError> {
         return Ok(());
     }
     std::fs::create_dir_all(dir).map_err(io("creating", dir))?;
-    rustix::mount::mount("bpf", dir, "bpf", rustix::mount::MountFlags::empty(), None)
-        .map_err(|e| TestbedError::Io {
+    rustix::mount::mount("bpf", dir, "bpf", rustix::mount::MountFlags::empty(), None).map_err(
+        |e| TestbedError::Io {
             what: "mounting bpffs (mount -t bpf bpf /sys/fs/bpf) on",
             path: dir.to_path_buf(),
             source: e.into(),
-        })?;
+        },
+    )?;
     if is_bpffs() {
         Ok(())
     } else {

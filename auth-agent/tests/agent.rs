@@ -67,10 +67,7 @@ fn asking_for_wireguard_is_refused_not_ignored() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn health_metrics_and_a_graceful_restart_that_loses_nothing() {
     assert!(
-        std::fs::read_to_string("/proc/self/status")
-            .unwrap()
-            .lines()
-            .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0")),
+        auth_agent::testbed::is_root(),
         "this test needs root (network namespaces, cgroups, BPF)"
     );
     let mut tb = Testbed::start(TestbedOptions {

@@ -48,15 +48,7 @@ struct Fake {
 
 impl Fake {
     fn new(clock: Arc<dyn Clock>) -> Arc<Self> {
-        Arc::new(Self {
-            clock,
-            lifetime: HOUR,
-            delay: Duration::from_millis(10),
-            calls: Mutex::new(Vec::new()),
-            failures: Mutex::new(HashMap::new()),
-            in_flight: Mutex::new((0, 0)),
-            down: Mutex::new(HashSet::new()),
-        })
+        Self::with(clock, HOUR, Duration::from_millis(10))
     }
 
     fn with(clock: Arc<dyn Clock>, lifetime: Duration, delay: Duration) -> Arc<Self> {

@@ -72,10 +72,7 @@ const PAYMENT: &str = "payment-service";
 
 fn opts(prefix: &str, net: u8) -> TestbedOptions {
     assert!(
-        std::fs::read_to_string("/proc/self/status")
-            .unwrap()
-            .lines()
-            .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0")),
+        auth_agent::testbed::is_root(),
         "this test needs root (network namespaces, cgroups, BPF)"
     );
     TestbedOptions {
@@ -84,6 +81,22 @@ fn opts(prefix: &str, net: u8) -> TestbedOptions {
         net,
         ..TestbedOptions::default()
     }
+}
+
+/// order-a on node-a and pay-b on node-b under [`TWO_WAY_POLICY`], agents
+/// running, the pair authenticated on both ends; returns the testbed, the
+/// two identities and node-b's entries.
+async fn order_and_payment(o: TestbedOptions) -> (Testbed, u32, u32, Vec<AuthEntry>) {
+    let mut tb = Testbed::start(o).await.unwrap();
+    tb.add_pod("node-a", "order-a", ORDER).unwrap();
+    tb.add_pod("node-b", "pay-b", PAYMENT).unwrap();
+    tb.write("policy.yaml", TWO_WAY_POLICY).unwrap();
+    let order = tb.register("order-a").unwrap();
+    let payment = tb.register("pay-b").unwrap();
+    tb.start_agents().await.unwrap();
+    wait_entries(&tb, "node-a", &[(order, payment, "node-b")]).await;
+    let b = wait_entries(&tb, "node-b", &[(payment, order, "node-a")]).await;
+    (tb, order, payment, b)
 }
 
 /// The last log lines of every agent, for panic messages.
@@ -346,15 +359,7 @@ async fn steady_state_every_first_packet_passes_and_unissued_identity_is_dropped
 /// within seconds, nothing restarted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_new_pod_that_connects_at_once_gets_through() {
-    let mut tb = Testbed::start(opts("mnnewpod", 53)).await.unwrap();
-    tb.add_pod("node-a", "order-a", ORDER).unwrap();
-    tb.add_pod("node-b", "pay-b", PAYMENT).unwrap();
-    tb.write("policy.yaml", TWO_WAY_POLICY).unwrap();
-    let order = tb.register("order-a").unwrap();
-    let payment = tb.register("pay-b").unwrap();
-    tb.start_agents().await.unwrap();
-    wait_entries(&tb, "node-b", &[(payment, order, "node-a")]).await;
-    wait_entries(&tb, "node-a", &[(order, payment, "node-b")]).await;
+    let (mut tb, order, payment, _) = order_and_payment(opts("mnnewpod", 53)).await;
     let (pay_b, _server) = serve(&tb, "pay-b");
 
     // order-service has never run on node-c.
@@ -402,14 +407,7 @@ async fn strict_mode_holds_an_unknown_pod_until_it_is_known_and_authenticated() 
     let mut o = opts("mnstrict", 57);
     o.nodes = vec!["node-a".into(), "node-b".into()];
     o.agent_args = vec!["--unknown-pods".into(), "drop".into()];
-    let mut tb = Testbed::start(o).await.unwrap();
-    tb.add_pod("node-a", "order-a", ORDER).unwrap();
-    tb.add_pod("node-b", "pay-b", PAYMENT).unwrap();
-    tb.write("policy.yaml", TWO_WAY_POLICY).unwrap();
-    let order = tb.register("order-a").unwrap();
-    let payment = tb.register("pay-b").unwrap();
-    tb.start_agents().await.unwrap();
-    wait_entries(&tb, "node-a", &[(order, payment, "node-b")]).await;
+    let (mut tb, order, payment, _) = order_and_payment(o).await;
     let (pay_b, _server) = serve(&tb, "pay-b");
     let mut known = client(&tb, "order-a");
     all_first_packets(&tb, &mut known, &pay_b);
@@ -462,15 +460,7 @@ async fn strict_mode_holds_an_unknown_pod_until_it_is_known_and_authenticated() 
 /// before traffic needs it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn policy_removed_and_restored() {
-    let mut tb = Testbed::start(opts("mnpolicy", 54)).await.unwrap();
-    tb.add_pod("node-a", "order-a", ORDER).unwrap();
-    tb.add_pod("node-b", "pay-b", PAYMENT).unwrap();
-    tb.write("policy.yaml", TWO_WAY_POLICY).unwrap();
-    let order = tb.register("order-a").unwrap();
-    let payment = tb.register("pay-b").unwrap();
-    tb.start_agents().await.unwrap();
-    wait_entries(&tb, "node-a", &[(order, payment, "node-b")]).await;
-    wait_entries(&tb, "node-b", &[(payment, order, "node-a")]).await;
+    let (tb, order, payment, _) = order_and_payment(opts("mnpolicy", 54)).await;
     let (pay_b, _server) = serve(&tb, "pay-b");
     let mut c = client(&tb, "order-a");
     all_first_packets(&tb, &mut c, &pay_b);
@@ -584,15 +574,7 @@ async fn a_removed_node_is_forgotten() {
 /// they were, without a new handshake.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_agent_killed_under_traffic() {
-    let mut tb = Testbed::start(opts("mnkill", 56)).await.unwrap();
-    tb.add_pod("node-a", "order-a", ORDER).unwrap();
-    tb.add_pod("node-b", "pay-b", PAYMENT).unwrap();
-    tb.write("policy.yaml", TWO_WAY_POLICY).unwrap();
-    let order = tb.register("order-a").unwrap();
-    let payment = tb.register("pay-b").unwrap();
-    tb.start_agents().await.unwrap();
-    wait_entries(&tb, "node-a", &[(order, payment, "node-b")]).await;
-    let before = wait_entries(&tb, "node-b", &[(payment, order, "node-a")]).await;
+    let (mut tb, order, payment, before) = order_and_payment(opts("mnkill", 56)).await;
     let (pay_b, _server) = serve(&tb, "pay-b");
     let mut c = client(&tb, "order-a");
     c.stream(

@@ -173,6 +173,12 @@ impl DesiredState {
     /// remote, remote node), so direction and ports do not split pairs.
     pub fn required_pairs(&self, node: &str) -> BTreeSet<(u32, u32, String)> {
         let local_ids = self.identities_on(node);
+        // Identity → nodes hosting it, once (not a scan of every endpoint per
+        // remote identity: an any-cluster rule names every identity).
+        let mut nodes_by_id: BTreeMap<u32, BTreeSet<&str>> = BTreeMap::new();
+        for e in self.endpoints.values() {
+            nodes_by_id.entry(e.identity).or_default().insert(&e.node);
+        }
         let mut out = BTreeSet::new();
         for rule in &self.rules {
             if !local_ids.contains(&rule.local) {
@@ -188,7 +194,7 @@ impl DesiredState {
                     .collect(),
             };
             for r in remotes {
-                for n in self.nodes_of(r) {
+                for n in nodes_by_id.get(&r).into_iter().flatten() {
                     out.insert((rule.local, r, n.to_string()));
                 }
             }

@@ -11,7 +11,6 @@ use auth_ebpf::maps::ipcache::Ipcache;
 use auth_ebpf::maps::policy::PolicyMap;
 use auth_ebpf::metrics::MetricsReader;
 use auth_ebpf::reason;
-use auth_ebpf::types::Direction;
 use policy_bridge::Subscription;
 use svid_cache::{SourceState, SourceStatus, SvidCache};
 use tokio::sync::watch;
@@ -102,11 +101,14 @@ impl Backend for AgentBackend {
             .and_then(|m| m.entries())
             .map(|e| e.len())
             .map_err(|e| e.to_string())?;
+        // One read of the counters (each `packets` call would read them all).
         let drops = MetricsReader::open(pin)
-            .map(|m| {
-                [Direction::Ingress, Direction::Egress]
+            .and_then(|m| m.read())
+            .map(|counters| {
+                counters
                     .iter()
-                    .map(|d| m.packets(reason::DROP_AUTH_REQUIRED, *d).unwrap_or(0))
+                    .filter(|c| c.reason == reason::DROP_AUTH_REQUIRED)
+                    .map(|c| c.packets)
                     .sum()
             })
             .unwrap_or(0);
