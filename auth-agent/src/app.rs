@@ -14,6 +14,7 @@
 pub mod backend;
 pub mod health;
 pub mod metrics;
+mod tasks;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -21,7 +22,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use auth_ebpf::{Datapath, DatapathError, LoadOptions};
-use futures::StreamExt as _;
 use policy_bridge::{DesiredState, NodeInfo, Subscription};
 use prometheus_client::registry::Registry;
 use svid_cache::{
@@ -413,34 +413,14 @@ async fn run_inner(config: &Config, token: &CancellationToken) -> Result<(), Age
     tokio::spawn(crate::api::server::serve(api, backend, token.clone()));
 
     // Events → observe.
-    {
-        let mut events = auth_ebpf::events::EventReader::open(&pin_dir)?;
-        let sub = subscription.clone();
-        let hub = hub.clone();
-        let node = config.node_name.clone();
-        let token = token.clone();
-        let live = live.clone();
-        tokio::spawn(async move {
-            loop {
-                let batch = tokio::select! {
-                    _ = token.cancelled() => return,
-                    b = events.next_batch() => b,
-                };
-                match batch {
-                    Ok(batch) => {
-                        let snap = sub.current();
-                        for e in &batch {
-                            hub.push(crate::api::flows::to_record(e, &snap.state, &node));
-                        }
-                    }
-                    Err(e) => {
-                        live.fail(format!("reading flow events: {e}"));
-                        return;
-                    }
-                }
-            }
-        });
-    }
+    tasks::spawn_flow_events(
+        auth_ebpf::events::EventReader::open(&pin_dir)?,
+        subscription.clone(),
+        hub.clone(),
+        config.node_name.clone(),
+        token.clone(),
+        live.clone(),
+    );
 
     // Wait for the first full policy read.
     tracing::info!("waiting for the first policy sync");
@@ -458,37 +438,14 @@ async fn run_inner(config: &Config, token: &CancellationToken) -> Result<(), Age
     );
     desired_tx.send_replace(first.state.clone());
     ready.policy.store(true, Ordering::Relaxed);
-    {
-        let mut subscription = subscription.clone();
-        let nodes = nodes.clone();
-        let token = token.clone();
-        let live = live.clone();
-        tokio::spawn(async move {
-            loop {
-                let next = tokio::select! {
-                    _ = token.cancelled() => return,
-                    n = subscription.next() => n,
-                };
-                let Some((snap, _diff)) = next else {
-                    live.fail("the policy source stopped");
-                    return;
-                };
-                if let Err(e) = nodes.sync(&snap.state.nodes) {
-                    tracing::error!(error = %e, "node table");
-                }
-                match sync.apply(&snap.state) {
-                    Ok(r) => {
-                        tracing::debug!(report = ?r, generation = snap.generation, "datapath synced")
-                    }
-                    // The maps keep what they held; the next snapshot retries.
-                    Err(e) => {
-                        tracing::error!(error = %e, generation = snap.generation, "datapath sync failed")
-                    }
-                }
-                desired_tx.send_replace(snap.state.clone());
-            }
-        });
-    }
+    tasks::spawn_policy_sync(
+        subscription.clone(),
+        nodes.clone(),
+        sync,
+        desired_tx,
+        token.clone(),
+        live.clone(),
+    );
 
     // Authentication.
     let store = Arc::new(BpfAuthStore::open(&pin_dir)?);
@@ -503,29 +460,7 @@ async fn run_inner(config: &Config, token: &CancellationToken) -> Result<(), Age
     server_opts.max_concurrent = config.max_concurrent_handshakes;
     let server = HandshakeServer::bind(server_opts, hs_metrics.clone()).await?;
     tracing::info!(listen = %server.local_addr(), "handshake server listening");
-    {
-        let mut outcomes = server.subscribe();
-        let counts = counts.clone();
-        let token = token.clone();
-        tokio::spawn(async move {
-            loop {
-                let o = tokio::select! {
-                    _ = token.cancelled() => return,
-                    o = outcomes.recv() => o,
-                };
-                match o {
-                    Ok(o) => {
-                        match &o.result {
-                            Ok(_) => counts.served_ok.fetch_add(1, Ordering::Relaxed),
-                            Err(_) => counts.served_failed.fetch_add(1, Ordering::Relaxed),
-                        };
-                    }
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
-                    Err(_) => return,
-                }
-            }
-        });
-    }
+    tasks::spawn_served_counts(server.subscribe(), counts.clone(), token.clone());
     server.spawn(token.clone());
 
     let mut client_opts = ClientOptions::new(cache.clone(), config.node_name.clone());
@@ -541,39 +476,12 @@ async fn run_inner(config: &Config, token: &CancellationToken) -> Result<(), Age
     };
 
     let (signal_tx, signal_rx) = mpsc::channel::<Pair>(4096);
-    {
-        let stream = auth_ebpf::signals::SignalReader::open(&pin_dir)?.into_stream();
-        let token = token.clone();
-        let live = live.clone();
-        tokio::spawn(async move {
-            let mut stream = std::pin::pin!(stream);
-            loop {
-                let batch = tokio::select! {
-                    _ = token.cancelled() => return,
-                    b = stream.next() => b,
-                };
-                match batch {
-                    Some(Ok(batch)) => {
-                        for s in batch {
-                            let pair = Pair {
-                                local: s.key.local_id,
-                                remote: s.key.remote_id,
-                                node: s.key.remote_node_id,
-                            };
-                            if signal_tx.send(pair).await.is_err() {
-                                return;
-                            }
-                        }
-                    }
-                    Some(Err(e)) => {
-                        live.fail(format!("reading auth signals: {e}"));
-                        return;
-                    }
-                    None => return,
-                }
-            }
-        });
-    }
+    tasks::spawn_signals(
+        auth_ebpf::signals::SignalReader::open(&pin_dir)?,
+        signal_tx,
+        token.clone(),
+        live.clone(),
+    );
     let (rot_tx, rot_rx) = mpsc::channel(1024);
     forward_rotations(cache.clone(), rot_tx);
     let (sweep_tx, sweep_rx) = mpsc::channel(4);
