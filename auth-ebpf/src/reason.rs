@@ -20,6 +20,12 @@ pub const EVENT_SIGNAL_RATE_LIMITED: u8 = 65;
 pub const EVENT_SIGNAL_LOST: u8 = 66;
 /// Dropped: headers could not be parsed.
 pub const DROP_INVALID: u8 = 134;
+/// Dropped: "Invalid source ip" — on egress, the source address is not one
+/// of the sending pod's own addresses.
+pub const DROP_INVALID_SOURCE_IP: u8 = 132;
+/// Dropped: "Invalid IPv6 extension header" — the extension-header chain is
+/// longer than the datapath walks.
+pub const DROP_INVALID_EXTHDR: u8 = 156;
 /// Dropped: "Policy denied" — strict mode, the pod's own address is not
 /// known to meshauth yet.
 pub const DROP_POLICY_DENIED: u8 = 133;
@@ -54,6 +60,16 @@ pub const REASONS: &[(u8, &str, &str)] = &[
     ),
     (DROP_INVALID, "invalid", "Invalid packet"),
     (
+        DROP_INVALID_SOURCE_IP,
+        "invalid_source_ip",
+        "Invalid source ip",
+    ),
+    (
+        DROP_INVALID_EXTHDR,
+        "invalid_exthdr",
+        "Invalid IPv6 extension header",
+    ),
+    (
         DROP_POLICY_DENIED,
         "unknown_pod",
         "Policy denied (pod address not yet known to meshauth)",
@@ -64,6 +80,20 @@ pub const REASONS: &[(u8, &str, &str)] = &[
         "Authentication required",
     ),
 ];
+
+/// Hubble's `DropReason` enum name (flow.proto) of a drop code, as Hubble's
+/// JSON writes it in `drop_reason_desc`; `"DROP_REASON_UNKNOWN"` for a code
+/// Hubble has no name for (and for passes, which carry no drop reason).
+pub fn hubble_name(code: u8) -> &'static str {
+    match code {
+        DROP_INVALID_SOURCE_IP => "INVALID_SOURCE_IP",
+        DROP_POLICY_DENIED => "POLICY_DENIED",
+        DROP_INVALID => "INVALID_PACKET_DROPPED",
+        DROP_INVALID_EXTHDR => "INVALID_IPV6_EXTENSION_HEADER",
+        DROP_AUTH_REQUIRED => "AUTH_REQUIRED",
+        _ => "DROP_REASON_UNKNOWN",
+    }
+}
 
 /// True for event codes (counted in the metrics map, not verdicts).
 pub fn is_event(code: u8) -> bool {

@@ -29,6 +29,13 @@
 
 /* Dropped: the packet could not be parsed (truncated headers). */
 #define DROP_INVALID 134
+/* Dropped: "Invalid source ip" (Hubble's code): on egress, the packet's source
+ * address is not one of the sending pod's own addresses (a spoofed source). */
+#define DROP_INVALID_SOURCE_IP 132
+/* Dropped: "Invalid IPv6 extension header" (Hubble's code): the chain of
+ * extension headers is longer than the datapath walks, so the transport header
+ * cannot be found. */
+#define DROP_INVALID_EXTHDR 156
 /* Dropped: "Policy denied" (Hubble's code): in strict mode, the pod's own
  * address is not known to meshauth yet, so its policy cannot be applied. */
 #define DROP_POLICY_DENIED 133
