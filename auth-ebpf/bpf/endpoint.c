@@ -17,6 +17,7 @@
 #include "lib/policy.h"
 #include "lib/auth.h"
 #include "lib/ct.h"
+#include "lib/source.h"
 #include "lib/signal.h"
 #include "lib/events.h"
 #include "lib/metrics.h"
@@ -33,9 +34,13 @@ static __always_inline int verdict(const struct flow *f, const struct config_val
 			 : EVENT_DROPS;
 
 	metrics_count(reason, f->direction, f->len);
-	if (cfg->event_mask & bit)
-		event_emit(f, local_id, remote_id, remote_node, auth_type, reason, pass,
-			   now ? now : bpf_ktime_get_boot_ns());
+	if (cfg->event_mask & bit) {
+		if (!now)
+			now = bpf_ktime_get_boot_ns();
+		if (event_allowed(f, reason, now, cfg))
+			event_emit(f, local_id, remote_id, remote_node, auth_type, reason, pass,
+				   now);
+	}
 	return pass ? CGROUP_PASS : CGROUP_DROP;
 }
 
@@ -57,7 +62,7 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 	struct sk_verdict_slot *cached;
 	struct auth_key key = {};
 	struct flow f = {};
-	__u64 now = 0, expiry;
+	__u64 now = 0, expiry, cgroup;
 	__u16 port;
 	__u8 auth_type;
 	int ret;
@@ -65,6 +70,8 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 	ret = parse_flow(skb, dir, &f);
 	if (ret == PARSE_UNSUPPORTED)
 		return CGROUP_PASS;
+	if (ret == PARSE_INVALID_EXTHDR)
+		return verdict(&f, &cfg, 0, 0, 0, 0, DROP_INVALID_EXTHDR, 0);
 	if (ret < 0)
 		return verdict(&f, &cfg, 0, 0, 0, 0, DROP_INVALID, 0);
 
@@ -74,6 +81,10 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 		return verdict(&f, &cfg, 0, 0, 0, 0, cached->reason, 0);
 
 	local = ipcache_lookup(&f.local, f.family);
+	/* The source first: everything below trusts the addresses. */
+	if (dir == DIR_EGRESS && (cfg.flags & CONFIG_F_CHECK_SOURCE) &&
+	    !source_ok(skb, &f, local.identity))
+		return verdict(&f, &cfg, local.identity, 0, 0, 0, DROP_INVALID_SOURCE_IP, 0);
 	if (local.identity == ID_WORLD && (cfg.flags & CONFIG_F_DROP_UNKNOWN_LOCAL) &&
 	    cfg.mode != MODE_AUDIT)
 		return verdict(&f, &cfg, local.identity, 0, 0, 0, DROP_POLICY_DENIED, 0);
@@ -82,7 +93,9 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 				      REASON_PASS_NOT_ENFORCED, SKCACHE_NO_EXPIRY, now);
 
 	remote = ipcache_lookup(&f.remote, f.family);
-	if (ct_is_reply(&f))
+	cgroup = bpf_skb_cgroup_id(skb);
+	now = bpf_ktime_get_boot_ns();
+	if (ct_is_reply(&f, cgroup, now))
 		return pass_and_cache(skb, &f, &cfg, local.identity, remote.identity,
 				      remote.node_id, 0, REASON_PASS_REPLY, SKCACHE_NO_EXPIRY,
 				      now);
@@ -92,7 +105,7 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 		port = 0;
 	auth_type = policy_auth_type(local.identity, remote.identity, port, f.proto, dir);
 	if (!auth_type) {
-		ct_track(&f);
+		ct_track(&f, cgroup, now);
 		return pass_and_cache(skb, &f, &cfg, local.identity, remote.identity,
 				      remote.node_id, 0, REASON_PASS_NO_POLICY,
 				      SKCACHE_NO_EXPIRY, now);
@@ -103,10 +116,8 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 	key.remote_node_id = remote.node_id;
 	key.auth_type = auth_type;
 	expiry = auth_expiry(&key);
-	if (!now)
-		now = bpf_ktime_get_boot_ns();
 	if (expiry > now) {
-		ct_track(&f);
+		ct_track(&f, cgroup, now);
 		return pass_and_cache(skb, &f, &cfg, local.identity, remote.identity,
 				      remote.node_id, auth_type, REASON_PASS_AUTHENTICATED, expiry,
 				      now);
@@ -114,7 +125,7 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 
 	signal_auth_required(&key, now, &cfg, dir);
 	if (cfg.mode == MODE_AUDIT) {
-		ct_track(&f);
+		ct_track(&f, cgroup, now);
 		return verdict(&f, &cfg, local.identity, remote.identity, remote.node_id,
 			       auth_type, REASON_PASS_AUDIT, now);
 	}

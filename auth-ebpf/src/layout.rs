@@ -21,7 +21,7 @@ use crate::maps::names;
 use crate::types::{AuthKey, AuthValue, LayoutValue};
 
 /// The layout version of this build's maps (`MESHAUTH_LAYOUT_VERSION`).
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 /// The oldest layout version whose auth key and value equal this build's.
 pub const AUTH_LAYOUT_SINCE: u32 = 1;
 

@@ -5,6 +5,7 @@
 
 pub mod auth;
 pub mod config;
+pub mod endpoints;
 pub mod ipcache;
 pub mod policy;
 
@@ -22,8 +23,14 @@ pub mod names {
     pub const POLICY: &str = "meshauth_policy";
     /// Hash: (local, remote, node, auth type) → expiry.
     pub const AUTH: &str = "meshauth_auth";
-    /// LRU hash: forward 5-tuple → last seen.
+    /// LRU hash: (socket cgroup, forward 5-tuple, first direction) → last seen.
     pub const CT: &str = "meshauth_ct";
+    /// Hash: (pod cgroup, address) → identity: whose addresses a pod may send from.
+    pub const ENDPOINTS: &str = "meshauth_endpoints";
+    /// LRU hash: flow and reason → last flow event time.
+    pub const EVENT_LIMIT: &str = "meshauth_event_limit";
+    /// Per-CPU array: flow events sent in the current second.
+    pub const EVENT_BUDGET: &str = "meshauth_event_budget";
     /// Ring buffer of auth-required signals.
     pub const SIGNALS: &str = "meshauth_signals";
     /// LRU hash: auth key → last signal time.
@@ -42,6 +49,9 @@ pub mod names {
         POLICY,
         AUTH,
         CT,
+        ENDPOINTS,
+        EVENT_LIMIT,
+        EVENT_BUDGET,
         SIGNALS,
         SIGNAL_LIMIT,
         EVENTS,

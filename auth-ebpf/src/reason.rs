@@ -18,6 +18,9 @@ pub const EVENT_SIGNAL_SENT: u8 = 64;
 pub const EVENT_SIGNAL_RATE_LIMITED: u8 = 65;
 /// Event: no signal, the ring buffer was full.
 pub const EVENT_SIGNAL_LOST: u8 = 66;
+/// Event: no flow event, one for the same flow went out within the
+/// interval, or the CPU's per-second budget was spent.
+pub const EVENT_FLOW_EVENT_SUPPRESSED: u8 = 67;
 /// Dropped: headers could not be parsed.
 pub const DROP_INVALID: u8 = 134;
 /// Dropped: "Invalid source ip" — on egress, the source address is not one
@@ -57,6 +60,11 @@ pub const REASONS: &[(u8, &str, &str)] = &[
         EVENT_SIGNAL_LOST,
         "signal_lost",
         "Auth-required signal lost (ring buffer full)",
+    ),
+    (
+        EVENT_FLOW_EVENT_SUPPRESSED,
+        "flow_event_suppressed",
+        "Flow event rate-limited",
     ),
     (DROP_INVALID, "invalid", "Invalid packet"),
     (

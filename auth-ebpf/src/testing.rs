@@ -82,6 +82,59 @@ pub fn frame(src: IpAddr, dst: IpAddr, l4: L4, payload: usize) -> Vec<u8> {
     out
 }
 
+/// Builds an IPv6 frame whose transport header sits behind a chain of
+/// extension headers, `headers` in order (0 hop-by-hop, 43 routing, 44
+/// fragment with offset 0, 51 AH, 60 destination options, …; each the
+/// smallest valid size). A 59 ("no next header") ends the chain there: the
+/// header before it says nothing follows, and no L4 header is written.
+pub fn ipv6_chain(
+    src: std::net::Ipv6Addr,
+    dst: std::net::Ipv6Addr,
+    headers: &[u8],
+    l4: L4,
+) -> Vec<u8> {
+    let base = frame(src.into(), dst.into(), l4, 0);
+    let (eth_ip, l4_bytes) = base.split_at(14 + 40);
+    let l4_proto = eth_ip[14 + 6];
+    let end = headers
+        .iter()
+        .position(|&h| h == 59)
+        .unwrap_or(headers.len());
+    let chain = &headers[..end];
+    let mut ext = Vec::new();
+    for (i, &h) in chain.iter().enumerate() {
+        let next = match chain.get(i + 1) {
+            Some(&n) => n,
+            None if end < headers.len() => 59,
+            None => l4_proto,
+        };
+        match h {
+            // AH: length in 4-byte units minus 2; 12 bytes with its ICV empty.
+            51 => ext.extend_from_slice(&[next, 1, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1]),
+            // Fragment: offset 0, no more fragments.
+            44 => ext.extend_from_slice(&[next, 0, 0, 0, 0, 0, 0, 1]),
+            // Hop-by-hop, routing, destination options, …: 8 bytes, PadN.
+            _ => ext.extend_from_slice(&[next, 0, 1, 4, 0, 0, 0, 0]),
+        }
+    }
+    let mut out = eth_ip.to_vec();
+    let first = chain
+        .first()
+        .copied()
+        .unwrap_or(if end < headers.len() { 59 } else { l4_proto });
+    out[14 + 6] = first;
+    let body = if end < headers.len() {
+        &[][..]
+    } else {
+        l4_bytes
+    };
+    let payload_len = (ext.len() + body.len()) as u16;
+    out[14 + 4..14 + 6].copy_from_slice(&payload_len.to_be_bytes());
+    out.extend_from_slice(&ext);
+    out.extend_from_slice(body);
+    out
+}
+
 /// Builds an IPv4 frame that is a non-first fragment (offset 8 bytes, no L4
 /// header in it).
 pub fn ipv4_fragment(src: std::net::Ipv4Addr, dst: std::net::Ipv4Addr, proto: u8) -> Vec<u8> {

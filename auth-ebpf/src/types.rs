@@ -157,10 +157,12 @@ pub struct AuthValue {
     pub expiry: u64,
 }
 
-/// `struct ct_key`: the forward 5-tuple of a flow.
+/// `struct ct_key`: the forward 5-tuple of a flow, per endpoint.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 #[repr(C)]
 pub struct CtKey {
+    /// Cgroup v2 id of the pod's socket.
+    pub cgroup: u64,
     /// Source address.
     pub saddr: RawAddr,
     /// Destination address.
@@ -173,15 +175,17 @@ pub struct CtKey {
     pub proto: u8,
     /// Address family.
     pub family: u8,
+    /// Raw [`Direction`] of the flow's first packet, seen from the pod.
+    pub direction: u8,
     /// Zero.
-    pub pad: u16,
+    pub pad: u8,
 }
 
 /// `struct ct_value`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 #[repr(C)]
 pub struct CtValue {
-    /// Last time a forward packet refreshed the entry (`CLOCK_BOOTTIME` ns).
+    /// Last use in the slow path (`CLOCK_BOOTTIME` ns).
     pub last_seen: u64,
     /// Reserved.
     pub flags: u32,
@@ -268,8 +272,72 @@ pub struct ConfigValue {
     /// Bumped whenever a change could turn a pass into a drop; socket-cached
     /// verdicts of an older generation are ignored.
     pub generation: u32,
-    /// `CONFIG_F_*` bits (1 = socket verdict cache off).
+    /// `CONFIG_F_*` bits (1 = socket verdict cache off, 2 = drop unknown
+    /// local addresses, 4 = check egress source addresses).
     pub flags: u32,
+    /// At most one flow event per flow and reason per interval (0 = all).
+    pub event_interval_ns: u64,
+    /// At most this many flow events per CPU per second (0 = no limit).
+    pub event_budget: u32,
+    /// Zero.
+    pub pad: u32,
+}
+
+/// `struct endpoint_key`: a local pod's cgroup with one of its addresses,
+/// or (family 0, zero address) the marker "this cgroup is a known pod".
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[repr(C)]
+pub struct EndpointKey {
+    /// Cgroup v2 id of the pod's cgroup.
+    pub cgroup: u64,
+    /// `AF_INET`, `AF_INET6`, or 0 for the marker.
+    pub family: u8,
+    /// Zero.
+    pub pad: [u8; 7],
+    /// The address (IPv4 in the first four bytes); zero for the marker.
+    pub addr: RawAddr,
+}
+
+/// `struct endpoint_value`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[repr(C)]
+pub struct EndpointValue {
+    /// The pod's identity.
+    pub identity: u32,
+    /// Reserved.
+    pub flags: u32,
+}
+
+/// `struct event_limit_key`: one flow's events of one reason.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[repr(C)]
+pub struct EventLimitKey {
+    /// Local address.
+    pub local: RawAddr,
+    /// Remote address.
+    pub remote: RawAddr,
+    /// The policy port (local on ingress, remote on egress).
+    pub port: u16,
+    /// IP protocol.
+    pub proto: u8,
+    /// Address family.
+    pub family: u8,
+    /// Raw [`Direction`].
+    pub direction: u8,
+    /// Reason code.
+    pub reason: u8,
+    /// Zero.
+    pub pad: u16,
+}
+
+/// `struct event_budget`: one CPU's flow events in the current second.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[repr(C)]
+pub struct EventBudget {
+    /// Start of the window (`CLOCK_BOOTTIME` ns).
+    pub window_start: u64,
+    /// Events sent in it.
+    pub count: u64,
 }
 
 /// `struct layout_value`: the layout version of the pinned maps.
@@ -298,6 +366,10 @@ unsafe impl aya::Pod for FlowEventRaw {}
 unsafe impl aya::Pod for MetricsValue {}
 unsafe impl aya::Pod for ConfigValue {}
 unsafe impl aya::Pod for LayoutValue {}
+unsafe impl aya::Pod for EndpointKey {}
+unsafe impl aya::Pod for EndpointValue {}
+unsafe impl aya::Pod for EventLimitKey {}
+unsafe impl aya::Pod for EventBudget {}
 
 /// Reads a `T` from the start of a byte slice (ring buffer records), or
 /// `None` if the slice is too short.

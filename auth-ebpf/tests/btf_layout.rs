@@ -110,7 +110,9 @@ fn rust_types_match_the_objects_btf() {
         l,
         "ct_key",
         CtKey,
-        [saddr, daddr, sport, dport, proto, family, pad]
+        [
+            cgroup, saddr, daddr, sport, dport, proto, family, direction, pad
+        ]
     );
     check!(l, "ct_value", CtValue, [last_seen, flags, pad]);
     check!(l, "signal_msg", SignalMsg, [key, ts]);
@@ -142,15 +144,33 @@ fn rust_types_match_the_objects_btf() {
         l,
         "config_value",
         ConfigValue,
-        [mode, event_mask, signal_interval_ns, generation, flags]
+        [
+            mode,
+            event_mask,
+            signal_interval_ns,
+            generation,
+            flags,
+            event_interval_ns,
+            event_budget,
+            pad
+        ]
     );
+    check!(l, "endpoint_key", EndpointKey, [cgroup, family, pad, addr]);
+    check!(l, "endpoint_value", EndpointValue, [identity, flags]);
+    check!(
+        l,
+        "event_limit_key",
+        EventLimitKey,
+        [local, remote, port, proto, family, direction, reason, pad]
+    );
+    check!(l, "event_budget", EventBudget, [window_start, count]);
     check!(l, "layout_value", LayoutValue, [version, pad]);
     // The per-socket cache lives only in the kernel; check its shape is what
-    // skcache.h intends (two 48-byte slots, the times 8-aligned).
+    // skcache.h intends (two 64-byte slots, the times 8-aligned).
     let (slot, m) = l.get("sk_verdict_slot").expect("sk_verdict_slot in BTF");
-    assert_eq!(*slot, 48);
-    assert_eq!((m["expiry"], m["deadline_coarse"]), (32, 40));
-    assert_eq!(l.get("sk_verdict").expect("sk_verdict in BTF").0, 96);
+    assert_eq!(*slot, 64);
+    assert_eq!((m["expiry"], m["deadline_coarse"]), (48, 56));
+    assert_eq!(l.get("sk_verdict").expect("sk_verdict in BTF").0, 128);
 
     // The ipcache key: the LPM prefix length, then the data aya's Key wraps.
     let (size, m) = l.get("ipcache_key").expect("ipcache_key");
@@ -179,6 +199,7 @@ fn reason_codes_match_drop_h() {
         ("EVENT_SIGNAL_SENT", EVENT_SIGNAL_SENT),
         ("EVENT_SIGNAL_RATE_LIMITED", EVENT_SIGNAL_RATE_LIMITED),
         ("EVENT_SIGNAL_LOST", EVENT_SIGNAL_LOST),
+        ("EVENT_FLOW_EVENT_SUPPRESSED", EVENT_FLOW_EVENT_SUPPRESSED),
         ("DROP_INVALID", DROP_INVALID),
         ("DROP_INVALID_SOURCE_IP", DROP_INVALID_SOURCE_IP),
         ("DROP_INVALID_EXTHDR", DROP_INVALID_EXTHDR),

@@ -12,7 +12,7 @@
 
 /* Bumped whenever a map's key or value layout changes. The loader compares it
  * with the version recorded beside the pinned maps and migrates or recreates. */
-#define MESHAUTH_LAYOUT_VERSION 1
+#define MESHAUTH_LAYOUT_VERSION 2
 
 /* cgroup_skb verdicts. */
 #define CGROUP_PASS 1
@@ -54,6 +54,14 @@ struct flow {
 	__u8 direction;
 	__u8 fragment; /* 1 for a non-first fragment: no L4 header */
 	__u32 len;
+	__u8 tcp_flags; /* TCP only: the flags byte (FIN 0x01, SYN 0x02, ACK 0x10) */
+	/* 1 when the packet can open a connection: a TCP SYN without ACK, a UDP
+	 * datagram, an ICMP/ICMPv6 echo request. Only these create tracked flows. */
+	__u8 opens;
+	__u16 pad;
 };
+
+#define TCP_FLAG_SYN 0x02
+#define TCP_FLAG_ACK 0x10
 
 #endif /* __MESHAUTH_COMMON_H */

@@ -22,6 +22,13 @@ struct config_value {
 	 * per socket under an older generation are not used. */
 	__u32 generation;
 	__u32 flags; /* CONFIG_F_* */
+	/* Flow events: at most one per flow (local, remote, the policy port,
+	 * protocol, direction, reason) per interval; 0 = every packet. */
+	__u64 event_interval_ns;
+	/* Flow events: at most this many per CPU per second; 0 = no limit.
+	 * Counters stay exact; suppressed events are counted. */
+	__u32 event_budget;
+	__u32 pad;
 };
 
 /* Do not use or fill the per-socket verdict cache (debugging, benchmarks). */
@@ -31,6 +38,9 @@ struct config_value {
  * puts node addresses in the ipcache as host / remote-node, so a miss on the
  * local end means a pod, not a hostNetwork workload. */
 #define CONFIG_F_DROP_UNKNOWN_LOCAL (1 << 1)
+/* Check on egress that the source address belongs to the sending pod
+ * (source.h); a mismatch is dropped with DROP_INVALID_SOURCE_IP. */
+#define CONFIG_F_CHECK_SOURCE (1 << 2)
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -57,6 +67,8 @@ struct {
 } meshauth_layout SEC(".maps");
 
 #define SIGNAL_INTERVAL_DEFAULT_NS 1000000000ULL
+#define EVENT_INTERVAL_DEFAULT_NS 1000000000ULL
+#define EVENT_BUDGET_DEFAULT 1000
 
 static __always_inline struct config_value config_get(void)
 {
@@ -66,6 +78,8 @@ static __always_inline struct config_value config_get(void)
 		.mode = MODE_ENFORCE,
 		.event_mask = EVENT_DROPS | EVENT_AUDIT,
 		.signal_interval_ns = SIGNAL_INTERVAL_DEFAULT_NS,
+		.event_interval_ns = EVENT_INTERVAL_DEFAULT_NS,
+		.event_budget = EVENT_BUDGET_DEFAULT,
 	};
 
 	/* An array slot always exists; all zero means the agent has not written it. */

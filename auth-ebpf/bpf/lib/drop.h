@@ -26,6 +26,9 @@
 #define EVENT_SIGNAL_RATE_LIMITED 65
 /* No signal: the ring buffer was full (the agent is behind). */
 #define EVENT_SIGNAL_LOST 66
+/* No flow event: one for the same flow went out less than the interval ago,
+ * or this CPU's events-per-second budget is spent (a flood). */
+#define EVENT_FLOW_EVENT_SUPPRESSED 67
 
 /* Dropped: the packet could not be parsed (truncated headers). */
 #define DROP_INVALID 134

@@ -26,6 +26,9 @@
 #define SKCACHE_TICK_MARGIN_NS 20000000ULL /* 20 ms: above one tick at HZ >= 100 */
 
 struct sk_verdict_slot {
+	/* The whole tuple: a raw socket may send any source, and a verdict
+	 * (the source check included) holds for the tuple it was made for. */
+	union ma_addr local;
 	union ma_addr remote;
 	__u16 local_port;
 	__u16 remote_port;
@@ -55,7 +58,9 @@ static __always_inline int skcache_slot_matches(const struct sk_verdict_slot *s,
 {
 	return s->reason && s->generation == generation && s->proto == f->proto &&
 	       s->family == f->family && s->local_port == f->local_port &&
-	       s->remote_port == f->remote_port && s->remote.w[0] == f->remote.w[0] &&
+	       s->remote_port == f->remote_port && s->local.w[0] == f->local.w[0] &&
+	       s->local.w[1] == f->local.w[1] && s->local.w[2] == f->local.w[2] &&
+	       s->local.w[3] == f->local.w[3] && s->remote.w[0] == f->remote.w[0] &&
 	       s->remote.w[1] == f->remote.w[1] && s->remote.w[2] == f->remote.w[2] &&
 	       s->remote.w[3] == f->remote.w[3];
 }
@@ -99,6 +104,7 @@ static __always_inline void skcache_store(struct __sk_buff *skb, const struct fl
 	if (!v)
 		return;
 	s = &v->slot[(f->direction - 1) & 1];
+	s->local = f->local;
 	s->remote = f->remote;
 	s->local_port = f->local_port;
 	s->remote_port = f->remote_port;

@@ -68,6 +68,14 @@ pub struct DatapathConfig {
     /// Strict: drop traffic of pod addresses the ipcache does not know yet
     /// (133 "Policy denied") instead of passing it unenforced.
     pub drop_unknown_local: bool,
+    /// Check on egress that the source address belongs to the sending pod
+    /// (the endpoints map); drop a mismatch with 132 "Invalid source ip".
+    pub check_source: bool,
+    /// At most one flow event per flow and reason per interval (zero: one
+    /// per packet).
+    pub event_interval: Duration,
+    /// At most this many flow events per CPU per second (0: no limit).
+    pub event_budget: u32,
 }
 
 impl Default for DatapathConfig {
@@ -78,12 +86,16 @@ impl Default for DatapathConfig {
             events: EventMask::default(),
             socket_cache: true,
             drop_unknown_local: false,
+            check_source: false,
+            event_interval: Duration::from_secs(1),
+            event_budget: 1000,
         }
     }
 }
 
 const CONFIG_F_NO_SKCACHE: u32 = 1;
 const CONFIG_F_DROP_UNKNOWN_LOCAL: u32 = 1 << 1;
+const CONFIG_F_CHECK_SOURCE: u32 = 1 << 2;
 
 /// Typed handle on `meshauth_config`.
 pub struct ConfigMap {
@@ -127,6 +139,10 @@ impl ConfigMap {
                 CONFIG_F_DROP_UNKNOWN_LOCAL
             } else {
                 0
+            } | if cfg.check_source {
+                CONFIG_F_CHECK_SOURCE
+            } else {
+                0
             },
             mode: match cfg.mode {
                 Mode::Enforce => 0,
@@ -134,6 +150,9 @@ impl ConfigMap {
             },
             event_mask: cfg.events.bits(),
             signal_interval_ns: interval,
+            event_interval_ns: cfg.event_interval.as_nanos().min(u128::from(u64::MAX)) as u64,
+            event_budget: cfg.event_budget,
+            pad: 0,
         };
         self.map
             .set(0, value, 0)
@@ -179,6 +198,9 @@ impl ConfigMap {
             events: EventMask::from_bits(v.event_mask),
             socket_cache: v.flags & CONFIG_F_NO_SKCACHE == 0,
             drop_unknown_local: v.flags & CONFIG_F_DROP_UNKNOWN_LOCAL != 0,
+            check_source: v.flags & CONFIG_F_CHECK_SOURCE != 0,
+            event_interval: Duration::from_nanos(v.event_interval_ns),
+            event_budget: v.event_budget,
         })
     }
 }
