@@ -348,6 +348,7 @@ async fn run_inner(config: &Config, token: &CancellationToken) -> Result<(), Age
             Mode::Audit => auth_ebpf::maps::config::Mode::Audit,
         },
         drop_unknown_local: config.drop_unknown_pods,
+        check_source: config.source_check,
         ..Default::default()
     };
     let mut datapath = Datapath::load(&LoadOptions {
@@ -429,6 +430,9 @@ async fn run_inner(config: &Config, token: &CancellationToken) -> Result<(), Age
         s = subscription.synced() => s.ok_or(AgentError::Interrupted)?,
     };
     let mut sync = DatapathSync::open(&pin_dir, nodes.clone())?;
+    if config.source_check {
+        sync = sync.with_source_check(&cgroup);
+    }
     nodes.sync(&first.state.nodes)?;
     let report = sync.apply(&first.state)?;
     tracing::info!(

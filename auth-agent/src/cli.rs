@@ -337,6 +337,10 @@ pub struct AgentArgs {
     /// `drop` (strict: 133 "Policy denied" until the agent knows the pod).
     #[arg(long)]
     pub unknown_pods: Option<String>,
+    /// Check that each pod sends only from its own addresses (132 "Invalid
+    /// source ip" otherwise): true (default) or false.
+    #[arg(long)]
+    pub source_check: Option<String>,
     /// `plain` or `json`.
     #[arg(long)]
     pub log_format: Option<String>,
@@ -371,6 +375,7 @@ impl AgentArgs {
         put("sweep-cron", &self.sweep_cron);
         put("wireguard", &self.wireguard);
         put("unknown-pods", &self.unknown_pods);
+        put("source-check", &self.source_check);
         put("log-format", &self.log_format);
         if !self.spire_selector.is_empty() {
             flags.push(("spire-selector", self.spire_selector.join(",")));

@@ -105,6 +105,10 @@ pub struct Config {
     /// Strict mode: drop traffic of pod addresses not known yet (a pod the
     /// agent has not learned of) instead of passing it unenforced.
     pub drop_unknown_pods: bool,
+    /// Check on egress that each pod sends only from its own addresses (its
+    /// cgroup, found by pod UID, owns them); a spoofed source is dropped
+    /// with 132 "Invalid source ip".
+    pub source_check: bool,
     /// Log format.
     pub log_format: LogFormat,
 }
@@ -155,6 +159,8 @@ pub struct ConfigFile {
     pub wireguard: Option<bool>,
     /// `pass` (default) or `drop`: see [`Config::drop_unknown_pods`].
     pub unknown_pods: Option<String>,
+    /// See [`Config::source_check`].
+    pub source_check: Option<bool>,
     /// `plain` or `json`.
     pub log_format: Option<String>,
 }
@@ -620,6 +626,24 @@ pub fn build(layers: &Layers) -> Result<Config, ConfigErrors> {
             false
         }
     };
+    let source_check = match layers.get(&key!(
+        "source-check",
+        "MESHAUTH_SOURCE_CHECK",
+        source_check,
+        "sourceCheck"
+    )) {
+        None => true,
+        Some((_, v)) if v == "true" => true,
+        Some((_, v)) if v == "false" => false,
+        Some((src, v)) => {
+            bad(
+                &src,
+                &v,
+                "true (each pod may send only from its own addresses) or false",
+            );
+            true
+        }
+    };
 
     if !errors.is_empty() {
         return Err(ConfigErrors(errors));
@@ -644,6 +668,7 @@ pub fn build(layers: &Layers) -> Result<Config, ConfigErrors> {
         sweep_cron,
         wireguard,
         drop_unknown_pods,
+        source_check,
         log_format,
     })
 }

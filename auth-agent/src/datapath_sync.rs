@@ -9,18 +9,28 @@
 //! opens a hole: new addresses, then new rules, then removed rules, then
 //! removed addresses. On start the maps are read back, so an agent restart
 //! rewrites nothing that is already right.
+//!
+//! With the source check on, the local pods' cgroups and addresses go into
+//! the endpoints map (found by pod UID, [`pod_cgroups`]): a pod's cgroup
+//! owns its addresses before they appear in the ipcache, and loses them
+//! only after they left it.
 
-use std::collections::{BTreeMap, BTreeSet};
+pub mod pod_cgroups;
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use auth_ebpf::DatapathError;
 use auth_ebpf::maps::auth::AUTH_TYPE_MTLS;
+use auth_ebpf::maps::endpoints::{Endpoint, EndpointMap};
 use auth_ebpf::maps::ipcache::{Ipcache, Prefix};
 use auth_ebpf::maps::policy::{PolicyMap, PolicyRule};
 use auth_ebpf::types::Direction;
 use policy_bridge::{DesiredState, Remote};
 
 use crate::nodes::NodeTable;
+use pod_cgroups::PodCgroups;
 
 /// Reserved identity of this node's own addresses (Cilium's numbering).
 pub const ID_HOST: u32 = 1;
@@ -52,6 +62,52 @@ pub struct SyncReport {
     pub policy_removed: usize,
     /// Endpoints skipped because their node is not known yet.
     pub endpoints_without_node: usize,
+    /// Local pods written to the endpoints map (new or changed).
+    pub pods_written: usize,
+    /// Local pods removed from the endpoints map.
+    pub pods_removed: usize,
+    /// Local pods whose cgroup was not found (no UID, or no cgroup named
+    /// after it): with the source check on, their traffic is dropped (132)
+    /// until it is found.
+    pub pods_without_cgroup: usize,
+}
+
+/// The local pods' cgroups and addresses the desired state implies.
+fn endpoints_for(
+    d: &DesiredState,
+    local_node: &str,
+    cgroups: &mut PodCgroups,
+    missing: &mut Vec<String>,
+) -> BTreeMap<u64, (u32, BTreeSet<IpAddr>)> {
+    let mut by_pod: BTreeMap<&str, (u32, BTreeSet<IpAddr>)> = BTreeMap::new();
+    for e in d.endpoints.values().filter(|e| e.node == local_node) {
+        by_pod
+            .entry(e.pod.as_str())
+            .or_insert_with(|| (e.identity, BTreeSet::new()))
+            .1
+            .insert(e.ip);
+    }
+    let mut rescanned = false;
+    let mut out = BTreeMap::new();
+    for (pod, (identity, addrs)) in by_pod {
+        let Some(uid) = d.pod_uids.get(pod) else {
+            missing.push(pod.to_string());
+            continue;
+        };
+        let mut found = cgroups.lookup(uid);
+        if found.is_none() && !rescanned {
+            cgroups.rescan();
+            rescanned = true;
+            found = cgroups.lookup(uid);
+        }
+        match found {
+            Some(cg) => {
+                out.insert(cg, (identity, addrs));
+            }
+            None => missing.push(pod.to_string()),
+        }
+    }
+    out
 }
 
 /// The ipcache the desired state implies: address → (identity, node id).
@@ -137,6 +193,10 @@ pub struct DatapathSync {
     nodes: NodeTable,
     ipcache: BTreeMap<Prefix, (u32, u16)>,
     policy: BTreeSet<PolicyRule>,
+    /// Set when the source check is on.
+    cgroups: Option<PodCgroups>,
+    endpoints: BTreeMap<u64, (u32, BTreeSet<IpAddr>)>,
+    warned_without_cgroup: HashSet<String>,
 }
 
 impl DatapathSync {
@@ -153,12 +213,27 @@ impl DatapathSync {
             .filter(|(_, t)| *t == AUTH_TYPE_MTLS)
             .map(|(r, _)| r)
             .collect();
+        let endpoints = EndpointMap::open(pin_dir)?
+            .entries()?
+            .into_iter()
+            .map(|e| (e.cgroup, (e.identity, e.addresses.into_iter().collect())))
+            .collect();
         Ok(Self {
             pin_dir: pin_dir.to_path_buf(),
             nodes,
             ipcache,
             policy,
+            cgroups: None,
+            endpoints,
+            warned_without_cgroup: HashSet::new(),
         })
+    }
+
+    /// Keeps the endpoints map too (the source check): the local pods'
+    /// cgroups, found by UID under `pods_cgroup`, with their addresses.
+    pub fn with_source_check(mut self, pods_cgroup: &Path) -> Self {
+        self.cgroups = Some(PodCgroups::new(pods_cgroup));
+        self
     }
 
     /// Makes the maps match `d` (the node table must already be synced with
@@ -172,6 +247,43 @@ impl DatapathSync {
         };
         let mut ipc = Ipcache::open(&self.pin_dir)?;
         let mut pol = PolicyMap::open(&self.pin_dir)?;
+        let want_eps = match &mut self.cgroups {
+            Some(cgroups) => {
+                let mut missing = Vec::new();
+                let want = endpoints_for(d, &self.nodes.local_name(), cgroups, &mut missing);
+                report.pods_without_cgroup = missing.len();
+                for pod in missing {
+                    if self.warned_without_cgroup.insert(pod.clone()) {
+                        tracing::warn!(%pod, "no cgroup found for this pod (by its metadata.uid): its traffic is dropped as a spoofed source (132) until it is");
+                    }
+                }
+                Some(want)
+            }
+            None => None,
+        };
+        // A pod's cgroup owns its addresses before they become cluster
+        // addresses in the ipcache.
+        if let Some(want) = &want_eps {
+            let mut eps = EndpointMap::open(&self.pin_dir)?;
+            for (cg, (identity, addrs)) in want {
+                let old = self.endpoints.get(cg);
+                if old == Some(&(*identity, addrs.clone())) {
+                    continue;
+                }
+                eps.insert(&Endpoint {
+                    cgroup: *cg,
+                    identity: *identity,
+                    addresses: addrs.iter().copied().collect(),
+                })?;
+                if let Some((_, old_addrs)) = old {
+                    for gone in old_addrs.difference(addrs) {
+                        eps.remove_address(*cg, *gone)?;
+                    }
+                }
+                self.endpoints.insert(*cg, (*identity, addrs.clone()));
+                report.pods_written += 1;
+            }
+        }
 
         for (prefix, v) in &want_ipc {
             if self.ipcache.get(prefix) != Some(v) {
@@ -200,6 +312,31 @@ impl DatapathSync {
             ipc.remove(prefix)?;
             self.ipcache.remove(&prefix);
             report.ipcache_removed += 1;
+        }
+        if let Some(want) = &want_eps {
+            let mut eps = EndpointMap::open(&self.pin_dir)?;
+            let gone: Vec<u64> = self
+                .endpoints
+                .keys()
+                .filter(|cg| !want.contains_key(cg))
+                .copied()
+                .collect();
+            for cg in gone {
+                eps.remove(cg)?;
+                self.endpoints.remove(&cg);
+                report.pods_removed += 1;
+            }
+            if let Some(cgroups) = &mut self.cgroups {
+                cgroups.retain(
+                    &d.pod_uids
+                        .values()
+                        .map(|u| u.to_ascii_lowercase())
+                        .collect(),
+                );
+            }
+            let pods: HashSet<&str> = d.endpoints.values().map(|e| e.pod.as_str()).collect();
+            self.warned_without_cgroup
+                .retain(|pod| pods.contains(pod.as_str()));
         }
         Ok(report)
     }

@@ -381,6 +381,7 @@ impl Lab {
             .find(|k| self.pods.values().all(|p| p.node != node || p.index != *k))
             .ok_or_else(|| LabError::Invalid(format!("node {node}: 253 pods at most")))?;
         let (net, i, k) = (self.net, n.index, index);
+        let uid = pod_uid(&self.uniq, name);
         let info = PodInfo {
             name: name.to_string(),
             node: node.to_string(),
@@ -388,7 +389,8 @@ impl Lab {
             netns: PathBuf::new(),
             ipv4: Ipv4Addr::new(10, net, i, k),
             ipv6: Ipv6Addr::new(0xfd00, net.into(), i.into(), 0, 0, 0, 0, k.into()),
-            cgroup: n.pods_cgroup.join(name),
+            cgroup: n.pods_cgroup.join(format!("pod{uid}")),
+            uid,
             host_veth: format!("p{k}"),
         };
         self.pods.insert(name.to_string(), info);
@@ -597,4 +599,24 @@ impl Drop for Lab {
     fn drop(&mut self) {
         self.teardown();
     }
+}
+
+/// A UUID-shaped uid for pod `name` of the lab `uniq` (kubelet-style cgroup
+/// names need hex digits and dashes).
+fn pod_uid(uniq: &str, name: &str) -> String {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write(uniq.as_bytes());
+    h.write(name.as_bytes());
+    let a = h.finish();
+    h.write_u8(0xff);
+    let b = h.finish();
+    format!(
+        "{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
+        a >> 32,
+        (a >> 16) & 0xffff,
+        a & 0xfff,
+        b >> 52,
+        b & 0xffff_ffff_ffff
+    )
 }

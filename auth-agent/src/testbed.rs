@@ -743,8 +743,9 @@ fn node_yaml(n: &NodeInfo) -> String {
 
 fn pod_yaml(p: &PodInfo, app: &str) -> String {
     format!(
-        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {NAMESPACE}\n  labels:\n    app: {app}\nspec:\n  nodeName: {node}\n  serviceAccountName: {app}\nstatus:\n  phase: Running\n  podIP: {v4}\n  podIPs:\n    - ip: {v4}\n    - ip: \"{v6}\"\n",
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {NAMESPACE}\n  uid: {uid}\n  labels:\n    app: {app}\nspec:\n  nodeName: {node}\n  serviceAccountName: {app}\nstatus:\n  phase: Running\n  podIP: {v4}\n  podIPs:\n    - ip: {v4}\n    - ip: \"{v6}\"\n",
         name = p.name,
+        uid = p.uid,
         node = p.node,
         v4 = p.ipv4,
         v6 = p.ipv6,

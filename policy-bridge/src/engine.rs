@@ -94,6 +94,7 @@ struct PodEntry {
     service_account: String,
     node: String,
     ips: Vec<IpAddr>,
+    uid: String,
     running: bool,
     wants_identity: bool,
     /// Derived.

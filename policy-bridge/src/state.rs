@@ -144,6 +144,12 @@ pub struct DesiredState {
     pub nodes: BTreeMap<String, NodeInfo>,
     /// Auth rules.
     pub rules: BTreeSet<AuthRule>,
+    /// `metadata.uid` of each pod with endpoints, by `namespace/name`
+    /// ([`Endpoint::pod`]): kubelet names a pod's cgroup after it, which is
+    /// how the agent tells the datapath which cgroup may send from which
+    /// address. Pods whose source gave no uid are missing.
+    #[serde(default)]
+    pub pod_uids: BTreeMap<String, String>,
 }
 
 impl DesiredState {

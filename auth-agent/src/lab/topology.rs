@@ -57,7 +57,10 @@ pub struct PodInfo {
     pub ipv4: Ipv4Addr,
     /// Its IPv6 address.
     pub ipv6: Ipv6Addr,
-    /// Its cgroup (below the node's `pods_cgroup`).
+    /// Its `metadata.uid`: a UUID unique to this lab and pod.
+    pub uid: String,
+    /// Its cgroup, `pod<uid>` below the node's `pods_cgroup` as kubelet
+    /// names it (the agent finds a pod's cgroup by its uid).
     pub cgroup: PathBuf,
     /// The node side of its veth (in the node namespace).
     pub host_veth: String,

@@ -82,6 +82,7 @@ impl Engine {
                 .unwrap_or_else(|| "default".into()),
             node: spec.and_then(|s| s.node_name.clone()).unwrap_or_default(),
             ips,
+            uid: pod.metadata.uid.clone().unwrap_or_default(),
             running: phase == "Running",
             wants_identity: !host_network && phase != "Succeeded" && phase != "Failed",
             ..PodEntry::default()
@@ -159,6 +160,18 @@ impl Engine {
             }
             if let Some(id) = old_id {
                 self.release(id);
+            }
+        }
+        let name = pod_name(&key);
+        match new
+            .as_ref()
+            .filter(|n| !n.endpoints.is_empty() && !n.uid.is_empty())
+        {
+            Some(n) => {
+                self.state.pod_uids.insert(name, n.uid.clone());
+            }
+            None => {
+                self.state.pod_uids.remove(&name);
             }
         }
         match new {
