@@ -341,11 +341,15 @@ async fn steady_state_every_first_packet_passes_and_unissued_identity_is_dropped
         .unwrap_or_else(|e| panic!("{e}{}", logs(&tb)));
     let f = &flow.flow;
     assert_eq!(f.verdict, "DROPPED");
-    assert_eq!(f.drop_reason_desc, "Authentication required", "{f:?}");
+    assert_eq!(f.drop_reason_desc, "AUTH_REQUIRED", "{f:?}");
     assert_eq!(f.drop_reason, 189, "{f:?}");
     assert_eq!(f.node_name, "node-b");
     assert_eq!(f.traffic_direction, "INGRESS", "{f:?}");
-    assert_eq!(f.auth_type, "SPIRE", "{f:?}");
+    assert_eq!(
+        (f.event_type.kind, f.event_type.sub_type),
+        (1, 189),
+        "{f:?}"
+    );
     assert_eq!(f.ip.destination, pay_b.ipv4.to_string(), "{f:?}");
     assert_eq!(f.l4.tcp.map(|p| p.destination_port), Some(8080), "{f:?}");
     assert_eq!(f.source.pod_name, "refund-a", "{f:?}");
@@ -432,7 +436,7 @@ async fn strict_mode_holds_an_unknown_pod_until_it_is_known_and_authenticated() 
     assert!(
         flows.iter().any(|f| f.flow.drop_reason == 133
             && f.flow.ip.source == new_ip
-            && f.flow.drop_reason_desc.contains("not yet known")),
+            && f.flow.drop_reason_desc == "POLICY_DENIED"),
         "{flows:?}"
     );
 
