@@ -262,6 +262,13 @@ pub struct FlowL4 {
     pub icmpv6: Option<Icmp>,
 }
 
+impl FlowL4 {
+    /// No member set (protojson leaves the message out).
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
 /// Hubble's `ICMPv4` / `ICMPv6` messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Icmp {
@@ -305,7 +312,8 @@ pub struct Flow {
     /// Addresses.
     #[serde(rename = "IP")]
     pub ip: FlowIp,
-    /// Ports.
+    /// Ports; left out (an unset message) for a protocol without them.
+    #[serde(default, skip_serializing_if = "FlowL4::is_empty")]
     pub l4: FlowL4,
     /// Sending end.
     pub source: FlowEndpoint,
