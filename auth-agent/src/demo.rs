@@ -241,8 +241,7 @@ async fn scenario(tb: &mut Testbed, opts: &DemoOptions, c: &mut Checks) -> Resul
         println!("      {}", render_line(f));
     }
     let from_inventory = flows.iter().any(|f| {
-        f.flow.ip.source == inventory.ipv4.to_string()
-            && f.flow.drop_reason_desc == "Authentication required"
+        f.flow.ip.source == inventory.ipv4.to_string() && f.flow.drop_reason_desc == "AUTH_REQUIRED"
     });
     c.check(
         "the unauthenticated flow is dropped with \"Authentication required\"",

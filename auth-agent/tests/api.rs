@@ -210,7 +210,7 @@ async fn observe_gives_history_then_follows_with_the_verdict_filter() {
     assert_eq!(lines.len(), 2);
     assert!(lines.iter().all(|r| r.flow.verdict == "DROPPED"));
     assert_eq!(lines[0].flow.l4.udp.unwrap().source_port, 40002);
-    assert_eq!(lines[1].flow.drop_reason_desc, "Authentication required");
+    assert_eq!(lines[1].flow.drop_reason_desc, "AUTH_REQUIRED");
     assert_eq!(lines[1].flow.ip.source, "fd00::3");
     assert_eq!(lines[1].flow.ip.ip_version, "IPv6");
 
@@ -226,7 +226,14 @@ async fn observe_gives_history_then_follows_with_the_verdict_filter() {
         .unwrap();
         seen
     });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Push only once the follower is attached (not after a guessed sleep).
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while hub.followers() == 0 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the follower attached");
     for i in 10..20 {
         hub.push(auth_agent::api::flows::to_record(
             &event(i, i % 2 == 0),
@@ -238,7 +245,7 @@ async fn observe_gives_history_then_follows_with_the_verdict_filter() {
         .await
         .expect("three followed flows in time")
         .unwrap();
-    let ports: Vec<u16> = seen
+    let ports: Vec<u32> = seen
         .iter()
         .map(|l| {
             let r: FlowRecord = serde_json::from_str(l).unwrap();
@@ -263,4 +270,46 @@ async fn observe_gives_history_then_follows_with_the_verdict_filter() {
         "{text}"
     );
     token.cancel();
+}
+
+/// A Hubble runbook's filter, unchanged, on `meshauth observe -o json`:
+/// the drops for "Authentication required" by Hubble's enum name, with
+/// `drop_reason` 189 and the `event_type` of a drop notification.
+#[tokio::test]
+async fn a_hubble_runbook_jq_filter_works_on_observe_json() {
+    let (_dir, api, hub, token) = start().await;
+    let d = policy_bridge::DesiredState::default();
+    for i in 0..4 {
+        hub.push(auth_agent::api::flows::to_record(
+            &event(i, i % 2 == 1),
+            &d,
+            "node-b",
+        ));
+    }
+    let mut got = Vec::new();
+    let args = ObserveArgs {
+        json: true,
+        last: 10,
+        ..ObserveArgs::default()
+    };
+    observe(&api, &args, &mut got).await.unwrap();
+    token.cancel();
+
+    let filter = r#"select(.flow.verdict == "DROPPED" and .flow.drop_reason_desc == "AUTH_REQUIRED" and .flow.drop_reason == 189 and .flow.event_type.type == 1) | "\(.flow.IP.source):\(.flow.l4.UDP.source_port)""#;
+    let mut jq = std::process::Command::new("jq")
+        .args(["-r", filter])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("jq (scripts/install-test-deps installs it)");
+    use std::io::Write as _;
+    jq.stdin.take().unwrap().write_all(&got).unwrap();
+    let out = jq.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        "fd00::3:40001\nfd00::3:40003\n",
+        "input:\n{}",
+        String::from_utf8_lossy(&got)
+    );
 }

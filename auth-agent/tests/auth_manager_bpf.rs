@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use auth_agent::auth::manager::{AuthManager, ManagerConfig, ManagerInputs, ManagerMetrics};
@@ -21,16 +21,18 @@ use svid_cache::SystemClock;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-/// Succeeds at once with a fixed expiry.
-struct Fixed(SystemTime);
+/// Succeeds at once with a fixed expiry; records the remote identity of
+/// every handshake asked for.
+struct Fixed(SystemTime, Arc<Mutex<Vec<u32>>>);
 
 impl Authenticator for Fixed {
     fn authenticate(
         &self,
         _: u32,
-        _: u32,
+        remote: u32,
         node: NodeInfo,
     ) -> BoxFuture<'static, Result<Authenticated, AuthFailure>> {
+        self.1.lock().unwrap().push(remote);
         let expiry = self.0;
         async move {
             Ok(Authenticated {
@@ -46,7 +48,11 @@ impl Authenticator for Fixed {
 fn state(with_rule: bool) -> DesiredState {
     let mut d = common::state_of(
         &[("a", "10.9.0.1"), ("b", "10.9.0.2")],
-        &[("10.9.1.1", 256, "a"), ("10.9.2.1", 257, "b")],
+        &[
+            ("10.9.1.1", 256, "a"),
+            ("10.9.2.1", 257, "b"),
+            ("10.9.2.2", 258, "b"),
+        ],
     );
     if with_rule {
         d.rules
@@ -60,6 +66,8 @@ struct Running {
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<()>,
     _inputs: (mpsc::Sender<Pair>, mpsc::Sender<u32>, mpsc::Sender<()>),
+    /// Remote identities of the handshakes the manager asked for.
+    calls: Arc<Mutex<Vec<u32>>>,
 }
 
 fn run(pins: &TestPinDir, nodes: NodeTable, expiry: SystemTime, d: DesiredState) -> Running {
@@ -68,9 +76,10 @@ fn run(pins: &TestPinDir, nodes: NodeTable, expiry: SystemTime, d: DesiredState)
     let (s_tx, s_rx) = mpsc::channel(8);
     let (r_tx, r_rx) = mpsc::channel(8);
     let (w_tx, w_rx) = mpsc::channel(8);
+    let calls = Arc::new(Mutex::new(Vec::new()));
     let mgr = AuthManager::new(
         ManagerConfig::default(),
-        Arc::new(Fixed(expiry)),
+        Arc::new(Fixed(expiry, calls.clone())),
         store,
         nodes,
         Arc::new(SystemClock),
@@ -96,6 +105,7 @@ fn run(pins: &TestPinDir, nodes: NodeTable, expiry: SystemTime, d: DesiredState)
         shutdown,
         task,
         _inputs: (s_tx, r_tx, w_tx),
+        calls,
     }
 }
 
@@ -104,7 +114,9 @@ async fn wait_for(
     what: &str,
     pred: impl Fn(&[(auth_ebpf::types::AuthKey, SystemTime)]) -> bool,
 ) {
-    for _ in 0..200 {
+    // Polls the map (the condition itself); the deadline only bounds a hang.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while tokio::time::Instant::now() < deadline {
         let entries = AuthMap::open(pins.path()).unwrap().entries().unwrap();
         if pred(&entries) {
             return;
@@ -158,10 +170,25 @@ async fn manager_writes_resumes_and_collects_on_the_pinned_map() {
         later,
         state(true),
     );
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Positive marker: a second pair is required; once its entry is in the
+    // map the manager has reconciled the state that also held the first
+    // pair, so had it wanted to redo that one it would have asked by now.
+    let mut both = state(true);
+    both.rules
+        .insert(common::rule(256, 258, Direction::Ingress, 8080));
+    m.desired.send(Arc::new(both)).unwrap();
+    wait_for(&pins, "the second pair", |e| e.len() == 2).await;
+    assert_eq!(
+        *m.calls.lock().unwrap(),
+        vec![258],
+        "only the new pair was authenticated; the read-back one resumed"
+    );
     let entries = AuthMap::open(pins.path()).unwrap().entries().unwrap();
-    assert_eq!(entries.len(), 1);
-    let d = entries[0]
+    let first = entries
+        .iter()
+        .find(|(k, _)| k.remote_id == 257)
+        .expect("the read-back entry");
+    let d = first
         .1
         .duration_since(expiry)
         .unwrap_or_else(|e| e.duration());
@@ -169,7 +196,7 @@ async fn manager_writes_resumes_and_collects_on_the_pinned_map() {
 
     // The rule goes: the entry is collected from the kernel map.
     m.desired.send(Arc::new(state(false))).unwrap();
-    wait_for(&pins, "the entry to be collected", |e| e.is_empty()).await;
+    wait_for(&pins, "the entries to be collected", |e| e.is_empty()).await;
     m.shutdown.cancel();
     m.task.await.unwrap();
 }

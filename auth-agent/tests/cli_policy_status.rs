@@ -38,7 +38,7 @@ fn accepted_policies_exit_zero() {
     assert_eq!(code, 0, "{out}");
     assert!(
         out.contains(
-            "production/require-mutual-auth: accepted (1 rule(s) requiring authentication enforced)"
+            "production/require-mutual-auth: accepted (1 compiled rule requiring authentication, enforced for 3 running pod(s) in 1 identity pair(s), 1 datapath rule(s))"
         ),
         "{out}"
     );
@@ -97,5 +97,96 @@ fn an_unreadable_document_is_a_load_error() {
     assert!(
         out.contains("require-mutual-auth: accepted"),
         "the good file still counts: {out}"
+    );
+}
+
+fn policy(name: &str, subject: &str, peer: &str, mode: &str) -> String {
+    format!(
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: {name}\n  namespace: production\nspec:\n  endpointSelector:\n    matchLabels:\n      app: {subject}\n  ingress:\n    - fromEndpoints:\n        - matchLabels:\n            app: {peer}\n      authentication:\n        mode: {mode}\n      toPorts:\n        - ports:\n            - port: \"8080\"\n              protocol: TCP\n"
+    )
+}
+
+#[test]
+fn a_policy_that_selects_no_pod_says_nothing_is_enforced() {
+    let dir = dir_with(&["payment-requires-auth.yaml"]);
+    std::fs::write(
+        dir.path().join("ghost.yaml"),
+        policy("ghost", "no-such-app", "order-service", "required"),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("no-peer.yaml"),
+        policy("no-peer", "payment-service", "no-such-peer", "required"),
+    )
+    .unwrap();
+    let (code, out) = run(dir.path(), false);
+    assert_eq!(code, 0, "valid policies: {out}");
+    for name in ["ghost", "no-peer"] {
+        let line = out
+            .lines()
+            .find(|l| l.contains(&format!("production/{name}:")))
+            .unwrap_or_else(|| panic!("{name} listed: {out}"));
+        assert!(
+            line.contains("selects no pod: nothing enforced") && !line.contains("enforced for"),
+            "{line}"
+        );
+    }
+    let (_, json) = run(dir.path(), true);
+    let v: serde_json::Value = serde_json::from_str(&json).expect("JSON");
+    let ghost = v["policies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "ghost")
+        .expect("ghost");
+    assert_eq!(ghost["coverage"]["compiled_rules"], 1, "{ghost}");
+    assert_eq!(ghost["coverage"]["pairs"], 0, "{ghost}");
+    assert_eq!(ghost["coverage"]["pods"], 0, "{ghost}");
+}
+
+#[test]
+fn a_standalone_pod_without_a_phase_is_rejected_naming_the_file_and_field() {
+    let dir = dir_with(&["payment-requires-auth.yaml"]);
+    std::fs::write(
+        dir.path().join("order-2.yaml"),
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: order-2\n  namespace: production\n  labels:\n    app: order-service\nspec:\n  nodeName: node-b\nstatus:\n  podIP: 10.0.2.99\n",
+    )
+    .unwrap();
+    let (code, out) = run(dir.path(), false);
+    assert_eq!(
+        code, 1,
+        "a pod that would silently never be enforced fails the check: {out}"
+    );
+    let err = out
+        .lines()
+        .find(|l| l.starts_with("load error:"))
+        .unwrap_or_else(|| panic!("a load error: {out}"));
+    assert!(
+        err.contains("order-2.yaml")
+            && err.contains("production/order-2")
+            && err.contains("status.phase"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_parse_error_is_printed_once_and_lists_only_what_meshauth_accepts() {
+    let dir = dir_with(&["payment-requires-auth.yaml"]);
+    std::fs::write(
+        dir.path().join("typo.yaml"),
+        policy("typo", "payment-service", "order-service", "requried"),
+    )
+    .unwrap();
+    let (code, out) = run(dir.path(), false);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("production/typo: rejected"), "{out}");
+    assert_eq!(
+        out.matches("requried").count(),
+        1,
+        "the parse error once, not again as a load error: {out}"
+    );
+    assert!(
+        out.contains("`required` or `disabled`") && !out.contains("test-always-fail"),
+        "only the modes meshauth accepts: {out}"
     );
 }

@@ -24,6 +24,35 @@ fn lab() -> Lab {
 }
 
 const PORT: u16 = 8080;
+
+/// Polls `cond` until it holds; panics after 10 s (a hang, not a timing).
+fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: not within 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// TCP resets sent in the network namespace of process `pid`
+/// (`/proc/PID/net/snmp`, `Tcp: … OutRsts`; IPv4 and IPv6 share it).
+fn tcp_out_rsts(pid: u32) -> u64 {
+    let snmp = std::fs::read_to_string(format!("/proc/{pid}/net/snmp")).expect("net/snmp");
+    let mut tcp = snmp.lines().filter(|l| l.starts_with("Tcp:"));
+    let (names, values) = (
+        tcp.next().expect("Tcp header"),
+        tcp.next().expect("Tcp values"),
+    );
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == "OutRsts")
+        .and_then(|(_, v)| v.parse().ok())
+        .expect("OutRsts")
+}
 const T: Duration = Duration::from_secs(2);
 
 fn addrs(p: &PodInfo) -> [IpAddr; 2] {
@@ -112,7 +141,9 @@ fn two_nodes_two_pods_each() {
     procs[0]
         .stream("s", pods[2].ipv6.into(), PORT, Duration::from_millis(5), T)
         .expect("stream");
-    std::thread::sleep(Duration::from_millis(100));
+    wait_until("5 stream round trips", || {
+        procs[0].stream_stats("s").expect("stream-stats").ok >= 5
+    });
     let st = procs[0].stream_stop("s").expect("stream-stop");
     assert!(st.ok >= 5 && st.failed == 0, "{st:?}");
 
@@ -283,7 +314,10 @@ fn connect_retry_counts_attempts_until_a_server_appears() {
         let r = c.connect_retry(to, PORT, Duration::from_secs(5));
         (c, r)
     });
-    std::thread::sleep(Duration::from_millis(200));
+    // Serve only after the client was refused at least once: the server
+    // pod's kernel answered a SYN with a reset (its netns' TCP OutRsts).
+    let server_pid = s.pid();
+    wait_until("a refused attempt", || tcp_out_rsts(server_pid) >= 1);
     s.serve(PORT).expect("serve");
     let (_c, r) = retry.join().expect("retry thread");
     let r = r.expect("connect_retry succeeds once the server is up");

@@ -10,13 +10,13 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
-use crate::compile::CompiledPolicy;
+use crate::compile::{CompiledPolicy, Peer};
 use crate::identity::{IdentityError, IdentityTable};
 use crate::labels::LabelSet;
 use crate::model::{ModelError, Object, ObjectKey, ObjectKind};
 use crate::selector::Selector;
-use crate::state::{AuthRule, DesiredState, StateDiff};
-use crate::status::PolicyStatus;
+use crate::state::{AuthRule, DesiredState, Remote, StateDiff};
+use crate::status::{Coverage, PolicyStatus};
 
 mod node;
 mod pods;
@@ -175,18 +175,77 @@ impl Engine {
         self.pending.iter().cloned().collect()
     }
 
-    /// Every policy's status, sorted by kind, namespace, name.
+    /// Every policy's status, sorted by kind, namespace, name, with what
+    /// its rules cover now.
     pub fn status(&self) -> Vec<PolicyStatus> {
-        let keys: BTreeSet<&ObjectKey> = self.policies.keys().chain(self.invalid.keys()).collect();
+        let keys: BTreeSet<&ObjectKey> = self
+            .policies
+            .keys()
+            .chain(
+                self.invalid
+                    .keys()
+                    .filter(|k| matches!(k.kind, ObjectKind::Policy(_))),
+            )
+            .collect();
         keys.into_iter()
             .map(|k| {
-                PolicyStatus::of(
-                    self.policies.get(k),
-                    k,
-                    self.invalid.get(k).map(String::as_str),
-                )
+                let c = self.policies.get(k);
+                let mut s = PolicyStatus::of(c, k, self.invalid.get(k).map(String::as_str));
+                if let Some(c) = c {
+                    self.cover(c, &mut s.coverage);
+                }
+                s
             })
             .collect()
+    }
+
+    /// The pairs, datapath rules and pods a compiled policy covers now.
+    fn cover(&self, c: &CompiledPolicy, out: &mut Coverage) {
+        let mut pairs = BTreeSet::new();
+        let mut rules = BTreeSet::new();
+        for r in &c.rules {
+            let locals = self.selectors.get(&r.subject).map(|e| &e.ids);
+            let remotes: Vec<Remote> = match &r.peer {
+                Peer::AnyCluster => vec![Remote::AnyCluster],
+                Peer::Selector(s) => self
+                    .selectors
+                    .get(s)
+                    .into_iter()
+                    .flat_map(|e| e.ids.iter().map(|&i| Remote::Identity(i)))
+                    .collect(),
+            };
+            for &l in locals.into_iter().flatten() {
+                for &rem in &remotes {
+                    pairs.insert((l, rem));
+                    for &(protocol, ports) in &r.ports {
+                        rules.insert(AuthRule {
+                            local: l,
+                            remote: rem,
+                            direction: r.direction,
+                            protocol,
+                            ports,
+                        });
+                    }
+                }
+            }
+        }
+        let ids: BTreeSet<u32> = pairs
+            .iter()
+            .flat_map(|&(l, r)| {
+                std::iter::once(l).chain(match r {
+                    Remote::Identity(i) => Some(i),
+                    Remote::AnyCluster => None,
+                })
+            })
+            .collect();
+        out.pairs = pairs.len();
+        out.datapath_rules = rules.len();
+        out.pods = self
+            .pods
+            .values()
+            .filter(|p| p.running && !p.endpoints.is_empty())
+            .filter(|p| p.identity.is_some_and(|i| ids.contains(&i)))
+            .count();
     }
 
     /// Objects (any kind) whose newest version could not be read.

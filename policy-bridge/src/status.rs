@@ -39,6 +39,21 @@ impl std::fmt::Display for Verdict {
     }
 }
 
+/// What a policy's compiled rules cover in the cluster as it is now.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Coverage {
+    /// Compiled rules requiring authentication (one per subject × peer ×
+    /// direction; a rule entry with two `fromEndpoints` compiles to two).
+    pub compiled_rules: usize,
+    /// Running pods with an address on either end of a covered pair.
+    pub pods: usize,
+    /// (local identity, remote identity or "any cluster identity") pairs the
+    /// rules require authentication for.
+    pub pairs: usize,
+    /// Auth rules the policy puts in the datapath (pairs × ports).
+    pub datapath_rules: usize,
+}
+
 /// The status of one policy object.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct PolicyStatus {
@@ -50,8 +65,11 @@ pub struct PolicyStatus {
     pub name: String,
     /// The verdict.
     pub verdict: Verdict,
-    /// Rules with `authentication.mode: required` that are enforced.
+    /// Rule entries with `authentication.mode: required` that compiled (as
+    /// written: one entry may compile to several rules).
     pub required_rules: usize,
+    /// What those rules cover in the cluster as it is now.
+    pub coverage: Coverage,
     /// Errors (rejected rules, invalid fields), each with its field path.
     pub errors: Vec<Problem>,
     /// Accepted parts meshauth does not enforce.
@@ -92,6 +110,10 @@ impl PolicyStatus {
             name: key.name.clone(),
             verdict,
             required_rules,
+            coverage: Coverage {
+                compiled_rules: c.map_or(0, |c| c.rules.len()),
+                ..Coverage::default()
+            },
             errors,
             notes,
         }
@@ -106,11 +128,7 @@ pub fn render_text(statuses: &[PolicyStatus]) -> String {
             Some(ns) => format!("{ns}/{}", s.name),
             None => s.name.clone(),
         };
-        let _ = writeln!(
-            out,
-            "{} {name}: {} ({} rule(s) requiring authentication enforced)",
-            s.kind, s.verdict, s.required_rules
-        );
+        let _ = writeln!(out, "{} {name}: {} ({})", s.kind, s.verdict, enforcement(s));
         for e in &s.errors {
             let _ = writeln!(out, "  error: {e}");
         }
@@ -119,6 +137,30 @@ pub fn render_text(statuses: &[PolicyStatus]) -> String {
         }
     }
     out
+}
+
+/// What a policy enforces, in words that do not overstate it: the compiled
+/// rules and what they cover now, or plainly that nothing is enforced.
+fn enforcement(s: &PolicyStatus) -> String {
+    let c = &s.coverage;
+    let rules = match c.compiled_rules {
+        1 => "1 compiled rule requiring authentication".to_string(),
+        n => format!("{n} compiled rules requiring authentication"),
+    };
+    if c.compiled_rules == 0 {
+        if s.verdict == Verdict::Rejected {
+            "nothing enforced".into()
+        } else {
+            "no rule requires authentication: nothing for meshauth to enforce".into()
+        }
+    } else if c.pairs == 0 {
+        format!("{rules}; selects no pod: nothing enforced")
+    } else {
+        format!(
+            "{rules}, enforced for {} running pod(s) in {} identity pair(s), {} datapath rule(s)",
+            c.pods, c.pairs, c.datapath_rules
+        )
+    }
 }
 
 /// The report as JSON (for `-o json`).

@@ -82,12 +82,16 @@ fn a_bad_document_keeps_the_good_state_and_reports() {
     let d = src.sync().unwrap();
     assert!(d.is_empty(), "the previous version stays in force: {d:?}");
     assert_eq!(src.engine().state().rules.len(), 1);
-    assert_eq!(src.errors().len(), 2, "{:?}", src.errors());
+    // The policy's parse error is reported once, in its status; the
+    // document without a name or known kind is a load error.
+    assert_eq!(src.errors().len(), 1, "{:?}", src.errors());
+    assert!(src.errors()[0].contains("document 2"), "{:?}", src.errors());
     let st = src.engine().status();
     assert!(
         st[0].errors[0]
             .message
-            .contains("previous version stays in force"),
+            .contains("previous version stays in force")
+            && st[0].errors[0].message.contains("port"),
         "{st:#?}"
     );
 
@@ -155,4 +159,81 @@ async fn spawned_source_publishes_changes() {
     assert_eq!(snap.policies.len(), 1);
     task.abort();
     assert!(spawn(FilesConfig::new(dir.path().join("missing"))).is_err());
+}
+
+fn dir_with_cluster(files: &[(&str, String)]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("cluster.yaml"),
+        read("tests/fixtures/cluster.yaml"),
+    )
+    .unwrap();
+    for (name, text) in files {
+        std::fs::write(dir.path().join(name), text).unwrap();
+    }
+    dir
+}
+
+#[test]
+fn status_reports_what_a_policy_covers_and_when_it_covers_nothing() {
+    let policy = read("../deploy/examples/payment-requires-auth.yaml");
+    let ghost = policy
+        .replace("require-mutual-auth", "ghost")
+        .replace("app: payment-service", "app: no-such-app");
+    let dir = dir_with_cluster(&[("policy.yaml", policy), ("ghost.yaml", ghost)]);
+    let mut src = FilesSource::new(FilesConfig::new(dir.path())).unwrap();
+    src.sync().unwrap();
+    let st = src.engine().status();
+    let of = |name: &str| st.iter().find(|s| s.name == name).expect(name).coverage;
+    let c = of("require-mutual-auth");
+    assert_eq!(
+        (c.compiled_rules, c.pairs, c.datapath_rules, c.pods),
+        (1, 1, 1, 3),
+        "payment-service ×2 and order-service, one pair, one port: {c:?}"
+    );
+    let c = of("ghost");
+    assert_eq!((c.compiled_rules, c.pairs, c.pods), (1, 0, 0), "{c:?}");
+    let text = policy_bridge::status::render_text(&st);
+    assert!(
+        text.contains("production/ghost: accepted (1 compiled rule requiring authentication; selects no pod: nothing enforced)"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_standalone_pod_without_a_phase_is_an_error_naming_file_and_field() {
+    let pod = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: order-2\n  namespace: production\n  labels:\n    app: order-service\nspec:\n  nodeName: node-b\nstatus:\n  podIP: 10.0.2.99\n";
+    let dir = dir_with_cluster(&[("order-2.yaml", pod.to_string())]);
+    let mut src = FilesSource::new(FilesConfig::new(dir.path())).unwrap();
+    src.sync().unwrap();
+    assert_eq!(src.errors().len(), 1, "{:?}", src.errors());
+    let e = &src.errors()[0];
+    assert!(
+        e.contains("order-2.yaml")
+            && e.contains("Pod production/order-2")
+            && e.contains("status.phase"),
+        "{e}"
+    );
+    assert!(
+        !src.engine()
+            .state()
+            .endpoints
+            .contains_key(&"10.0.2.99".parse().unwrap()),
+        "not taken as running"
+    );
+
+    // With a phase it is read.
+    std::fs::write(
+        dir.path().join("order-2.yaml"),
+        pod.replace("  podIP:", "  phase: Running\n  podIP:"),
+    )
+    .unwrap();
+    src.sync().unwrap();
+    assert!(src.errors().is_empty(), "{:?}", src.errors());
+    assert!(
+        src.engine()
+            .state()
+            .endpoints
+            .contains_key(&"10.0.2.99".parse().unwrap())
+    );
 }

@@ -551,12 +551,19 @@ async fn delegated_identity_merges_svids_and_bundles_and_rejects_malformed_certi
     config.backoff = backoff();
     let h = spawn_delegated_identity(config, cache.clone(), shutdown.clone());
     wait_status(&h, "connected", |s| s.is_connected()).await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(cache.is_empty(), "nothing applied before the bundle");
-    assert_eq!(h.status().updates_rejected, 0);
 
     bundles_tx.send_replace(Some(delegated_bundles(&[&root])));
     wait_ids(&cache, &[300, 301]).await;
+    // Positive marker instead of a sleep: the SVIDs were sent before the
+    // bundle, so an update made of them alone would have been counted (as
+    // applied or rejected) before the one the bundle completed.
+    let st = wait_status(&h, "the update counted", |s| s.updates_applied >= 1).await;
+    assert_eq!(
+        (st.updates_applied, st.updates_rejected),
+        (1, 0),
+        "one update, SVIDs and bundle together; nothing applied before the bundle"
+    );
     assert_eq!(
         *seen.lock().unwrap(),
         vec![

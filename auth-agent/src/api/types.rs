@@ -178,44 +178,74 @@ pub struct IdentityEntry {
     pub svid_expiry: Option<String>,
 }
 
-/// One end of a flow, Hubble's `Endpoint` fields.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+// The flow types below serialize exactly as `hubble observe -o json` prints
+// a flow: Go's protojson with `UseProtoNames: true` over Cilium's
+// `api/v1/flow/flow.proto` — proto field names, enums as their value names,
+// fields in declaration order, zero values (0, "", false, the zero enum
+// value, unset messages) left out, a `google.protobuf.BoolValue` written as
+// a bare bool when set.
+
+fn is_zero_u32(v: &u32) -> bool {
+    *v == 0
+}
+
+fn is_zero_i32(v: &i32) -> bool {
+    *v == 0
+}
+
+fn is_false(v: &bool) -> bool {
+    !*v
+}
+
+/// One end of a flow: Hubble's `Endpoint` (`ID`, the Cilium endpoint id, and
+/// `workloads` are Cilium's and never set here).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct FlowEndpoint {
-    /// Security identity.
+    /// Security identity (0, unknown, is left out like any zero value).
+    #[serde(default, skip_serializing_if = "is_zero_u32")]
     pub identity: u32,
     /// Namespace of the pod, when known.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub namespace: String,
+    /// Identity labels (`k8s:app=order`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub labels: Vec<String>,
     /// Pod name, when known.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub pod_name: String,
-    /// Identity labels.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub labels: Vec<String>,
 }
 
-/// Hubble's `IP` block.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// Hubble's `IP` message.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct FlowIp {
     /// Source address.
+    #[serde(default)]
     pub source: String,
     /// Destination address.
+    #[serde(default)]
     pub destination: String,
-    /// `IPv4` or `IPv6`.
-    #[serde(rename = "ipVersion")]
+    /// `IPVersion` enum name: `IPv4` or `IPv6`.
+    #[serde(rename = "ipVersion", default)]
     pub ip_version: String,
+    /// WireGuard-encrypted (never set by the cgroup datapath, which sees
+    /// packets before encryption).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub encrypted: bool,
 }
 
-/// Ports of a TCP or UDP flow.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// Ports of a TCP or UDP flow (Hubble's `TCP` / `UDP` messages; `TCP.flags`
+/// is left out: the datapath's flow event carries no TCP flags).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct FlowPorts {
     /// Source port.
-    pub source_port: u16,
+    #[serde(default, skip_serializing_if = "is_zero_u32")]
+    pub source_port: u32,
     /// Destination port.
-    pub destination_port: u16,
+    #[serde(default, skip_serializing_if = "is_zero_u32")]
+    pub destination_port: u32,
 }
 
-/// Hubble's `l4` block (one of its members is set).
+/// Hubble's `Layer4` (a oneof: one member is set).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct FlowL4 {
     /// TCP ports.
@@ -232,44 +262,83 @@ pub struct FlowL4 {
     pub icmpv6: Option<Icmp>,
 }
 
-/// ICMP echo (the only ICMP the datapath judges by flow).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Icmp {
-    /// The echo identifier.
-    pub echo_id: u16,
+impl FlowL4 {
+    /// No member set (protojson leaves the message out).
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
-/// One flow, with Hubble's field names where they exist.
+/// Hubble's `ICMPv4` / `ICMPv6` messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Icmp {
+    /// ICMP type (8/0 echo request/reply; 128/129 for ICMPv6).
+    #[serde(rename = "type", default, skip_serializing_if = "is_zero_u32")]
+    pub kind: u32,
+    /// ICMP code.
+    #[serde(default, skip_serializing_if = "is_zero_u32")]
+    pub code: u32,
+}
+
+/// Hubble's `CiliumEventType`: the monitor message type the flow came from
+/// (1 drop, 4 trace, 5 policy verdict) and its sub-type (the drop reason for
+/// drops, the observation point for traces).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct CiliumEventType {
+    /// Cilium's `MessageType*`.
+    #[serde(rename = "type", default, skip_serializing_if = "is_zero_i32")]
+    pub kind: i32,
+    /// Drop reason or trace observation point.
+    #[serde(default, skip_serializing_if = "is_zero_i32")]
+    pub sub_type: i32,
+}
+
+/// One flow: Hubble's `Flow` message, the fields meshauth can fill.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Flow {
-    /// When (RFC 3339 with nanoseconds).
+    /// When (`google.protobuf.Timestamp` in JSON: RFC 3339, UTC, 0/3/6/9
+    /// fractional digits).
     pub time: String,
-    /// `FORWARDED`, `DROPPED` or `AUDIT`.
+    /// `Verdict` enum name: `FORWARDED`, `DROPPED` or `AUDIT`.
     pub verdict: String,
-    /// Hubble's drop reason code (189 = authentication required), 0 when forwarded.
-    pub drop_reason: u8,
-    /// The reason in words ("Authentication required").
-    pub drop_reason_desc: String,
+    /// Hubble's drop reason code (189 = authentication required); left out
+    /// (0) unless dropped.
+    #[serde(default, skip_serializing_if = "is_zero_u32")]
+    pub drop_reason: u32,
+    /// `AuthType` enum name, set on policy-verdict events only (`AUDIT`
+    /// flows: `SPIRE`), as Hubble does.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub auth_type: String,
     /// Addresses.
     #[serde(rename = "IP")]
     pub ip: FlowIp,
-    /// Ports.
+    /// Ports; left out (an unset message) for a protocol without them.
+    #[serde(default, skip_serializing_if = "FlowL4::is_empty")]
     pub l4: FlowL4,
     /// Sending end.
     pub source: FlowEndpoint,
     /// Receiving end.
     pub destination: FlowEndpoint,
-    /// The node that saw it.
-    pub node_name: String,
-    /// `INGRESS` or `EGRESS`, seen from the local pod.
-    pub traffic_direction: String,
-    /// `SPIRE` when policy required authentication, else `DISABLED`.
-    pub auth_type: String,
-    /// Always `L3_L4`.
+    /// `FlowType` enum name: always `L3_L4`.
     #[serde(rename = "Type")]
     pub kind: String,
-    /// Packet length.
-    pub len: u32,
+    /// The node that saw it.
+    pub node_name: String,
+    /// The originating event's type.
+    pub event_type: CiliumEventType,
+    /// `TrafficDirection` enum name: `INGRESS` or `EGRESS`, of the connection
+    /// seen from the local pod.
+    pub traffic_direction: String,
+    /// `TraceObservationPoint` enum name, for forwarded (trace) flows:
+    /// `TO_ENDPOINT` (delivered to the pod) or `FROM_ENDPOINT` (sent by it).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub trace_observation_point: String,
+    /// `DropReason` enum name (`AUTH_REQUIRED`); left out unless dropped.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub drop_reason_desc: String,
+    /// Whether the packet is a reply; left out for drops (Hubble: unknown).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub is_reply: Option<bool>,
 }
 
 /// One line of `GET /v1/flows`: `{"flow": …, "node_name": …, "time": …}`

@@ -488,7 +488,20 @@ mod tests {
         ok(&mut w, "ping c 1000");
         ok(&mut w, "close c");
         ok(&mut w, &format!("stream s ::1 {port} 2 1000"));
-        std::thread::sleep(Duration::from_millis(30));
+        // Wait for the stream's own count, not a guessed duration.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while ok(&mut w, "stream-stats s")
+            .split(' ')
+            .next()
+            .and_then(|n| n.parse::<u64>().ok())
+            .is_none_or(|n| n < 3)
+        {
+            assert!(
+                Instant::now() < deadline,
+                "3 stream round trips within 10 s"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
         let st = ok(&mut w, "stream-stop s");
         let (okn, failed) = st.split_once(' ').expect("two counts");
         assert!(

@@ -116,7 +116,7 @@ pub struct Authentication {
 }
 
 /// Authentication modes Cilium defines.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum AuthenticationMode {
     /// Mutual authentication required.
@@ -125,6 +125,27 @@ pub enum AuthenticationMode {
     Disabled,
     /// Cilium's test mode; meshauth treats it as an error.
     TestAlwaysFail,
+}
+
+impl AuthenticationMode {
+    /// The modes meshauth accepts, as an error lists them (Cilium's
+    /// `test-always-fail` is read, then rejected with its own message).
+    pub const ACCEPTED: &'static str = "`required` or `disabled`";
+}
+
+impl<'de> Deserialize<'de> for AuthenticationMode {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        match s.as_str() {
+            "required" => Ok(Self::Required),
+            "disabled" => Ok(Self::Disabled),
+            "test-always-fail" => Ok(Self::TestAlwaysFail),
+            other => Err(serde::de::Error::custom(format!(
+                "unknown authentication mode `{other}`, expected {}",
+                Self::ACCEPTED
+            ))),
+        }
+    }
 }
 
 /// An ingress rule.

@@ -20,7 +20,7 @@ use tokio::task::JoinHandle;
 use super::{Publisher, Subscription};
 use crate::engine::{Change, Engine, EngineConfig};
 use crate::identity::{IdentityError, IdentityFile, IdentityTable};
-use crate::model::{Object, ObjectKey, parse_documents};
+use crate::model::{Invalid, ModelError, Object, ObjectKey, ObjectKind, parse_documents};
 use crate::state::StateDiff;
 
 /// Errors of the directory source.
@@ -219,16 +219,30 @@ fn read_file(p: &Path, old: Option<FileEntry>) -> FileEntry {
         ..FileEntry::default()
     };
     let mut failed = false;
-    for r in parse_documents(&text, &p.display().to_string()) {
+    let origin = p.display().to_string();
+    for r in parse_documents(&text, &origin).into_iter().map(|r| {
+        r.and_then(|o| match without_phase(&o, &origin) {
+            Some(inv) => Err(inv),
+            None => Ok(o),
+        })
+    }) {
         match r {
             Ok(o) => {
                 entry.objects.insert(o.key(), o);
             }
             Err(inv) => {
                 failed = true;
-                entry.errors.push(inv.error.to_string());
-                if let Some(k) = inv.key {
-                    entry.invalid.insert(*k, inv.error);
+                // A policy's error is reported once, in its status (as
+                // rejected); everything else is a load error.
+                match inv.key {
+                    Some(k) if matches!(k.kind, ObjectKind::Policy(_)) => {
+                        entry.invalid.insert(*k, inv.error);
+                    }
+                    Some(k) => {
+                        entry.errors.push(inv.error.to_string());
+                        entry.invalid.insert(*k, inv.error);
+                    }
+                    None => entry.errors.push(inv.error.to_string()),
                 }
             }
         }
@@ -240,6 +254,36 @@ fn read_file(p: &Path, old: Option<FileEntry>) -> FileEntry {
         }
     }
     entry
+}
+
+/// A standalone Pod manifest must state `status.phase`: the API server
+/// always sets it, so a Kubernetes pod never lacks it, but a hand-written
+/// manifest easily does — and a pod that is not `Running` is never
+/// enforced. Rather than guess, such a Pod is rejected with an error naming
+/// the file and the field (and what was there before stays in force).
+fn without_phase(o: &Object, origin: &str) -> Option<Invalid> {
+    let Object::Pod(pod) = o else {
+        return None;
+    };
+    if pod.status.as_ref().and_then(|s| s.phase.as_ref()).is_some() {
+        return None;
+    }
+    let key = o.key();
+    let name = match &key.namespace {
+        Some(ns) => format!("{ns}/{}", key.name),
+        None => key.name.clone(),
+    };
+    Some(Invalid {
+        key: Some(Box::new(key)),
+        error: ModelError::Field {
+            object: format!("Pod {name} ({origin})"),
+            path: "status.phase".into(),
+            message: "missing: a standalone Pod manifest must state the pod's phase \
+                      (`Running` for meshauth to enforce its traffic; `Pending`, \
+                      `Succeeded` or `Failed` otherwise)"
+                .into(),
+        },
+    })
 }
 
 /// Starts the directory source: reads the directory once (errors such as a

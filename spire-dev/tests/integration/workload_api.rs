@@ -1,7 +1,7 @@
 //! The SPIFFE Workload API on a node agent's socket, with the tonic client.
 
 use std::collections::BTreeSet;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use spire_proto::workload::{JwtsvidRequest, X509svidRequest};
 use tonic::{Code, Request};
@@ -61,14 +61,11 @@ async fn first_message_is_immediate_full_state_of_this_node_only() {
     )
     .await;
     let mut c = workload(&d.workload_socket("a")).await;
-    let t0 = Instant::now();
     let mut s = fetch_svids(&mut c).await;
+    // No timed assertion: the SVIDs live 1 h, so nothing but the subscription
+    // itself can send a message within `next`'s hang bound (5 s) — a server
+    // that waited for a rotation (at half the TTL) would time out here.
     let first = next("first FetchX509SVID message", &mut s).await;
-    assert!(
-        t0.elapsed() < Duration::from_secs(1),
-        "first message took {:?}",
-        t0.elapsed()
-    );
 
     let ids: Vec<&str> = first.svids.iter().map(|s| s.spiffe_id.as_str()).collect();
     assert_eq!(
