@@ -219,6 +219,7 @@ async fn start_policy_source(config: &Config) -> Result<Subscription, AgentError
             let mut cfg = policy_bridge::source::files::FilesConfig::new(path.clone());
             cfg.interval = config.policy_poll_interval;
             cfg.identity_file = Some(config.state_dir.join("identities.json"));
+            cfg.identity_quarantine = config.identity_quarantine;
             let (sub, _task) = policy_bridge::source::files::spawn(cfg)?;
             Ok(sub)
         }
@@ -228,7 +229,10 @@ async fn start_policy_source(config: &Config) -> Result<Subscription, AgentError
                 .map_err(|e| AgentError::Kube(e.to_string()))?;
             let (sub, _task) = policy_bridge::source::kube::spawn(
                 client,
-                policy_bridge::source::kube::KubeConfig::default(),
+                policy_bridge::source::kube::KubeConfig {
+                    identity_quarantine: config.identity_quarantine,
+                    ..Default::default()
+                },
             )
             .await;
             Ok(sub)
