@@ -62,6 +62,9 @@ pub enum AgentError {
     /// The node table failed.
     #[error(transparent)]
     Nodes(#[from] NodeTableError),
+    /// Checking the auth entries read back against the node table failed.
+    #[error(transparent)]
+    Resume(#[from] crate::nodes::resume::ResumeError),
     /// Loading or attaching the datapath failed.
     #[error("datapath: {0}")]
     Datapath(#[from] DatapathError),
@@ -453,6 +456,13 @@ async fn run_inner(config: &Config, token: &CancellationToken) -> Result<(), Age
 
     // Authentication.
     let store = Arc::new(BpfAuthStore::open(&pin_dir)?);
+    // Before anything reads or writes the map: drop entries read back whose
+    // node id the node table cannot vouch for (table lost or replaced).
+    let resumed = crate::nodes::resume::vouch_resumed_entries(&pin_dir, &*store, &nodes)?;
+    tracing::info!(
+        ?resumed,
+        "auth entries read back checked against the node table"
+    );
     let mut server_opts = ServerOptions::new(
         config.handshake_listen,
         cache.clone(),
