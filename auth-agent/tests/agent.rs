@@ -277,7 +277,19 @@ async fn a_lost_node_table_drops_resumed_entries_toward_reassigned_ids() {
         "the entry read back toward id {a_id} (node-a's) was kept for node-c: no new handshake with node-c\n{}",
         tb.log_tail("node-b", 30)
     );
-    let entries = tb.auth_entries("node-b").await.unwrap();
+    let entries = tb
+        .wait_for(
+            "node-b's entry toward node-c written",
+            Duration::from_secs(15),
+            || async {
+                let e = tb.auth_entries("node-b").await.ok()?;
+                e.iter()
+                    .any(|e| e.local == payment && e.remote == order)
+                    .then_some(e)
+            },
+        )
+        .await
+        .unwrap();
     let toward: Vec<_> = entries
         .iter()
         .filter(|e| e.local == payment && e.remote == order)
@@ -288,5 +300,10 @@ async fn a_lost_node_table_drops_resumed_entries_toward_reassigned_ids() {
     assert!(
         entries.iter().all(|e| e.node.is_some()),
         "no entry toward an id the table does not know: {entries:?}"
+    );
+    let (_, metrics) = tb.http_get("node-b", "/metrics").unwrap();
+    assert!(
+        metrics.contains("meshauth_node_table_write_failures_total 0"),
+        "{metrics}"
     );
 }
