@@ -244,6 +244,15 @@ fn spiffe_rules_hold_uncached_and_after_a_good_chain_was_remembered() {
         now - Duration::from_secs(1),
         ca_usages,
     );
+    let future_inter = root.intermediate_with(
+        "intermediate not yet valid",
+        now + 5 * 60 * Duration::from_secs(1),
+        now + 2 * HOUR,
+        vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::DigitalSignature,
+        ],
+    );
     let no_sign_inter = root.intermediate_with(
         "intermediate without keyCertSign",
         now - HOUR,
@@ -276,6 +285,11 @@ fn spiffe_rules_hold_uncached_and_after_a_good_chain_was_remembered() {
             "expired intermediate",
             expired_inter.issue(&good_spec).chain,
             |e| matches!(e, VerifyError::IntermediateExpired { index: 1, .. }),
+        ),
+        (
+            "intermediate not yet valid",
+            future_inter.issue(&good_spec).chain,
+            |e| matches!(e, VerifyError::IntermediateNotYetValid { index: 1, .. }),
         ),
         ("CA leaf", inter.issue(&ca_leaf).chain, |e| {
             matches!(e, VerifyError::LeafIsCa { .. })
