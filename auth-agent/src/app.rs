@@ -62,6 +62,9 @@ pub enum AgentError {
     /// The node table failed.
     #[error(transparent)]
     Nodes(#[from] NodeTableError),
+    /// Checking the auth entries read back against the node table failed.
+    #[error(transparent)]
+    Resume(#[from] crate::nodes::resume::ResumeError),
     /// Loading or attaching the datapath failed.
     #[error("datapath: {0}")]
     Datapath(#[from] DatapathError),
@@ -219,6 +222,7 @@ async fn start_policy_source(config: &Config) -> Result<Subscription, AgentError
             let mut cfg = policy_bridge::source::files::FilesConfig::new(path.clone());
             cfg.interval = config.policy_poll_interval;
             cfg.identity_file = Some(config.state_dir.join("identities.json"));
+            cfg.identity_quarantine = config.identity_quarantine;
             let (sub, _task) = policy_bridge::source::files::spawn(cfg)?;
             Ok(sub)
         }
@@ -228,7 +232,10 @@ async fn start_policy_source(config: &Config) -> Result<Subscription, AgentError
                 .map_err(|e| AgentError::Kube(e.to_string()))?;
             let (sub, _task) = policy_bridge::source::kube::spawn(
                 client,
-                policy_bridge::source::kube::KubeConfig::default(),
+                policy_bridge::source::kube::KubeConfig {
+                    identity_quarantine: config.identity_quarantine,
+                    ..Default::default()
+                },
             )
             .await;
             Ok(sub)
@@ -453,6 +460,13 @@ async fn run_inner(config: &Config, token: &CancellationToken) -> Result<(), Age
 
     // Authentication.
     let store = Arc::new(BpfAuthStore::open(&pin_dir)?);
+    // Before anything reads or writes the map: drop entries read back whose
+    // node id the node table cannot vouch for (table lost or replaced).
+    let resumed = crate::nodes::resume::vouch_resumed_entries(&pin_dir, &*store, &nodes)?;
+    tracing::info!(
+        ?resumed,
+        "auth entries read back checked against the node table"
+    );
     let mut server_opts = ServerOptions::new(
         config.handshake_listen,
         cache.clone(),

@@ -330,6 +330,10 @@ pub struct AgentArgs {
     /// Expired-entry sweep schedule (cron, 6 fields).
     #[arg(long)]
     pub sweep_cron: Option<String>,
+    /// How long a freed identity number is not given to another label set
+    /// (at least the longest SVID TTL plus margin) [default 90m].
+    #[arg(long)]
+    pub identity_quarantine: Option<String>,
     /// WireGuard: true or false.
     #[arg(long)]
     pub wireguard: Option<String>,
@@ -373,6 +377,7 @@ impl AgentArgs {
         put("state-dir", &self.state_dir);
         put("reauth-fraction", &self.reauth_fraction);
         put("sweep-cron", &self.sweep_cron);
+        put("identity-quarantine", &self.identity_quarantine);
         put("wireguard", &self.wireguard);
         put("unknown-pods", &self.unknown_pods);
         put("source-check", &self.source_check);

@@ -100,6 +100,10 @@ pub struct Config {
     pub reauth_fraction: f64,
     /// Cron expression (6 fields, seconds first) of the expired-entry sweep.
     pub sweep_cron: String,
+    /// How long a freed identity number stays quarantined (not given to
+    /// another label set): at least the longest X.509-SVID TTL plus margin.
+    #[serde(with = "duration_str")]
+    pub identity_quarantine: Duration,
     /// WireGuard on or off.
     pub wireguard: bool,
     /// Strict mode: drop traffic of pod addresses not known yet (a pod the
@@ -155,6 +159,8 @@ pub struct ConfigFile {
     pub reauth_fraction: Option<f64>,
     /// See [`Config::sweep_cron`].
     pub sweep_cron: Option<String>,
+    /// e.g. `90m`: see [`Config::identity_quarantine`].
+    pub identity_quarantine: Option<String>,
     /// See [`Config::wireguard`].
     pub wireguard: Option<bool>,
     /// `pass` (default) or `drop`: see [`Config::drop_unknown_pods`].
@@ -180,6 +186,14 @@ pub struct Invalid {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{} invalid configuration value(s):\n{}", .0.len(), .0.iter().map(|i| format!("  {} = {:?}: {}", i.source, i.value, i.reason)).collect::<Vec<_>>().join("\n"))]
 pub struct ConfigErrors(pub Vec<Invalid>);
+
+/// Default quarantine of a freed identity number: SPIRE's default 1 h
+/// X.509-SVID TTL plus 30 minutes.
+pub const DEFAULT_IDENTITY_QUARANTINE: Duration = policy_bridge::identity::DEFAULT_QUARANTINE;
+/// The shortest quarantine accepted: SPIRE's default TTL plus 15 minutes.
+pub const MIN_IDENTITY_QUARANTINE: Duration = Duration::from_secs(75 * 60);
+/// The longest quarantine accepted (30 days).
+pub const MAX_IDENTITY_QUARANTINE: Duration = Duration::from_secs(720 * 3600);
 
 /// Default Workload API socket (SPIRE's default agent socket).
 pub const DEFAULT_SPIRE_SOCKET: &str = "/run/spire/sockets/agent.sock";
@@ -594,6 +608,25 @@ pub fn build(layers: &Layers) -> Result<Config, ConfigErrors> {
             v
         }
     };
+    let identity_quarantine = match layers.get(&key!(
+        "identity-quarantine",
+        "MESHAUTH_IDENTITY_QUARANTINE",
+        identity_quarantine,
+        "identityQuarantine"
+    )) {
+        None => DEFAULT_IDENTITY_QUARANTINE,
+        Some((src, v)) => match parse_duration(&v) {
+            Some(d) if (MIN_IDENTITY_QUARANTINE..=MAX_IDENTITY_QUARANTINE).contains(&d) => d,
+            _ => {
+                bad(
+                    &src,
+                    &v,
+                    "a duration from 75m to 720h, at least the longest X.509-SVID TTL plus margin (90m for SPIRE's default 1h TTL)",
+                );
+                DEFAULT_IDENTITY_QUARANTINE
+            }
+        },
+    };
     let wireguard = match layers.get(&key!(
         "wireguard",
         "MESHAUTH_WIREGUARD",
@@ -666,6 +699,7 @@ pub fn build(layers: &Layers) -> Result<Config, ConfigErrors> {
         state_dir,
         reauth_fraction,
         sweep_cron,
+        identity_quarantine,
         wireguard,
         drop_unknown_pods,
         source_check,
@@ -740,6 +774,7 @@ mod tests {
         assert_eq!(c.metrics_listen.port(), 9964);
         assert_eq!(c.bpf_pin_dir, PathBuf::from("/sys/fs/bpf/meshauth"));
         assert_eq!(c.connect_timeout, Duration::from_secs(5));
+        assert_eq!(c.identity_quarantine, Duration::from_secs(90 * 60));
         let json = serde_json::to_value(&c).unwrap();
         assert_eq!(
             json["connect_timeout"], "5s",
@@ -753,7 +788,7 @@ mod tests {
         let path = dir.path().join("meshauth.yaml");
         std::fs::write(
             &path,
-            "mode: block\nreauthFraction: 2.0\nsweepCron: \"* * *\"\n",
+            "mode: block\nreauthFraction: 2.0\nsweepCron: \"* * *\"\nidentityQuarantine: 15m\n",
         )
         .unwrap();
         let layers = Layers {
@@ -766,7 +801,7 @@ mod tests {
         };
         let err = build(&layers).unwrap_err();
         let sources: Vec<&str> = err.0.iter().map(|i| i.source.as_str()).collect();
-        assert_eq!(err.0.len(), 7, "{err}");
+        assert_eq!(err.0.len(), 8, "{err}");
         assert!(
             sources.contains(&"--node-name"),
             "missing node name: {sources:?}"
@@ -785,9 +820,14 @@ mod tests {
                 .iter()
                 .any(|s| s.ends_with("meshauth.yaml: sweepCron"))
         );
+        assert!(
+            sources
+                .iter()
+                .any(|s| s.ends_with("meshauth.yaml: identityQuarantine"))
+        );
         let text = err.to_string();
         assert!(
-            text.contains("7 invalid configuration value(s)") && text.contains("enforce or audit"),
+            text.contains("8 invalid configuration value(s)") && text.contains("enforce or audit"),
             "{text}"
         );
     }
@@ -848,6 +888,27 @@ mod tests {
                 selectors: vec!["k8s:ns:meshauth".into(), "k8s:sa:agent".into()]
             }
         );
+    }
+
+    #[test]
+    fn identity_quarantine_from_flag_env_file_and_its_bounds() {
+        let c = build(&flags(&[("node-name", "n"), ("identity-quarantine", "2h")])).unwrap();
+        assert_eq!(c.identity_quarantine, Duration::from_secs(7200));
+        let layers = Layers {
+            flags: vec![("node-name", "n".into())],
+            env: vec![("MESHAUTH_IDENTITY_QUARANTINE".into(), "75m".into())],
+            file: None,
+        };
+        assert_eq!(
+            build(&layers).unwrap().identity_quarantine,
+            Duration::from_secs(75 * 60)
+        );
+        for bad in ["74m", "1h", "721h", "soon", "0s"] {
+            let e = build(&flags(&[("node-name", "n"), ("identity-quarantine", bad)])).unwrap_err();
+            assert_eq!(e.0.len(), 1, "{bad}: {e}");
+            assert_eq!(e.0[0].source, "--identity-quarantine");
+            assert!(e.0[0].reason.contains("SVID TTL"), "{e}");
+        }
     }
 
     #[test]

@@ -4,13 +4,30 @@
 //!
 //! Ids are local to this agent and must survive its restarts, because the
 //! pinned auth map and ipcache outlive the process. The table is saved to a
-//! state file (JSON, written atomically) on every change and read back on
-//! start. An id is never reused while the agent runs, so a stale entry can
-//! never be mistaken for another node's.
+//! state file (JSON, written atomically: temporary file, fsync, rename,
+//! fsync of the directory) on every change and read back on start. An id is
+//! never reused while the agent runs, so a stale entry can never be
+//! mistaken for another node's.
+//!
+//! The pinned auth map can outlive the table file too (state directory
+//! lost or reset, an older copy restored). A new table would then hand an
+//! old node's id to another node, and auth entries read back would
+//! authenticate pairs toward the wrong node. So the table carries a random
+//! *epoch*, also pinned beside the maps ([`resume`]); on start an entry read
+//! back is trusted only if the pinned epoch is the table's and the table as
+//! read from its file had that id for the node that still holds it. Every
+//! other entry is dropped and authenticated afresh.
+//!
+//! A failed write does not stop the agent: it is logged, counted
+//! ([`NodeTable::write_failures`]) and retried at the next sync.
+
+pub mod resume;
 
 use std::collections::BTreeMap;
+use std::io::Write as _;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use policy_bridge::NodeInfo;
@@ -54,12 +71,21 @@ struct Saved {
     local: String,
     ids: BTreeMap<String, u16>,
     next: u16,
+    /// Random, fixed when the table is created; 0 in files written before
+    /// epochs existed (such a file vouches for nothing).
+    #[serde(default)]
+    epoch: u64,
 }
 
 #[derive(Debug)]
 struct Inner {
     saved: Saved,
     info: BTreeMap<String, NodeInfo>,
+    /// The ids as read from the file at open (id → node); `None` for a
+    /// table created afresh.
+    loaded: Option<BTreeMap<u16, String>>,
+    /// A save failed; the next sync retries.
+    dirty: bool,
 }
 
 /// Nodes the agent knows, with their ids. Cheap to clone.
@@ -67,6 +93,12 @@ struct Inner {
 pub struct NodeTable {
     inner: Arc<RwLock<Inner>>,
     path: Option<PathBuf>,
+    write_failures: Arc<AtomicU64>,
+}
+
+fn new_epoch() -> u64 {
+    // Never 0 (0 = "no epoch").
+    rand::random::<u64>().max(1)
 }
 
 /// What a [`NodeTable::sync`] changed.
@@ -89,10 +121,14 @@ impl NodeTable {
                     local: local.to_string(),
                     ids: BTreeMap::new(),
                     next: 1,
+                    epoch: new_epoch(),
                 },
                 info: BTreeMap::new(),
+                loaded: None,
+                dirty: false,
             })),
             path: None,
+            write_failures: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -127,18 +163,79 @@ impl NodeTable {
                 });
             }
         };
-        let saved = saved.unwrap_or(Saved {
-            local: local.to_string(),
-            ids: BTreeMap::new(),
-            next: 1,
-        });
+        let (saved, loaded) = match saved {
+            Some(s) if s.epoch != 0 => {
+                let loaded = s.ids.iter().map(|(n, id)| (*id, n.clone())).collect();
+                (s, Some(loaded))
+            }
+            Some(mut s) => {
+                tracing::warn!(path = %path.display(), "node table has no epoch (written by an older agent); auth entries read back will not be trusted");
+                s.epoch = new_epoch();
+                (s, None)
+            }
+            None => (
+                Saved {
+                    local: local.to_string(),
+                    ids: BTreeMap::new(),
+                    next: 1,
+                    epoch: new_epoch(),
+                },
+                None,
+            ),
+        };
         Ok(Self {
             inner: Arc::new(RwLock::new(Inner {
                 saved,
                 info: BTreeMap::new(),
+                loaded,
+                dirty: false,
             })),
             path: Some(path.to_path_buf()),
+            write_failures: Arc::new(AtomicU64::new(0)),
         })
+    }
+
+    /// The table's epoch (random, fixed when the table was created).
+    pub fn epoch(&self) -> u64 {
+        self.read().saved.epoch
+    }
+
+    /// True if an auth entry toward node `id` read back from the pinned map
+    /// can be trusted as far as this table goes: the local node, or an id
+    /// the table had in its file when opened for the node that holds it
+    /// now. (Whether the file belongs to the map is [`resume`]'s question.)
+    pub fn vouches_for(&self, id: u16) -> bool {
+        if id == LOCAL_NODE_ID {
+            return true;
+        }
+        let inner = self.read();
+        let Some(loaded) = &inner.loaded else {
+            return false;
+        };
+        loaded
+            .get(&id)
+            .is_some_and(|name| inner.saved.ids.get(name) == Some(&id))
+    }
+
+    /// True if the table was read from its file (not created afresh).
+    pub fn was_loaded(&self) -> bool {
+        self.read().loaded.is_some()
+    }
+
+    /// How many writes of the state file have failed since start.
+    pub fn write_failures(&self) -> u64 {
+        self.write_failures.load(Ordering::Relaxed)
+    }
+
+    /// Writes the state file now.
+    pub fn save_now(&self) -> Result<(), NodeTableError> {
+        let r = self.save();
+        let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        inner.dirty = r.is_err();
+        if r.is_err() {
+            self.write_failures.fetch_add(1, Ordering::Relaxed);
+        }
+        r
     }
 
     /// The local node's name.
@@ -148,7 +245,8 @@ impl NodeTable {
 
     /// Brings the table to the cluster's node list: new nodes get ids, gone
     /// nodes lose theirs (ids are not handed out again), the local node is
-    /// always id 0.
+    /// always id 0. A failed write of the state file is logged, counted and
+    /// retried at the next sync; it is not an error here.
     pub fn sync(&self, nodes: &BTreeMap<String, NodeInfo>) -> Result<NodeChanges, NodeTableError> {
         let mut changes = NodeChanges::default();
         {
@@ -188,8 +286,11 @@ impl NodeTable {
                 }
             }
         }
-        if !changes.added.is_empty() || !changes.removed.is_empty() {
-            self.save()?;
+        let dirty = self.read().dirty;
+        if (dirty || !changes.added.is_empty() || !changes.removed.is_empty())
+            && let Err(e) = self.save_now()
+        {
+            tracing::error!(error = %e, failures = self.write_failures(), "writing the node table failed; ids stay in memory, retrying at the next change");
         }
         Ok(changes)
     }
@@ -259,17 +360,28 @@ impl NodeTable {
                 reason: e.to_string(),
             }
         })?;
+        let io = |call: &'static str, p: &Path| {
+            let p = p.to_path_buf();
+            move |source| NodeTableError::Io {
+                call,
+                path: p,
+                source,
+            }
+        };
         let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, bytes).map_err(|source| NodeTableError::Io {
-            call: "write",
-            path: tmp.clone(),
-            source,
-        })?;
-        std::fs::rename(&tmp, path).map_err(|source| NodeTableError::Io {
-            call: "rename",
-            path: path.clone(),
-            source,
-        })
+        let mut f = std::fs::File::create(&tmp).map_err(io("create", &tmp))?;
+        f.write_all(&bytes).map_err(io("write", &tmp))?;
+        f.sync_all().map_err(io("fsync", &tmp))?;
+        drop(f);
+        std::fs::rename(&tmp, path).map_err(io("rename", path))?;
+        // The rename is durable only once the directory is.
+        let dir = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io("fsync directory", dir))
     }
 }
 
@@ -343,5 +455,87 @@ mod tests {
         );
         std::fs::write(&path, "garbage").unwrap();
         assert!(NodeTable::open(&path, "a").is_err());
+    }
+
+    #[test]
+    fn a_failed_write_is_counted_and_retried_not_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let blocker = dir.path().join("state");
+        std::fs::create_dir(&blocker).unwrap();
+        let path = blocker.join("nodes.json");
+        let t = NodeTable::open(&path, "a").unwrap();
+        // The table's directory becomes a file: every write fails (even as root).
+        std::fs::remove_dir(&blocker).unwrap();
+        std::fs::write(&blocker, "not a directory").unwrap();
+        let ch = t
+            .sync(&BTreeMap::from([
+                node("a", "10.0.0.1"),
+                node("b", "10.0.0.2"),
+            ]))
+            .expect("a write error is not a sync error");
+        assert_eq!(ch.added, vec![("b".into(), 1)]);
+        assert_eq!(t.write_failures(), 1);
+        assert_eq!(t.id_of("b"), Some(1), "ids stay in memory");
+        // Nothing changed, but the failed write is retried: still failing.
+        t.sync(&BTreeMap::from([
+            node("a", "10.0.0.1"),
+            node("b", "10.0.0.2"),
+        ]))
+        .unwrap();
+        assert_eq!(t.write_failures(), 2);
+        // The directory appears: the next sync writes the table.
+        std::fs::remove_file(&blocker).unwrap();
+        std::fs::create_dir(&blocker).unwrap();
+        t.sync(&BTreeMap::from([
+            node("a", "10.0.0.1"),
+            node("b", "10.0.0.2"),
+        ]))
+        .unwrap();
+        assert_eq!(t.write_failures(), 2);
+        let again = NodeTable::open(&path, "a").unwrap();
+        assert_eq!(again.id_of("b"), Some(1));
+        assert_eq!(again.epoch(), t.epoch());
+        let names: Vec<_> = std::fs::read_dir(&blocker)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec!["nodes.json"], "no temporary file left");
+    }
+
+    #[test]
+    fn the_epoch_is_kept_by_the_file_and_a_new_table_vouches_for_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nodes.json");
+        let all = BTreeMap::from([node("a", "10.0.0.1"), node("b", "10.0.0.2")]);
+        let t = NodeTable::open(&path, "a").unwrap();
+        assert!(!t.was_loaded());
+        t.sync(&all).unwrap();
+        assert!(t.vouches_for(LOCAL_NODE_ID));
+        assert!(
+            !t.vouches_for(1),
+            "a table created afresh vouches for no remote id"
+        );
+
+        let again = NodeTable::open(&path, "a").unwrap();
+        assert!(again.was_loaded());
+        assert_eq!(again.epoch(), t.epoch());
+        again.sync(&all).unwrap();
+        assert!(again.vouches_for(1));
+        assert!(!again.vouches_for(2), "an id the file did not hold");
+        // b leaves: its id is vouched for no more.
+        again
+            .sync(&BTreeMap::from([node("a", "10.0.0.1")]))
+            .unwrap();
+        assert!(!again.vouches_for(1));
+
+        // Lost file: a new epoch.
+        std::fs::remove_file(&path).unwrap();
+        let fresh = NodeTable::open(&path, "a").unwrap();
+        assert_ne!(fresh.epoch(), t.epoch());
+        // A file from before epochs vouches for nothing.
+        std::fs::write(&path, r#"{"local":"a","ids":{"b":1},"next":2}"#).unwrap();
+        let old = NodeTable::open(&path, "a").unwrap();
+        old.sync(&all).unwrap();
+        assert!(!old.was_loaded() && !old.vouches_for(1));
     }
 }

@@ -185,3 +185,125 @@ async fn health_metrics_and_a_graceful_restart_that_loses_nothing() {
         "nothing dropped across the restart"
     );
 }
+
+/// The value of `meshauth_handshake_handshakes_total{role=..,result="ok"}` on `node`.
+fn handshakes_ok(tb: &Testbed, node: &str, role: &str) -> u64 {
+    let (_, m) = tb.http_get(node, "/metrics").unwrap();
+    let needle = format!("meshauth_handshake_handshakes_total{{role=\"{role}\",result=\"ok\"}} ");
+    m.lines()
+        .find_map(|l| l.strip_prefix(&needle))
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap_or(0)
+}
+
+/// The node table file is lost between two starts while node-a leaves, so
+/// the new table gives node-a's old id to node-c. The entry read back for
+/// (payment, order, that id) was authenticated against node-a; it must not
+/// count for node-c: it is dropped at start and node-c is authenticated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lost_node_table_drops_resumed_entries_toward_reassigned_ids() {
+    assert!(
+        auth_agent::testbed::is_root(),
+        "this test needs root (network namespaces, cgroups, BPF)"
+    );
+    let mut tb = Testbed::start(TestbedOptions {
+        prefix: "ag2".into(),
+        nodes: vec!["node-a".into(), "node-b".into(), "node-c".into()],
+        meshauth_bin: Some(env!("CARGO_BIN_EXE_meshauth").into()),
+        ..TestbedOptions::default()
+    })
+    .await
+    .unwrap();
+    tb.add_pod("node-a", "order-1", "order-service").unwrap();
+    tb.add_pod("node-c", "order-2", "order-service").unwrap();
+    tb.add_pod("node-b", "payment-1", "payment-service")
+        .unwrap();
+    tb.write("policy.yaml", POLICY).unwrap();
+    let order = tb.register("order-1").unwrap();
+    assert_eq!(tb.register("order-2").unwrap(), order);
+    let payment = tb.register("payment-1").unwrap();
+    tb.start_agents().await.unwrap();
+    let before = tb
+        .wait_for(
+            "payment authenticated toward both order nodes",
+            Duration::from_secs(15),
+            || async {
+                let e = tb.auth_entries("node-b").await.ok()?;
+                let nodes: Vec<_> = e
+                    .iter()
+                    .filter(|e| e.local == payment && e.remote == order)
+                    .map(|e| (e.node_id, e.node.clone()))
+                    .collect();
+                (nodes.len() == 2).then_some(nodes)
+            },
+        )
+        .await
+        .unwrap();
+    let a_id = before
+        .iter()
+        .find(|(_, n)| n.as_deref() == Some("node-a"))
+        .map(|(id, _)| *id)
+        .expect("an entry toward node-a");
+    let c_handshakes = handshakes_ok(&tb, "node-c", "responder");
+    assert!(
+        c_handshakes >= 1,
+        "node-c answered node-b before the restart"
+    );
+
+    // node-b stops; its node table is lost; node-a leaves the cluster.
+    let st = tb.terminate_agent("node-b", Duration::from_secs(10));
+    assert!(
+        st.is_some_and(|s| s.success()),
+        "{}",
+        tb.log_tail("node-b", 20)
+    );
+    std::fs::remove_file(tb.paths("node-b").state_dir.join("nodes.json")).unwrap();
+    tb.remove_node("node-a").unwrap();
+
+    tb.start_agent("node-b").unwrap();
+    tb.wait_ready("node-b", Duration::from_secs(20))
+        .await
+        .unwrap();
+    // node-c now holds node-a's old id (the new table numbers from 1).
+    let after = tb
+        .wait_for(
+            "node-c authenticated afresh by the restarted node-b",
+            Duration::from_secs(15),
+            || async { (handshakes_ok(&tb, "node-c", "responder") > c_handshakes).then_some(()) },
+        )
+        .await;
+    assert!(
+        after.is_ok(),
+        "the entry read back toward id {a_id} (node-a's) was kept for node-c: no new handshake with node-c\n{}",
+        tb.log_tail("node-b", 30)
+    );
+    let entries = tb
+        .wait_for(
+            "node-b's entry toward node-c written",
+            Duration::from_secs(15),
+            || async {
+                let e = tb.auth_entries("node-b").await.ok()?;
+                e.iter()
+                    .any(|e| e.local == payment && e.remote == order)
+                    .then_some(e)
+            },
+        )
+        .await
+        .unwrap();
+    let toward: Vec<_> = entries
+        .iter()
+        .filter(|e| e.local == payment && e.remote == order)
+        .map(|e| (e.node_id, e.node.clone()))
+        .collect();
+    assert_eq!(toward.len(), 1, "{toward:?}");
+    assert_eq!(toward[0].1.as_deref(), Some("node-c"), "{toward:?}");
+    assert!(
+        entries.iter().all(|e| e.node.is_some()),
+        "no entry toward an id the table does not know: {entries:?}"
+    );
+    let (_, metrics) = tb.http_get("node-b", "/metrics").unwrap();
+    assert!(
+        metrics.contains("meshauth_node_table_write_failures_total 0"),
+        "{metrics}"
+    );
+}

@@ -129,6 +129,9 @@ pub struct Engine {
     rule_counts: HashMap<AuthRule, u32>,
     state: DesiredState,
     tracker: Tracker,
+    /// The time changes are applied at (`None`: the real clock), for
+    /// identity collection.
+    now: Option<std::time::Instant>,
 }
 
 impl Engine {
@@ -152,7 +155,14 @@ impl Engine {
             rule_counts: HashMap::new(),
             state: DesiredState::default(),
             tracker: Tracker::default(),
+            now: None,
         }
+    }
+
+    /// Applies the following changes at `now` (an identity no pod uses any
+    /// more is unused from then); `None` returns to the real clock.
+    pub fn set_now(&mut self, now: Option<std::time::Instant>) {
+        self.now = now;
     }
 
     /// The current desired state.

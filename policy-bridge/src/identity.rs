@@ -7,11 +7,22 @@
 //! free number; if two numbers ever carry the same labels (two nodes raced),
 //! the lowest wins everywhere and the other is collected once unused.
 //! Identities no pod uses are collected after a grace period.
+//!
+//! Quarantine: a collected number is not given to another label set until
+//! every SVID that could carry it has expired, or a certificate issued for
+//! the old label set would authenticate as the new one. It is *freed* with
+//! its wall-clock time (`freed_at`) and stays quarantined for at least the
+//! longest SVID lifetime plus margin ([`DEFAULT_QUARANTINE`], configurable);
+//! the freed-at time is persisted (state file, MeshIdentity `freedAt`) so a
+//! restart does not forget it. The same label set coming back takes its
+//! quarantined number back: any SVID still carrying that number names the
+//! same label set, so nothing is confused, and pods keep their identity
+//! across a short absence.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
@@ -55,6 +66,20 @@ pub enum IdentityError {
     Exhausted,
 }
 
+/// Default quarantine of a freed number: SPIRE's default X.509-SVID TTL
+/// (1 h) plus 30 minutes of margin (clock skew, an SVID issued just before
+/// its entry was deleted, a slow registration-entry reconciler).
+pub const DEFAULT_QUARANTINE: Duration = Duration::from_secs(90 * 60);
+
+/// A freed number waiting for every SVID that could carry it to expire.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Quarantined {
+    /// The label set it had.
+    pub labels: LabelSet,
+    /// When it was freed (wall clock: SVID expiry is wall-clock time).
+    pub freed_at: SystemTime,
+}
+
 /// Label sets and their numbers.
 #[derive(Debug, Default, Clone)]
 pub struct IdentityTable {
@@ -62,6 +87,7 @@ pub struct IdentityTable {
     by_id: BTreeMap<u32, LabelSet>,
     next: u32,
     unused_since: HashMap<u32, Instant>,
+    quarantined: BTreeMap<u32, Quarantined>,
 }
 
 impl IdentityTable {
@@ -98,24 +124,113 @@ impl IdentityTable {
         self.by_id.iter().map(|(id, l)| (*id, l))
     }
 
-    /// The lowest free number (what [`Self::allocate`] would pick).
+    /// The lowest free number (what [`Self::allocate`] would pick for a
+    /// label set without a quarantined number): neither in use nor
+    /// quarantined.
     pub fn lowest_free(&self) -> Result<u32, IdentityError> {
         let mut n = self.next.max(FIRST_CLUSTER_IDENTITY);
-        while self.by_id.contains_key(&n) {
+        while self.by_id.contains_key(&n) || self.quarantined.contains_key(&n) {
             n = n.checked_add(1).ok_or(IdentityError::Exhausted)?;
         }
         Ok(n)
     }
 
-    /// The number of `labels`, allocating the lowest free one if needed.
+    /// The number of `labels`: its current one; else the lowest number
+    /// quarantined with exactly these labels (taken back); else the lowest
+    /// free one.
     pub fn allocate(&mut self, labels: &LabelSet) -> Result<u32, IdentityError> {
         if let Some(id) = self.get(labels) {
+            return Ok(id);
+        }
+        if let Some(id) = self.quarantined_for(labels) {
+            self.quarantined.remove(&id);
+            self.insert(id, labels.clone())?;
             return Ok(id);
         }
         let id = self.lowest_free()?;
         self.insert(id, labels.clone())?;
         self.next = id + 1;
         Ok(id)
+    }
+
+    /// The lowest number quarantined with exactly `labels`.
+    pub fn quarantined_for(&self, labels: &LabelSet) -> Option<u32> {
+        self.quarantined
+            .iter()
+            .find(|(_, q)| &q.labels == labels)
+            .map(|(id, _)| *id)
+    }
+
+    /// Every quarantined number.
+    pub fn quarantined(&self) -> impl Iterator<Item = (u32, &Quarantined)> {
+        self.quarantined.iter().map(|(id, q)| (*id, q))
+    }
+
+    /// Records a quarantined number (read back from where it persists, or
+    /// freed by another node). A number in use is taken out of use; an
+    /// earlier freed-at time already known is kept (the longer quarantine).
+    pub fn quarantine(
+        &mut self,
+        id: u32,
+        labels: LabelSet,
+        freed_at: SystemTime,
+    ) -> Result<(), IdentityError> {
+        if id < FIRST_CLUSTER_IDENTITY {
+            return Err(IdentityError::Reserved(id));
+        }
+        if let Some(old) = self.by_id.remove(&id) {
+            self.unlink(id, &old);
+            self.unused_since.remove(&id);
+        }
+        let freed_at = match self.quarantined.get(&id) {
+            Some(q) if q.labels == labels => q.freed_at.min(freed_at),
+            _ => freed_at,
+        };
+        self.quarantined
+            .insert(id, Quarantined { labels, freed_at });
+        Ok(())
+    }
+
+    /// Frees a number in use: it leaves the table and is quarantined from
+    /// `at`. Returns its labels.
+    pub fn free(&mut self, id: u32, at: SystemTime) -> Option<LabelSet> {
+        let labels = self.remove(id)?;
+        self.quarantined.insert(
+            id,
+            Quarantined {
+                labels: labels.clone(),
+                freed_at: at,
+            },
+        );
+        Some(labels)
+    }
+
+    /// Ends one number's quarantine now (its persisted form is gone).
+    pub fn end_quarantine(&mut self, id: u32) -> bool {
+        let was = self.quarantined.remove(&id).is_some();
+        if was {
+            self.next = self.next.min(id);
+        }
+        was
+    }
+
+    /// Ends the quarantine of every number freed at least `quarantine`
+    /// before `now`; returns them (sorted). They may now go to any label set.
+    pub fn release_quarantined(&mut self, now: SystemTime, quarantine: Duration) -> Vec<u32> {
+        let done: Vec<u32> = self
+            .quarantined
+            .iter()
+            .filter(|(_, q)| {
+                now.duration_since(q.freed_at)
+                    .is_ok_and(|since| since >= quarantine)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in &done {
+            self.quarantined.remove(id);
+            self.next = self.next.min(*id);
+        }
+        done
     }
 
     /// Records a known (number, labels), e.g. one another node allocated.
@@ -125,6 +240,8 @@ impl IdentityTable {
         if id < FIRST_CLUSTER_IDENTITY {
             return Err(IdentityError::Reserved(id));
         }
+        // In use again (taken back, or live elsewhere): no longer quarantined.
+        self.quarantined.remove(&id);
         if let Some(old) = self.by_id.insert(id, labels.clone())
             && old != labels
         {
@@ -152,7 +269,8 @@ impl IdentityTable {
         }
     }
 
-    /// Forgets a number. Returns its labels.
+    /// Forgets a number without quarantining it (its quarantine, if any,
+    /// is kept). Returns its labels.
     pub fn remove(&mut self, id: u32) -> Option<LabelSet> {
         let labels = self.by_id.remove(&id)?;
         self.unlink(id, &labels);
@@ -173,8 +291,14 @@ impl IdentityTable {
         }
     }
 
-    /// Removes every number unused for at least `grace` and returns them.
-    pub fn collect(&mut self, now: Instant, grace: Duration) -> Vec<(u32, LabelSet)> {
+    /// Frees every number unused for at least `grace` (quarantined from
+    /// `wall`, the wall-clock time of `now`) and returns them.
+    pub fn collect(
+        &mut self,
+        now: Instant,
+        grace: Duration,
+        wall: SystemTime,
+    ) -> Vec<(u32, LabelSet)> {
         let due: Vec<u32> = self
             .unused_since
             .iter()
@@ -183,24 +307,47 @@ impl IdentityTable {
             .collect();
         let mut out: Vec<(u32, LabelSet)> = due
             .into_iter()
-            .filter_map(|id| self.remove(id).map(|l| (id, l)))
+            .filter_map(|id| self.free(id, wall).map(|l| (id, l)))
             .collect();
         out.sort();
         out
     }
 }
 
-/// On-disk form of the table.
+/// On-disk form of the table. Version 2 added `quarantined`; version 1
+/// files (no quarantine) are read as having none.
 #[derive(Debug, Serialize, Deserialize)]
 struct FileForm {
     version: u32,
     identities: Vec<FileEntry>,
+    #[serde(default)]
+    quarantined: Vec<FileQuarantined>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 struct FileEntry {
     id: u32,
     labels: Vec<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct FileQuarantined {
+    id: u32,
+    labels: Vec<String>,
+    /// Unix time (seconds) the number was freed.
+    freed_at: u64,
+}
+
+/// Unix seconds of a wall-clock time (0 before the epoch).
+pub fn unix_seconds(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The wall-clock time of unix seconds.
+pub fn from_unix_seconds(secs: u64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
 }
 
 /// The standalone identity state file (JSON), replaced atomically
@@ -238,10 +385,10 @@ impl IdentityFile {
             path: self.path.clone(),
             message: e.to_string(),
         })?;
-        if form.version != 1 {
+        if form.version != 1 && form.version != 2 {
             return Err(IdentityError::Corrupt {
                 path: self.path.clone(),
-                message: format!("version {} (expected 1)", form.version),
+                message: format!("version {} (expected 1 or 2)", form.version),
             });
         }
         let mut t = IdentityTable::new();
@@ -250,18 +397,39 @@ impl IdentityFile {
                 .map_err(|source| IdentityError::Label { id: e.id, source })?;
             t.insert(e.id, labels)?;
         }
+        for q in form.quarantined {
+            if t.labels(q.id).is_some() {
+                return Err(IdentityError::Corrupt {
+                    path: self.path.clone(),
+                    message: format!("identity {} is both in use and quarantined", q.id),
+                });
+            }
+            let labels = LabelSet::from_canonical(q.labels.iter().map(String::as_str))
+                .map_err(|source| IdentityError::Label { id: q.id, source })?;
+            t.quarantine(q.id, labels, from_unix_seconds(q.freed_at))?;
+        }
         Ok(t)
     }
 
     /// Saves the table atomically.
     pub fn save(&self, t: &IdentityTable) -> Result<(), IdentityError> {
         let form = FileForm {
-            version: 1,
+            version: 2,
             identities: t
                 .iter()
                 .map(|(id, l)| FileEntry {
                     id,
                     labels: l.canonical().into_iter().collect(),
+                })
+                .collect(),
+            quarantined: t
+                .quarantined()
+                .map(|(id, q)| FileQuarantined {
+                    id,
+                    labels: q.labels.canonical().into_iter().collect(),
+                    // Rounded up: a reload never shortens the quarantine.
+                    freed_at: unix_seconds(q.freed_at)
+                        + u64::from(q.freed_at > from_unix_seconds(unix_seconds(q.freed_at))),
                 })
                 .collect(),
         };
@@ -286,6 +454,10 @@ impl IdentityFile {
         f.sync_all().map_err(io("fsync"))?;
         drop(f);
         std::fs::rename(&tmp, &self.path).map_err(io("rename"))?;
+        // The rename is durable only once the directory is.
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io("fsync directory"))?;
         Ok(())
     }
 }
@@ -333,17 +505,127 @@ mod tests {
         let now = Instant::now();
         t.mark_unused(300, now);
         assert!(
-            t.collect(now + Duration::from_secs(59), Duration::from_secs(60))
-                .is_empty()
+            t.collect(
+                now + Duration::from_secs(59),
+                Duration::from_secs(60),
+                SystemTime::now()
+            )
+            .is_empty()
         );
         t.mark_used(300);
         assert!(
-            t.collect(now + Duration::from_secs(61), Duration::from_secs(60))
-                .is_empty()
+            t.collect(
+                now + Duration::from_secs(61),
+                Duration::from_secs(60),
+                SystemTime::now()
+            )
+            .is_empty()
         );
         t.mark_unused(300, now);
-        let gone = t.collect(now + Duration::from_secs(60), Duration::from_secs(60));
+        let gone = t.collect(
+            now + Duration::from_secs(60),
+            Duration::from_secs(60),
+            SystemTime::now(),
+        );
         assert_eq!(gone, vec![(300, ls("a"))]);
         assert_eq!(t.get(&ls("a")), Some(310));
+    }
+
+    const Q: Duration = DEFAULT_QUARANTINE;
+
+    #[test]
+    fn a_freed_number_goes_to_no_other_label_set_before_its_quarantine_ends() {
+        let t0 = Instant::now();
+        let wall0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let grace = Duration::from_secs(15 * 60);
+        let mut t = IdentityTable::new();
+        assert_eq!(t.allocate(&ls("a")).unwrap(), 256);
+        t.mark_unused(256, t0);
+        // Collected after the grace period: freed into quarantine at wall0 + grace.
+        let freed_at = wall0 + grace;
+        assert_eq!(t.collect(t0 + grace, grace, freed_at), vec![(256, ls("a"))]);
+        assert_eq!(t.get(&ls("a")), None, "no longer in use");
+        // Another label set, any time before the quarantine ends: not 256.
+        for before in [Duration::ZERO, Q / 2, Q - Duration::from_secs(1)] {
+            let mut probe = t.clone();
+            assert!(probe.release_quarantined(freed_at + before, Q).is_empty());
+            assert_eq!(
+                probe.allocate(&ls("b")).unwrap(),
+                257,
+                "256 went to another label set {before:?} after it was freed"
+            );
+        }
+        // At freed + quarantine it is free for anyone.
+        assert_eq!(t.release_quarantined(freed_at + Q, Q), vec![256]);
+        assert_eq!(t.allocate(&ls("b")).unwrap(), 256);
+    }
+
+    #[test]
+    fn the_same_label_set_takes_its_quarantined_number_back() {
+        let wall = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let mut t = IdentityTable::new();
+        assert_eq!(t.allocate(&ls("a")).unwrap(), 256);
+        assert_eq!(t.allocate(&ls("b")).unwrap(), 257);
+        assert_eq!(t.free(256, wall), Some(ls("a")));
+        assert_eq!(t.allocate(&ls("c")).unwrap(), 258, "256 is quarantined");
+        assert_eq!(t.allocate(&ls("a")).unwrap(), 256, "a gets 256 back");
+        assert_eq!(t.quarantined().count(), 0);
+    }
+
+    #[test]
+    fn quarantine_survives_a_reload_of_the_state_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = IdentityFile::new(dir.path().join("ids.json"));
+        // Sub-second freed-at: the file rounds up, never shortening the quarantine.
+        let freed_at = SystemTime::UNIX_EPOCH + Duration::from_millis(1_800_000_000_500);
+        let mut t = file.load().unwrap();
+        assert_eq!(t.allocate(&ls("a")).unwrap(), 256);
+        assert_eq!(t.allocate(&ls("b")).unwrap(), 257);
+        t.free(256, freed_at);
+        file.save(&t).unwrap();
+
+        let mut again = file.load().unwrap();
+        let q: Vec<_> = again.quarantined().map(|(id, q)| (id, q.clone())).collect();
+        assert_eq!(q.len(), 1);
+        assert_eq!(q[0].0, 256);
+        assert_eq!(q[0].1.labels, ls("a"));
+        assert!(q[0].1.freed_at >= freed_at && q[0].1.freed_at < freed_at + Duration::from_secs(1));
+        assert!(
+            again
+                .release_quarantined(freed_at + Q - Duration::from_secs(1), Q)
+                .is_empty()
+        );
+        assert_eq!(
+            again.allocate(&ls("c")).unwrap(),
+            258,
+            "a restart forgot the quarantine of 256"
+        );
+        assert_eq!(
+            again.release_quarantined(freed_at + Q + Duration::from_secs(1), Q),
+            vec![256]
+        );
+        file.save(&again).unwrap();
+        let mut third = file.load().unwrap();
+        assert_eq!(third.quarantined().count(), 0);
+        assert_eq!(third.allocate(&ls("d")).unwrap(), 256);
+
+        // A version-1 file (before quarantine) still loads.
+        std::fs::write(
+            file.path(),
+            r#"{"version":1,"identities":[{"id":300,"labels":["k8s:app=x"]}]}"#,
+        )
+        .unwrap();
+        assert_eq!(file.load().unwrap().len(), 1);
+        // A number both in use and quarantined is refused, naming the file.
+        std::fs::write(
+            file.path(),
+            r#"{"version":2,"identities":[{"id":300,"labels":["k8s:app=x"]}],"quarantined":[{"id":300,"labels":["k8s:app=y"],"freed_at":1}]}"#,
+        )
+        .unwrap();
+        let e = file.load().unwrap_err().to_string();
+        assert!(
+            e.contains("ids.json") && e.contains("both in use and quarantined"),
+            "{e}"
+        );
     }
 }

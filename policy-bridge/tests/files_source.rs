@@ -237,3 +237,116 @@ fn a_standalone_pod_without_a_phase_is_an_error_naming_file_and_field() {
             .contains_key(&"10.0.2.99".parse().unwrap())
     );
 }
+
+fn pod_yaml(app: &str, ip: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: ns}}\n---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {app}, namespace: ns, labels: {{app: {app}}}}}\nspec: {{nodeName: n1, containers: [{{name: c}}]}}\nstatus: {{phase: Running, podIP: {ip}, podIPs: [{{ip: {ip}}}]}}\n"
+    )
+}
+
+/// A collected identity's number is not given to another label set while
+/// SVIDs for it may still be valid — not right after collection, and not
+/// after a restart that reads the state file back.
+#[test]
+fn a_collected_number_is_not_given_to_another_label_set_even_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifests = dir.path().join("manifests");
+    std::fs::create_dir(&manifests).unwrap();
+    let mut cfg = FilesConfig::new(&manifests);
+    cfg.identity_file = Some(dir.path().join("identities.json"));
+    cfg.identity_grace = Duration::ZERO;
+    let mut src = FilesSource::new(cfg.clone()).unwrap();
+    std::fs::write(manifests.join("a.yaml"), pod_yaml("a", "10.0.0.1")).unwrap();
+    src.sync().unwrap();
+    let a = id_of(src.engine().state(), "ns", "a");
+    // Pod a goes; with no grace its identity is collected at once.
+    std::fs::remove_file(manifests.join("a.yaml")).unwrap();
+    src.sync().unwrap();
+    src.sync().unwrap();
+    assert!(src.engine().table().labels(a).is_none(), "collected");
+    std::fs::write(manifests.join("b.yaml"), pod_yaml("b", "10.0.0.2")).unwrap();
+    src.sync().unwrap();
+    let b = id_of(src.engine().state(), "ns", "b");
+    assert_ne!(
+        b, a,
+        "a's number went to another label set right after it was freed"
+    );
+
+    // Restart: the quarantine comes back from the state file.
+    drop(src);
+    let mut src = FilesSource::new(cfg).unwrap();
+    std::fs::write(manifests.join("c.yaml"), pod_yaml("c", "10.0.0.3")).unwrap();
+    src.sync().unwrap();
+    let c = id_of(src.engine().state(), "ns", "c");
+    assert_ne!(c, a, "after a restart a's number went to another label set");
+    assert_ne!(c, b);
+}
+
+/// The quarantine ends after the configured time (controlled clock), and the
+/// label set that had the number takes it back before that.
+#[test]
+fn quarantine_ends_after_the_configured_time_and_the_same_labels_take_it_back() {
+    use std::time::{Instant, SystemTime};
+    let dir = tempfile::tempdir().unwrap();
+    let manifests = dir.path().join("manifests");
+    std::fs::create_dir(&manifests).unwrap();
+    let mut cfg = FilesConfig::new(&manifests);
+    cfg.identity_file = Some(dir.path().join("identities.json"));
+    cfg.identity_grace = Duration::from_secs(60);
+    cfg.identity_quarantine = Duration::from_secs(3600);
+    let (t0, w0) = (Instant::now(), SystemTime::now());
+    let at = |secs: u64| {
+        (
+            t0 + Duration::from_secs(secs),
+            w0 + Duration::from_secs(secs),
+        )
+    };
+    let mut src = FilesSource::new(cfg.clone()).unwrap();
+    std::fs::write(manifests.join("a.yaml"), pod_yaml("a", "10.0.0.1")).unwrap();
+    let (n, w) = at(0);
+    src.sync_at(n, w).unwrap();
+    let a = id_of(src.engine().state(), "ns", "a");
+    std::fs::remove_file(manifests.join("a.yaml")).unwrap();
+    let (n, w) = at(1);
+    src.sync_at(n, w).unwrap();
+    // Collected at 61 s (grace 60 s after 1 s).
+    let (n, w) = at(61);
+    src.sync_at(n, w).unwrap();
+    assert!(src.engine().table().labels(a).is_none());
+    // a comes back within the quarantine: same number.
+    std::fs::write(manifests.join("a.yaml"), pod_yaml("a", "10.0.0.1")).unwrap();
+    let (n, w) = at(120);
+    src.sync_at(n, w).unwrap();
+    assert_eq!(
+        id_of(src.engine().state(), "ns", "a"),
+        a,
+        "a takes its number back"
+    );
+    // Gone again: collected at 181 s, quarantined until 3781 s.
+    std::fs::remove_file(manifests.join("a.yaml")).unwrap();
+    let (n, w) = at(121);
+    src.sync_at(n, w).unwrap();
+    let (n, w) = at(181);
+    src.sync_at(n, w).unwrap();
+    let (n, w) = at(181 + 3599);
+    src.sync_at(n, w).unwrap();
+    let mut probe = FilesSource::new(cfg.clone()).unwrap();
+    std::fs::write(manifests.join("b.yaml"), pod_yaml("b", "10.0.0.2")).unwrap();
+    probe.sync_at(n, w).unwrap();
+    assert_ne!(
+        id_of(probe.engine().state(), "ns", "b"),
+        a,
+        "one second early"
+    );
+    drop(probe);
+    std::fs::remove_file(manifests.join("b.yaml")).unwrap();
+    let (n, w) = at(181 + 3600);
+    src.sync_at(n, w).unwrap();
+    std::fs::write(manifests.join("b.yaml"), pod_yaml("b", "10.0.0.2")).unwrap();
+    src.sync_at(n, w).unwrap();
+    assert_eq!(
+        id_of(src.engine().state(), "ns", "b"),
+        a,
+        "free once the quarantine is over"
+    );
+}

@@ -45,6 +45,28 @@ struct Fake {
     /// Names whose first create answers 409 after "another node" created them with these labels.
     race: HashMap<String, Vec<String>>,
     creates: Vec<String>,
+    patches: Vec<(String, Value)>,
+    deletes: Vec<String>,
+}
+
+/// RFC 7386 JSON merge patch.
+fn merge_patch(target: &mut Value, patch: &Value) {
+    match patch {
+        Value::Object(p) => {
+            if !target.is_object() {
+                *target = json!({});
+            }
+            let t = target.as_object_mut().unwrap();
+            for (k, v) in p {
+                if v.is_null() {
+                    t.remove(k);
+                } else {
+                    merge_patch(t.entry(k.clone()).or_insert(Value::Null), v);
+                }
+            }
+        }
+        other => *target = other.clone(),
+    }
 }
 
 fn obj_key(v: &Value) -> String {
@@ -183,8 +205,37 @@ impl Fake {
                 self.put(c, v.clone(), Some("ADDED"));
                 full(201, v)
             }
+            ("PATCH", Some(n)) => {
+                let key = format!("/{n}");
+                let Some(cur) = self.objects.get(c).and_then(|m| m.get(&key)).cloned() else {
+                    return full(404, status(404, "NotFound"));
+                };
+                let patch: Value = serde_json::from_slice(body).unwrap();
+                if let Some(rv) = patch.pointer("/metadata/resourceVersion")
+                    && Some(rv) != cur.pointer("/metadata/resourceVersion")
+                {
+                    return full(409, status(409, "Conflict"));
+                }
+                let mut v = cur;
+                merge_patch(&mut v, &patch);
+                self.patches.push((n.clone(), patch));
+                self.put(c, v.clone(), Some("MODIFIED"));
+                let v = self.objects[c][&key].clone();
+                full(200, v)
+            }
             ("DELETE", Some(n)) => {
-                self.remove(c, &format!("/{n}"), true);
+                let key = format!("/{n}");
+                let want = serde_json::from_slice::<Value>(body)
+                    .ok()
+                    .and_then(|b| b.pointer("/preconditions/resourceVersion").cloned());
+                let cur = self.objects.get(c).and_then(|m| m.get(&key)).cloned();
+                if let (Some(want), Some(cur)) = (want, &cur)
+                    && Some(&want) != cur.pointer("/metadata/resourceVersion")
+                {
+                    return full(409, status(409, "Conflict"));
+                }
+                self.deletes.push(n.clone());
+                self.remove(c, &key, true);
                 full(200, status(200, "Success"))
             }
             _ => full(405, status(405, "MethodNotAllowed")),
@@ -386,5 +437,179 @@ async fn malformed_policy_is_reported_not_fatal() {
         .find(|p| p.name == "require-mutual-auth")
         .unwrap();
     assert_eq!(good.verdict, policy_bridge::Verdict::Accepted);
+    task.abort();
+}
+
+fn identity_object(fake: &Arc<Mutex<Fake>>, id: u32) -> Option<Value> {
+    fake.lock()
+        .unwrap()
+        .objects
+        .get(IDS)
+        .and_then(|m| m.get(&format!("/{id}")))
+        .cloned()
+}
+
+async fn wait_fake(fake: &Arc<Mutex<Fake>>, what: &str, pred: impl Fn(&Fake) -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while !pred(&fake.lock().unwrap()) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}; MeshIdentities: {:#?}",
+            fake.lock().unwrap().objects.get(IDS)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn ep(s: &Snapshot, ip: &str) -> Option<u32> {
+    s.state
+        .endpoints
+        .get(&ip.parse().unwrap())
+        .map(|e| e.identity)
+}
+
+/// Kubernetes mode: an unused identity's MeshIdentity is marked freed
+/// (`spec.freedAt`), not deleted, so no label set can take the number
+/// while SVIDs for it may be valid; the same labels take it back; the
+/// object goes once the quarantine is over.
+#[tokio::test]
+async fn a_freed_meshidentity_is_kept_quarantined_then_deleted() {
+    let fake = Arc::new(Mutex::new(Fake::default()));
+    {
+        let mut f = fake.lock().unwrap();
+        for c in [PODS, IDS, CNP, CCNP, MAP, CMAP] {
+            f.objects.entry(c).or_default();
+        }
+        f.put(NAMESPACES, json!({"apiVersion":"v1","kind":"Namespace","metadata":{"name":"production","labels":{"kubernetes.io/metadata.name":"production"}}}), None);
+        f.put(NODES, json!({"apiVersion":"v1","kind":"Node","metadata":{"name":"node-a"},"status":{"addresses":[{"type":"InternalIP","address":"192.168.0.1"}]}}), None);
+        f.put(PODS, pod("order", "order-service", "10.0.0.2"), None);
+    }
+    let cfg = KubeConfig {
+        identity_grace: Duration::ZERO,
+        identity_quarantine: Duration::from_secs(3600),
+        housekeeping: Duration::from_millis(20),
+        ..KubeConfig::default()
+    };
+    let (mut sub, task) = spawn(serve(fake.clone()), cfg).await;
+    // (The pod may be seen before its namespace: a first label set without
+    // the namespace labels gets a number too, freed at once.)
+    let s = wait_for(&mut sub, "order has its identity", |s| {
+        s.state
+            .identities
+            .values()
+            .any(|i| i.labels.iter().any(|l| l.contains("namespace.labels")))
+            && ep(s, "10.0.0.2").is_some()
+    })
+    .await;
+    let o = ep(&s, "10.0.0.2").unwrap();
+    let key = format!("/{o}");
+
+    // order goes: its number is freed, and stays as an object.
+    fake.lock().unwrap().remove(PODS, "production/order", true);
+    wait_fake(&fake, "order's MeshIdentity marked freed", |f| {
+        f.objects[IDS]
+            .get(&key)
+            .is_some_and(|o| o.pointer("/spec/freedAt").is_some())
+    })
+    .await;
+    // Another label set gets a new number, not a quarantined one.
+    fake.lock()
+        .unwrap()
+        .put(PODS, pod("web", "web-service", "10.0.0.3"), Some("ADDED"));
+    let s = wait_for(&mut sub, "web has an identity", |s| {
+        ep(s, "10.0.0.3").is_some()
+    })
+    .await;
+    let w = ep(&s, "10.0.0.3").unwrap();
+    assert!(w > o, "web got {w}; {o} (and below) are quarantined");
+    assert!(
+        identity_object(&fake, o).is_some(),
+        "not deleted during the quarantine"
+    );
+    assert!(fake.lock().unwrap().deletes.is_empty());
+    // order comes back: it takes 256 back, freedAt cleared.
+    fake.lock().unwrap().put(
+        PODS,
+        pod("order", "order-service", "10.0.0.2"),
+        Some("ADDED"),
+    );
+    wait_for(&mut sub, "order has its number again", |s| {
+        ep(s, "10.0.0.2") == Some(o)
+    })
+    .await;
+    wait_fake(&fake, "freedAt cleared", |f| {
+        f.objects[IDS]
+            .get(&key)
+            .is_some_and(|o| o.pointer("/spec/freedAt").is_none())
+    })
+    .await;
+    task.abort();
+}
+
+/// After the quarantine the freed object is deleted (with the freed version
+/// as precondition); a restarted source that sees a freed object keeps the
+/// number quarantined.
+#[tokio::test]
+async fn quarantine_over_deletes_and_a_restart_remembers_freed_objects() {
+    let fake = Arc::new(Mutex::new(Fake::default()));
+    {
+        let mut f = fake.lock().unwrap();
+        for c in [PODS, CNP, CCNP, MAP, CMAP] {
+            f.objects.entry(c).or_default();
+        }
+        f.put(NAMESPACES, json!({"apiVersion":"v1","kind":"Namespace","metadata":{"name":"production","labels":{"kubernetes.io/metadata.name":"production"}}}), None);
+        f.put(NODES, json!({"apiVersion":"v1","kind":"Node","metadata":{"name":"node-a"},"status":{"addresses":[{"type":"InternalIP","address":"192.168.0.1"}]}}), None);
+        // Freed by an earlier run just now (quarantine not over).
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        f.put(IDS, json!({"apiVersion":"meshauth.io/v1alpha1","kind":"MeshIdentity","metadata":{"name":"256"},"spec":{"labels": canonical("old-service","default"),"freedAt": now}}), None);
+        f.put(PODS, pod("web", "web-service", "10.0.0.3"), None);
+    }
+    let cfg = KubeConfig {
+        identity_grace: Duration::ZERO,
+        identity_quarantine: Duration::from_secs(3600),
+        housekeeping: Duration::from_millis(20),
+        ..KubeConfig::default()
+    };
+    let (mut sub, task) = spawn(serve(fake.clone()), cfg.clone()).await;
+    let s = wait_for(&mut sub, "web has its identity", |s| {
+        s.state
+            .identities
+            .values()
+            .any(|i| i.labels.iter().any(|l| l.contains("namespace.labels")))
+            && ep(s, "10.0.0.3").is_some()
+    })
+    .await;
+    let w = ep(&s, "10.0.0.3").unwrap();
+    assert_ne!(w, 256, "the freed 256 is still quarantined after a restart");
+    assert!(identity_object(&fake, 256).is_some());
+    task.abort();
+
+    // A short quarantine: web goes, 257 is freed, then deleted.
+    let cfg = KubeConfig {
+        identity_quarantine: Duration::from_secs(1),
+        ..cfg
+    };
+    let (mut sub, task) = spawn(serve(fake.clone()), cfg).await;
+    wait_for(&mut sub, "restarted source has web", |s| {
+        s.synced && ep(s, "10.0.0.3") == Some(w)
+    })
+    .await;
+    fake.lock().unwrap().remove(PODS, "production/web", true);
+    let wn = w.to_string();
+    wait_fake(&fake, "web's identity freed then deleted after 1 s", |f| {
+        f.deletes.contains(&wn)
+    })
+    .await;
+    assert!(
+        fake.lock()
+            .unwrap()
+            .patches
+            .iter()
+            .any(|(n, p)| *n == wn && p.pointer("/spec/freedAt").is_some()),
+        "freed before it was deleted"
+    );
     task.abort();
 }

@@ -105,6 +105,45 @@ pub enum VerifyError {
         /// The time it was checked at.
         now: SystemTime,
     },
+    /// The leaf's key usage breaks the X.509-SVID rules (digitalSignature
+    /// required; keyCertSign and cRLSign forbidden).
+    #[error(
+        "leaf {spiffe_id} key usage: {reason}; an X.509-SVID leaf must set digitalSignature and must not set keyCertSign or cRLSign"
+    )]
+    LeafKeyUsage {
+        /// The leaf's SPIFFE ID.
+        spiffe_id: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A CA certificate of the chain lacks the keyCertSign key usage.
+    #[error(
+        "certificate #{index} of the chain is a CA without keyCertSign key usage; a SPIFFE signing certificate must set it"
+    )]
+    CaKeyUsage {
+        /// Position in the chain.
+        index: usize,
+    },
+    /// A certificate after the leaf is past its NotAfter.
+    #[error("certificate #{index} of the chain expired at {} (now {})", unix(*.not_after), unix(*.now))]
+    IntermediateExpired {
+        /// Position in the chain.
+        index: usize,
+        /// Its NotAfter.
+        not_after: SystemTime,
+        /// The time it was checked at.
+        now: SystemTime,
+    },
+    /// A certificate after the leaf is before its NotBefore.
+    #[error("certificate #{index} of the chain is not valid before {} (now {})", unix(*.not_before), unix(*.now))]
+    IntermediateNotYetValid {
+        /// Position in the chain.
+        index: usize,
+        /// Its NotBefore.
+        not_before: SystemTime,
+        /// The time it was checked at.
+        now: SystemTime,
+    },
     /// A certificate after the leaf is not a CA: a substituted or padded chain.
     #[error(
         "certificate #{index} of the chain is not a CA; every certificate after the leaf must be (certificate substitution?)"
@@ -178,6 +217,10 @@ impl VerifyError {
             Self::NotIdentityPath { .. } => "not_identity_path",
             Self::Expired { .. } => "expired",
             Self::NotYetValid { .. } => "not_yet_valid",
+            Self::LeafKeyUsage { .. } => "leaf_key_usage",
+            Self::CaKeyUsage { .. } => "ca_key_usage",
+            Self::IntermediateExpired { .. } => "intermediate_expired",
+            Self::IntermediateNotYetValid { .. } => "intermediate_not_yet_valid",
             Self::NonCaInChain { .. } => "non_ca_in_chain",
             Self::UntrustedChain { .. } => "untrusted_chain",
             Self::UnexpectedIdentity { .. } => "unexpected_identity",
@@ -238,8 +281,9 @@ pub struct VerifiedPeer {
 ///
 /// Checks, in order: a certificate is present and each parses; the leaf has exactly
 /// one URI SAN, a SPIFFE ID of the bundle's trust domain with an identity path; the
-/// leaf is not a CA; it is valid at `now`; every certificate after the leaf is a CA;
-/// webpki builds a path to the bundle's authorities (signatures, validity of the
+/// leaf is not a CA and its key usage has digitalSignature (and neither keyCertSign
+/// nor cRLSign); it is valid at `now`; every certificate after the leaf is a CA with
+/// keyCertSign, valid at `now`; webpki builds a path to the bundle's authorities (signatures, validity of the
 /// intermediates, EKU of the role if present); the identity is the expected one.
 pub fn verify_peer(
     chain: &[CertificateDer<'_>],
@@ -287,6 +331,10 @@ pub(crate) struct LeafInfo {
     pub spiffe_id: String,
     pub not_before: SystemTime,
     pub not_after: SystemTime,
+    /// The latest NotBefore and earliest NotAfter over the whole chain,
+    /// leaf included: when every certificate is within its period.
+    pub chain_not_before: SystemTime,
+    pub chain_not_after: SystemTime,
 }
 
 /// How [`check_chain`] treats the leaf's validity period.
@@ -352,6 +400,9 @@ pub(crate) fn check_chain(
     if leaf.is_ca() {
         return Err(VerifyError::LeafIsCa { spiffe_id });
     }
+    if let Some(reason) = leaf_key_usage_problem(&leaf) {
+        return Err(VerifyError::LeafKeyUsage { spiffe_id, reason });
+    }
     let validity = leaf.validity();
     let not_before = to_system_time(validity.not_before.timestamp());
     let not_after = to_system_time(validity.not_after.timestamp());
@@ -371,10 +422,40 @@ pub(crate) fn check_chain(
             });
         }
     }
+    let mut chain_not_before = not_before;
+    let mut chain_not_after = not_after;
     for (index, der) in chain.iter().enumerate().skip(1) {
-        if !parse(der, index)?.is_ca() {
+        let cert = parse(der, index)?;
+        if !cert.is_ca() {
             return Err(VerifyError::NonCaInChain { index });
         }
+        let signs = matches!(cert.key_usage(), Ok(Some(ku)) if ku.value.key_cert_sign());
+        if !signs {
+            return Err(VerifyError::CaKeyUsage { index });
+        }
+        let v = cert.validity();
+        let (nb, na) = (
+            to_system_time(v.not_before.timestamp()),
+            to_system_time(v.not_after.timestamp()),
+        );
+        if time == TimePolicy::Strict {
+            if now < nb {
+                return Err(VerifyError::IntermediateNotYetValid {
+                    index,
+                    not_before: nb,
+                    now,
+                });
+            }
+            if now >= na {
+                return Err(VerifyError::IntermediateExpired {
+                    index,
+                    not_after: na,
+                    now,
+                });
+            }
+        }
+        chain_not_before = chain_not_before.max(nb);
+        chain_not_after = chain_not_after.min(na);
     }
     if let Some(bundle) = bundle {
         let path_time = match time {
@@ -409,7 +490,27 @@ pub(crate) fn check_chain(
         spiffe_id,
         not_before,
         not_after,
+        chain_not_before,
+        chain_not_after,
     })
+}
+
+/// What is wrong with a leaf's key usage for an X.509-SVID, if anything.
+fn leaf_key_usage_problem(leaf: &X509Certificate<'_>) -> Option<String> {
+    match leaf.key_usage() {
+        Err(e) => Some(format!("keyUsage does not parse: {e}")),
+        Ok(None) => Some("no keyUsage extension".to_owned()),
+        Ok(Some(ku)) => {
+            let ku = ku.value;
+            if !ku.digital_signature() {
+                Some(format!("digitalSignature missing ({ku})"))
+            } else if ku.key_cert_sign() || ku.crl_sign() {
+                Some(format!("keyCertSign or cRLSign set ({ku})"))
+            } else {
+                None
+            }
+        }
+    }
 }
 
 fn webpki_reason(e: &webpki::Error) -> String {
@@ -475,11 +576,22 @@ pub(crate) fn to_system_time(unix_secs: i64) -> SystemTime {
 /// Remembers chains that passed [`check_chain`] against a bundle, so a
 /// handshake with a peer whose SVID was already verified skips the chain's
 /// signature checks (two of the four ECDSA verifications in a mutual
-/// handshake). Keyed by the SHA-256 of the exact chain bytes, the peer role,
-/// and the bundle instance; a hit is used only while the leaf and every
-/// bundle authority are within their validity periods at `now` — anything
-/// else (expiry, a new bundle, another chain) takes the full check, which
-/// also produces the precise error.
+/// handshake).
+///
+/// A hit must enforce everything the full check does. Keyed by the SHA-256
+/// of the exact chain bytes and the peer role, so every check that depends
+/// only on the bytes and the role (SAN, SPIFFE ID, CA flags, key usages,
+/// EKU, signatures) holds for a hit as it did when the entry was made. What
+/// depends on anything else is checked on every hit:
+/// - time: `now` within the period of every certificate of the chain
+///   (leaf and intermediates) and of every bundle authority;
+/// - the bundle: the entry counts only for the exact bundle instance it was
+///   verified against (the entry holds that `Arc`, so its address cannot be
+///   reused by a newer bundle); any other bundle takes the full check;
+/// - the expected identity.
+///
+/// Anything else (expiry, a new bundle, another chain) takes the full check,
+/// which also produces the precise error.
 #[derive(Debug, Default)]
 pub(crate) struct PathCache {
     entries: std::sync::Mutex<std::collections::HashMap<([u8; 32], bool), CachedPath>>,
@@ -489,7 +601,10 @@ pub(crate) struct PathCache {
 struct CachedPath {
     bundle: std::sync::Arc<TrustBundle>,
     leaf: LeafInfo,
-    /// The earliest NotAfter among the leaf and the bundle's authorities.
+    /// The latest NotBefore among the chain's certificates.
+    valid_from: SystemTime,
+    /// The earliest NotAfter among the chain's certificates and the
+    /// bundle's authorities.
     valid_until: SystemTime,
 }
 
@@ -510,7 +625,7 @@ impl PathCache {
             let map = self.entries.lock().unwrap_or_else(|e| e.into_inner());
             map.get(&key).and_then(|c| {
                 (std::sync::Arc::ptr_eq(&c.bundle, bundle)
-                    && now >= c.leaf.not_before
+                    && now >= c.valid_from
                     && now < c.valid_until)
                     .then(|| (c.leaf.identity, c.leaf.spiffe_id.clone(), c.leaf.not_after))
             })
@@ -535,13 +650,8 @@ impl PathCache {
                     .authorities()
                     .iter()
                     .filter_map(|a| x509_parser::parse_x509_certificate(a.as_ref()).ok())
-                    .map(|(_, c)| {
-                        SystemTime::UNIX_EPOCH
-                            + std::time::Duration::from_secs(
-                                c.validity().not_after.timestamp().max(0) as u64,
-                            )
-                    })
-                    .fold(leaf.not_after, std::cmp::min);
+                    .map(|(_, c)| to_system_time(c.validity().not_after.timestamp()))
+                    .fold(leaf.chain_not_after, std::cmp::min);
                 let mut map = self.entries.lock().unwrap_or_else(|e| e.into_inner());
                 if map.len() >= PATH_CACHE_MAX {
                     map.clear();
@@ -550,8 +660,9 @@ impl PathCache {
                     key,
                     CachedPath {
                         bundle: bundle.clone(),
-                        leaf,
+                        valid_from: leaf.chain_not_before,
                         valid_until,
+                        leaf,
                     },
                 );
                 out

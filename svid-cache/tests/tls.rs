@@ -303,8 +303,20 @@ async fn a_remembered_chain_still_expires_and_follows_the_bundle() {
         matches!(verify_error(&Side::Client, &e), VerifyError::Expired { .. }),
         "{e:?}"
     );
-    // A new bundle without the old root: the chain is checked again, and refused.
-    let fresh = root.svid(400, now + HOUR, HOUR);
+    // A new bundle without the old root: a remembered chain that is still
+    // within every validity period is checked again, and refused.
+    let lasting = root.svid(401, now + HOUR, HOUR);
+    let verify_lasting = || {
+        SpiffeServerVerifier::new(cache.clone(), 401).verify_server_cert(
+            &lasting.chain[0],
+            &lasting.chain[1..],
+            &name,
+            &[],
+            unix,
+        )
+    };
+    verify_lasting().expect("first verification of the lasting chain");
+    verify_lasting().expect("the lasting chain, remembered");
     let root2 = Ca::root("root2");
     cache
         .apply(Update {
@@ -312,14 +324,20 @@ async fn a_remembered_chain_still_expires_and_follows_the_bundle() {
             bundle: Some(bundle(&[&root2])),
         })
         .unwrap();
-    let e = SpiffeServerVerifier::new(cache.clone(), 400)
-        .verify_server_cert(&fresh.chain[0], &fresh.chain[1..], &name, &[], unix)
-        .unwrap_err();
+    let e = verify_lasting().unwrap_err();
     assert!(
         matches!(
             verify_error(&Side::Client, &e),
             VerifyError::UntrustedChain { .. }
         ),
-        "{e:?}"
+        "a remembered chain must not outlive the bundle it was verified against: {e:?}"
     );
+    // The old root back (a new bundle instance again): accepted again.
+    cache
+        .apply(Update {
+            svids: Some(vec![root.svid(300, now + HOUR, HOUR).input()]),
+            bundle: Some(bundle(&[&root])),
+        })
+        .unwrap();
+    verify_lasting().expect("the lasting chain under its own root again");
 }

@@ -185,6 +185,13 @@ impl Collector for AgentCollector {
             None,
             g.metric_type(),
         )?)?;
+        let c = ConstCounter::new(self.nodes.write_failures());
+        c.encode(enc.encode_descriptor(
+            "node_table_write_failures",
+            "Failed writes of the node table state file (retried at the next change)",
+            None,
+            c.metric_type(),
+        )?)?;
         let g = ConstGauge::new(self.nodes.ids().len().saturating_sub(1) as i64);
         g.encode(enc.encode_descriptor(
             "peer_nodes",

@@ -2,7 +2,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 
@@ -248,6 +248,8 @@ impl Engine {
         if self.id_users.get(&id).copied().unwrap_or(0) > 0 {
             return Ok(false);
         }
+        // A deleted object ends a quarantine too (the deleter decided it was over).
+        self.table.end_quarantine(id);
         if let Some(labels) = self.table.remove(id) {
             // A duplicate with a higher number may now be in effect.
             self.refresh_label_set(&labels)?;
@@ -271,14 +273,53 @@ impl Engine {
         Ok(())
     }
 
-    /// Collects identities unused for `grace`; returns them (the caller
-    /// deletes their persisted form).
-    pub fn collect_identities(&mut self, now: Instant, grace: Duration) -> Vec<(u32, LabelSet)> {
-        let gone = self.table.collect(now, grace);
+    /// Frees identities unused for `grace` into quarantine from `wall` (the
+    /// wall-clock time of `now`); returns them (the caller marks their
+    /// persisted form freed).
+    pub fn collect_identities(
+        &mut self,
+        now: Instant,
+        grace: Duration,
+        wall: SystemTime,
+    ) -> Vec<(u32, LabelSet)> {
+        let gone = self.table.collect(now, grace, wall);
         if !gone.is_empty() {
             self.table_dirty = true;
         }
         gone
+    }
+
+    /// Ends the quarantine of numbers freed at least `quarantine` before
+    /// `wall`; returns them (the caller deletes their persisted form).
+    pub fn release_quarantined(&mut self, wall: SystemTime, quarantine: Duration) -> Vec<u32> {
+        let done = self.table.release_quarantined(wall, quarantine);
+        if !done.is_empty() {
+            self.table_dirty = true;
+        }
+        done
+    }
+
+    /// Records a number another node freed (a MeshIdentity with `freedAt`).
+    /// Returns false (and changes nothing) if pods here still use it — the
+    /// caller should take it back.
+    pub fn identity_quarantined(
+        &mut self,
+        id: u32,
+        labels: LabelSet,
+        freed_at: SystemTime,
+    ) -> Result<bool, EngineError> {
+        if self.id_users.get(&id).copied().unwrap_or(0) > 0 {
+            return Ok(false);
+        }
+        self.table
+            .quarantine(id, labels.clone(), freed_at)
+            .map_err(|source| EngineError::Identity {
+                labels: labels.clone(),
+                source,
+            })?;
+        // A duplicate with a higher number may now be in effect.
+        self.refresh_label_set(&labels)?;
+        Ok(true)
     }
 
     pub(super) fn acquire(&mut self, id: u32) {
@@ -298,7 +339,8 @@ impl Engine {
         if *n == 0 {
             self.id_users.remove(&id);
             self.identity_gone(id);
-            self.table.mark_unused(id, Instant::now());
+            let now = self.now.unwrap_or_else(Instant::now);
+            self.table.mark_unused(id, now);
         }
     }
 

@@ -54,6 +54,13 @@ pub struct ClusterMeshAuthPolicySpec(pub PolicySpec);
 pub struct MeshIdentitySpec {
     /// Canonical labels (`k8s:<key>=<value>`, sorted).
     pub labels: Vec<String>,
+    /// Set when no pod uses the identity any more: the Unix time (seconds)
+    /// it was freed. The number stays quarantined — the object is kept, so
+    /// no other label set can take it — until every SVID that could carry
+    /// it has expired; then the object is deleted. Cleared when the same
+    /// label set comes back.
+    #[serde(default, rename = "freedAt", skip_serializing_if = "Option::is_none")]
+    pub freed_at: Option<u64>,
 }
 
 /// The four policy kinds meshauth reads.

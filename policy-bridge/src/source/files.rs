@@ -13,7 +13,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::task::JoinHandle;
 
@@ -50,18 +50,23 @@ pub struct FilesConfig {
     pub identity_file: Option<PathBuf>,
     /// How long an unused identity is kept.
     pub identity_grace: Duration,
+    /// How long a freed identity number stays quarantined (not given to
+    /// another label set): at least the longest SVID lifetime plus margin.
+    pub identity_quarantine: Duration,
     /// Engine settings.
     pub engine: EngineConfig,
 }
 
 impl FilesConfig {
-    /// Defaults for `dir`: poll every second, 15 minutes identity grace.
+    /// Defaults for `dir`: poll every second, 15 minutes identity grace,
+    /// [`crate::identity::DEFAULT_QUARANTINE`].
     pub fn new(dir: impl Into<PathBuf>) -> Self {
         Self {
             dir: dir.into(),
             interval: Duration::from_secs(1),
             identity_file: None,
             identity_grace: Duration::from_secs(15 * 60),
+            identity_quarantine: crate::identity::DEFAULT_QUARANTINE,
             engine: EngineConfig::default(),
         }
     }
@@ -116,6 +121,12 @@ impl FilesSource {
 
     /// Reads the directory once and applies what changed.
     pub fn sync(&mut self) -> Result<StateDiff, FilesError> {
+        self.sync_at(Instant::now(), SystemTime::now())
+    }
+
+    /// [`Self::sync`] at a given time (`now` and its wall-clock `wall`):
+    /// identity collection and quarantine follow it.
+    pub fn sync_at(&mut self, now: Instant, wall: SystemTime) -> Result<StateDiff, FilesError> {
         let dir = &self.cfg.dir;
         let rd = std::fs::read_dir(dir).map_err(|source| FilesError::ReadDir {
             path: dir.clone(),
@@ -137,10 +148,10 @@ impl FilesSource {
             next.insert(p, entry);
         }
         self.files = next;
-        self.apply()
+        self.apply(now, wall)
     }
 
-    fn apply(&mut self) -> Result<StateDiff, FilesError> {
+    fn apply(&mut self, now: Instant, wall: SystemTime) -> Result<StateDiff, FilesError> {
         let mut wanted: BTreeMap<ObjectKey, Object> = BTreeMap::new();
         let mut errors = Vec::new();
         for f in self.files.values() {
@@ -173,17 +184,25 @@ impl FilesSource {
                 changes.push(Change::Invalid(key.clone(), e.clone()));
             }
         }
+        self.engine.set_now(Some(now));
         for c in changes {
             if let Err(e) = self.engine.apply(c) {
                 errors.push(e.to_string());
             }
         }
+        self.engine.set_now(None);
         self.applied = wanted;
         let gone = self
             .engine
-            .collect_identities(Instant::now(), self.cfg.identity_grace);
+            .collect_identities(now, self.cfg.identity_grace, wall);
         if !gone.is_empty() {
-            tracing::info!(count = gone.len(), "collected unused identities");
+            tracing::info!(count = gone.len(), quarantine = ?self.cfg.identity_quarantine, "freed unused identities into quarantine");
+        }
+        let released = self
+            .engine
+            .release_quarantined(wall, self.cfg.identity_quarantine);
+        if !released.is_empty() {
+            tracing::info!(identities = ?released, "quarantine over; numbers free for any label set");
         }
         if self.engine.take_table_dirty()
             && let Some(f) = &self.id_file

@@ -16,17 +16,26 @@
 //!   carry one label set, all nodes use the lowest (see [`crate::identity`]).
 //!   Allocation waits for the first MeshIdentity list, so a restarted agent
 //!   reuses the numbers already in the cluster.
-//! - Identities unused for the grace period are deleted (a 404 is fine:
-//!   every node sees every pod, so every node reaches the same conclusion).
+//! - Identities unused for the grace period are freed, not deleted: the
+//!   object gets `spec.freedAt` (Unix seconds) and stays, so no node can
+//!   create it for another label set, until the quarantine (longest SVID
+//!   lifetime + margin, [`crate::identity`]) is over; then it is deleted,
+//!   with the freed version as precondition (a 404 or 409 is fine: every
+//!   node sees every pod, so every node reaches the same conclusion). The
+//!   same label set coming back clears `freedAt` and keeps its number.
+//!   Deleting a MeshIdentity by hand skips the quarantine.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::pin::Pin;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use kube::Client;
-use kube::api::{Api, DeleteParams, DynamicObject, ListParams, ObjectMeta, PostParams};
+use kube::api::{
+    Api, DeleteParams, DynamicObject, ListParams, ObjectMeta, Patch, PatchParams, PostParams,
+    Preconditions,
+};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use serde_json::Value;
@@ -34,7 +43,7 @@ use tokio::task::JoinHandle;
 
 use super::{Publisher, Subscription};
 use crate::engine::{Allocation, Change, Engine, EngineConfig, EngineError};
-use crate::identity::{IdentityError, IdentityTable};
+use crate::identity::{IdentityError, IdentityTable, from_unix_seconds, unix_seconds};
 use crate::labels::LabelSet;
 use crate::model::crd::{MeshIdentity, MeshIdentitySpec};
 use crate::model::{Object, ObjectKey, ObjectKind, PolicyKind, key_of, parse_value};
@@ -66,8 +75,11 @@ pub enum KubeError {
 pub struct KubeConfig {
     /// Engine settings (allocation is always deferred to MeshIdentity objects).
     pub engine: EngineConfig,
-    /// How long an unused identity is kept before its object is deleted.
+    /// How long an unused identity is kept before it is freed.
     pub identity_grace: Duration,
+    /// How long a freed identity stays quarantined before its object is
+    /// deleted: at least the longest SVID lifetime plus margin.
+    pub identity_quarantine: Duration,
     /// How often pending allocations are retried and unused identities collected.
     pub housekeeping: Duration,
 }
@@ -77,6 +89,7 @@ impl Default for KubeConfig {
         Self {
             engine: EngineConfig::default(),
             identity_grace: Duration::from_secs(15 * 60),
+            identity_quarantine: crate::identity::DEFAULT_QUARANTINE,
             housekeeping: Duration::from_secs(5),
         }
     }
@@ -92,11 +105,20 @@ enum Feed {
     Identities,
 }
 
+/// A MeshIdentity, read.
+#[derive(Debug, Clone)]
+struct IdObject {
+    id: u32,
+    labels: LabelSet,
+    freed_at: Option<SystemTime>,
+    resource_version: Option<String>,
+}
+
 /// One item of a watcher, already converted.
 #[derive(Debug)]
 enum Item {
     Object(Result<Object, (ObjectKey, crate::model::ModelError)>),
-    Identity(Option<(u32, LabelSet)>, String),
+    Identity(Option<IdObject>, String),
 }
 
 impl Item {
@@ -161,7 +183,12 @@ fn identity_item(o: MeshIdentity) -> Item {
     let parsed = name.parse::<u32>().ok().and_then(|id| {
         LabelSet::from_canonical(o.spec.labels.iter().map(String::as_str))
             .ok()
-            .map(|l| (id, l))
+            .map(|labels| IdObject {
+                id,
+                labels,
+                freed_at: o.spec.freed_at.map(from_unix_seconds),
+                resource_version: o.metadata.resource_version.clone(),
+            })
     });
     Item::Identity(parsed, name)
 }
@@ -230,6 +257,7 @@ pub async fn spawn(client: Client, cfg: KubeConfig) -> (Subscription, JoinHandle
         synced: BTreeSet::new(),
         expected,
         identity_objects: BTreeMap::new(),
+        freed: BTreeMap::new(),
         errors: Vec::new(),
         cfg,
     };
@@ -266,6 +294,8 @@ struct Driver {
     synced: BTreeSet<Feed>,
     expected: BTreeSet<Feed>,
     identity_objects: BTreeMap<u32, LabelSet>,
+    /// Freed (quarantined) objects with the resource version seen.
+    freed: BTreeMap<u32, Option<String>>,
     errors: Vec<String>,
 }
 
@@ -282,7 +312,7 @@ impl Driver {
                     let now: BTreeSet<u32> = items
                         .iter()
                         .filter_map(|i| match i {
-                            Item::Identity(Some((id, _)), _) => Some(*id),
+                            Item::Identity(Some(o), _) => Some(o.id),
                             _ => None,
                         })
                         .collect();
@@ -318,7 +348,7 @@ impl Driver {
             }
             Msg::Apply(item) => self.apply(which, item),
             Msg::Delete(item) => match item {
-                Item::Identity(Some((id, _)), _) => self.identity_removed(id),
+                Item::Identity(Some(o), _) => self.identity_removed(o.id),
                 Item::Identity(None, _) => {}
                 other => {
                     if let Some(k) = other.key() {
@@ -334,9 +364,31 @@ impl Driver {
 
     fn apply(&mut self, which: Feed, item: Item) {
         let result = match item {
-            Item::Identity(Some((id, labels)), _) => {
-                self.identity_objects.insert(id, labels.clone());
-                self.engine.identity_allocated(id, labels)
+            Item::Identity(Some(o), _) => {
+                self.identity_objects.insert(o.id, o.labels.clone());
+                match o.freed_at {
+                    None => {
+                        self.freed.remove(&o.id);
+                        self.engine.identity_allocated(o.id, o.labels)
+                    }
+                    Some(at) => {
+                        self.freed.insert(o.id, o.resource_version.clone());
+                        match self.engine.identity_quarantined(o.id, o.labels, at) {
+                            Ok(true) => Ok(()),
+                            Ok(false) => {
+                                // Pods here still use it: take it back.
+                                let (ids, id) = (self.ids.clone(), o.id);
+                                tokio::spawn(async move {
+                                    if let Err(e) = unfree(&ids, id, o.resource_version).await {
+                                        tracing::warn!(identity = id, error = %e, "taking back a freed identity still in use");
+                                    }
+                                });
+                                Ok(())
+                            }
+                            Err(e) => Err(e),
+                        }
+                    }
+                }
             }
             Item::Identity(None, name) => {
                 tracing::warn!(
@@ -369,6 +421,7 @@ impl Driver {
     }
 
     fn identity_removed(&mut self, id: u32) {
+        self.freed.remove(&id);
         let labels = self.identity_objects.remove(&id);
         match self.engine.identity_deleted(id) {
             Ok(true) => {}
@@ -398,6 +451,7 @@ impl Driver {
                 &self.ids,
                 &mut self.engine,
                 &mut self.identity_objects,
+                &mut self.freed,
                 &labels,
             )
             .await
@@ -410,22 +464,70 @@ impl Driver {
     }
 
     async fn collect(&mut self) {
+        let wall = SystemTime::now();
         let gone = self
             .engine
-            .collect_identities(Instant::now(), self.cfg.identity_grace);
+            .collect_identities(Instant::now(), self.cfg.identity_grace, wall);
         for (id, _) in gone {
-            self.identity_objects.remove(&id);
+            let patch = serde_json::json!({ "spec": { "freedAt": unix_seconds(wall) } });
             match self
                 .ids
-                .delete(&id.to_string(), &DeleteParams::default())
+                .patch(
+                    &id.to_string(),
+                    &PatchParams::default(),
+                    &Patch::Merge(&patch),
+                )
                 .await
             {
-                Ok(_) => tracing::info!(identity = id, "collected unused identity"),
+                Ok(o) => {
+                    self.freed.insert(id, o.metadata.resource_version);
+                    tracing::info!(identity = id, quarantine = ?self.cfg.identity_quarantine, "freed unused identity into quarantine");
+                }
                 Err(kube::Error::Api(s)) if s.code == 404 => {}
-                Err(e) => tracing::warn!(identity = id, error = %e, "deleting unused identity"),
+                Err(e) => {
+                    tracing::warn!(identity = id, error = %e, "marking unused identity freed")
+                }
+            }
+        }
+        for id in self
+            .engine
+            .release_quarantined(wall, self.cfg.identity_quarantine)
+        {
+            let rv = self.freed.remove(&id).flatten();
+            self.identity_objects.remove(&id);
+            let dp = DeleteParams {
+                preconditions: rv.map(|rv| Preconditions {
+                    resource_version: Some(rv),
+                    uid: None,
+                }),
+                ..DeleteParams::default()
+            };
+            match self.ids.delete(&id.to_string(), &dp).await {
+                Ok(_) => tracing::info!(identity = id, "quarantine over; identity deleted"),
+                // Gone already, or taken back / changed since it was freed.
+                Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => {}
+                Err(e) => tracing::warn!(identity = id, error = %e, "deleting a freed identity"),
             }
         }
     }
+}
+
+/// Clears `freedAt` (the identity is used again), only on the version seen.
+async fn unfree(
+    api: &Api<MeshIdentity>,
+    id: u32,
+    resource_version: Option<String>,
+) -> Result<MeshIdentity, kube::Error> {
+    let mut patch = serde_json::json!({ "spec": { "freedAt": null } });
+    if let Some(rv) = resource_version {
+        patch["metadata"] = serde_json::json!({ "resourceVersion": rv });
+    }
+    api.patch(
+        &id.to_string(),
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    )
+    .await
 }
 
 fn push_error(errors: &mut Vec<String>, e: String) {
@@ -441,17 +543,35 @@ fn identity_object(id: u32, labels: &LabelSet) -> MeshIdentity {
         },
         spec: MeshIdentitySpec {
             labels: labels.canonical().into_iter().collect(),
+            freed_at: None,
         },
     }
 }
 
 /// Creates MeshIdentity objects until one for `labels` exists (conflict-retry).
-pub async fn allocate(
+/// A number quarantined with exactly `labels` is taken back first (its
+/// `freedAt` cleared). `freed` holds the resource version of each freed
+/// object seen.
+async fn allocate(
     api: &Api<MeshIdentity>,
     engine: &mut Engine,
     known: &mut BTreeMap<u32, LabelSet>,
+    freed: &mut BTreeMap<u32, Option<String>>,
     labels: &LabelSet,
 ) -> Result<u32, KubeError> {
+    if let Some(id) = engine.table().quarantined_for(labels) {
+        match unfree(api, id, freed.get(&id).cloned().flatten()).await {
+            Ok(_) => {
+                freed.remove(&id);
+                known.insert(id, labels.clone());
+                engine.identity_allocated(id, labels.clone())?;
+                return Ok(id);
+            }
+            // Deleted or changed meanwhile: the watch will tell; allocate afresh.
+            Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => {}
+            Err(e) => return Err(api_err(format!("take back MeshIdentity {id}"))(e)),
+        }
+    }
     for _ in 0..64 {
         let mut id = engine.table().lowest_free()?;
         while known.contains_key(&id) {
@@ -472,6 +592,27 @@ pub async fn allocate(
                     .await
                     .map_err(api_err(format!("get MeshIdentity {id}")))?;
                 match LabelSet::from_canonical(existing.spec.labels.iter().map(String::as_str)) {
+                    Ok(theirs) if existing.spec.freed_at.is_some() => {
+                        // Freed and still quarantined: never ours unless the
+                        // labels are ours (then take it back).
+                        known.insert(id, theirs.clone());
+                        let at = existing.spec.freed_at.map(from_unix_seconds);
+                        engine.identity_quarantined(
+                            id,
+                            theirs.clone(),
+                            at.unwrap_or_else(SystemTime::now),
+                        )?;
+                        if &theirs == labels
+                            && unfree(api, id, existing.metadata.resource_version.clone())
+                                .await
+                                .is_ok()
+                        {
+                            freed.remove(&id);
+                            engine.identity_allocated(id, theirs)?;
+                            return Ok(id);
+                        }
+                        freed.insert(id, existing.metadata.resource_version.clone());
+                    }
                     Ok(theirs) => {
                         known.insert(id, theirs.clone());
                         engine.identity_allocated(id, theirs.clone())?;

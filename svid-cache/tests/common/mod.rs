@@ -43,6 +43,8 @@ pub struct LeafSpec {
     pub not_before: SystemTime,
     pub not_after: SystemTime,
     pub eku: Vec<ExtendedKeyUsagePurpose>,
+    /// Key usages; `None` = the usual ones for a leaf or CA.
+    pub key_usages: Option<Vec<KeyUsagePurpose>>,
 }
 
 impl LeafSpec {
@@ -61,6 +63,7 @@ impl LeafSpec {
                 ExtendedKeyUsagePurpose::ServerAuth,
                 ExtendedKeyUsagePurpose::ClientAuth,
             ],
+            key_usages: None,
         }
     }
 }
@@ -120,6 +123,26 @@ impl Ca {
         Self { issuer, parents }
     }
 
+    /// An intermediate CA signed by this one, valid `[not_before, not_after]`
+    /// with `key_usages`.
+    pub fn intermediate_with(
+        &self,
+        name: &str,
+        not_before: SystemTime,
+        not_after: SystemTime,
+        key_usages: Vec<KeyUsagePurpose>,
+    ) -> Self {
+        let key = KeyPair::generate().unwrap();
+        let mut p = ca_params(name);
+        p.not_before = odt(not_before);
+        p.not_after = odt(not_after);
+        p.key_usages = key_usages;
+        let issuer = CertifiedIssuer::signed_by(p, key, &self.issuer).unwrap();
+        let mut parents = vec![issuer.der().clone()];
+        parents.extend(self.parents.iter().cloned());
+        Self { issuer, parents }
+    }
+
     /// This CA's certificate.
     pub fn der(&self) -> CertificateDer<'static> {
         self.issuer.der().clone()
@@ -146,7 +169,9 @@ impl Ca {
         } else {
             IsCa::ExplicitNoCa
         };
-        p.key_usages = if spec.is_ca {
+        p.key_usages = if let Some(ku) = &spec.key_usages {
+            ku.clone()
+        } else if spec.is_ca {
             vec![
                 KeyUsagePurpose::KeyCertSign,
                 KeyUsagePurpose::DigitalSignature,
@@ -185,4 +210,82 @@ pub fn td() -> svid_cache::TrustDomain {
 /// A bundle holding `cas`.
 pub fn bundle(cas: &[&Ca]) -> svid_cache::TrustBundle {
     svid_cache::TrustBundle::new(td(), cas.iter().map(|c| c.der()).collect()).unwrap()
+}
+
+/// A wall clock that moves only when told to.
+#[derive(Debug)]
+pub struct ManualClock(std::sync::Mutex<SystemTime>);
+
+impl ManualClock {
+    pub fn new(at: SystemTime) -> std::sync::Arc<Self> {
+        std::sync::Arc::new(Self(std::sync::Mutex::new(at)))
+    }
+
+    pub fn set(&self, at: SystemTime) {
+        *self.0.lock().unwrap() = at;
+    }
+}
+
+impl svid_cache::Clock for ManualClock {
+    fn now(&self) -> SystemTime {
+        *self.0.lock().unwrap()
+    }
+}
+
+/// A cache trusting `cas`, holding no SVIDs, reading time from `clock`.
+pub fn verifier_cache(cas: &[&Ca], clock: std::sync::Arc<ManualClock>) -> svid_cache::SvidCache {
+    let cache = svid_cache::SvidCache::with_clock(svid_cache::CacheConfig::default(), clock);
+    cache
+        .apply(svid_cache::Update {
+            svids: Some(Vec::new()),
+            bundle: Some(bundle(cas)),
+        })
+        .unwrap();
+    cache
+}
+
+/// Verifies `chain` the way the handshake does: through the rustls verifier
+/// of the peer's role (server: `SpiffeServerVerifier`, exact identity;
+/// client: `SpiffeClientVerifier`) backed by `cache`, its remembered chains
+/// and its clock. The error is the `VerifyError` carried inside rustls'.
+pub fn production_verify(
+    cache: &svid_cache::SvidCache,
+    chain: &[CertificateDer<'static>],
+    expect: &svid_cache::Expectation,
+) -> Result<(), svid_cache::VerifyError> {
+    use rustls::client::danger::ServerCertVerifier as _;
+    use rustls::server::danger::ClientCertVerifier as _;
+    use svid_cache::{ExpectedIdentity, PeerRole, SpiffeClientVerifier, SpiffeServerVerifier};
+
+    let Some((leaf, rest)) = chain.split_first() else {
+        return Err(svid_cache::VerifyError::NoCertificate);
+    };
+    let unix = rustls_pki_types::UnixTime::now();
+    let r = match (&expect.role, &expect.identity) {
+        (PeerRole::Server, ExpectedIdentity::Exact(n)) => {
+            let name = rustls_pki_types::ServerName::try_from(format!("{n}.{TD}")).unwrap();
+            SpiffeServerVerifier::new(cache.clone(), *n)
+                .verify_server_cert(leaf, rest, &name, &[], unix)
+                .map(|_| ())
+        }
+        (PeerRole::Server, ExpectedIdentity::Known(_)) => {
+            panic!("the handshake's server verifier expects one exact identity")
+        }
+        (PeerRole::Client, ExpectedIdentity::Exact(n)) => {
+            SpiffeClientVerifier::exact(cache.clone(), *n)
+                .verify_client_cert(leaf, rest, unix)
+                .map(|_| ())
+        }
+        (PeerRole::Client, ExpectedIdentity::Known(f)) => {
+            let f = f.clone();
+            SpiffeClientVerifier::known(cache.clone(), move |n| f(n))
+                .verify_client_cert(leaf, rest, unix)
+                .map(|_| ())
+        }
+    };
+    r.map_err(|e| {
+        svid_cache::VerifyError::from_rustls(&e)
+            .unwrap_or_else(|| panic!("non-SPIFFE rustls error: {e:?}"))
+            .clone()
+    })
 }
