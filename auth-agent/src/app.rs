@@ -458,6 +458,9 @@ async fn run_inner(config: &Config, token: &CancellationToken) -> Result<(), Age
     );
     server_opts.handshake_timeout = config.handshake_timeout;
     server_opts.max_concurrent = config.max_concurrent_handshakes;
+    server_opts.tls_timeout = config.handshake_tls_timeout;
+    server_opts.max_per_source = config.max_handshakes_per_source;
+    server_opts.drain_timeout = config.shutdown_grace;
     let server = HandshakeServer::bind(server_opts, hs_metrics.clone()).await?;
     tracing::info!(listen = %server.local_addr(), "handshake server listening");
     tasks::spawn_served_counts(server.subscribe(), counts.clone(), token.clone());

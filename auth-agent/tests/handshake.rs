@@ -7,6 +7,8 @@
 
 #[path = "handshake/certs.rs"]
 mod certs;
+#[path = "handshake/flood.rs"]
+mod flood;
 #[path = "handshake/manager.rs"]
 mod manager;
 #[path = "handshake/refusals.rs"]

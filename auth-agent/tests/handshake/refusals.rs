@@ -455,7 +455,10 @@ async fn excess_connections_are_closed_and_idle_ones_time_out() {
         "overloaded"
     );
     assert_eq!(o.peer, second.local_addr().expect("addr"));
-    assert_eq!(resp.metrics.refused_concurrency.get(), 1);
+    assert_eq!(
+        resp.metrics.refused(auth_agent::handshake::Limit::Global),
+        1
+    );
     let o = resp.next_outcome("idle connection").await;
     assert_eq!(o.peer, idle.local_addr().expect("addr"));
     let e = o.result.as_ref().unwrap_err();
