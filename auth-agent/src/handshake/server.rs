@@ -476,8 +476,7 @@ impl Shared {
                         reason = e.label(),
                         error = %e,
                         suppressed,
-                        "handshake refused (logged once per peer address per {:?}; `suppressed` counts the refusals not logged since the last line)",
-                        self.opts.refusal_log_interval
+                        "handshake refused"
                     );
                 }
             }
