@@ -13,6 +13,8 @@ mod flood;
 mod manager;
 #[path = "handshake/refusals.rs"]
 mod refusals;
+#[path = "handshake/shutdown.rs"]
+mod shutdown;
 #[path = "handshake/spire.rs"]
 mod spire;
 
