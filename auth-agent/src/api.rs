@@ -13,6 +13,7 @@
 pub mod client;
 pub mod flows;
 pub mod server;
+pub mod socket;
 pub mod types;
 
 pub use client::{ApiClient, ApiError};

@@ -16,6 +16,8 @@ pub mod health;
 pub mod metrics;
 mod tasks;
 
+use tasks::{Stop, Tasks};
+
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -83,6 +85,9 @@ pub enum AgentError {
     /// The handshake server could not start.
     #[error("handshake server: {0}")]
     Handshake(#[from] HandshakeError),
+    /// The local API socket could not be bound.
+    #[error(transparent)]
+    ApiSocket(#[from] crate::api::socket::BindError),
     /// A listener could not be bound.
     #[error("{what} on {addr}: {source}")]
     Listen {
@@ -215,22 +220,27 @@ fn start_identity_source(
     }
 }
 
-/// Starts the policy source.
-async fn start_policy_source(config: &Config) -> Result<Subscription, AgentError> {
+/// Starts the policy source; its task goes to `tasks` (it has no drain
+/// token: it is aborted at shutdown).
+async fn start_policy_source(
+    config: &Config,
+    tasks: &mut Tasks,
+) -> Result<Subscription, AgentError> {
     match &config.policy_source {
         PolicySource::Directory { path } => {
             let mut cfg = policy_bridge::source::files::FilesConfig::new(path.clone());
             cfg.interval = config.policy_poll_interval;
             cfg.identity_file = Some(config.state_dir.join("identities.json"));
             cfg.identity_quarantine = config.identity_quarantine;
-            let (sub, _task) = policy_bridge::source::files::spawn(cfg)?;
+            let (sub, task) = policy_bridge::source::files::spawn(cfg)?;
+            tasks.adopt("policy_source", Stop::Abort, task);
             Ok(sub)
         }
         PolicySource::Kubernetes => {
             let client = kube::Client::try_default()
                 .await
                 .map_err(|e| AgentError::Kube(e.to_string()))?;
-            let (sub, _task) = policy_bridge::source::kube::spawn(
+            let (sub, task) = policy_bridge::source::kube::spawn(
                 client,
                 policy_bridge::source::kube::KubeConfig {
                     identity_quarantine: config.identity_quarantine,
@@ -238,6 +248,7 @@ async fn start_policy_source(config: &Config) -> Result<Subscription, AgentError
                 },
             )
             .await;
+            tasks.adopt("policy_source", Stop::Abort, task);
             Ok(sub)
         }
     }
@@ -245,13 +256,13 @@ async fn start_policy_source(config: &Config) -> Result<Subscription, AgentError
 
 /// Follows the SVID source: readiness, and the outage story in the logs.
 fn watch_source(
-    source: &SourceHandle,
+    tasks: &mut Tasks,
+    mut rx: watch::Receiver<svid_cache::SourceStatus>,
     cache: SvidCache,
     ready: Arc<Readiness>,
     token: CancellationToken,
 ) {
-    let mut rx = source.watch_status();
-    tokio::spawn(async move {
+    tasks.spawn("svid_source_watch", Stop::Token, async move {
         let mut was_connected = false;
         loop {
             let s = rx.borrow_and_update().clone();
@@ -287,7 +298,10 @@ fn watch_source(
     });
 }
 
-/// Runs the agent until `shutdown` is cancelled.
+/// Runs the agent until `shutdown` is cancelled, then stops it: the drain
+/// token is cancelled, the handshake server lets handshakes in flight finish
+/// for half the grace period and cancels the rest, and every task is joined
+/// within `shutdown_grace` (those still running after it are aborted).
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), AgentError> {
     tracing::info!(
         config = %serde_json::to_string(&config).unwrap_or_default(),
@@ -295,12 +309,20 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
         "meshauth agent starting"
     );
     let token = shutdown.child_token();
-    let result = run_inner(&config, &token).await;
+    let mut tasks = Tasks::default();
+    let mut api_socket = None;
+    let result = run_inner(&config, &token, &mut tasks, &mut api_socket).await;
     token.cancel();
-    // Programs stay attached and maps pinned; only the API socket goes.
-    let _ = std::fs::remove_file(&config.api_socket);
-    // Give tasks a moment to finish writing.
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    let joined = tasks.join(config.shutdown_grace).await;
+    tracing::info!(
+        finished = joined.finished.len(),
+        panicked = ?joined.panicked,
+        aborted = ?joined.aborted,
+        "agent tasks joined"
+    );
+    // Programs stay attached and maps pinned; only the API socket goes, and
+    // only if it is the one this agent bound.
+    drop(api_socket);
     match &result {
         Ok(()) => tracing::info!("meshauth agent stopped; programs stay attached, maps pinned"),
         Err(e) => tracing::error!(error = %e, "meshauth agent failed"),
@@ -308,7 +330,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
     result
 }
 
-async fn run_inner(config: &Config, token: &CancellationToken) -> Result<(), AgentError> {
+async fn run_inner(
+    config: &Config,
+    token: &CancellationToken,
+    tasks: &mut Tasks,
+    api_socket: &mut Option<crate::api::socket::SocketGuard>,
+) -> Result<(), AgentError> {
     if config.wireguard {
         // Refuse rather than run unencrypted when encryption was asked for.
         return Err(AgentError::Unsupported(
@@ -340,12 +367,24 @@ async fn run_inner(config: &Config, token: &CancellationToken) -> Result<(), Age
         trust_domain: td,
         ..CacheConfig::default()
     });
-    cache.spawn_expiry(token.clone());
+    tasks.adopt(
+        "svid_expiry",
+        Stop::Token,
+        cache.spawn_expiry(token.clone()),
+    );
     let source = start_identity_source(config, &cache, token);
-    watch_source(&source, cache.clone(), ready.clone(), token.clone());
+    let source_status = source.watch_status();
+    tasks.spawn("svid_source", Stop::Token, source.join());
+    watch_source(
+        tasks,
+        source_status.clone(),
+        cache.clone(),
+        ready.clone(),
+        token.clone(),
+    );
 
     // Cluster state.
-    let mut subscription = start_policy_source(config).await?;
+    let mut subscription = start_policy_source(config, tasks).await?;
     let nodes = NodeTable::open(&config.state_dir.join("nodes.json"), &config.node_name)?;
 
     // Datapath.
@@ -379,7 +418,7 @@ async fn run_inner(config: &Config, token: &CancellationToken) -> Result<(), Age
     registry.register_collector(Box::new(metrics::AgentCollector {
         pin_dir: pin_dir.clone(),
         cache: cache.clone(),
-        source: source.watch_status(),
+        source: source_status.clone(),
         nodes: nodes.clone(),
         ready: ready.clone(),
     }));
@@ -391,37 +430,42 @@ async fn run_inner(config: &Config, token: &CancellationToken) -> Result<(), Age
             addr: config.metrics_listen.to_string(),
             source,
         })?;
-    tokio::spawn(health::serve(
-        listener,
-        health::Health {
-            registry,
-            ready: ready.clone(),
-            live: live.clone(),
-        },
-        token.clone(),
-    ));
+    tasks.spawn(
+        "health",
+        Stop::Token,
+        health::serve(
+            listener,
+            health::Health {
+                registry,
+                ready: ready.clone(),
+                live: live.clone(),
+            },
+            token.clone(),
+        ),
+    );
     let backend = Arc::new(backend::AgentBackend {
         config: config.clone(),
         started: SystemTime::now(),
         cgroup: cgroup.clone(),
         cache: cache.clone(),
-        source: source.watch_status(),
+        source: source_status.clone(),
         subscription: subscription.clone(),
         nodes: nodes.clone(),
         ready: ready.clone(),
         counts: counts.clone(),
         hub: hub.clone(),
     });
-    let api =
-        crate::api::server::bind(&config.api_socket).map_err(|source| AgentError::Listen {
-            what: "local API",
-            addr: config.api_socket.display().to_string(),
-            source,
-        })?;
-    tokio::spawn(crate::api::server::serve(api, backend, token.clone()));
+    let (api, guard) = crate::api::socket::bind_guarded(&config.api_socket)?;
+    *api_socket = Some(guard);
+    tasks.spawn(
+        "api",
+        Stop::Token,
+        crate::api::server::serve(api, backend, token.clone()),
+    );
 
     // Events → observe.
     tasks::spawn_flow_events(
+        tasks,
         auth_ebpf::events::EventReader::open(&pin_dir)?,
         subscription.clone(),
         hub.clone(),
@@ -450,6 +494,7 @@ async fn run_inner(config: &Config, token: &CancellationToken) -> Result<(), Age
     desired_tx.send_replace(first.state.clone());
     ready.policy.store(true, Ordering::Relaxed);
     tasks::spawn_policy_sync(
+        tasks,
         subscription.clone(),
         nodes.clone(),
         sync,
@@ -476,10 +521,15 @@ async fn run_inner(config: &Config, token: &CancellationToken) -> Result<(), Age
     );
     server_opts.handshake_timeout = config.handshake_timeout;
     server_opts.max_concurrent = config.max_concurrent_handshakes;
+    server_opts.tls_timeout = config.handshake_tls_timeout;
+    server_opts.max_per_source = config.max_handshakes_per_source;
+    // Half the grace: cancelled handshakes still have time to end before
+    // the tasks' grace runs out.
+    server_opts.drain_timeout = config.shutdown_grace / 2;
     let server = HandshakeServer::bind(server_opts, hs_metrics.clone()).await?;
     tracing::info!(listen = %server.local_addr(), "handshake server listening");
-    tasks::spawn_served_counts(server.subscribe(), counts.clone(), token.clone());
-    server.spawn(token.clone());
+    tasks::spawn_served_counts(tasks, server.subscribe(), counts.clone(), token.clone());
+    tasks.adopt("handshake_server", Stop::Token, server.spawn(token.clone()));
 
     let mut client_opts = ClientOptions::new(cache.clone(), config.node_name.clone());
     client_opts.port = config.handshake_listen.port();
@@ -495,19 +545,28 @@ async fn run_inner(config: &Config, token: &CancellationToken) -> Result<(), Age
 
     let (signal_tx, signal_rx) = mpsc::channel::<Pair>(4096);
     tasks::spawn_signals(
+        tasks,
         auth_ebpf::signals::SignalReader::open(&pin_dir)?,
         signal_tx,
         token.clone(),
         live.clone(),
     );
     let (rot_tx, rot_rx) = mpsc::channel(1024);
-    forward_rotations(cache.clone(), rot_tx);
+    tasks.adopt(
+        "svid_rotations",
+        Stop::Abort,
+        forward_rotations(cache.clone(), rot_tx),
+    );
     let (sweep_tx, sweep_rx) = mpsc::channel(4);
-    spawn_sweep_schedule(&config.sweep_cron, sweep_tx, token.clone()).await?;
+    tasks.adopt(
+        "sweep_schedule",
+        Stop::Token,
+        spawn_sweep_schedule(&config.sweep_cron, sweep_tx, token.clone()).await?,
+    );
     {
         let pin_dir = pin_dir.clone();
         let token = token.clone();
-        tokio::spawn(async move {
+        tasks.spawn("suspend_watch", Stop::Token, async move {
             tokio::select! {
                 _ = token.cancelled() => {}
                 r = auth_ebpf::clock::bump_generation_on_resume(pin_dir, Duration::from_secs(1)) => {

@@ -312,9 +312,19 @@ pub struct AgentArgs {
     /// Handshake timeout (e.g. 5s).
     #[arg(long)]
     pub handshake_timeout: Option<String>,
+    /// Bound on the responder's TLS handshake alone (e.g. 1s); at most the
+    /// handshake timeout.
+    #[arg(long)]
+    pub handshake_tls_timeout: Option<String>,
     /// Handshakes served at once.
     #[arg(long)]
     pub max_concurrent_handshakes: Option<String>,
+    /// Connections the responder holds from one source address at once.
+    #[arg(long)]
+    pub max_handshakes_per_source: Option<String>,
+    /// On shutdown, how long in-flight handshakes and tasks may take (e.g. 5s).
+    #[arg(long)]
+    pub shutdown_grace: Option<String>,
     /// Metrics and health address [default 0.0.0.0:9964].
     #[arg(long)]
     pub metrics_listen: Option<String>,
@@ -372,6 +382,9 @@ impl AgentArgs {
         put("connect-timeout", &self.connect_timeout);
         put("handshake-timeout", &self.handshake_timeout);
         put("max-concurrent-handshakes", &self.max_concurrent_handshakes);
+        put("handshake-tls-timeout", &self.handshake_tls_timeout);
+        put("max-handshakes-per-source", &self.max_handshakes_per_source);
+        put("shutdown-grace", &self.shutdown_grace);
         put("metrics-listen", &self.metrics_listen);
         put("api-socket", &self.api_socket);
         put("state-dir", &self.state_dir);

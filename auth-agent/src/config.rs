@@ -85,8 +85,18 @@ pub struct Config {
     /// Handshake timeout.
     #[serde(with = "duration_str")]
     pub handshake_timeout: Duration,
+    /// The responder's bound on the TLS handshake alone (ClientHello to
+    /// Finished); at most `handshake_timeout`.
+    #[serde(with = "duration_str")]
+    pub handshake_tls_timeout: Duration,
     /// Handshakes served at once.
     pub max_concurrent_handshakes: usize,
+    /// Connections the responder holds from one source address at once.
+    pub max_handshakes_per_source: usize,
+    /// On shutdown, how long handshakes in flight and the agent's tasks may
+    /// take to finish before they are cancelled.
+    #[serde(with = "duration_str")]
+    pub shutdown_grace: Duration,
     /// How often a manifest directory is checked for changes.
     #[serde(with = "duration_str")]
     pub policy_poll_interval: Duration,
@@ -145,8 +155,14 @@ pub struct ConfigFile {
     pub connect_timeout: Option<String>,
     /// e.g. `5s`.
     pub handshake_timeout: Option<String>,
+    /// e.g. `1s`: see [`Config::handshake_tls_timeout`].
+    pub handshake_tls_timeout: Option<String>,
     /// See [`Config::max_concurrent_handshakes`].
     pub max_concurrent_handshakes: Option<usize>,
+    /// See [`Config::max_handshakes_per_source`].
+    pub max_handshakes_per_source: Option<usize>,
+    /// e.g. `5s`: see [`Config::shutdown_grace`].
+    pub shutdown_grace: Option<String>,
     /// e.g. `1s`.
     pub policy_poll_interval: Option<String>,
     /// `ip:port`.
@@ -544,6 +560,36 @@ pub fn build(layers: &Layers) -> Result<Config, ConfigErrors> {
         Duration::from_secs(5),
         &mut bad,
     );
+    let tls_key = key!(
+        "handshake-tls-timeout",
+        "MESHAUTH_HANDSHAKE_TLS_TIMEOUT",
+        handshake_tls_timeout,
+        "handshakeTlsTimeout"
+    );
+    let mut handshake_tls_timeout = dur_or(&tls_key, Duration::from_secs(1), &mut bad);
+    if handshake_tls_timeout > handshake_timeout {
+        match layers.get(&tls_key) {
+            Some((src, v)) => bad(
+                &src,
+                &v,
+                &format!(
+                    "at most the handshake timeout ({handshake_timeout:?}): it bounds the TLS part of the handshake"
+                ),
+            ),
+            // Only the overall timeout was lowered: the TLS part follows it.
+            None => handshake_tls_timeout = handshake_timeout,
+        }
+    }
+    let shutdown_grace = dur_or(
+        &key!(
+            "shutdown-grace",
+            "MESHAUTH_SHUTDOWN_GRACE",
+            shutdown_grace,
+            "shutdownGrace"
+        ),
+        Duration::from_secs(5),
+        &mut bad,
+    );
 
     let policy_poll_interval = dur_or(
         &key!(
@@ -568,6 +614,21 @@ pub fn build(layers: &Layers) -> Result<Config, ConfigErrors> {
             _ => {
                 bad(&src, &v, "a whole number from 1 to 100000");
                 256
+            }
+        },
+    };
+    let max_handshakes_per_source = match layers.get(&key!(
+        "max-handshakes-per-source",
+        "MESHAUTH_MAX_HANDSHAKES_PER_SOURCE",
+        max_handshakes_per_source,
+        "maxHandshakesPerSource"
+    )) {
+        None => crate::handshake::DEFAULT_MAX_PER_SOURCE,
+        Some((src, v)) => match v.parse::<usize>() {
+            Ok(n) if (1..=100_000).contains(&n) => n,
+            _ => {
+                bad(&src, &v, "a whole number from 1 to 100000");
+                crate::handshake::DEFAULT_MAX_PER_SOURCE
             }
         },
     };
@@ -692,7 +753,10 @@ pub fn build(layers: &Layers) -> Result<Config, ConfigErrors> {
         handshake_listen,
         connect_timeout,
         handshake_timeout,
+        handshake_tls_timeout,
         max_concurrent_handshakes,
+        max_handshakes_per_source,
+        shutdown_grace,
         policy_poll_interval,
         metrics_listen,
         api_socket,
@@ -759,6 +823,40 @@ mod tests {
     }
 
     #[test]
+    fn handshake_limits_are_validated_and_the_tls_timeout_follows_a_lower_handshake_timeout() {
+        let e = build(&flags(&[
+            ("node-name", "node-a"),
+            ("handshake-timeout", "2s"),
+            ("handshake-tls-timeout", "3s"),
+            ("max-handshakes-per-source", "0"),
+            ("shutdown-grace", "forever"),
+        ]))
+        .unwrap_err();
+        let sources: Vec<&str> = e.0.iter().map(|i| i.source.as_str()).collect();
+        assert_eq!(
+            sources,
+            [
+                "--handshake-tls-timeout",
+                "--shutdown-grace",
+                "--max-handshakes-per-source"
+            ],
+            "{e}"
+        );
+        assert!(
+            e.to_string().contains("at most the handshake timeout (2s)"),
+            "{e}"
+        );
+        let c = build(&flags(&[
+            ("node-name", "node-a"),
+            ("handshake-timeout", "500ms"),
+            ("max-handshakes-per-source", "4"),
+        ]))
+        .unwrap();
+        assert_eq!(c.handshake_tls_timeout, Duration::from_millis(500));
+        assert_eq!(c.max_handshakes_per_source, 4);
+    }
+
+    #[test]
     fn defaults_with_only_the_node_name() {
         let c = build(&flags(&[("node-name", "node-a")])).unwrap();
         assert_eq!(c.node_name, "node-a");
@@ -775,6 +873,9 @@ mod tests {
         assert_eq!(c.bpf_pin_dir, PathBuf::from("/sys/fs/bpf/meshauth"));
         assert_eq!(c.connect_timeout, Duration::from_secs(5));
         assert_eq!(c.identity_quarantine, Duration::from_secs(90 * 60));
+        assert_eq!(c.handshake_tls_timeout, Duration::from_secs(1));
+        assert_eq!(c.max_handshakes_per_source, 16);
+        assert_eq!(c.shutdown_grace, Duration::from_secs(5));
         let json = serde_json::to_value(&c).unwrap();
         assert_eq!(
             json["connect_timeout"], "5s",

@@ -21,6 +21,7 @@ mod error;
 pub mod metrics;
 pub mod protocol;
 pub mod server;
+pub mod throttle;
 
 use std::time::{Duration, SystemTime};
 
@@ -29,7 +30,7 @@ use svid_cache::TrustDomain;
 
 pub use client::{ClientOptions, HandshakeClient};
 pub use error::HandshakeError;
-pub use metrics::{Metrics, Role};
+pub use metrics::{Limit, Metrics, Role};
 pub use server::{Accepted, HandshakeServer, Outcome, ServerOptions};
 
 /// The handshake's ALPN protocol id.
@@ -43,6 +44,19 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Default number of handshakes the responder runs at once.
 pub const DEFAULT_MAX_CONCURRENT: usize = 256;
+
+/// Default number of connections the responder holds from one source
+/// address at once (a node's agent needs a few: one per pair it is
+/// authenticating with this node at that moment).
+pub const DEFAULT_MAX_PER_SOURCE: usize = 16;
+
+/// Default bound on the responder's TLS handshake (ClientHello to
+/// Finished), shorter than [`DEFAULT_TIMEOUT`] so that a peer sending
+/// nothing or one byte at a time frees its slot quickly.
+pub const DEFAULT_TLS_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Default interval in which a refusal is logged at most once per peer.
+pub const DEFAULT_REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(60);
 
 /// The identity and NotAfter of a leaf that rustls' SPIFFE verifier has
 /// already accepted (so it parses, and its one URI SAN is an identity of `td`).

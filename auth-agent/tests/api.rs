@@ -313,3 +313,172 @@ async fn a_hubble_runbook_jq_filter_works_on_observe_json() {
         String::from_utf8_lossy(&got)
     );
 }
+
+mod socket {
+    //! The API socket against a second agent, stale sockets and unsafe
+    //! directories.
+
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    use std::path::Path;
+
+    use auth_agent::api::socket::{BindError, bind, bind_guarded};
+
+    use super::*;
+
+    fn mode(p: &Path) -> u32 {
+        std::fs::metadata(p).unwrap().permissions().mode() & 0o7777
+    }
+
+    /// A fresh 0700 directory for the socket.
+    fn run_dir() -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("agent.sock");
+        (dir, sock)
+    }
+
+    #[tokio::test]
+    async fn a_second_agent_is_refused_while_the_first_answers_and_the_first_keeps_its_socket() {
+        let (_dir, sock) = run_dir();
+        let (first, first_guard) = bind_guarded(&sock).unwrap();
+        let token = CancellationToken::new();
+        tokio::spawn(auth_agent::api::server::serve(
+            first,
+            Arc::new(Fake {
+                hub: FlowHub::new(10),
+            }),
+            token.clone(),
+        ));
+        let inode = std::fs::metadata(&sock).unwrap().ino();
+
+        let e = bind_guarded(&sock)
+            .map(|_| "bound")
+            .expect_err("a second agent took over the running agent's API socket");
+        assert!(matches!(e, BindError::InUse { .. }), "{e:?}");
+        let msg = e.to_string();
+        assert!(
+            msg.contains(&sock.display().to_string())
+                && msg.contains("another meshauth agent is running"),
+            "{msg}"
+        );
+        assert_eq!(
+            std::fs::metadata(&sock).unwrap().ino(),
+            inode,
+            "the socket file was replaced"
+        );
+        // The first agent still answers on it.
+        let s: AgentStatus = ApiClient::new(&sock).get_json("/v1/status").await.unwrap();
+        assert_eq!(s.node, "node-a");
+        drop(first_guard);
+        assert!(!sock.exists(), "the first agent removes its own socket");
+        token.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_stale_socket_is_replaced() {
+        let (_dir, sock) = run_dir();
+        // An agent that died: the file stays, nothing answers.
+        drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
+        assert!(sock.exists());
+        let (_new, guard) = bind_guarded(&sock).expect("a stale socket is replaced");
+        assert_eq!(mode(&sock), 0o600);
+        std::os::unix::net::UnixStream::connect(&sock).expect("the new socket answers");
+        drop(guard);
+        assert!(!sock.exists());
+    }
+
+    #[tokio::test]
+    async fn an_agent_stopping_leaves_a_socket_that_is_not_its_own() {
+        let (_dir, sock) = run_dir();
+        let (_a, guard_a) = bind_guarded(&sock).unwrap();
+        // Someone removed A's socket file and B started in its place.
+        std::fs::remove_file(&sock).unwrap();
+        let (_b, guard_b) = bind_guarded(&sock).unwrap();
+        drop(guard_a);
+        assert!(sock.exists(), "agent A removed agent B's socket");
+        std::os::unix::net::UnixStream::connect(&sock).expect("B still answers");
+        drop(guard_b);
+        assert!(!sock.exists());
+    }
+
+    #[tokio::test]
+    async fn something_else_at_the_path_is_left_alone() {
+        let (_dir, sock) = run_dir();
+        std::fs::write(&sock, "not a socket").unwrap();
+        let e = bind(&sock).map(|_| ()).unwrap_err();
+        assert!(
+            e.to_string().contains("not a socket (a regular file)"),
+            "{e}"
+        );
+        assert_eq!(std::fs::read_to_string(&sock).unwrap(), "not a socket");
+    }
+
+    #[tokio::test]
+    async fn a_directory_others_can_write_to_or_owned_by_someone_else_is_refused() {
+        assert!(
+            auth_agent::testbed::is_root(),
+            "this test needs root (chown)"
+        );
+        let (dir, sock) = run_dir();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = bind(&sock).map(|_| ()).unwrap_err();
+        assert!(
+            matches!(e, BindError::UnsafeDir { mode: 0o777, .. }),
+            "{e:?}"
+        );
+        let msg = e.to_string();
+        assert!(
+            msg.contains(&dir.path().display().to_string())
+                && msg.contains("mode 0777")
+                && msg.contains("chmod 0700"),
+            "{msg}"
+        );
+        assert!(!sock.exists());
+
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        std::os::unix::fs::chown(dir.path(), Some(65534), None).unwrap();
+        let e = bind(&sock).map(|_| ()).unwrap_err();
+        assert!(
+            matches!(e, BindError::UnsafeDir { uid: 65534, .. }),
+            "{e:?}"
+        );
+
+        // A missing directory is created 0700.
+        let nested = dir.path().join("run/meshauth/agent.sock");
+        std::os::unix::fs::chown(dir.path(), Some(0), None).unwrap();
+        let _l = bind(&nested).unwrap();
+        assert_eq!(mode(nested.parent().unwrap()), 0o700);
+        assert_eq!(mode(&nested), 0o600);
+    }
+
+    #[tokio::test]
+    async fn the_socket_appears_at_its_path_already_0600() {
+        use rustix::fs::inotify;
+        let (dir, sock) = run_dir();
+        let fd =
+            inotify::init(inotify::CreateFlags::NONBLOCK | inotify::CreateFlags::CLOEXEC).unwrap();
+        inotify::add_watch(
+            &fd,
+            dir.path(),
+            inotify::WatchFlags::CREATE
+                | inotify::WatchFlags::MOVED_TO
+                | inotify::WatchFlags::ATTRIB,
+        )
+        .unwrap();
+        let _l = bind(&sock).unwrap();
+        let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 4096];
+        let mut reader = inotify::Reader::new(&fd, &mut buf);
+        let mut seen = Vec::new();
+        while let Ok(e) = reader.next() {
+            if e.file_name().is_some_and(|n| n.to_bytes() == b"agent.sock") {
+                seen.push(e.events());
+            }
+        }
+        assert_eq!(
+            seen,
+            [inotify::ReadFlags::MOVED_TO],
+            "the socket must appear at its path once, by a rename of an already 0600 socket \
+             (a bind there followed by a chmod leaves a window with the umask's mode)"
+        );
+        assert_eq!(mode(&sock), 0o600);
+    }
+}

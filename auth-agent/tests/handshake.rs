@@ -7,10 +7,14 @@
 
 #[path = "handshake/certs.rs"]
 mod certs;
+#[path = "handshake/flood.rs"]
+mod flood;
 #[path = "handshake/manager.rs"]
 mod manager;
 #[path = "handshake/refusals.rs"]
 mod refusals;
+#[path = "handshake/shutdown.rs"]
+mod shutdown;
 #[path = "handshake/spire.rs"]
 mod spire;
 

@@ -63,7 +63,10 @@ pub use clock::{Clock, SystemClock, TokioClock};
 pub use identity::{DEFAULT_TRUST_DOMAIN, IdentityError, TrustDomain};
 pub use source::delegated::{DelegatedIdentityConfig, spawn_delegated_identity};
 pub use source::workload::{WorkloadApiConfig, fetch_x509_svid_ids, spawn_workload_api};
-pub use source::{Backoff, BackoffConfig, SourceError, SourceHandle, SourceState, SourceStatus};
+pub use source::{
+    Backoff, BackoffConfig, DEFAULT_CONNECT_TIMEOUT, SourceError, SourceHandle, SourceState,
+    SourceStatus,
+};
 pub use svid::{Svid, SvidError, SvidInput};
 pub use tls::{ClientCertResolver, ServerCertResolver, SpiffeClientVerifier, SpiffeServerVerifier};
 pub use verify::{Expectation, ExpectedIdentity, PeerRole, VerifiedPeer, VerifyError, verify_peer};

@@ -46,6 +46,19 @@ pub enum SourceError {
         /// The error chain.
         reason: String,
     },
+    /// Connecting and opening the stream(s) did not finish in time: something
+    /// accepts on the socket (or queues the connection) but does not answer.
+    #[error(
+        "{call} on {path}: no answer within {after:?} (connect and open the stream); is the SPIRE agent hung?"
+    )]
+    ConnectTimeout {
+        /// The RPC.
+        call: &'static str,
+        /// The socket path.
+        path: PathBuf,
+        /// The connect timeout.
+        after: Duration,
+    },
     /// The peer does not speak HTTP/2 gRPC (garbage on the socket).
     #[error("{call} on {path}: protocol error, the peer does not speak gRPC over HTTP/2: {detail}")]
     Protocol {
@@ -121,6 +134,7 @@ impl SourceError {
             Self::SocketMissing { .. } => "socket_missing",
             Self::ConnectionRefused { .. } => "connection_refused",
             Self::Connect { .. } => "connect",
+            Self::ConnectTimeout { .. } => "connect_timeout",
             Self::Protocol { .. } => "protocol",
             Self::Rpc { .. } => "rpc",
             Self::NoIdentityIssued { .. } => "no_identity_issued",
@@ -345,6 +359,11 @@ pub(crate) fn classify_transport(
         },
     }
 }
+
+/// Default bound on connecting to the SPIRE agent's socket and opening the
+/// stream(s): the agent is local, so an answer takes milliseconds; 10 s
+/// leaves room for a loaded node.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Default cap on one gRPC message from SPIRE. A full state carries each SVID
 /// with its chain, key and bundle (about 1.2 KiB for a P-256 SVID and one

@@ -747,3 +747,77 @@ async fn workload_api_full_states_above_4_mib_are_received_and_the_cap_is_config
     tokio::time::timeout(WAIT, h2.join()).await.unwrap();
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_spire_socket_that_never_answers_is_a_connect_timeout_and_the_source_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("agent.sock");
+    // Listening, never accepting: connects succeed (queued), nothing answers.
+    let silent = UnixListener::bind(&sock).unwrap();
+    let cache = SvidCache::new(CacheConfig::default());
+    let shutdown = CancellationToken::new();
+    let mut config = WorkloadApiConfig::new(&sock);
+    config.backoff = backoff();
+    config.connect_timeout = Duration::from_millis(300);
+    let h = spawn_workload_api(config, cache.clone(), shutdown.clone());
+    let st = wait_status(&h, "connect timeout", |s| {
+        disconnected_with(s, |e| matches!(e, SourceError::ConnectTimeout { .. }))
+    })
+    .await;
+    let SourceState::Disconnected { error, .. } = &st.state else {
+        unreachable!()
+    };
+    assert_eq!(error.label(), "connect_timeout");
+    let msg = error.to_string();
+    assert!(
+        msg.contains(&sock.display().to_string()) && msg.contains("no answer within 300ms"),
+        "{msg}"
+    );
+
+    // The backoff loop goes on: a SPIRE agent that answers is picked up.
+    drop(silent);
+    std::fs::remove_file(&sock).unwrap();
+    let now = base_time();
+    let root = Ca::root("root");
+    let a = root.svid(300, now, HOUR);
+    let (_tx, rx) = watch::channel(workload_state(&root, &[&a]));
+    let server = serve_workload(&sock, rx);
+    wait_ids(&cache, &[300]).await;
+    shutdown.cancel();
+    tokio::time::timeout(WAIT, h.join()).await.unwrap();
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_delegated_api_that_accepts_and_never_answers_the_http2_preface_times_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("admin.sock");
+    let listener = UnixListener::bind(&sock).unwrap();
+    // Accepts and reads everything, writes nothing.
+    let mute = tokio::spawn(async move {
+        loop {
+            let (mut conn, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                while matches!(conn.read(&mut buf).await, Ok(n) if n > 0) {}
+            });
+        }
+    });
+    let shutdown = CancellationToken::new();
+    let mut config = DelegatedIdentityConfig::new(&sock, vec![("k8s".into(), "ns:default".into())]);
+    config.backoff = backoff();
+    config.connect_timeout = Duration::from_millis(300);
+    let h = spawn_delegated_identity(
+        config,
+        SvidCache::new(CacheConfig::default()),
+        shutdown.clone(),
+    );
+    let st = wait_status(&h, "connect timeout", |s| {
+        disconnected_with(s, |e| matches!(e, SourceError::ConnectTimeout { .. }))
+    })
+    .await;
+    eprintln!("mute delegated API: {:?}", st.state);
+    shutdown.cancel();
+    tokio::time::timeout(WAIT, h.join()).await.unwrap();
+    mute.abort();
+}

@@ -170,26 +170,9 @@ fn line(r: &super::types::FlowRecord) -> Bytes {
     Bytes::from(v)
 }
 
-/// Binds the API socket: its directory is created (0700 when new), a stale
-/// socket is replaced, and the socket is made 0600 (root's CLI only).
-pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
-    use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
-    if let Some(dir) = path.parent()
-        && !dir.exists()
-    {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)?;
-    }
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    let listener = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(listener)
+/// Binds the API socket: see [`super::socket::bind`].
+pub fn bind(path: &Path) -> Result<UnixListener, super::socket::BindError> {
+    super::socket::bind(path)
 }
 
 /// A listener the HTTP loop can accept connections from (the API's unix

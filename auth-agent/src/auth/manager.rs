@@ -245,7 +245,7 @@ pub async fn spawn_sweep_schedule(
     cron: &str,
     tx: mpsc::Sender<()>,
     shutdown: CancellationToken,
-) -> Result<(), ManagerError> {
+) -> Result<tokio::task::JoinHandle<()>, ManagerError> {
     use tokio_cron_scheduler::{Job, JobScheduler};
     let err = |e: tokio_cron_scheduler::JobSchedulerError| ManagerError::Schedule {
         cron: cron.to_string(),
@@ -261,11 +261,10 @@ pub async fn spawn_sweep_schedule(
     .map_err(err)?;
     sched.add(job).await.map_err(err)?;
     sched.start().await.map_err(err)?;
-    tokio::spawn(async move {
+    Ok(tokio::spawn(async move {
         shutdown.cancelled().await;
         let _ = sched.shutdown().await;
-    });
-    Ok(())
+    }))
 }
 
 /// A pair's entry as the manager knows it.

@@ -157,6 +157,31 @@ pub enum HandshakeError {
         /// The peer's address.
         peer: SocketAddr,
     },
+    /// The peer's address already holds as many connections as one source
+    /// may; the connection was closed unserved.
+    #[error("{limit} connections from {} in flight (the per-source limit); connection from {peer} refused", peer.ip())]
+    SourceOverloaded {
+        /// The per-source limit.
+        limit: usize,
+        /// The peer's address.
+        peer: SocketAddr,
+    },
+    /// The peer did not complete the TLS handshake (ClientHello to Finished)
+    /// within the TLS deadline, which is shorter than the overall timeout.
+    #[error("{peer} did not complete the TLS handshake within {after:?}")]
+    TlsTimeout {
+        /// The peer's address.
+        peer: SocketAddr,
+        /// The TLS deadline.
+        after: Duration,
+    },
+    /// The agent is shutting down: the handshake was cancelled after the
+    /// drain period.
+    #[error("handshake with {peer} cancelled: the agent is shutting down")]
+    ShuttingDown {
+        /// The peer's address.
+        peer: SocketAddr,
+    },
     /// Writing the pair to the auth map failed.
     #[error("writing the auth entry: {0}")]
     Store(#[source] StoreError),
@@ -189,6 +214,9 @@ impl HandshakeError {
             Self::WireGuardKeyMismatch { .. } => "wireguard_key_mismatch",
             Self::PeerRefused { .. } => "peer_refused",
             Self::Overloaded { .. } => "overloaded",
+            Self::SourceOverloaded { .. } => "source_overloaded",
+            Self::TlsTimeout { .. } => "tls_timeout",
+            Self::ShuttingDown { .. } => "shutting_down",
             Self::Store(_) => "store",
             Self::Config(_) => "config",
         }

@@ -33,6 +33,36 @@ impl EncodeLabelValue for Role {
     }
 }
 
+/// Which connection limit closed a connection unserved (label values
+/// `per_source` / `global`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Limit {
+    /// The source address already held its share of connections.
+    PerSource,
+    /// The responder already ran its global number of handshakes.
+    Global,
+}
+
+impl EncodeLabelValue for Limit {
+    fn encode(
+        &self,
+        encoder: &mut prometheus_client::encoding::LabelValueEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use std::fmt::Write as _;
+        encoder.write_str(match self {
+            Self::PerSource => "per_source",
+            Self::Global => "global",
+        })
+    }
+}
+
+/// Labels of `connections_refused_total`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct LimitLabels {
+    /// The limit that was reached.
+    pub limit: Limit,
+}
+
 /// Labels of `handshakes_total`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct ResultLabels {
@@ -63,8 +93,11 @@ pub struct Metrics {
     pub duration: Family<RoleLabels, Histogram, fn() -> Histogram>,
     /// Handshakes in flight.
     pub in_flight: Family<RoleLabels, Gauge>,
-    /// Connections closed unserved because the concurrency limit was reached.
-    pub refused_concurrency: Counter,
+    /// Connections closed unserved because a connection limit was reached,
+    /// by limit (`per_source`, `global`).
+    pub refused_connections: Family<LimitLabels, Counter>,
+    /// TCP connections the responder accepted (served or closed unserved).
+    pub accepted: Counter,
 }
 
 impl Default for Metrics {
@@ -73,7 +106,8 @@ impl Default for Metrics {
             handshakes: Family::default(),
             duration: Family::new_with_constructor(duration_histogram as fn() -> Histogram),
             in_flight: Family::default(),
-            refused_concurrency: Counter::default(),
+            refused_connections: Family::default(),
+            accepted: Counter::default(),
         }
     }
 }
@@ -98,9 +132,14 @@ impl Metrics {
             m.in_flight.clone(),
         );
         registry.register(
-            "refused_concurrency",
-            "connections closed unserved because the responder's concurrency limit was reached",
-            m.refused_concurrency.clone(),
+            "connections_refused",
+            "connections the responder closed unserved because a limit was reached: per_source (connections from one address) or global (handshakes at once)",
+            m.refused_connections.clone(),
+        );
+        registry.register(
+            "connections_accepted",
+            "TCP connections the responder accepted, served or closed unserved",
+            m.accepted.clone(),
         );
         m
     }
@@ -119,6 +158,13 @@ impl Metrics {
     pub fn count(&self, role: Role, result: &'static str) -> u64 {
         self.handshakes
             .get_or_create(&ResultLabels { role, result })
+            .get()
+    }
+
+    /// How many connections `limit` closed unserved (for tests and status).
+    pub fn refused(&self, limit: Limit) -> u64 {
+        self.refused_connections
+            .get_or_create(&LimitLabels { limit })
             .get()
     }
 

@@ -1,16 +1,27 @@
 //! The responder: accepts `meshauth/1` handshakes and writes the reverse
 //! pair `(R, L, node X)` to the auth map.
 //!
-//! Per connection, in order: the source address must belong to a known node
-//! (else the socket is closed before any TLS); a concurrency permit must be
-//! free (else closed, counted in `refused_concurrency`); the ClientHello must
+//! Per connection, in order: the source address must hold fewer than
+//! `max_per_source` connections and fewer than `max_concurrent` handshakes
+//! must run (else the connection is closed at once, counted in
+//! `connections_refused_total{limit}`); the source address must belong to a
+//! known node (else the socket is closed before any TLS); the ClientHello must
 //! name `<R>.<td>` by SNI, offer ALPN `meshauth/1`, and `R` must have a local
 //! endpoint and a valid SVID here (else an `access_denied` alert); then TLS
 //! 1.3 with a mandatory client SVID of a known identity `L`; then the message
-//! exchange. The whole of it is bounded by the handshake timeout.
+//! exchange. The TLS handshake (first byte to Finished) is bounded by the
+//! short TLS timeout, the whole of it by the handshake timeout, so a peer
+//! that sends nothing, or one byte at a time, holds its slot briefly.
+//!
+//! Refusals are counted in metrics every time and logged at most once per
+//! peer address and interval ([`LogThrottle`]).
+//!
+//! On shutdown the listener closes, handshakes in flight get the drain
+//! period to finish, and those still running are then cancelled (outcome
+//! `shutting_down`); [`HandshakeServer::run`] returns when all have ended.
 
-use std::collections::HashSet;
-use std::net::SocketAddr;
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -20,15 +31,19 @@ use rustls::sign::CertifiedKey;
 use svid_cache::{ServerCertResolver, SpiffeClientVerifier, SvidCache};
 use tokio::io::AsyncWriteExt as _;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, broadcast, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, watch};
 use tokio_rustls::LazyConfigAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument as _, debug, info, info_span, warn};
 
-use super::metrics::{Metrics, Role};
+use super::metrics::{Limit, Metrics, Role};
 use super::protocol::{self, Hello, Message, ProtocolError};
-use super::{ALPN, DEFAULT_MAX_CONCURRENT, DEFAULT_TIMEOUT, HandshakeError};
+use super::throttle::{DEFAULT_MAX_PEERS, LogThrottle};
+use super::{
+    ALPN, DEFAULT_MAX_CONCURRENT, DEFAULT_MAX_PER_SOURCE, DEFAULT_REFUSAL_LOG_INTERVAL,
+    DEFAULT_TIMEOUT, DEFAULT_TLS_TIMEOUT, HandshakeError,
+};
 use crate::auth::store::{AuthStore, Pair};
 use crate::nodes::NodeTable;
 
@@ -48,8 +63,19 @@ pub struct ServerOptions {
     pub store: Arc<dyn AuthStore>,
     /// Bound on TLS plus the message exchange.
     pub handshake_timeout: Duration,
+    /// Bound on the TLS handshake alone (first byte of the ClientHello to
+    /// Finished); shorter than `handshake_timeout`.
+    pub tls_timeout: Duration,
     /// Handshakes served at once; connections beyond it are closed.
     pub max_concurrent: usize,
+    /// Connections from one source address at once; connections beyond it
+    /// are closed.
+    pub max_per_source: usize,
+    /// A refusal is logged at most once per peer address and interval.
+    pub refusal_log_interval: Duration,
+    /// On shutdown, how long handshakes in flight may still finish before
+    /// they are cancelled.
+    pub drain_timeout: Duration,
     /// This node's WireGuard public key, when WireGuard is on.
     pub wireguard_key: Option<String>,
 }
@@ -60,15 +86,20 @@ impl std::fmt::Debug for ServerOptions {
             .field("listen", &self.listen)
             .field("local_node", &self.nodes.local_name())
             .field("handshake_timeout", &self.handshake_timeout)
+            .field("tls_timeout", &self.tls_timeout)
             .field("max_concurrent", &self.max_concurrent)
+            .field("max_per_source", &self.max_per_source)
+            .field("refusal_log_interval", &self.refusal_log_interval)
+            .field("drain_timeout", &self.drain_timeout)
             .field("wireguard", &self.wireguard_key.is_some())
             .finish_non_exhaustive()
     }
 }
 
 impl ServerOptions {
-    /// Options with the default timeout (5 s) and concurrency limit (256),
-    /// WireGuard off.
+    /// Options with the default timeouts (5 s overall, 1 s for TLS, 5 s of
+    /// drain), limits (256 at once, 16 per source address) and refusal log
+    /// interval (60 s), WireGuard off.
     pub fn new(
         listen: SocketAddr,
         cache: SvidCache,
@@ -83,7 +114,11 @@ impl ServerOptions {
             desired,
             store,
             handshake_timeout: DEFAULT_TIMEOUT,
+            tls_timeout: DEFAULT_TLS_TIMEOUT,
             max_concurrent: DEFAULT_MAX_CONCURRENT,
+            max_per_source: DEFAULT_MAX_PER_SOURCE,
+            refusal_log_interval: DEFAULT_REFUSAL_LOG_INTERVAL,
+            drain_timeout: DEFAULT_TIMEOUT,
             wireguard_key: None,
         }
     }
@@ -166,6 +201,72 @@ impl ResolvesServerCert for Refuse {
     }
 }
 
+/// Who may hold a connection: at most `per_source` per address, and at most
+/// `global` in all.
+#[derive(Debug)]
+struct Admission {
+    global: Arc<Semaphore>,
+    per_source: usize,
+    held: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// One admitted connection's share of both limits, given back on drop.
+#[derive(Debug)]
+struct Ticket {
+    admission: Arc<Admission>,
+    source: IpAddr,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Admission {
+    fn new(global: usize, per_source: usize) -> Arc<Self> {
+        Arc::new(Self {
+            global: Arc::new(Semaphore::new(global.max(1))),
+            per_source: per_source.max(1),
+            held: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Admits a connection from `source`, or names the limit it hit. The
+    /// per-source limit is checked first, so one address cannot use up the
+    /// global one.
+    fn admit(self: &Arc<Self>, source: IpAddr) -> Result<Ticket, Limit> {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        let n = held.entry(source).or_insert(0);
+        if *n >= self.per_source {
+            return Err(Limit::PerSource);
+        }
+        let Ok(permit) = self.global.clone().try_acquire_owned() else {
+            if *n == 0 {
+                held.remove(&source);
+            }
+            return Err(Limit::Global);
+        };
+        *n += 1;
+        Ok(Ticket {
+            admission: self.clone(),
+            source,
+            _permit: permit,
+        })
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        let mut held = self
+            .admission
+            .held
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = held.get_mut(&self.source) {
+            *n -= 1;
+            if *n == 0 {
+                held.remove(&self.source);
+            }
+        }
+    }
+}
+
 struct Shared {
     opts: ServerOptions,
     local_name: String,
@@ -174,7 +275,8 @@ struct Shared {
     refuse: Arc<rustls::ServerConfig>,
     metrics: Metrics,
     outcomes: broadcast::Sender<Arc<Outcome>>,
-    permits: Arc<Semaphore>,
+    admission: Arc<Admission>,
+    log_throttle: LogThrottle,
 }
 
 /// The `meshauth/1` responder, bound and ready to [`run`](Self::run).
@@ -226,7 +328,8 @@ impl HandshakeServer {
         Ok(Self {
             listener,
             shared: Arc::new(Shared {
-                permits: Arc::new(Semaphore::new(opts.max_concurrent.max(1))),
+                admission: Admission::new(opts.max_concurrent, opts.max_per_source),
+                log_throttle: LogThrottle::new(opts.refusal_log_interval, DEFAULT_MAX_PEERS),
                 opts,
                 local_name,
                 view,
@@ -250,15 +353,19 @@ impl HandshakeServer {
         self.shared.outcomes.subscribe()
     }
 
-    /// Serves until `shutdown` is cancelled, then stops accepting and waits
-    /// for the handshakes in flight (each bounded by the handshake timeout).
+    /// Serves until `shutdown` is cancelled, then closes the listener, lets
+    /// the handshakes in flight finish for up to the drain timeout, cancels
+    /// those still running, and returns once every one has ended.
     pub async fn run(self, shutdown: CancellationToken) {
         let tasks = TaskTracker::new();
-        info!(addr = %self.local_addr(), node = %self.shared.local_name, "handshake server listening");
+        let cancel = CancellationToken::new();
+        let Self { listener, shared } = self;
+        let addr = listener.local_addr().unwrap_or(shared.opts.listen);
+        info!(%addr, node = %shared.local_name, "handshake server listening");
         loop {
             let (tcp, peer) = tokio::select! {
                 _ = shutdown.cancelled() => break,
-                accepted = self.listener.accept() => match accepted {
+                accepted = listener.accept() => match accepted {
                     Ok(a) => a,
                     Err(e) => {
                         // EMFILE and friends: back off briefly instead of spinning.
@@ -268,26 +375,35 @@ impl HandshakeServer {
                     }
                 },
             };
-            let Ok(permit) = self.shared.permits.clone().try_acquire_owned() else {
-                self.shared.metrics.refused_concurrency.inc();
-                let limit = self.shared.opts.max_concurrent;
-                warn!(peer.addr = %peer, limit, "handshake concurrency limit reached; closing the connection");
-                drop(tcp);
-                self.shared.publish(Outcome {
-                    peer,
-                    result: Err(HandshakeError::Overloaded { limit, peer }),
-                });
-                continue;
+            shared.metrics.accepted.inc();
+            let ticket = match shared.admission.admit(peer.ip()) {
+                Ok(t) => t,
+                Err(limit) => {
+                    drop(tcp);
+                    shared.refuse_unserved(peer, limit);
+                    continue;
+                }
             };
-            let shared = self.shared.clone();
+            let (shared, cancel) = (shared.clone(), cancel.clone());
             tasks.spawn(async move {
-                shared.serve(tcp, peer).await;
-                drop(permit);
+                shared.serve(tcp, peer, cancel).await;
+                drop(ticket);
             });
         }
+        // New connections are refused by the kernel from here on.
+        drop(listener);
         tasks.close();
-        tasks.wait().await;
-        info!(node = %self.shared.local_name, "handshake server stopped");
+        let drain = shared.opts.drain_timeout;
+        if tokio::time::timeout(drain, tasks.wait()).await.is_err() {
+            info!(
+                in_flight = tasks.len(),
+                ?drain,
+                "handshakes still in flight after the drain period; cancelling them"
+            );
+            cancel.cancel();
+            tasks.wait().await;
+        }
+        info!(node = %shared.local_name, "handshake server stopped");
     }
 
     /// Spawns [`run`](Self::run) on the current runtime.
@@ -301,7 +417,32 @@ impl Shared {
         let _ = self.outcomes.send(Arc::new(outcome));
     }
 
-    async fn serve(&self, tcp: TcpStream, peer: SocketAddr) {
+    /// A connection closed at accept because `limit` was reached.
+    fn refuse_unserved(&self, peer: SocketAddr, limit: Limit) {
+        self.metrics
+            .refused_connections
+            .get_or_create(&super::metrics::LimitLabels { limit })
+            .inc();
+        let error = match limit {
+            Limit::PerSource => HandshakeError::SourceOverloaded {
+                limit: self.opts.max_per_source,
+                peer,
+            },
+            Limit::Global => HandshakeError::Overloaded {
+                limit: self.opts.max_concurrent,
+                peer,
+            },
+        };
+        if let Some(suppressed) = self.log_throttle.allow(peer.ip()) {
+            warn!(peer.addr = %peer, reason = error.label(), error = %error, suppressed, "connection limit reached; connection closed unserved");
+        }
+        self.publish(Outcome {
+            peer,
+            result: Err(error),
+        });
+    }
+
+    async fn serve(&self, tcp: TcpStream, peer: SocketAddr, cancel: CancellationToken) {
         let started = Instant::now();
         let _in_flight = self.metrics.in_flight(Role::Responder);
         let span = info_span!("handshake", role = "responder", peer.addr = %peer);
@@ -312,9 +453,12 @@ impl Shared {
             };
             let _ = tcp.set_nodelay(true);
             let after = self.opts.handshake_timeout;
-            tokio::time::timeout(after, self.exchange(tcp, node_id, node))
-                .await
-                .unwrap_or(Err(HandshakeError::Timeout { peer, after }))
+            tokio::select! {
+                _ = cancel.cancelled() => Err(HandshakeError::ShuttingDown { peer }),
+                r = tokio::time::timeout(after, self.exchange(tcp, peer, node_id, node)) => {
+                    r.unwrap_or(Err(HandshakeError::Timeout { peer, after }))
+                }
+            }
         }
         .instrument(span.clone())
         .await;
@@ -326,7 +470,16 @@ impl Shared {
                 stored = a.stored, took_us = took.as_micros() as u64,
                 "handshake accepted"
             ),
-            Err(e) => info!(reason = e.label(), error = %e, "handshake refused"),
+            Err(e) => {
+                if let Some(suppressed) = self.log_throttle.allow(peer.ip()) {
+                    info!(
+                        reason = e.label(),
+                        error = %e,
+                        suppressed,
+                        "handshake refused"
+                    );
+                }
+            }
         }
         self.metrics.record(
             Role::Responder,
@@ -370,26 +523,39 @@ impl Shared {
     async fn exchange(
         &self,
         tcp: TcpStream,
+        peer: SocketAddr,
         node_id: u16,
         node: NodeInfo,
     ) -> Result<Accepted, HandshakeError> {
-        let start = LazyConfigAcceptor::new(Acceptor::default(), tcp)
-            .await
-            .map_err(|e| HandshakeError::from_io("reading the ClientHello", e))?;
+        let tls_after = self.opts.tls_timeout;
+        let tls_deadline = tokio::time::Instant::now() + tls_after;
+        let tls_timeout = |_| HandshakeError::TlsTimeout {
+            peer,
+            after: tls_after,
+        };
+        let start = tokio::time::timeout_at(
+            tls_deadline,
+            LazyConfigAcceptor::new(Acceptor::default(), tcp),
+        )
+        .await
+        .map_err(tls_timeout)?
+        .map_err(|e| HandshakeError::from_io("reading the ClientHello", e))?;
         let svid = match self.choose(&start.client_hello()) {
             Ok(svid) => svid,
             Err(refusal) => {
                 // Let rustls send the alert; the refusal is what we report.
-                let _ = start.into_stream(self.refuse.clone()).await;
+                let _ =
+                    tokio::time::timeout_at(tls_deadline, start.into_stream(self.refuse.clone()))
+                        .await;
                 return Err(refusal);
             }
         };
         let r = svid.identity();
         let mut config = self.template.clone();
         config.cert_resolver = Arc::new(Fixed(svid.certified_key().clone()));
-        let mut tls = start
-            .into_stream(Arc::new(config))
+        let mut tls = tokio::time::timeout_at(tls_deadline, start.into_stream(Arc::new(config)))
             .await
+            .map_err(tls_timeout)?
             .map_err(|e| HandshakeError::from_io("TLS handshake", e))?;
         let conn = tls.get_ref().1;
         if conn.alpn_protocol() != Some(ALPN) {

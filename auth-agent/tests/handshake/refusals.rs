@@ -455,7 +455,10 @@ async fn excess_connections_are_closed_and_idle_ones_time_out() {
         "overloaded"
     );
     assert_eq!(o.peer, second.local_addr().expect("addr"));
-    assert_eq!(resp.metrics.refused_concurrency.get(), 1);
+    assert_eq!(
+        resp.metrics.refused(auth_agent::handshake::Limit::Global),
+        1
+    );
     let o = resp.next_outcome("idle connection").await;
     assert_eq!(o.peer, idle.local_addr().expect("addr"));
     let e = o.result.as_ref().unwrap_err();
@@ -467,5 +470,86 @@ async fn excess_connections_are_closed_and_idle_ones_time_out() {
         .handshake(L, R, &node_info("node-b", B_IP, None))
         .await
         .unwrap_or_else(|e| panic!("handshake after the limit cleared: {e}"));
+    resp.stop().await;
+}
+
+/// Log lines written through a subscriber the test owns.
+#[derive(Clone, Default)]
+struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    fn lines(&self, containing: &str) -> Vec<String> {
+        let bytes = self.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        String::from_utf8_lossy(&bytes)
+            .lines()
+            .filter(|l| l.contains(containing))
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+// A current-thread runtime: the responder's tasks run on this thread, under
+// the subscriber set here.
+#[tokio::test(flavor = "current_thread")]
+async fn refusals_from_one_peer_are_logged_once_per_interval_and_always_counted() {
+    const N: usize = 50;
+    let logs = Captured::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::INFO)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let ca = Ca::root("meshauth test CA");
+    let r = ca.svid(R, HOUR);
+    let mut resp = Responder::start(cache_with(&ca, &[&r]), desired(None, None), |o| {
+        // Far longer than the test: every refusal below falls in one interval.
+        o.refusal_log_interval = Duration::from_secs(3600);
+    })
+    .await;
+    for i in 0..N {
+        let mut tcp = tcp_from(A_IP, resp.addr).await;
+        tcp.write_all(b"GET / HTTP/1.1\r\n\r\n")
+            .await
+            .expect("write");
+        let o = resp.next_outcome(&format!("refusal {i}")).await;
+        assert_eq!(o.result.as_ref().map_err(|e| e.label()).unwrap_err(), "tls");
+    }
+    // Another peer gets its own line.
+    let _stranger = tcp_from(STRANGER_IP, resp.addr).await;
+    let o = resp.next_outcome("stranger").await;
+    assert_eq!(o.peer.ip(), STRANGER_IP);
+
+    assert_eq!(
+        resp.metrics.count(Role::Responder, "tls"),
+        N as u64,
+        "every refusal is counted"
+    );
+    let refused = logs.lines("handshake refused");
+    assert_eq!(
+        refused.len(),
+        2,
+        "one line for node-a's {N} refusals and one for the stranger's:\n{}",
+        refused.join("\n")
+    );
+    assert!(
+        refused[0].contains("127.0.0.1") && refused[1].contains("127.0.0.9"),
+        "{refused:#?}"
+    );
     resp.stop().await;
 }

@@ -38,6 +38,9 @@ pub struct DelegatedIdentityConfig {
     pub selectors: Vec<(String, String)>,
     /// Reconnect timing.
     pub backoff: BackoffConfig,
+    /// Bound on connecting to the socket and opening the stream(s); a
+    /// source that does not answer in time is retried with backoff.
+    pub connect_timeout: std::time::Duration,
     /// Largest message accepted from the agent.
     pub max_message_bytes: usize,
 }
@@ -49,6 +52,7 @@ impl DelegatedIdentityConfig {
             socket_path: socket_path.into(),
             selectors,
             backoff: BackoffConfig::default(),
+            connect_timeout: super::DEFAULT_CONNECT_TIMEOUT,
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
         }
     }
@@ -81,6 +85,7 @@ pub fn spawn_delegated_identity(
         connector,
         cache,
         config.backoff,
+        config.connect_timeout,
         shutdown,
     )
 }

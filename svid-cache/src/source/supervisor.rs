@@ -3,7 +3,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use futures::StreamExt;
 use futures::stream::BoxStream;
@@ -33,6 +33,7 @@ pub(crate) fn spawn<C: Connector>(
     connector: C,
     cache: SvidCache,
     backoff: BackoffConfig,
+    connect_timeout: Duration,
     shutdown: CancellationToken,
 ) -> SourceHandle {
     let (tx, rx) = watch::channel(SourceStatus::default());
@@ -42,6 +43,7 @@ pub(crate) fn spawn<C: Connector>(
         cache,
         status: tx,
         backoff: Backoff::new(backoff),
+        connect_timeout,
     };
     let task = tokio::spawn(worker.run(shutdown).instrument(span));
     SourceHandle::new(name, rx, task)
@@ -52,6 +54,7 @@ struct Worker<C> {
     cache: SvidCache,
     status: watch::Sender<SourceStatus>,
     backoff: Backoff,
+    connect_timeout: Duration,
 }
 
 impl<C: Connector> Worker<C> {
@@ -76,9 +79,19 @@ impl<C: Connector> Worker<C> {
 
     /// Runs one session until it ends; returns why.
     async fn session(&mut self, sessions: u64) -> SourceError {
-        let mut stream = match self.connector.connect().await {
-            Ok(s) => s,
-            Err(e) => return e,
+        // A peer that accepts (or leaves the connection queued) and never
+        // answers would otherwise hold the source here forever.
+        let after = self.connect_timeout;
+        let mut stream = match tokio::time::timeout(after, self.connector.connect()).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return e,
+            Err(_) => {
+                return SourceError::ConnectTimeout {
+                    call: C::CALL,
+                    path: self.connector.path().to_owned(),
+                    after,
+                };
+            }
         };
         // The server accepted the stream(s): it speaks the protocol.
         self.connected(sessions > 0);

@@ -35,6 +35,9 @@ pub struct WorkloadApiConfig {
     pub socket_path: PathBuf,
     /// Reconnect timing.
     pub backoff: BackoffConfig,
+    /// Bound on connecting to the socket and opening the stream(s); a
+    /// source that does not answer in time is retried with backoff.
+    pub connect_timeout: std::time::Duration,
     /// Largest message accepted from the agent.
     pub max_message_bytes: usize,
 }
@@ -45,6 +48,7 @@ impl WorkloadApiConfig {
         Self {
             socket_path: socket_path.into(),
             backoff: BackoffConfig::default(),
+            connect_timeout: super::DEFAULT_CONNECT_TIMEOUT,
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
         }
     }
@@ -65,7 +69,14 @@ pub fn spawn_workload_api(
         path: config.socket_path,
         max_message_bytes: config.max_message_bytes,
     };
-    supervisor::spawn("workload_api", connector, cache, config.backoff, shutdown)
+    supervisor::spawn(
+        "workload_api",
+        connector,
+        cache,
+        config.backoff,
+        config.connect_timeout,
+        shutdown,
+    )
 }
 
 struct WorkloadConnector {
