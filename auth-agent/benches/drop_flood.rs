@@ -102,11 +102,8 @@ fn run(name: &'static str, config: DatapathConfig, many_flows: bool, rate: u64, 
                 let start = thread_cpu();
                 let mut n = 0u64;
                 while !stop.load(Ordering::Relaxed) {
-                    let batch = tokio::time::timeout(
-                        Duration::from_millis(100),
-                        events.next_batch(),
-                    )
-                    .await;
+                    let batch =
+                        tokio::time::timeout(Duration::from_millis(100), events.next_batch()).await;
                     if let Ok(batch) = batch {
                         for e in &batch.unwrap() {
                             hub.push(to_record(e, &state, "node-a"));
@@ -168,7 +165,12 @@ fn run(name: &'static str, config: DatapathConfig, many_flows: bool, rate: u64, 
 }
 
 fn main() {
-    let env = |k: &str, d: u64| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
+    let env = |k: &str, d: u64| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
     let rate = env("RATE", 100_000);
     let secs = env("SECS", 3);
     let before = DatapathConfig {
@@ -178,8 +180,20 @@ fn main() {
     };
     let rows = [
         run("baseline: an event per drop", before, false, rate, secs),
-        run("rate-limited, one flow", DatapathConfig::default(), false, rate, secs),
-        run("rate-limited, a new flow per batch", DatapathConfig::default(), true, rate, secs),
+        run(
+            "rate-limited, one flow",
+            DatapathConfig::default(),
+            false,
+            rate,
+            secs,
+        ),
+        run(
+            "rate-limited, a new flow per batch",
+            DatapathConfig::default(),
+            true,
+            rate,
+            secs,
+        ),
     ];
     println!(
         "Drop flood at {rate} packets/s for {secs} s (batches of {BATCH}), agent flow pipeline CPU"
