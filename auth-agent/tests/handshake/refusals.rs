@@ -447,7 +447,16 @@ async fn excess_connections_are_closed_and_idle_ones_time_out() {
     })
     .await;
     let idle = tcp_from(A_IP, resp.addr).await;
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // The first connection holds the one slot once the server accepted it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while resp.metrics.accepted.get() < 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the server never accepted the first connection"
+        );
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let second = tcp_from(A_IP, resp.addr).await;
     let o = resp.next_outcome("second connection").await;
     assert_eq!(
