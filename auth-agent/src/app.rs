@@ -353,6 +353,10 @@ async fn run_inner(
                 source,
             })?;
     }
+    // One agent per node: the API socket is taken first, so a second agent
+    // is refused before it touches the first one's datapath, pins or state.
+    let (api, guard) = crate::api::socket::bind_guarded(&config.api_socket)?;
+    *api_socket = Some(guard);
     let ready = Arc::new(Readiness::default());
     let live = Arc::new(Liveness::default());
     let counts = Arc::new(Counts::default());
@@ -455,8 +459,6 @@ async fn run_inner(
         counts: counts.clone(),
         hub: hub.clone(),
     });
-    let (api, guard) = crate::api::socket::bind_guarded(&config.api_socket)?;
-    *api_socket = Some(guard);
     tasks.spawn(
         "api",
         Stop::Token,
