@@ -99,6 +99,52 @@ async fn health_metrics_and_a_graceful_restart_that_loses_nothing() {
         .await
         .unwrap();
 
+    // A second agent on node-b is refused at its API socket, before it
+    // touches the running agent's datapath (loading would rewrite the
+    // config map and bump its generation).
+    let paths = tb.paths("node-b");
+    let generation = || {
+        auth_ebpf::maps::config::ConfigMap::open(&paths.pin_dir)
+            .expect("config map")
+            .generation()
+            .expect("generation")
+    };
+    let gen_before = generation();
+    let out = Command::new(env!("CARGO_BIN_EXE_meshauth"))
+        .arg("agent")
+        .args(["--node-name", "node-b", "--policy-source"])
+        .arg(tb.manifests())
+        .arg("--bpf-pin-dir")
+        .arg(&paths.pin_dir)
+        .arg("--pods-cgroup")
+        .arg(&tb.node("node-b").unwrap().pods_cgroup)
+        .arg("--api-socket")
+        .arg(&paths.api_socket)
+        .arg("--state-dir")
+        .arg(&paths.state_dir)
+        .args([
+            "--handshake-listen",
+            "127.0.0.1:14250",
+            "--metrics-listen",
+            "127.0.0.1:19964",
+        ])
+        .output()
+        .expect("running a second agent");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "a second agent must not start: {err}"
+    );
+    assert!(
+        err.contains("another meshauth agent"),
+        "the refusal names the reason: {err}"
+    );
+    assert_eq!(
+        generation(),
+        gen_before,
+        "the second agent did not reload the running agent's datapath"
+    );
+
     let (code, body) = tb.http_get("node-b", "/readyz").unwrap();
     assert_eq!(code, 200, "{body}");
     assert!(body.contains("policy synced: true"), "{body}");
