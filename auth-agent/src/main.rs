@@ -5,7 +5,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use auth_agent::api::ApiClient;
-use auth_agent::cli::{self, AgentArgs, ObserveArgs};
+use auth_agent::cli::{self, ObserveArgs};
+use auth_agent::flags::AgentArgs;
 use clap::{Parser, Subcommand};
 
 const DEFAULT_API_SOCKET: &str = "/var/run/meshauth/agent.sock";
@@ -148,27 +149,7 @@ enum PolicyCommand {
     },
 }
 
-fn init_logs(default: &str, json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("MESHAUTH_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json { b.json().init() } else { b.init() }
-}
-
-/// One glibc malloc arena. By default every thread that allocates
-/// gets its own arena and keeps what it freed: the agent's short bursts on
-/// runtime and blocking threads (the first policy compile) left ~30 MiB
-/// resident for good at 1,000 identities (BENCHMARKS.md, agent memory).
-#[allow(unsafe_code)]
-fn limit_malloc_arenas() {
-    // SAFETY: mallopt only sets allocator parameters; called before any
-    // thread is started, with a documented parameter and value.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 1);
-    }
-}
+use auth_agent::daemon::{init_logs, limit_malloc_arenas};
 
 fn main() -> ExitCode {
     limit_malloc_arenas();
@@ -212,26 +193,8 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Agent(args) => {
-            let config = match args.build() {
-                Ok(c) => c,
-                Err(e) => return fail("agent", &e),
-            };
-            init_logs(
-                "info",
-                config.log_format == auth_agent::config::LogFormat::Json,
-            );
-            runtime.block_on(async {
-                let token = tokio_util::sync::CancellationToken::new();
-                let t = token.clone();
-                tokio::spawn(async move {
-                    auth_agent::app::wait_for_signal().await;
-                    t.cancel();
-                });
-                match auth_agent::app::run(config, token).await {
-                    Ok(()) => ExitCode::SUCCESS,
-                    Err(e) => fail("agent", &e),
-                }
-            })
+            drop(runtime);
+            auth_agent::daemon::main("meshauth agent", &args)
         }
         Command::Status(api) => {
             init_logs("error", false);

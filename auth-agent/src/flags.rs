@@ -1,0 +1,147 @@
+//! `meshauth-agent` flags. Each overrides its environment variable, which
+//! overrides the file (`--config`); the layering and validation are in
+//! [`crate::config`].
+
+/// `meshauth-agent` flags: each overrides its environment variable, which
+/// overrides the file (`--config`). See [`crate::config`].
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct AgentArgs {
+    /// YAML configuration file (every key optional, camelCase).
+    #[arg(long, env = "MESHAUTH_CONFIG")]
+    pub config: Option<std::path::PathBuf>,
+    /// This node's name [env NODE_NAME].
+    #[arg(long)]
+    pub node_name: Option<String>,
+    /// SPIFFE trust domain [env MESHAUTH_TRUST_DOMAIN; default meshauth.local].
+    #[arg(long)]
+    pub trust_domain: Option<String>,
+    /// `workload` (SPIFFE Workload API) or `delegated` (SPIRE Delegated Identity API).
+    #[arg(long)]
+    pub identity_source: Option<String>,
+    /// SPIRE socket [env SPIFFE_ENDPOINT_SOCKET; default unix:///run/spire/sockets/agent.sock].
+    #[arg(long)]
+    pub spire_socket: Option<String>,
+    /// Delegated Identity API selector `type:value` (repeatable).
+    #[arg(long)]
+    pub spire_selector: Vec<String>,
+    /// `kubernetes` or a manifest directory.
+    #[arg(long)]
+    pub policy_source: Option<String>,
+    /// How often a manifest directory is re-read (e.g. 1s).
+    #[arg(long)]
+    pub policy_poll_interval: Option<String>,
+    /// bpffs directory for pins [default /sys/fs/bpf/meshauth].
+    #[arg(long)]
+    pub bpf_pin_dir: Option<String>,
+    /// The pods' cgroup v2 directory, or `auto`.
+    #[arg(long)]
+    pub pods_cgroup: Option<String>,
+    /// `enforce` or `audit`.
+    #[arg(long)]
+    pub mode: Option<String>,
+    /// Handshake server address [default 0.0.0.0:4250].
+    #[arg(long)]
+    pub handshake_listen: Option<String>,
+    /// Handshake connect timeout (e.g. 5s).
+    #[arg(long)]
+    pub connect_timeout: Option<String>,
+    /// Handshake timeout (e.g. 5s).
+    #[arg(long)]
+    pub handshake_timeout: Option<String>,
+    /// Bound on the responder's TLS handshake alone (e.g. 1s); at most the
+    /// handshake timeout.
+    #[arg(long)]
+    pub handshake_tls_timeout: Option<String>,
+    /// Handshakes served at once.
+    #[arg(long)]
+    pub max_concurrent_handshakes: Option<String>,
+    /// Connections the responder holds from one source address at once.
+    #[arg(long)]
+    pub max_handshakes_per_source: Option<String>,
+    /// On shutdown, how long in-flight handshakes and tasks may take (e.g. 5s).
+    #[arg(long)]
+    pub shutdown_grace: Option<String>,
+    /// Metrics and health address [default 0.0.0.0:9964].
+    #[arg(long)]
+    pub metrics_listen: Option<String>,
+    /// Local API socket [default /var/run/meshauth/agent.sock].
+    #[arg(long)]
+    pub api_socket: Option<String>,
+    /// State directory (node ids, identity allocation).
+    #[arg(long)]
+    pub state_dir: Option<String>,
+    /// Re-authenticate at this fraction of a pair's lifetime.
+    #[arg(long)]
+    pub reauth_fraction: Option<String>,
+    /// Expired-entry sweep schedule (cron, 6 fields).
+    #[arg(long)]
+    pub sweep_cron: Option<String>,
+    /// How long a freed identity number is not given to another label set
+    /// (at least the longest SVID TTL plus margin) [default 90m].
+    #[arg(long)]
+    pub identity_quarantine: Option<String>,
+    /// WireGuard: true or false.
+    #[arg(long)]
+    pub wireguard: Option<String>,
+    /// Traffic of pod addresses not known yet: `pass` (not enforced) or
+    /// `drop` (strict: 133 "Policy denied" until the agent knows the pod).
+    #[arg(long)]
+    pub unknown_pods: Option<String>,
+    /// Check that each pod sends only from its own addresses (132 "Invalid
+    /// source ip" otherwise): true (default) or false.
+    #[arg(long)]
+    pub source_check: Option<String>,
+    /// `plain` or `json`.
+    #[arg(long)]
+    pub log_format: Option<String>,
+}
+
+impl AgentArgs {
+    /// The configuration these flags, the environment and the file give.
+    pub fn build(&self) -> Result<crate::config::Config, crate::config::ConfigErrors> {
+        let mut flags: Vec<(&'static str, String)> = Vec::new();
+        let mut put = |k: &'static str, v: &Option<String>| {
+            if let Some(v) = v {
+                flags.push((k, v.clone()));
+            }
+        };
+        put("node-name", &self.node_name);
+        put("trust-domain", &self.trust_domain);
+        put("identity-source", &self.identity_source);
+        put("spire-socket", &self.spire_socket);
+        put("policy-source", &self.policy_source);
+        put("policy-poll-interval", &self.policy_poll_interval);
+        put("bpf-pin-dir", &self.bpf_pin_dir);
+        put("pods-cgroup", &self.pods_cgroup);
+        put("mode", &self.mode);
+        put("handshake-listen", &self.handshake_listen);
+        put("connect-timeout", &self.connect_timeout);
+        put("handshake-timeout", &self.handshake_timeout);
+        put("max-concurrent-handshakes", &self.max_concurrent_handshakes);
+        put("handshake-tls-timeout", &self.handshake_tls_timeout);
+        put("max-handshakes-per-source", &self.max_handshakes_per_source);
+        put("shutdown-grace", &self.shutdown_grace);
+        put("metrics-listen", &self.metrics_listen);
+        put("api-socket", &self.api_socket);
+        put("state-dir", &self.state_dir);
+        put("reauth-fraction", &self.reauth_fraction);
+        put("sweep-cron", &self.sweep_cron);
+        put("identity-quarantine", &self.identity_quarantine);
+        put("wireguard", &self.wireguard);
+        put("unknown-pods", &self.unknown_pods);
+        put("source-check", &self.source_check);
+        put("log-format", &self.log_format);
+        if !self.spire_selector.is_empty() {
+            flags.push(("spire-selector", self.spire_selector.join(",")));
+        }
+        let file = match &self.config {
+            Some(p) => Some((p.clone(), crate::config::read_file(p)?)),
+            None => None,
+        };
+        crate::config::build(&crate::config::Layers {
+            flags,
+            env: std::env::vars().collect(),
+            file,
+        })
+    }
+}
