@@ -12,10 +12,11 @@
 
 pub mod client;
 pub mod flows;
+pub mod render;
 pub mod server;
 pub mod socket;
 pub mod types;
 
-pub use client::{ApiClient, ApiError};
+pub use client::{ApiClient, ApiError, ObserveArgs, observe, policy_status_live};
 pub use flows::{FlowFilter, FlowHub};
 pub use server::Backend;

@@ -11,7 +11,7 @@ use auth_agent::api::types::{
     PolicySummary, Readiness, SpireStatus,
 };
 use auth_agent::api::{ApiClient, ApiError, Backend, FlowHub};
-use auth_agent::cli::{ObserveArgs, observe};
+use auth_agent::api::{ObserveArgs, observe};
 use auth_ebpf::events::FlowEvent;
 use auth_ebpf::types::Direction;
 use tokio::io::AsyncWriteExt as _;
@@ -131,7 +131,7 @@ async fn status_round_trips_and_errors_name_what_failed() {
     let (dir, api, _hub, token) = start().await;
     let s: AgentStatus = api.get_json("/v1/status").await.unwrap();
     assert_eq!(s, status());
-    let text = auth_agent::cli::render_status(&s);
+    let text = auth_agent::api::render::render_status(&s);
     assert!(text.contains("Ready:       NO"), "{text}");
     assert!(text.contains("SPIRE answered: NO"), "{text}");
     assert!(text.contains("OUTAGE"), "{text}");
@@ -415,7 +415,7 @@ mod socket {
     #[tokio::test]
     async fn a_directory_others_can_write_to_or_owned_by_someone_else_is_refused() {
         assert!(
-            auth_agent::testbed::is_root(),
+            rustix::process::geteuid().is_root(),
             "this test needs root (chown)"
         );
         let (dir, sock) = run_dir();

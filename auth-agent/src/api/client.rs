@@ -156,3 +156,71 @@ impl ApiClient {
         Ok(())
     }
 }
+
+/// `meshauth policy status` against a running agent: what it enforces now.
+/// Returns the report and whether no policy is rejected.
+pub async fn policy_status_live(api: &ApiClient, json: bool) -> Result<(String, bool), ApiError> {
+    let text = api
+        .get_text(if json {
+            "/v1/policies?o=json"
+        } else {
+            "/v1/policies?o=text"
+        })
+        .await?;
+    let rejected = if json {
+        serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|v| v.as_array().cloned())
+            .is_some_and(|a| a.iter().any(|p| p["verdict"] == "rejected"))
+    } else {
+        text.lines().any(|l| l.contains("rejected"))
+    };
+    Ok((text, !rejected))
+}
+
+/// `meshauth observe`: prints flows (text lines or Hubble-style JSON)
+/// until the agent closes the stream, `limit` flows were printed, or the
+/// output goes away.
+pub async fn observe(
+    api: &ApiClient,
+    filter: &ObserveArgs,
+    mut out: impl std::io::Write,
+) -> Result<(), ApiError> {
+    let mut path = format!("/v1/flows?last={}", filter.last);
+    if let Some(v) = &filter.verdict {
+        path.push_str(&format!("&verdict={}", v.to_ascii_uppercase()));
+    }
+    if let Some(id) = filter.identity {
+        path.push_str(&format!("&identity={id}"));
+    }
+    if filter.follow {
+        path.push_str("&follow=true");
+    }
+    api.stream_lines(&path, |line| {
+        let text = if filter.json {
+            line.to_string()
+        } else {
+            match serde_json::from_str::<super::types::FlowRecord>(line) {
+                Ok(r) => super::flows::render_line(&r),
+                Err(_) => line.to_string(),
+            }
+        };
+        writeln!(out, "{text}").is_ok() && out.flush().is_ok()
+    })
+    .await
+}
+
+/// What `meshauth observe` asks for.
+#[derive(Debug, Clone, Default)]
+pub struct ObserveArgs {
+    /// `DROPPED`, `FORWARDED` or `AUDIT`.
+    pub verdict: Option<String>,
+    /// Only flows of this identity.
+    pub identity: Option<u32>,
+    /// How many past flows to print first.
+    pub last: usize,
+    /// Keep streaming new flows.
+    pub follow: bool,
+    /// Hubble-style JSON, one flow per line.
+    pub json: bool,
+}

@@ -37,6 +37,9 @@ pub enum FilesError {
     /// The identity state file failed.
     #[error(transparent)]
     Identity(#[from] IdentityError),
+    /// The status report could not be encoded as JSON.
+    #[error(transparent)]
+    Status(#[from] crate::status::StatusError),
 }
 
 /// Settings of the directory source.
@@ -335,4 +338,38 @@ pub fn spawn(cfg: FilesConfig) -> Result<(Subscription, JoinHandle<()>), FilesEr
         }
     });
     Ok((sub, task))
+}
+
+/// `meshauth policy status --dir DIR`: what meshauth makes of every policy
+/// in a manifest directory (the same compiler the agent runs), as text or
+/// JSON. Returns the report and whether every policy was accepted or
+/// partially enforced (none rejected, every file readable), so scripts and
+/// CI can fail on a rejected policy.
+pub fn status_report(dir: &Path, json: bool) -> Result<(String, bool), FilesError> {
+    use crate::Verdict;
+    use crate::status::{StatusError, render_json, render_text};
+    let mut source = FilesSource::new(FilesConfig::new(dir))?;
+    source.sync()?;
+    let statuses = source.engine().status();
+    let load_errors = source.errors().to_vec();
+    let clean = load_errors.is_empty() && statuses.iter().all(|s| s.verdict != Verdict::Rejected);
+    let report = if json {
+        let policies: serde_json::Value =
+            serde_json::from_str(&render_json(&statuses)?).map_err(StatusError::Json)?;
+        serde_json::to_string_pretty(&serde_json::json!({
+            "policies": policies,
+            "load_errors": load_errors,
+        }))
+        .map_err(StatusError::Json)?
+    } else {
+        let mut out = render_text(&statuses);
+        for e in &load_errors {
+            out.push_str(&format!("load error: {e}\n"));
+        }
+        if statuses.is_empty() && load_errors.is_empty() {
+            out.push_str(&format!("no policies in {}\n", dir.display()));
+        }
+        out
+    };
+    Ok((report, clean))
 }

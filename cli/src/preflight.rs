@@ -203,7 +203,7 @@ pub struct Options {
 impl Default for Options {
     fn default() -> Self {
         Self {
-            spire_socket: PathBuf::from(crate::config::DEFAULT_SPIRE_SOCKET),
+            spire_socket: PathBuf::from(auth_agent::config::DEFAULT_SPIRE_SOCKET),
             pods_cgroup: None,
             handshake_port: 4250,
             metrics_port: 9964,

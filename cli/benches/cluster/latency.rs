@@ -9,8 +9,8 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use auth_agent::lab::{PodInfo, PodProcess, Proto};
-use auth_agent::testbed::Testbed;
+use meshauth_lab::testbed::Testbed;
+use meshauth_lab::{PodInfo, PodProcess, Proto};
 
 use crate::stats::{range, summarize};
 use crate::{Settings, wait_status};

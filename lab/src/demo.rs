@@ -10,10 +10,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::api::flows::render_line;
-use crate::api::types::{AuthEntry, FlowRecord};
-use crate::lab::PodProcess;
+use crate::PodProcess;
 use crate::testbed::{Testbed, TestbedOptions, is_root};
+use auth_agent::api::flows::render_line;
+use auth_agent::api::types::{AuthEntry, FlowRecord};
 
 /// How the demo runs.
 #[derive(Debug, Clone)]
@@ -137,7 +137,7 @@ async fn scenario(tb: &mut Testbed, opts: &DemoOptions, c: &mut Checks) -> Resul
         inventory.ipv4
     );
     println!("    policies (deploy/examples): payment-requires-auth.yaml, cluster-wide-auth.yaml");
-    let (report, _) = crate::cli::policy_status(&tb.manifests(), false)?;
+    let (report, _) = policy_bridge::source::files::status_report(&tb.manifests(), false)?;
     for l in report.lines() {
         println!("      {l}");
     }
@@ -186,7 +186,7 @@ async fn scenario(tb: &mut Testbed, opts: &DemoOptions, c: &mut Checks) -> Resul
     match &entries {
         Ok(e) => {
             println!("    meshauth auth list (node-b):");
-            for l in crate::cli::render_auth(e).lines() {
+            for l in auth_agent::api::render::render_auth(e).lines() {
                 println!("      {l}");
             }
         }
@@ -271,7 +271,7 @@ async fn outage(
     tb: &mut Testbed,
     c: &mut Checks,
     client: &mut PodProcess,
-    payment: &crate::lab::PodInfo,
+    payment: &crate::PodInfo,
 ) -> Result<()> {
     step(6, "SPIRE server outage: SVIDs cannot rotate");
     tb.spire().set_outage(true);

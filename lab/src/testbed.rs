@@ -1,4 +1,4 @@
-//! A cluster of real `meshauth agent` processes on a [`crate::lab::Lab`]:
+//! A cluster of real `meshauth agent` processes on a [`crate::Lab`]:
 //! one agent per node (in the node's namespace, attached to the node's pods
 //! cgroup, maps pinned in its own bpffs directory), spire-dev with one
 //! agent socket per node, and a manifest directory (Nodes, Namespace, Pods,
@@ -20,9 +20,9 @@ use std::time::{Duration, Instant};
 use policy_bridge::source::files::{FilesConfig, FilesSource};
 use spire_dev::{DevConfig, EntrySpec, SpiffeId, SpireDev};
 
-use crate::api::ApiClient;
-use crate::api::types::{AgentStatus, AuthEntry};
-use crate::lab::{Lab, LabError, LabOptions, NodeInfo, PodInfo};
+use crate::{Lab, LabError, LabOptions, NodeInfo, PodInfo};
+use auth_agent::api::ApiClient;
+use auth_agent::api::types::{AgentStatus, AuthEntry};
 
 /// The namespace every testbed pod runs in.
 pub const NAMESPACE: &str = "production";
@@ -470,7 +470,7 @@ impl Testbed {
         let n = self.node(node)?;
         let addr = std::net::SocketAddr::from((n.ipv4, 9964));
         let path = path.to_string();
-        crate::lab::netns::run_in(&n.netns, move || {
+        crate::netns::run_in(&n.netns, move || {
             let err = |e: std::io::Error| LabError::sys("http", addr.to_string(), e);
             let mut s =
                 std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(err)?;

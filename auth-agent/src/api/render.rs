@@ -1,66 +1,10 @@
-//! CLI subcommands: `policy status --dir` works without an agent; the
-//! others ask the running agent over its local API and render the answer.
+//! Text views of the local API's answers, for people: what `meshauth
+//! status`, `auth list` and `identity list` print (the demo prints them
+//! too). Flows render in [`super::flows::render_line`].
 
 use std::fmt::Write as _;
-use std::path::Path;
 
-use crate::api::types::{AgentStatus, AuthEntry, IdentityEntry};
-use crate::api::{ApiClient, ApiError};
-
-use policy_bridge::Verdict;
-use policy_bridge::source::files::{FilesConfig, FilesSource};
-use policy_bridge::status::{render_json, render_text};
-
-/// `meshauth policy status --dir DIR`: what meshauth makes of every policy
-/// in a manifest directory (the same compiler the agent runs), as text or
-/// JSON. Returns the report and whether every policy was accepted or
-/// partially enforced (none rejected, every file readable), so scripts and
-/// CI can fail on a rejected policy.
-pub fn policy_status(dir: &Path, json: bool) -> anyhow::Result<(String, bool)> {
-    let mut source = FilesSource::new(FilesConfig::new(dir))?;
-    source.sync()?;
-    let statuses = source.engine().status();
-    let load_errors = source.errors().to_vec();
-    let clean = load_errors.is_empty() && statuses.iter().all(|s| s.verdict != Verdict::Rejected);
-    let report = if json {
-        let policies: serde_json::Value = serde_json::from_str(&render_json(&statuses)?)?;
-        serde_json::to_string_pretty(&serde_json::json!({
-            "policies": policies,
-            "load_errors": load_errors,
-        }))?
-    } else {
-        let mut out = render_text(&statuses);
-        for e in &load_errors {
-            out.push_str(&format!("load error: {e}\n"));
-        }
-        if statuses.is_empty() && load_errors.is_empty() {
-            out.push_str(&format!("no policies in {}\n", dir.display()));
-        }
-        out
-    };
-    Ok((report, clean))
-}
-
-/// `meshauth policy status` against a running agent: what it enforces now.
-/// Returns the report and whether no policy is rejected.
-pub async fn policy_status_live(api: &ApiClient, json: bool) -> Result<(String, bool), ApiError> {
-    let text = api
-        .get_text(if json {
-            "/v1/policies?o=json"
-        } else {
-            "/v1/policies?o=text"
-        })
-        .await?;
-    let rejected = if json {
-        serde_json::from_str::<serde_json::Value>(&text)
-            .ok()
-            .and_then(|v| v.as_array().cloned())
-            .is_some_and(|a| a.iter().any(|p| p["verdict"] == "rejected"))
-    } else {
-        text.lines().any(|l| l.contains("rejected"))
-    };
-    Ok((text, !rejected))
-}
+use super::types::{AgentStatus, AuthEntry, IdentityEntry};
 
 fn yes(b: bool) -> &'static str {
     if b { "yes" } else { "NO" }
@@ -217,51 +161,4 @@ pub fn render_identities(ids: &[IdentityEntry]) -> String {
     }
     let _ = writeln!(o, "{} identities", ids.len());
     o
-}
-
-/// `meshauth observe`: prints flows (text lines or Hubble-style JSON)
-/// until the agent closes the stream, `limit` flows were printed, or the
-/// output goes away.
-pub async fn observe(
-    api: &ApiClient,
-    filter: &ObserveArgs,
-    mut out: impl std::io::Write,
-) -> Result<(), ApiError> {
-    let mut path = format!("/v1/flows?last={}", filter.last);
-    if let Some(v) = &filter.verdict {
-        path.push_str(&format!("&verdict={}", v.to_ascii_uppercase()));
-    }
-    if let Some(id) = filter.identity {
-        path.push_str(&format!("&identity={id}"));
-    }
-    if filter.follow {
-        path.push_str("&follow=true");
-    }
-    api.stream_lines(&path, |line| {
-        let text = if filter.json {
-            line.to_string()
-        } else {
-            match serde_json::from_str::<crate::api::types::FlowRecord>(line) {
-                Ok(r) => crate::api::flows::render_line(&r),
-                Err(_) => line.to_string(),
-            }
-        };
-        writeln!(out, "{text}").is_ok() && out.flush().is_ok()
-    })
-    .await
-}
-
-/// What `meshauth observe` asks for.
-#[derive(Debug, Clone, Default)]
-pub struct ObserveArgs {
-    /// `DROPPED`, `FORWARDED` or `AUDIT`.
-    pub verdict: Option<String>,
-    /// Only flows of this identity.
-    pub identity: Option<u32>,
-    /// How many past flows to print first.
-    pub last: usize,
-    /// Keep streaming new flows.
-    pub follow: bool,
-    /// Hubble-style JSON, one flow per line.
-    pub json: bool,
 }

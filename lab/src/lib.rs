@@ -1,4 +1,4 @@
-//! A small multi-node "cluster" in network namespaces, built from Rust alone
+//! The lab: a small multi-node "cluster" in network namespaces, built from Rust alone
 //! (no `ip`, `nsenter` or scripts): for `meshauth demo`, multi-node
 //! integration tests and the latency bench. Needs root, network namespaces
 //! and a cgroup v2 mount.
@@ -28,6 +28,7 @@
 //! run left.
 
 mod cgroup;
+pub mod demo;
 mod error;
 pub mod exec;
 mod netlink;
@@ -35,6 +36,7 @@ pub(crate) mod netns;
 pub mod pod;
 mod process;
 mod stale;
+pub mod testbed;
 mod topology;
 
 use std::collections::BTreeMap;

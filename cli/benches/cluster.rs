@@ -30,7 +30,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use auth_agent::testbed::{Testbed, TestbedOptions};
+use meshauth_lab::testbed::{Testbed, TestbedOptions};
 
 /// Bench settings from the environment.
 #[derive(Debug, Clone)]

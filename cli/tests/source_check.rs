@@ -8,14 +8,14 @@ use std::net::IpAddr;
 use std::os::unix::fs::MetadataExt as _;
 use std::time::Duration;
 
-use auth_agent::testbed::{Testbed, TestbedOptions};
 use auth_ebpf::maps::endpoints::EndpointMap;
+use meshauth_lab::testbed::{Testbed, TestbedOptions};
 
 const POLICY: &str = include_str!("../../deploy/examples/payment-requires-auth.yaml");
 
 fn opts(prefix: &str, net: u8) -> TestbedOptions {
     assert!(
-        auth_agent::testbed::is_root(),
+        meshauth_lab::testbed::is_root(),
         "this test needs root (network namespaces, cgroups, BPF)"
     );
     TestbedOptions {

@@ -23,7 +23,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use auth_agent::testbed::{NAMESPACE, Testbed};
+use meshauth_lab::testbed::{NAMESPACE, Testbed};
 use policy_bridge::source::files::{FilesConfig, FilesSource};
 
 const NODE: &str = "node-a";

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use auth_agent::lab::{Lab, LabOptions, PodInfo, PodProcess, Proto};
+use meshauth_lab::{Lab, LabOptions, PodInfo, PodProcess, Proto};
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 

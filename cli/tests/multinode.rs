@@ -11,8 +11,8 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use auth_agent::api::types::{AuthEntry, FlowRecord};
-use auth_agent::lab::{PodInfo, PodProcess};
-use auth_agent::testbed::{Testbed, TestbedOptions};
+use meshauth_lab::testbed::{Testbed, TestbedOptions};
+use meshauth_lab::{PodInfo, PodProcess};
 
 const POLICY: &str = include_str!("../../deploy/examples/payment-requires-auth.yaml");
 
@@ -72,7 +72,7 @@ const PAYMENT: &str = "payment-service";
 
 fn opts(prefix: &str, net: u8) -> TestbedOptions {
     assert!(
-        auth_agent::testbed::is_root(),
+        meshauth_lab::testbed::is_root(),
         "this test needs root (network namespaces, cgroups, BPF)"
     );
     TestbedOptions {
@@ -101,10 +101,10 @@ async fn order_and_payment(o: TestbedOptions) -> (Testbed, u32, u32, Vec<AuthEnt
 
 /// Polls stream `id` "s" of `c` until `done` holds (10 s at most).
 fn stream_until(
-    c: &mut auth_agent::lab::PodProcess,
+    c: &mut meshauth_lab::PodProcess,
     what: &str,
-    mut done: impl FnMut(&auth_agent::lab::StreamStats) -> bool,
-) -> auth_agent::lab::StreamStats {
+    mut done: impl FnMut(&meshauth_lab::StreamStats) -> bool,
+) -> meshauth_lab::StreamStats {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let s = c.stream_stats("s").unwrap();
