@@ -1,4 +1,4 @@
-//! Real `meshauth agent` processes on a lab cluster (network namespaces,
+//! Real agent processes on a lab cluster (network namespaces,
 //! veth, a bridge, cgroups; spire-dev in-process), measured from pod
 //! workloads:
 //!
@@ -10,12 +10,16 @@
 //!    its workload did not run, each against the same measurement without
 //!    policy;
 //! 3. one agent's RSS with 1,000 identities and 100 nodes in desired state,
-//!    against the same agent with an empty cluster.
+//!    against the same agent with an empty cluster, and against the same
+//!    agent code run as `meshauth agent` (the all-in-one binary);
+//! 4. the binaries' sizes.
 //!
-//! `cargo bench -p auth-agent --bench cluster` (root). Environment:
-//! `RR_N` round trips per run (20000), `RR_WARMUP` (2000), `ROUNDS` of
-//! (a, b, c) (3), `RR_REPEATS` runs per condition and round (2),
-//! `CONNECT_REPEATS` (5), `SECTIONS` (`latency,connect,rss`).
+//! `cargo build --release --bin meshauth-agent && cargo bench -p
+//! meshauth-cli --bench cluster` (root). Environment: `RR_N` round trips
+//! per run (20000), `RR_WARMUP` (2000), `ROUNDS` of (a, b, c) (3),
+//! `RR_REPEATS` runs per condition and round (2), `CONNECT_REPEATS` (5),
+//! `SECTIONS` (`latency,connect,rss,size`), `MESHAUTH_AGENT_BIN`,
+//! `OLD_MESHAUTH_BIN` (see the sections).
 
 #[path = "cluster/connect.rs"]
 mod connect;
@@ -23,6 +27,8 @@ mod connect;
 mod latency;
 #[path = "cluster/rss.rs"]
 mod rss;
+#[path = "cluster/size.rs"]
+mod size;
 #[path = "cluster/stats.rs"]
 mod stats;
 
@@ -57,16 +63,16 @@ fn env_num(name: &str, default: usize) -> anyhow::Result<usize> {
 impl Settings {
     fn from_env() -> anyhow::Result<Self> {
         let sections: Vec<String> = std::env::var("SECTIONS")
-            .unwrap_or_else(|_| "latency,connect,rss".into())
+            .unwrap_or_else(|_| "latency,connect,rss,size".into())
             .split(',')
             .map(|s| s.trim().to_string())
             .filter(|s| !s.is_empty())
             .collect();
         if let Some(bad) = sections
             .iter()
-            .find(|s| !["latency", "connect", "rss"].contains(&s.as_str()))
+            .find(|s| !["latency", "connect", "rss", "size"].contains(&s.as_str()))
         {
-            anyhow::bail!("SECTIONS: unknown section {bad:?}; want latency, connect, rss");
+            anyhow::bail!("SECTIONS: unknown section {bad:?}; want latency, connect, rss, size");
         }
         Ok(Self {
             rr_n: env_num("RR_N", 20_000)?,
@@ -136,7 +142,7 @@ async fn main() -> ExitCode {
     if !is_root() {
         eprintln!(
             "cluster bench: needs root (network namespaces, cgroups, BPF); run it as root: \
-             sudo -E cargo bench -p auth-agent --bench cluster"
+             sudo -E cargo bench -p meshauth-cli --bench cluster"
         );
         return ExitCode::FAILURE;
     }
@@ -167,6 +173,9 @@ async fn run() -> anyhow::Result<()> {
     if s.wants("rss") {
         let r = rss::run().await?;
         rss::print(&r);
+    }
+    if s.wants("size") {
+        size::print(&size::run()?);
     }
     Ok(())
 }

@@ -79,8 +79,11 @@ pub struct TestbedOptions {
     pub log: String,
     /// Lab `<net>`.
     pub net: u8,
-    /// More `meshauth agent` flags.
+    /// More agent flags.
     pub agent_args: Vec<String>,
+    /// Run agents as this `meshauth-agent` binary instead of `meshauth
+    /// agent` (the same code; the bench compares the two processes).
+    pub agent_bin: Option<PathBuf>,
 }
 
 impl Default for TestbedOptions {
@@ -94,6 +97,7 @@ impl Default for TestbedOptions {
             log: "info".into(),
             net: 42,
             agent_args: Vec::new(),
+            agent_bin: None,
         }
     }
 }
@@ -392,9 +396,12 @@ impl Testbed {
             .agent(node)
             .map_err(|e| TestbedError::Spire(e.to_string()))?
             .workload_socket();
-        let bin = self.lab.meshauth_bin().to_path_buf();
+        let (bin, subcommand) = match &self.opts.agent_bin {
+            Some(b) => (b.clone(), None),
+            None => (self.lab.meshauth_bin().to_path_buf(), Some("agent")),
+        };
         let mut cmd = self.lab.command(&info, &bin);
-        cmd.arg("agent")
+        cmd.args(subcommand)
             .arg("--node-name")
             .arg(node)
             .arg("--spire-socket")
