@@ -34,10 +34,10 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::api::FlowHub;
-use crate::auth::manager::{
-    AuthManager, ManagerConfig, ManagerError, ManagerInputs, ManagerMetrics, forward_rotations,
-    spawn_sweep_schedule,
-};
+use crate::auth::manager::{AuthManager, ManagerConfig, ManagerError, ManagerInputs};
+use crate::auth::metrics::ManagerMetrics;
+use crate::auth::rotation::forward_rotations;
+use crate::auth::schedule::{ScheduleError, spawn_sweep_schedule};
 use crate::auth::store::{BpfAuthStore, Pair, StoreError};
 use crate::auth::{AuthFailure, Authenticated, Authenticator};
 use crate::config::{Config, IdentitySource, Mode, PolicySource};
@@ -98,6 +98,9 @@ pub enum AgentError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// The sweep schedule could not be set up.
+    #[error(transparent)]
+    Schedule(#[from] ScheduleError),
     /// The auth manager stopped.
     #[error(transparent)]
     Manager(#[from] ManagerError),
