@@ -1,8 +1,13 @@
 //! Authentication of identity pairs: where verified pairs are stored
-//! ([`store`]), and the manager that decides which pairs to authenticate and
-//! when ([`manager`]).
+//! ([`store`]), the manager that decides which pairs to authenticate and
+//! when ([`manager`]), its metrics ([`metrics`]), and two of its inputs:
+//! SVID rotations ([`rotation`]) and the expired-entry sweep's schedule
+//! ([`schedule`]).
 
 pub mod manager;
+pub mod metrics;
+pub mod rotation;
+pub mod schedule;
 pub mod store;
 
 use std::time::SystemTime;

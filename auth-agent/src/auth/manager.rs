@@ -23,18 +23,15 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use policy_bridge::DesiredState;
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::registry::Registry;
 use rand::Rng as _;
-use svid_cache::{CacheChanges, CacheEvent, Clock};
-use tokio::sync::{broadcast, mpsc, watch};
+use svid_cache::Clock;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+// Re-exported: [`AuthManager::new`] takes them, and callers name them here.
+pub use super::metrics::ManagerMetrics;
 use super::store::{AuthStore, Pair, StoreError};
 use super::{AuthFailure, Authenticated, Authenticator};
 use crate::nodes::{NodeTable, NodeTableError};
@@ -75,115 +72,6 @@ pub enum ManagerError {
     /// The node table could not be saved.
     #[error("node table: {0}")]
     Nodes(#[from] NodeTableError),
-    /// The sweep schedule could not be set up.
-    #[error("sweep schedule {cron:?}: {reason}")]
-    Schedule {
-        /// The cron expression.
-        cron: String,
-        /// What tokio-cron-scheduler said.
-        reason: String,
-    },
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ResultLabel {
-    result: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct OutcomeLabel {
-    outcome: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ReasonLabel {
-    reason: String,
-}
-
-/// The manager's metrics (`meshauth_auth_*` when registered under `auth`).
-#[derive(Debug, Clone, Default)]
-pub struct ManagerMetrics {
-    handshakes: Family<ResultLabel, Counter>,
-    signals: Family<OutcomeLabel, Counter>,
-    removed: Family<ReasonLabel, Counter>,
-    entries: Gauge,
-    in_flight: Gauge,
-}
-
-impl ManagerMetrics {
-    /// Registers the metrics under `registry` (use a prefixed sub-registry).
-    pub fn register(registry: &mut Registry) -> Self {
-        let m = Self::default();
-        registry.register(
-            "handshakes_initiated",
-            "Handshakes this node initiated, by result (ok or the failed check)",
-            m.handshakes.clone(),
-        );
-        registry.register(
-            "signals",
-            "Auth-required signals from the datapath, by outcome",
-            m.signals.clone(),
-        );
-        registry.register(
-            "entries_removed",
-            "Auth entries removed, by reason",
-            m.removed.clone(),
-        );
-        registry.register(
-            "entries",
-            "Auth entries this agent holds",
-            m.entries.clone(),
-        );
-        registry.register(
-            "handshakes_in_flight",
-            "Handshakes in flight",
-            m.in_flight.clone(),
-        );
-        m
-    }
-
-    /// Handshakes counted with `result` so far.
-    pub fn handshakes(&self, result: &str) -> u64 {
-        self.handshakes
-            .get_or_create(&ResultLabel {
-                result: result.to_string(),
-            })
-            .get()
-    }
-
-    /// Signals counted with `outcome` so far.
-    pub fn signals(&self, outcome: &str) -> u64 {
-        self.signals
-            .get_or_create(&OutcomeLabel {
-                outcome: outcome.to_string(),
-            })
-            .get()
-    }
-
-    /// Entries removed for `reason` so far.
-    pub fn removed(&self, reason: &str) -> u64 {
-        self.removed
-            .get_or_create(&ReasonLabel {
-                reason: reason.to_string(),
-            })
-            .get()
-    }
-
-    fn signal(&self, outcome: &str) {
-        self.signals
-            .get_or_create(&OutcomeLabel {
-                outcome: outcome.to_string(),
-            })
-            .inc();
-    }
-
-    fn remove(&self, reason: &str) {
-        self.removed
-            .get_or_create(&ReasonLabel {
-                reason: reason.to_string(),
-            })
-            .inc();
-    }
 }
 
 /// The manager's inputs.
@@ -193,78 +81,13 @@ pub struct ManagerInputs {
     pub desired: watch::Receiver<Arc<DesiredState>>,
     /// Auth-required signals, as pairs (the datapath's reader maps them).
     pub signals: mpsc::Receiver<Pair>,
-    /// Local identities whose SVID changed ([`forward_rotations`] maps
+    /// Local identities whose SVID changed
+    /// ([`forward_rotations`](super::rotation::forward_rotations) maps
     /// svid-cache's events to these).
     pub rotations: mpsc::Receiver<u32>,
-    /// Sweep ticks ([`spawn_sweep_schedule`] sends them on the cron schedule).
+    /// Sweep ticks ([`spawn_sweep_schedule`](super::schedule::spawn_sweep_schedule)
+    /// sends them on the cron schedule).
     pub sweep: mpsc::Receiver<()>,
-}
-
-/// Forwards svid-cache's changes as "this identity has a new SVID" until
-/// either side closes. If events were missed, every identity then cached is
-/// sent (re-authenticating a pair needlessly is harmless, missing a
-/// rotation is not).
-pub fn forward_rotations(
-    cache: svid_cache::SvidCache,
-    tx: mpsc::Sender<u32>,
-) -> tokio::task::JoinHandle<()> {
-    let mut rx: broadcast::Receiver<Arc<CacheChanges>> = cache.subscribe();
-    tokio::spawn(async move {
-        loop {
-            let ids: Vec<u32> = match rx.recv().await {
-                Ok(changes) => changes
-                    .events
-                    .iter()
-                    .filter_map(|e| match e {
-                        CacheEvent::Rotated { identity, .. }
-                        | CacheEvent::Added { identity, .. } => Some(*identity),
-                        _ => None,
-                    })
-                    .collect(),
-                Err(broadcast::error::RecvError::Lagged(n)) => {
-                    tracing::warn!(
-                        missed = n,
-                        "missed SVID events; treating every identity as rotated"
-                    );
-                    cache.identities()
-                }
-                Err(broadcast::error::RecvError::Closed) => return,
-            };
-            for id in ids {
-                if tx.send(id).await.is_err() {
-                    return;
-                }
-            }
-        }
-    })
-}
-
-/// Starts the cron schedule that sends a tick on `tx` at every match of
-/// `cron` (6 fields, seconds first). Stops with `shutdown`.
-pub async fn spawn_sweep_schedule(
-    cron: &str,
-    tx: mpsc::Sender<()>,
-    shutdown: CancellationToken,
-) -> Result<tokio::task::JoinHandle<()>, ManagerError> {
-    use tokio_cron_scheduler::{Job, JobScheduler};
-    let err = |e: tokio_cron_scheduler::JobSchedulerError| ManagerError::Schedule {
-        cron: cron.to_string(),
-        reason: e.to_string(),
-    };
-    let mut sched = JobScheduler::new().await.map_err(err)?;
-    let job = Job::new_async(cron, move |_, _| {
-        let tx = tx.clone();
-        Box::pin(async move {
-            let _ = tx.try_send(());
-        })
-    })
-    .map_err(err)?;
-    sched.add(job).await.map_err(err)?;
-    sched.start().await.map_err(err)?;
-    Ok(tokio::spawn(async move {
-        shutdown.cancelled().await;
-        let _ = sched.shutdown().await;
-    }))
 }
 
 /// A pair's entry as the manager knows it.
@@ -406,7 +229,7 @@ impl<A: Authenticator, S: AuthStore> AuthManager<A, S> {
             self.entries.insert(pair, Entry { expiry });
             self.schedule_reauth(pair, expiry);
         }
-        self.metrics.entries.set(self.entries.len() as i64);
+        self.metrics.set_entries(self.entries.len());
         tracing::info!(entries = self.entries.len(), "auth map read back");
         Ok(())
     }
@@ -633,7 +456,7 @@ impl<A: Authenticator, S: AuthStore> AuthManager<A, S> {
         };
         self.unschedule(pair);
         self.in_flight.insert(pair);
-        self.metrics.in_flight.set(self.in_flight.len() as i64);
+        self.metrics.set_in_flight(self.in_flight.len());
         let fut = self
             .authenticator
             .authenticate(pair.local, pair.remote, node);
@@ -686,15 +509,10 @@ impl<A: Authenticator, S: AuthStore> AuthManager<A, S> {
         let reachable =
             !matches!(&result, Err(f) if f.label == "connect" || f.label == "connect_timeout");
         self.in_flight.remove(&pair);
-        self.metrics.in_flight.set(self.in_flight.len() as i64);
+        self.metrics.set_in_flight(self.in_flight.len());
         match result {
             Ok(auth) => {
-                self.metrics
-                    .handshakes
-                    .get_or_create(&ResultLabel {
-                        result: "ok".into(),
-                    })
-                    .inc();
+                self.metrics.handshake("ok");
                 self.backoff.remove(&pair);
                 if !self.wanted.contains(&pair) {
                     tracing::debug!(%pair, "authenticated a pair no longer required; not writing it");
@@ -709,7 +527,7 @@ impl<A: Authenticator, S: AuthStore> AuthManager<A, S> {
                                     expiry: auth.expiry,
                                 },
                             );
-                            self.metrics.entries.set(self.entries.len() as i64);
+                            self.metrics.set_entries(self.entries.len());
                             self.schedule_reauth(pair, auth.expiry);
                             tracing::info!(%pair, peer.node = %auth.peer_node, "authenticated");
                         }
@@ -721,12 +539,7 @@ impl<A: Authenticator, S: AuthStore> AuthManager<A, S> {
                 }
             }
             Err(f) => {
-                self.metrics
-                    .handshakes
-                    .get_or_create(&ResultLabel {
-                        result: f.label.to_string(),
-                    })
-                    .inc();
+                self.metrics.handshake(f.label);
                 tracing::warn!(%pair, check = f.label, error = %f.message, "handshake failed");
                 self.fail(pair, f.label);
             }
@@ -795,7 +608,7 @@ impl<A: Authenticator, S: AuthStore> AuthManager<A, S> {
         self.entries.remove(&pair);
         self.unschedule(pair);
         self.backoff.remove(&pair);
-        self.metrics.entries.set(self.entries.len() as i64);
+        self.metrics.set_entries(self.entries.len());
     }
 }
 

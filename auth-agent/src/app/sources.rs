@@ -1,0 +1,177 @@
+//! Start phase: the SVID source and the policy source (they need nothing),
+//! and the node table.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use policy_bridge::Subscription;
+use svid_cache::{
+    CacheConfig, DelegatedIdentityConfig, SourceError, SourceHandle, SourceState, SourceStatus,
+    SvidCache, TrustDomain, WorkloadApiConfig, spawn_delegated_identity, spawn_workload_api,
+};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::tasks::{Stop, Tasks};
+use super::{AgentError, Readiness, Start};
+use crate::config::{Config, IdentitySource, PolicySource};
+use crate::nodes::NodeTable;
+
+/// What the sources phase started, for the phases after it.
+#[derive(Debug)]
+pub(super) struct Sources {
+    /// The SVIDs the SVID source delivered.
+    pub(super) cache: SvidCache,
+    /// The SVID source's status (connected, last error).
+    pub(super) status: watch::Receiver<SourceStatus>,
+    /// The policy source's snapshots.
+    pub(super) subscription: Subscription,
+    /// Node names ↔ datapath node ids, read back from the state directory.
+    pub(super) nodes: NodeTable,
+}
+
+/// Starts the SVID source (with the cache's expiry task and the watch that
+/// sets readiness), then the policy source, and opens the node table.
+pub(super) async fn start(s: &mut Start<'_>) -> Result<Sources, AgentError> {
+    let config = s.config;
+    // Identities.
+    let td = TrustDomain::new(&config.trust_domain)
+        .map_err(|e| AgentError::TrustDomain(config.trust_domain.clone(), e))?;
+    let cache = SvidCache::new(CacheConfig {
+        trust_domain: td,
+        ..CacheConfig::default()
+    });
+    s.tasks.adopt(
+        "svid_expiry",
+        Stop::Token,
+        cache.spawn_expiry(s.token.clone()),
+    );
+    let source = start_identity_source(config, &cache, s.token);
+    let status = source.watch_status();
+    s.tasks.spawn("svid_source", Stop::Token, source.join());
+    watch_source(
+        s.tasks,
+        status.clone(),
+        cache.clone(),
+        s.ready.clone(),
+        s.token.clone(),
+    );
+
+    // Cluster state.
+    let subscription = start_policy_source(config, s.tasks).await?;
+    let nodes = NodeTable::open(&config.state_dir.join("nodes.json"), &config.node_name)?;
+    Ok(Sources {
+        cache,
+        status,
+        subscription,
+        nodes,
+    })
+}
+
+fn selectors(v: &[String]) -> Vec<(String, String)> {
+    v.iter()
+        .filter_map(|s| s.split_once(':'))
+        .map(|(t, v)| (t.to_string(), v.to_string()))
+        .collect()
+}
+
+/// Starts the SVID source.
+fn start_identity_source(
+    config: &Config,
+    cache: &SvidCache,
+    token: &CancellationToken,
+) -> SourceHandle {
+    match &config.identity_source {
+        IdentitySource::WorkloadApi { socket } => spawn_workload_api(
+            WorkloadApiConfig::new(socket.clone()),
+            cache.clone(),
+            token.clone(),
+        ),
+        IdentitySource::DelegatedIdentity {
+            socket,
+            selectors: s,
+        } => spawn_delegated_identity(
+            DelegatedIdentityConfig::new(socket.clone(), selectors(s)),
+            cache.clone(),
+            token.clone(),
+        ),
+    }
+}
+
+/// Starts the policy source; its task goes to `tasks` (it has no drain
+/// token: it is aborted at shutdown).
+async fn start_policy_source(
+    config: &Config,
+    tasks: &mut Tasks,
+) -> Result<Subscription, AgentError> {
+    match &config.policy_source {
+        PolicySource::Directory { path } => {
+            let mut cfg = policy_bridge::source::files::FilesConfig::new(path.clone());
+            cfg.interval = config.policy_poll_interval;
+            cfg.identity_file = Some(config.state_dir.join("identities.json"));
+            cfg.identity_quarantine = config.identity_quarantine;
+            let (sub, task) = policy_bridge::source::files::spawn(cfg)?;
+            tasks.adopt("policy_source", Stop::Abort, task);
+            Ok(sub)
+        }
+        PolicySource::Kubernetes => {
+            let client = kube::Client::try_default()
+                .await
+                .map_err(|e| AgentError::Kube(e.to_string()))?;
+            let (sub, task) = policy_bridge::source::kube::spawn(
+                client,
+                policy_bridge::source::kube::KubeConfig {
+                    identity_quarantine: config.identity_quarantine,
+                    ..Default::default()
+                },
+            )
+            .await;
+            tasks.adopt("policy_source", Stop::Abort, task);
+            Ok(sub)
+        }
+    }
+}
+
+/// Follows the SVID source: readiness, and the outage story in the logs.
+fn watch_source(
+    tasks: &mut Tasks,
+    mut rx: watch::Receiver<SourceStatus>,
+    cache: SvidCache,
+    ready: Arc<Readiness>,
+    token: CancellationToken,
+) {
+    tasks.spawn("svid_source_watch", Stop::Token, async move {
+        let mut was_connected = false;
+        loop {
+            let s = rx.borrow_and_update().clone();
+            let answered = s.updates_applied > 0
+                || s.is_connected()
+                || s.last_error
+                    .as_ref()
+                    .is_some_and(|(_, e)| matches!(**e, SourceError::NoIdentityIssued { .. }));
+            if answered && !ready.svids.swap(true, Ordering::Relaxed) {
+                tracing::info!(svids = cache.len(), "SPIRE answered");
+            }
+            match &s.state {
+                SourceState::Connected { .. } if !was_connected => {
+                    was_connected = true;
+                    tracing::info!(svids = cache.len(), "SPIRE source connected");
+                }
+                SourceState::Disconnected { error, .. } if was_connected => {
+                    was_connected = false;
+                    tracing::warn!(
+                        error = %error,
+                        svids = cache.len(),
+                        next_expiry = ?cache.next_expiry().map(crate::api::flows::rfc3339),
+                        "SPIRE unreachable: cached SVIDs stay in use until they expire; no rotation until it is back"
+                    );
+                }
+                _ => {}
+            }
+            tokio::select! {
+                _ = token.cancelled() => return,
+                r = rx.changed() => if r.is_err() { return },
+            }
+        }
+    });
+}
