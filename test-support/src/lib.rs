@@ -1,0 +1,12 @@
+//! What meshauth's tests share, so that each crate's tests build on one copy:
+//!
+//! - [`certs`] (feature `certs`): certificate authorities and SVIDs generated
+//!   per test with rcgen — real chains and SPIFFE URI SANs, and the bad ones
+//!   (two SANs, CA leaf, foreign trust domain, expired, substituted chain) —
+//!   and the svid-cache values made from them.
+//!
+//! A dev-dependency only: nothing here is linked into what runs on a node.
+
+#[cfg(feature = "certs")]
+pub mod certs;
+
