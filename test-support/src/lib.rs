@@ -4,9 +4,13 @@
 //!   per test with rcgen — real chains and SPIFFE URI SANs, and the bad ones
 //!   (two SANs, CA leaf, foreign trust domain, expired, substituted chain) —
 //!   and the svid-cache values made from them.
+//! - [`netns`] (feature `netns`): network namespaces, veth pairs, a cgroup v2
+//!   per pod and pod processes, all removed on drop. Needs root.
 //!
 //! A dev-dependency only: nothing here is linked into what runs on a node.
 
 #[cfg(feature = "certs")]
 pub mod certs;
+#[cfg(feature = "netns")]
+pub mod netns;
 
