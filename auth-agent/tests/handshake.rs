@@ -27,6 +27,7 @@ use auth_agent::handshake::{
 };
 use auth_agent::nodes::NodeTable;
 use meshauth_test_support::certs::{Leaf, cache_with};
+use meshauth_test_support::init_tracing;
 use policy_bridge::{
     AuthRule, DesiredState, Direction, Endpoint, Identity, NodeInfo, PortRange, Protocol, Remote,
 };
@@ -46,15 +47,6 @@ pub const L: u32 = 256;
 pub const R: u32 = 257;
 pub const NO_ENDPOINT: u32 = 258;
 pub const WAIT: Duration = Duration::from_secs(10);
-
-pub fn init_tracing() {
-    if std::env::var_os("RUST_LOG").is_some() {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-            .with_test_writer()
-            .try_init();
-    }
-}
 
 pub fn node_info(name: &str, ip: IpAddr, wireguard_key: Option<&str>) -> NodeInfo {
     NodeInfo {
