@@ -5,8 +5,6 @@
 //! and 127.0.0.9 belongs to no node. Identity 256 runs on node-a, 257 on
 //! node-b; 258 is known and node-b holds its SVID, but it has no endpoint.
 
-#[path = "handshake/certs.rs"]
-mod certs;
 #[path = "handshake/flood.rs"]
 mod flood;
 #[path = "handshake/manager.rs"]
@@ -28,18 +26,18 @@ use auth_agent::handshake::{
     ClientOptions, HandshakeClient, HandshakeServer, Metrics, Outcome, ServerOptions,
 };
 use auth_agent::nodes::NodeTable;
+use meshauth_test_support::certs::{Leaf, cache_with};
+use meshauth_test_support::init_tracing;
 use policy_bridge::{
     AuthRule, DesiredState, Direction, Endpoint, Identity, NodeInfo, PortRange, Protocol, Remote,
 };
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
-use svid_cache::{CacheConfig, SvidCache, TrustBundle, TrustDomain, Update};
+use svid_cache::SvidCache;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
-
-use certs::{Ca, Leaf};
 
 pub const A_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1));
 pub const B_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
@@ -49,15 +47,6 @@ pub const L: u32 = 256;
 pub const R: u32 = 257;
 pub const NO_ENDPOINT: u32 = 258;
 pub const WAIT: Duration = Duration::from_secs(10);
-
-pub fn init_tracing() {
-    if std::env::var_os("RUST_LOG").is_some() {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-            .with_test_writer()
-            .try_init();
-    }
-}
 
 pub fn node_info(name: &str, ip: IpAddr, wireguard_key: Option<&str>) -> NodeInfo {
     NodeInfo {
@@ -107,19 +96,6 @@ pub fn desired(wg_a: Option<&str>, wg_b: Option<&str>) -> DesiredState {
         });
     }
     d
-}
-
-/// A cache trusting `ca`, holding `leaves` (applied directly, no source).
-pub fn cache_with(ca: &Ca, leaves: &[&Leaf]) -> SvidCache {
-    let cache = SvidCache::new(CacheConfig::default());
-    let td = TrustDomain::new(certs::TD).expect("trust domain");
-    cache
-        .apply(Update {
-            svids: Some(leaves.iter().map(|l| l.input()).collect()),
-            bundle: Some(TrustBundle::new(td, vec![ca.der()]).expect("bundle")),
-        })
-        .unwrap_or_else(|e| panic!("applying test SVIDs: {e}"));
-    cache
 }
 
 /// A node table of `local` knowing the nodes of `d`.

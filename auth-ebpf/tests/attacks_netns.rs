@@ -7,8 +7,6 @@
 //! Root; raw sockets from peer.py. Traffic stays inside the test's own
 //! namespaces.
 
-mod netns;
-
 use std::net::IpAddr;
 use std::os::unix::fs::MetadataExt as _;
 use std::path::Path;
@@ -24,7 +22,7 @@ use auth_ebpf::reason;
 use auth_ebpf::testing::TestPinDir;
 use auth_ebpf::types::{AuthKey, Direction};
 use auth_ebpf::{Datapath, LoadOptions};
-use netns::{Netns, Pod, TestCgroup, uniq, veth};
+use meshauth_test_support::netns::{Netns, Pod, TestCgroup, uniq, veth};
 
 const CLIENT_ID: u32 = 400;
 const SERVER_ID: u32 = 401;

@@ -2,8 +2,6 @@
 //! its own cgroup under a test "kubepods" cgroup the programs are attached
 //! to. Root; real kernel.
 
-mod netns;
-
 use std::net::IpAddr;
 use std::path::Path;
 use std::process::Command;
@@ -17,7 +15,7 @@ use auth_ebpf::reason;
 use auth_ebpf::testing::TestPinDir;
 use auth_ebpf::types::{AuthKey, Direction};
 use auth_ebpf::{Datapath, LoadOptions};
-use netns::{Netns, Pod, TestCgroup, uniq, veth};
+use meshauth_test_support::netns::{Netns, Pod, TestCgroup, uniq, veth};
 
 const CLIENT_ID: u32 = 300;
 const SERVER_ID: u32 = 301;

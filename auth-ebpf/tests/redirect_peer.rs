@@ -3,8 +3,6 @@
 //! skips the host veth's tc hooks and the host's routing. The host namespace
 //! has forwarding off, so the redirect is the only way a packet gets across.
 
-mod netns;
-
 use std::net::IpAddr;
 use std::time::{Duration, SystemTime};
 
@@ -18,7 +16,7 @@ use auth_ebpf::types::{AuthKey, Direction};
 use auth_ebpf::{Datapath, LoadOptions};
 use aya::maps::{Array, HashMap};
 use aya::programs::{SchedClassifier, TcAttachType};
-use netns::{Netns, Pod, TestCgroup, ifindex, in_netns, uniq, veth};
+use meshauth_test_support::netns::{Netns, Pod, TestCgroup, ifindex, in_netns, uniq, veth};
 
 static REDIRECT_OBJ: &[u8] = aya::include_bytes_aligned!("../bpf/test/redirect_peer.o");
 

@@ -18,6 +18,7 @@ use auth_ebpf::reason;
 use auth_ebpf::testing::{L4, frame, ipv6_chain, proto};
 use auth_ebpf::types::Direction::{self, Egress, Ingress};
 use common::*;
+use meshauth_test_support::netns::cgroup2_root;
 
 const SYN: u8 = 0x02;
 const ACK: u8 = 0x10;
@@ -227,10 +228,7 @@ fn in_own_cgroup(name: &str) -> bool {
     if std::env::var_os(ENV).is_some() {
         return true;
     }
-    let root = auth_ebpf::attach::cgroup2_mounts()
-        .into_iter()
-        .next()
-        .expect("a cgroup v2 mount");
+    let root = cgroup2_root();
     let cg = root.join(format!("meshauth-test-src-{}-{name}", std::process::id()));
     std::fs::create_dir(&cg).unwrap_or_else(|e| panic!("{}: {e}", cg.display()));
     let out = std::process::Command::new("sh")
@@ -262,10 +260,7 @@ fn own_cgroup_id() -> u64 {
         .lines()
         .find_map(|l| l.strip_prefix("0::"))
         .expect("a cgroup v2 line in /proc/self/cgroup");
-    let root = auth_ebpf::attach::cgroup2_mounts()
-        .into_iter()
-        .next()
-        .expect("a cgroup v2 mount");
+    let root = cgroup2_root();
     let dir = root.join(rel.trim_start_matches('/'));
     std::fs::metadata(&dir)
         .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))

@@ -1,12 +1,10 @@
 //! The cache: diffing full states into events, ignoring foreign SVIDs, rejecting
 //! malformed updates whole, and expiry under a controlled clock.
 
-mod common;
-
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use common::{Ca, HOUR, Leaf, LeafSpec, TD, base_time, bundle};
+use meshauth_test_support::certs::{Ca, HOUR, Leaf, LeafSpec, TD, base_time, bundle};
 use rustls_pki_types::{CertificateDer, PrivatePkcs8KeyDer};
 use svid_cache::{
     CacheChanges, CacheConfig, CacheError, CacheEvent, RemovalReason, SvidCache, SvidError,

@@ -2,15 +2,13 @@
 //! rotation, reconnect after the server goes away and comes back, garbage on
 //! the socket, malformed certificates, "no identity issued".
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{Ca, HOUR, Leaf, TD, base_time};
 use futures::StreamExt;
 use futures::stream::BoxStream;
+use meshauth_test_support::certs::{Ca, HOUR, Leaf, TD, base_time};
 use spire_proto::delegatedidentity::delegated_identity_server::{
     DelegatedIdentity, DelegatedIdentityServer,
 };

@@ -2,13 +2,11 @@
 //! server verifier) and a server config (SNI resolver + client verifier), over
 //! an in-memory pipe.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use common::{Ca, HOUR, Leaf, base_time, bundle};
+use meshauth_test_support::certs::{Ca, HOUR, Leaf, MINUTE, base_time, bundle};
 use rustls::{ClientConnection, ServerConnection};
 use rustls_pki_types::ServerName;
 use svid_cache::{
@@ -246,7 +244,7 @@ fn the_server_serves_nothing_for_a_foreign_or_filtered_sni() {
 async fn an_expired_local_svid_is_not_presented() {
     let now = base_time();
     let root = Ca::root("root");
-    let client = node(now, &[&root], &[&root.svid(300, now, 2 * common::MINUTE)]);
+    let client = node(now, &[&root], &[&root.svid(300, now, 2 * MINUTE)]);
     let server = node(now, &[&root], &[&root.svid(400, now, HOUR)]);
     let accept = || {
         (
@@ -255,7 +253,7 @@ async fn an_expired_local_svid_is_not_presented() {
         )
     };
     handshake(&client, 300, 400, 400, accept()).unwrap();
-    tokio::time::advance(2 * common::MINUTE).await;
+    tokio::time::advance(2 * MINUTE).await;
     let (side, e) = handshake(&client, 300, 400, 400, accept()).unwrap_err();
     assert!(matches!(side, Side::Server));
     assert_eq!(e, rustls::Error::NoCertificatesPresented);

@@ -4,15 +4,16 @@
 //! own variant; good chains pass; a bad chain is refused uncached and after
 //! a good chain was remembered.
 
-mod common;
+#[path = "verify/production.rs"]
+mod production;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use common::{
-    Ca, HOUR, LeafSpec, ManualClock, TD, base_time, bundle, production_verify, verifier_cache,
+use meshauth_test_support::certs::{
+    Ca, ExtendedKeyUsagePurpose, HOUR, KeyUsagePurpose, LeafSpec, TD, base_time, bundle,
 };
-use rcgen::{ExtendedKeyUsagePurpose, KeyUsagePurpose};
+use production::{ManualClock, production_verify, verifier_cache};
 use rustls_pki_types::CertificateDer;
 use svid_cache::{Expectation, ExpectedIdentity, PeerRole, VerifyError, verify_peer};
 

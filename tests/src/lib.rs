@@ -24,15 +24,7 @@ pub const TD: &str = "meshauth.local";
 /// How long a test waits for something that should happen soon.
 pub const WAIT: Duration = Duration::from_secs(10);
 
-/// Logs to the test output when `RUST_LOG` is set (e.g. `RUST_LOG=svid_cache=debug`).
-pub fn init_tracing() {
-    if std::env::var_os("RUST_LOG").is_some() {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-            .with_test_writer()
-            .try_init();
-    }
-}
+pub use meshauth_test_support::init_tracing;
 
 /// `spiffe://<trust_domain><path>`.
 pub fn spiffe_id(trust_domain: &str, path: &str) -> SpiffeId {

@@ -9,9 +9,9 @@
 
 use auth_agent::auth::store::AuthStore as _;
 use auth_agent::handshake::{Limit, Metrics, Role};
+use meshauth_test_support::certs::{Ca, HOUR, base_time};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-use super::certs::{Ca, HOUR};
 use super::*;
 
 /// node-a and node-b as in [`desired`], plus node-c on 127.0.0.3.
@@ -59,7 +59,7 @@ async fn a_flood_of_idle_and_slow_connections_from_one_address_leaves_other_node
     const IDLE: usize = 300;
     const SLOW: usize = 16;
     let ca = Ca::root("meshauth test CA");
-    let (l, r) = (ca.svid(L, HOUR), ca.svid(R, HOUR));
+    let (l, r) = (ca.svid(L, base_time(), HOUR), ca.svid(R, base_time(), HOUR));
     // Default limits and timeouts: 256 at once, 16 per source, TLS 1 s, 5 s overall.
     let resp = Responder::start(cache_with(&ca, &[&r]), with_node_c(), |_| {}).await;
 
@@ -126,7 +126,7 @@ async fn a_flood_of_idle_and_slow_connections_from_one_address_leaves_other_node
 #[tokio::test]
 async fn a_client_hello_sent_a_byte_at_a_time_is_cut_at_the_tls_deadline() {
     let ca = Ca::root("meshauth test CA");
-    let r = ca.svid(R, HOUR);
+    let r = ca.svid(R, base_time(), HOUR);
     let mut resp = Responder::start(cache_with(&ca, &[&r]), desired(None, None), |o| {
         // Far beyond WAIT: only the TLS deadline can end this connection in time.
         o.handshake_timeout = Duration::from_secs(60);
@@ -151,7 +151,7 @@ async fn a_client_hello_sent_a_byte_at_a_time_is_cut_at_the_tls_deadline() {
 #[tokio::test]
 async fn connections_beyond_the_per_source_limit_are_closed_at_once_and_counted() {
     let ca = Ca::root("meshauth test CA");
-    let (l, r) = (ca.svid(L, HOUR), ca.svid(R, HOUR));
+    let (l, r) = (ca.svid(L, base_time(), HOUR), ca.svid(R, base_time(), HOUR));
     let mut resp = Responder::start(cache_with(&ca, &[&r]), with_node_c(), |o| {
         o.max_per_source = 2;
         o.handshake_timeout = Duration::from_secs(60);

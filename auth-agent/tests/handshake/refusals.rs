@@ -9,11 +9,11 @@ use auth_agent::auth::Authenticator as _;
 use auth_agent::auth::store::{AuthStore as _, Pair};
 use auth_agent::handshake::protocol::{self, Hello, Message};
 use auth_agent::handshake::{HandshakeError, Metrics, Role};
+use meshauth_test_support::certs::{Ca, HOUR, LeafSpec, TD, base_time};
 use rustls::pki_types::ServerName;
 use tokio::io::AsyncWriteExt as _;
 use tokio::net::TcpListener;
 
-use super::certs::{Ca, HOUR, LeafSpec, TD, base_time};
 use super::*;
 
 struct Bad {
@@ -38,8 +38,8 @@ impl Bad {
             f(&mut s);
             ca.issue(&s)
         };
-        let good = ca.svid(identity, HOUR);
-        let stranger = ca.svid(999, HOUR);
+        let good = ca.svid(identity, now, HOUR);
+        let stranger = ca.svid(999, now, HOUR);
         vec![
             (
                 "two URI SANs",
@@ -70,7 +70,7 @@ impl Bad {
             ),
             (
                 "chain from another CA",
-                self.other_ca.svid(identity, HOUR),
+                self.other_ca.svid(identity, now, HOUR),
                 "untrusted_chain",
             ),
             (
@@ -87,9 +87,9 @@ async fn responder_refuses_each_bad_client_with_its_own_label() {
     let bad = Bad::new();
     let ca = &bad.leaves;
     let (l, r, r2) = (
-        ca.svid(L, HOUR),
-        ca.svid(R, HOUR),
-        ca.svid(NO_ENDPOINT, HOUR),
+        ca.svid(L, base_time(), HOUR),
+        ca.svid(R, base_time(), HOUR),
+        ca.svid(NO_ENDPOINT, base_time(), HOUR),
     );
     let mut resp = Responder::start(cache_with(ca, &[&r, &r2]), desired(None, None), |_| {}).await;
     let sni = format!("{R}.{TD}");
@@ -113,7 +113,7 @@ async fn responder_refuses_each_bad_client_with_its_own_label() {
     cases.extend([
         (
             "a valid SVID of an identity the desired state does not know".into(),
-            raw_client_config(Some(&ca.svid(999, HOUR)), false),
+            raw_client_config(Some(&ca.svid(999, base_time(), HOUR)), false),
             A_IP,
             sni.clone(),
             999,
@@ -254,11 +254,11 @@ async fn initiator_refuses_each_bad_server_with_its_own_label() {
     let bad = Bad::new();
     let ca = &bad.leaves;
     let metrics = Metrics::default();
-    let own = ca.svid(L, HOUR);
+    let own = ca.svid(L, base_time(), HOUR);
     let mut cases = bad.chains(R);
     cases.push((
         "a valid SVID of another identity than the one dialled",
-        ca.svid(NO_ENDPOINT, HOUR),
+        ca.svid(NO_ENDPOINT, base_time(), HOUR),
         "unexpected_identity",
     ));
     for (case, leaf, label) in cases {
@@ -312,7 +312,7 @@ fn hello_frame(node: &str, local: u32, remote: u32, wg: Option<&str>) -> Vec<u8>
 #[tokio::test]
 async fn garbage_and_bad_messages_get_clear_errors_and_the_server_keeps_serving() {
     let ca = Ca::root("meshauth test CA");
-    let (l, r) = (ca.svid(L, HOUR), ca.svid(R, HOUR));
+    let (l, r) = (ca.svid(L, base_time(), HOUR), ca.svid(R, base_time(), HOUR));
     let mut resp = Responder::start(
         cache_with(&ca, &[&r]),
         desired(Some("wg-key-of-a"), None),
@@ -405,7 +405,7 @@ async fn garbage_and_bad_messages_get_clear_errors_and_the_server_keeps_serving(
 #[tokio::test]
 async fn initiator_checks_the_responders_statement() {
     let ca = Ca::root("meshauth test CA");
-    let (l, r) = (ca.svid(L, HOUR), ca.svid(R, HOUR));
+    let (l, r) = (ca.svid(L, base_time(), HOUR), ca.svid(R, base_time(), HOUR));
     let resp = Responder::start(
         cache_with(&ca, &[&r]),
         desired(None, Some("published-b")),
@@ -440,7 +440,7 @@ async fn initiator_checks_the_responders_statement() {
 #[tokio::test]
 async fn excess_connections_are_closed_and_idle_ones_time_out() {
     let ca = Ca::root("meshauth test CA");
-    let (l, r) = (ca.svid(L, HOUR), ca.svid(R, HOUR));
+    let (l, r) = (ca.svid(L, base_time(), HOUR), ca.svid(R, base_time(), HOUR));
     let mut resp = Responder::start(cache_with(&ca, &[&r]), desired(None, None), |o| {
         o.max_concurrent = 1;
         o.handshake_timeout = Duration::from_millis(500);
@@ -525,7 +525,7 @@ async fn refusals_from_one_peer_are_logged_once_per_interval_and_always_counted(
     let _guard = tracing::subscriber::set_default(subscriber);
 
     let ca = Ca::root("meshauth test CA");
-    let r = ca.svid(R, HOUR);
+    let r = ca.svid(R, base_time(), HOUR);
     let mut resp = Responder::start(cache_with(&ca, &[&r]), desired(None, None), |o| {
         // Far longer than the test: every refusal below falls in one interval.
         o.refusal_log_interval = Duration::from_secs(3600);

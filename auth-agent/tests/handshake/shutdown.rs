@@ -5,10 +5,10 @@
 use auth_agent::handshake::metrics::RoleLabels;
 use auth_agent::handshake::protocol::{self, Hello, Message};
 use auth_agent::handshake::{Metrics, Role};
+use meshauth_test_support::certs::{Ca, HOUR, TD, base_time};
 use rustls::pki_types::ServerName;
 use tokio::io::AsyncReadExt as _;
 
-use super::certs::{Ca, HOUR, TD};
 use super::*;
 
 fn in_flight(m: &Metrics) -> i64 {
@@ -44,7 +44,7 @@ async fn until_refused(addr: SocketAddr) {
 #[tokio::test]
 async fn a_handshake_stuck_at_shutdown_is_cancelled_after_the_drain_period() {
     let ca = Ca::root("meshauth test CA");
-    let r = ca.svid(R, HOUR);
+    let r = ca.svid(R, base_time(), HOUR);
     let mut resp = Responder::start(cache_with(&ca, &[&r]), desired(None, None), |o| {
         // Only the drain period can end this connection within WAIT.
         o.handshake_timeout = Duration::from_secs(60);
@@ -86,7 +86,7 @@ async fn a_handshake_stuck_at_shutdown_is_cancelled_after_the_drain_period() {
 #[tokio::test]
 async fn a_handshake_in_flight_at_shutdown_finishes_and_new_connections_are_refused() {
     let ca = Ca::root("meshauth test CA");
-    let (l, r) = (ca.svid(L, HOUR), ca.svid(R, HOUR));
+    let (l, r) = (ca.svid(L, base_time(), HOUR), ca.svid(R, base_time(), HOUR));
     let mut resp = Responder::start(cache_with(&ca, &[&r]), desired(None, None), |o| {
         o.drain_timeout = Duration::from_secs(30);
     })

@@ -11,11 +11,11 @@ use std::time::{Duration, SystemTime};
 
 use auth_agent::auth::store::{AuthStore, BpfAuthStore, MemoryAuthStore, Pair};
 use auth_agent::handshake::{Metrics, Role};
+use meshauth_test_support::certs::{Ca, HOUR, TD, base_time};
 use spire_dev::{DevConfig, EntrySpec, SpiffeId, SpireDev};
 use svid_cache::{SvidCache, WorkloadApiConfig, spawn_workload_api};
 use tokio_util::sync::CancellationToken;
 
-use super::certs::{Ca, HOUR, TD};
 use super::*;
 
 pub(super) struct Cluster {
@@ -375,7 +375,10 @@ async fn responder_writes_the_pinned_auth_map() {
             .unwrap_or_else(|e| panic!("opening the pinned auth map: {e}")),
     );
     let ca = Ca::root("meshauth test CA");
-    let (l, r) = (ca.svid(L, 2 * HOUR), ca.svid(R, HOUR));
+    let (l, r) = (
+        ca.svid(L, base_time(), 2 * HOUR),
+        ca.svid(R, base_time(), HOUR),
+    );
     let mut resp = Responder::start_with(
         "node-b",
         cache_with(&ca, &[&r]),

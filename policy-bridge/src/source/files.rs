@@ -13,6 +13,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::task::JoinHandle;
@@ -75,10 +76,13 @@ impl FilesConfig {
     }
 }
 
+/// What one file gave. Objects are shared (`Arc`) with the source's
+/// `applied` map, so an unchanged cluster is held once, not once per copy;
+/// the file's text is not kept, only its digest.
 #[derive(Debug, Default)]
 struct FileEntry {
-    text: String,
-    objects: BTreeMap<ObjectKey, Object>,
+    digest: Digest,
+    objects: BTreeMap<ObjectKey, Arc<Object>>,
     errors: Vec<String>,
     invalid: BTreeMap<ObjectKey, crate::model::ModelError>,
 }
@@ -89,7 +93,7 @@ pub struct FilesSource {
     cfg: FilesConfig,
     id_file: Option<IdentityFile>,
     files: BTreeMap<PathBuf, FileEntry>,
-    applied: BTreeMap<ObjectKey, Object>,
+    applied: BTreeMap<ObjectKey, Arc<Object>>,
     engine: Engine,
     errors: Vec<String>,
 }
@@ -155,11 +159,11 @@ impl FilesSource {
     }
 
     fn apply(&mut self, now: Instant, wall: SystemTime) -> Result<StateDiff, FilesError> {
-        let mut wanted: BTreeMap<ObjectKey, Object> = BTreeMap::new();
+        let mut wanted: BTreeMap<ObjectKey, Arc<Object>> = BTreeMap::new();
         let mut errors = Vec::new();
         for f in self.files.values() {
             for (k, o) in &f.objects {
-                wanted.insert(k.clone(), o.clone());
+                wanted.insert(k.clone(), Arc::clone(o));
             }
             errors.extend(f.errors.iter().cloned());
         }
@@ -172,8 +176,12 @@ impl FilesSource {
         // Namespaces first so pods see their labels; policies last.
         let mut ups: Vec<&Object> = wanted
             .iter()
-            .filter(|(k, o)| self.applied.get(*k) != Some(*o))
-            .map(|(_, o)| o)
+            .filter(|(k, o)| {
+                self.applied
+                    .get(*k)
+                    .is_none_or(|a| !Arc::ptr_eq(a, o) && a != *o)
+            })
+            .map(|(_, o)| o.as_ref())
             .collect();
         ups.sort_by_key(|o| match o {
             Object::Namespace(_) => 0,
@@ -228,16 +236,13 @@ fn read_file(p: &Path, old: Option<FileEntry>) -> FileEntry {
             return keep;
         }
     };
-    if let Some(old) = old.as_ref().filter(|o| o.text == text) {
-        return FileEntry {
-            text,
-            objects: old.objects.clone(),
-            errors: old.errors.clone(),
-            invalid: old.invalid.clone(),
-        };
-    }
+    let digest = Digest::of(&text);
+    let old = match old {
+        Some(o) if o.digest == digest => return o,
+        o => o,
+    };
     let mut entry = FileEntry {
-        text: text.clone(),
+        digest,
         ..FileEntry::default()
     };
     let mut failed = false;
@@ -250,7 +255,7 @@ fn read_file(p: &Path, old: Option<FileEntry>) -> FileEntry {
     }) {
         match r {
             Ok(o) => {
-                entry.objects.insert(o.key(), o);
+                entry.objects.insert(o.key(), Arc::new(o));
             }
             Err(inv) => {
                 failed = true;
@@ -276,6 +281,32 @@ fn read_file(p: &Path, old: Option<FileEntry>) -> FileEntry {
         }
     }
     entry
+}
+
+/// A file's content, to see that it did not change without keeping it: its
+/// length and two independent 64-bit hashes.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Digest {
+    len: usize,
+    a: u64,
+    b: u64,
+}
+
+impl Digest {
+    fn of(text: &str) -> Self {
+        use std::hash::Hasher as _;
+        let hash = |seed: u64| {
+            let mut h = std::hash::DefaultHasher::new();
+            h.write_u64(seed);
+            h.write(text.as_bytes());
+            h.finish()
+        };
+        Self {
+            len: text.len(),
+            a: hash(0x6d65_7368),
+            b: hash(0x6175_7468),
+        }
+    }
 }
 
 /// A standalone Pod manifest must state `status.phase`: the API server

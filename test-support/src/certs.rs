@@ -1,15 +1,16 @@
-//! Certificates for tests: real CAs and SVIDs generated with rcgen, good and bad.
-#![allow(dead_code)]
+//! Certificates for tests: real CAs and SVIDs generated with rcgen, good and
+//! bad. A [`LeafSpec`] says what a leaf looks like; tests change its fields
+//! to make the bad ones (two URI SANs, a CA leaf, a foreign trust domain,
+//! expired, not yet valid, missing key usages).
 
 use std::time::{Duration, SystemTime};
 
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose, SanType,
-};
-use rustls_pki_types::{CertificateDer, PrivatePkcs8KeyDer};
-use svid_cache::SvidInput;
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, SanType};
+pub use rcgen::{ExtendedKeyUsagePurpose, KeyUsagePurpose};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use svid_cache::{CacheConfig, SvidCache, SvidInput, TrustBundle, TrustDomain, Update};
 
+/// The trust domain of the tests (meshauth's default).
 pub const TD: &str = "meshauth.local";
 pub const HOUR: Duration = Duration::from_secs(3600);
 pub const MINUTE: Duration = Duration::from_secs(60);
@@ -18,25 +19,62 @@ pub const MINUTE: Duration = Duration::from_secs(60);
 pub fn base_time() -> SystemTime {
     let secs = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap()
+        .expect("clock after 1970")
         .as_secs();
     SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
 }
 
 fn odt(t: SystemTime) -> time::OffsetDateTime {
-    let secs = t.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs();
-    time::OffsetDateTime::from_unix_timestamp(secs as i64).unwrap()
+    let secs = t
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_else(|e| panic!("certificate time {t:?} before 1970: {e}"))
+        .as_secs();
+    let secs = i64::try_from(secs).expect("certificate time fits i64 seconds");
+    time::OffsetDateTime::from_unix_timestamp(secs)
+        .unwrap_or_else(|e| panic!("certificate time {secs}s after 1970: {e}"))
 }
 
-/// A certificate authority.
+/// The trust domain [`TD`].
+pub fn td() -> TrustDomain {
+    TrustDomain::new(TD).unwrap_or_else(|e| panic!("trust domain {TD}: {e}"))
+}
+
+/// A bundle of [`TD`] holding `cas`.
+pub fn bundle(cas: &[&Ca]) -> TrustBundle {
+    TrustBundle::new(td(), cas.iter().map(|c| c.der()).collect())
+        .unwrap_or_else(|e| panic!("bundle of {} CAs: {e}", cas.len()))
+}
+
+/// A cache (default config, system clock) trusting `ca` and holding
+/// `leaves`, applied directly (no source).
+pub fn cache_with(ca: &Ca, leaves: &[&Leaf]) -> SvidCache {
+    let cache = SvidCache::new(CacheConfig::default());
+    cache
+        .apply(Update {
+            svids: Some(leaves.iter().map(|l| l.input()).collect()),
+            bundle: Some(bundle(&[ca])),
+        })
+        .unwrap_or_else(|e| panic!("applying test SVIDs: {e}"));
+    cache
+}
+
+/// A certificate authority: a root or an intermediate.
 pub struct Ca {
     issuer: CertifiedIssuer<'static, KeyPair>,
     /// For an intermediate: itself, then its intermediate parents (not the root).
     parents: Vec<CertificateDer<'static>>,
 }
 
+impl std::fmt::Debug for Ca {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ca")
+            .field("intermediates", &self.parents.len())
+            .finish_non_exhaustive()
+    }
+}
+
 /// What a leaf should look like.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct LeafSpec {
     pub uris: Vec<String>,
     pub is_ca: bool,
@@ -53,11 +91,12 @@ impl LeafSpec {
         Self::uri(&format!("spiffe://{td}/identity/{identity}"), now, life)
     }
 
+    /// A normal SVID with the one URI SAN `uri`, valid `[now - 1 min, now + life]`.
     pub fn uri(uri: &str, now: SystemTime, life: Duration) -> Self {
         Self {
             uris: vec![uri.to_owned()],
             is_ca: false,
-            not_before: now - Duration::from_secs(60),
+            not_before: now - MINUTE,
             not_after: now + life,
             eku: vec![
                 ExtendedKeyUsagePurpose::ServerAuth,
@@ -76,13 +115,36 @@ pub struct Leaf {
     pub key: Vec<u8>,
 }
 
+impl std::fmt::Debug for Leaf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Leaf")
+            .field("spiffe_id", &self.spiffe_id)
+            .field("chain_len", &self.chain.len())
+            .field("key", &"<redacted>")
+            .finish()
+    }
+}
+
 impl Leaf {
+    /// The leaf as svid-cache takes it from a source.
     pub fn input(&self) -> SvidInput {
         SvidInput {
             spiffe_id: self.spiffe_id.clone(),
             cert_chain: self.chain.clone(),
             private_key: PrivatePkcs8KeyDer::from(self.key.clone()),
         }
+    }
+
+    /// The key as rustls takes it.
+    pub fn private_key(&self) -> PrivateKeyDer<'static> {
+        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key.clone()))
+    }
+
+    /// The same leaf followed by `extra` (a substituted / padded chain).
+    pub fn with_extra(&self, extra: CertificateDer<'static>) -> Leaf {
+        let mut l = self.clone();
+        l.chain.push(extra);
+        l
     }
 }
 
@@ -104,10 +166,11 @@ fn ca_params(name: &str) -> CertificateParams {
 }
 
 impl Ca {
-    /// A self-signed root.
+    /// A self-signed root (ECDSA P-256, rcgen's default key).
     pub fn root(name: &str) -> Self {
-        let key = KeyPair::generate().unwrap();
-        let issuer = CertifiedIssuer::self_signed(ca_params(name), key).unwrap();
+        let key = KeyPair::generate().expect("CA key");
+        let issuer = CertifiedIssuer::self_signed(ca_params(name), key)
+            .unwrap_or_else(|e| panic!("self-signing CA {name}: {e}"));
         Self {
             issuer,
             parents: Vec::new(),
@@ -116,11 +179,7 @@ impl Ca {
 
     /// An intermediate CA signed by this one.
     pub fn intermediate(&self, name: &str) -> Self {
-        let key = KeyPair::generate().unwrap();
-        let issuer = CertifiedIssuer::signed_by(ca_params(name), key, &self.issuer).unwrap();
-        let mut parents = vec![issuer.der().clone()];
-        parents.extend(self.parents.iter().cloned());
-        Self { issuer, parents }
+        self.signed(name, ca_params(name))
     }
 
     /// An intermediate CA signed by this one, valid `[not_before, not_after]`
@@ -132,12 +191,17 @@ impl Ca {
         not_after: SystemTime,
         key_usages: Vec<KeyUsagePurpose>,
     ) -> Self {
-        let key = KeyPair::generate().unwrap();
         let mut p = ca_params(name);
         p.not_before = odt(not_before);
         p.not_after = odt(not_after);
         p.key_usages = key_usages;
-        let issuer = CertifiedIssuer::signed_by(p, key, &self.issuer).unwrap();
+        self.signed(name, p)
+    }
+
+    fn signed(&self, name: &str, p: CertificateParams) -> Self {
+        let key = KeyPair::generate().expect("intermediate CA key");
+        let issuer = CertifiedIssuer::signed_by(p, key, &self.issuer)
+            .unwrap_or_else(|e| panic!("signing intermediate CA {name}: {e}"));
         let mut parents = vec![issuer.der().clone()];
         parents.extend(self.parents.iter().cloned());
         Self { issuer, parents }
@@ -156,13 +220,19 @@ impl Ca {
 
     /// Issues a leaf per `spec`.
     pub fn issue(&self, spec: &LeafSpec) -> Leaf {
-        let key = KeyPair::generate().unwrap();
+        let key = KeyPair::generate().expect("leaf key");
         let mut p = CertificateParams::default();
         p.distinguished_name.push(DnType::OrganizationName, "SPIRE");
         p.subject_alt_names = spec
             .uris
             .iter()
-            .map(|u| SanType::URI(u.as_str().try_into().unwrap()))
+            .map(|u| {
+                SanType::URI(
+                    u.as_str()
+                        .try_into()
+                        .unwrap_or_else(|e| panic!("URI SAN {u}: {e}")),
+                )
+            })
             .collect();
         p.is_ca = if spec.is_ca {
             IsCa::Ca(BasicConstraints::Unconstrained)
@@ -186,7 +256,9 @@ impl Ca {
         p.extended_key_usages = spec.eku.clone();
         p.not_before = odt(spec.not_before);
         p.not_after = odt(spec.not_after);
-        let cert = p.signed_by(&key, &self.issuer).unwrap();
+        let cert = p
+            .signed_by(&key, &self.issuer)
+            .unwrap_or_else(|e| panic!("signing leaf {:?}: {e}", spec.uris));
         let mut chain = vec![cert.der().clone()];
         chain.extend(self.chain());
         Leaf {
@@ -196,96 +268,8 @@ impl Ca {
         }
     }
 
-    /// A normal SVID for `identity` of the default trust domain.
+    /// A normal SVID of `identity` in [`TD`], valid `[now - 1 min, now + life]`.
     pub fn svid(&self, identity: u32, now: SystemTime, life: Duration) -> Leaf {
         self.issue(&LeafSpec::identity(TD, identity, now, life))
     }
-}
-
-/// The trust domain used by tests.
-pub fn td() -> svid_cache::TrustDomain {
-    svid_cache::TrustDomain::new(TD).unwrap()
-}
-
-/// A bundle holding `cas`.
-pub fn bundle(cas: &[&Ca]) -> svid_cache::TrustBundle {
-    svid_cache::TrustBundle::new(td(), cas.iter().map(|c| c.der()).collect()).unwrap()
-}
-
-/// A wall clock that moves only when told to.
-#[derive(Debug)]
-pub struct ManualClock(std::sync::Mutex<SystemTime>);
-
-impl ManualClock {
-    pub fn new(at: SystemTime) -> std::sync::Arc<Self> {
-        std::sync::Arc::new(Self(std::sync::Mutex::new(at)))
-    }
-
-    pub fn set(&self, at: SystemTime) {
-        *self.0.lock().unwrap() = at;
-    }
-}
-
-impl svid_cache::Clock for ManualClock {
-    fn now(&self) -> SystemTime {
-        *self.0.lock().unwrap()
-    }
-}
-
-/// A cache trusting `cas`, holding no SVIDs, reading time from `clock`.
-pub fn verifier_cache(cas: &[&Ca], clock: std::sync::Arc<ManualClock>) -> svid_cache::SvidCache {
-    let cache = svid_cache::SvidCache::with_clock(svid_cache::CacheConfig::default(), clock);
-    cache
-        .apply(svid_cache::Update {
-            svids: Some(Vec::new()),
-            bundle: Some(bundle(cas)),
-        })
-        .unwrap();
-    cache
-}
-
-/// Verifies `chain` the way the handshake does: through the rustls verifier
-/// of the peer's role (server: `SpiffeServerVerifier`, exact identity;
-/// client: `SpiffeClientVerifier`) backed by `cache`, its remembered chains
-/// and its clock. The error is the `VerifyError` carried inside rustls'.
-pub fn production_verify(
-    cache: &svid_cache::SvidCache,
-    chain: &[CertificateDer<'static>],
-    expect: &svid_cache::Expectation,
-) -> Result<(), svid_cache::VerifyError> {
-    use rustls::client::danger::ServerCertVerifier as _;
-    use rustls::server::danger::ClientCertVerifier as _;
-    use svid_cache::{ExpectedIdentity, PeerRole, SpiffeClientVerifier, SpiffeServerVerifier};
-
-    let Some((leaf, rest)) = chain.split_first() else {
-        return Err(svid_cache::VerifyError::NoCertificate);
-    };
-    let unix = rustls_pki_types::UnixTime::now();
-    let r = match (&expect.role, &expect.identity) {
-        (PeerRole::Server, ExpectedIdentity::Exact(n)) => {
-            let name = rustls_pki_types::ServerName::try_from(format!("{n}.{TD}")).unwrap();
-            SpiffeServerVerifier::new(cache.clone(), *n)
-                .verify_server_cert(leaf, rest, &name, &[], unix)
-                .map(|_| ())
-        }
-        (PeerRole::Server, ExpectedIdentity::Known(_)) => {
-            panic!("the handshake's server verifier expects one exact identity")
-        }
-        (PeerRole::Client, ExpectedIdentity::Exact(n)) => {
-            SpiffeClientVerifier::exact(cache.clone(), *n)
-                .verify_client_cert(leaf, rest, unix)
-                .map(|_| ())
-        }
-        (PeerRole::Client, ExpectedIdentity::Known(f)) => {
-            let f = f.clone();
-            SpiffeClientVerifier::known(cache.clone(), move |n| f(n))
-                .verify_client_cert(leaf, rest, unix)
-                .map(|_| ())
-        }
-    };
-    r.map_err(|e| {
-        svid_cache::VerifyError::from_rustls(&e)
-            .unwrap_or_else(|| panic!("non-SPIFFE rustls error: {e:?}"))
-            .clone()
-    })
 }
