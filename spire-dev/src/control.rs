@@ -21,7 +21,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::dev::{DevInner, DevStatus, SpireDev};
-use crate::duration::parse_duration;
+use meshauth_duration::parse_duration;
 use crate::entries::{Entry, EntrySpec, Selector, SpiffeId};
 use crate::socket::{self, SocketError};
 use crate::stream::went_down;
