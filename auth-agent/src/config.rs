@@ -1,13 +1,26 @@
-//! The agent's configuration: one `Config`, built by a pure function from a
-//! YAML file, environment variables and command-line flags (flags win over
-//! the environment, the environment over the file, the file over defaults).
-//! Every invalid value is reported at once, each naming where it came from.
+//! The agent's configuration: one `Config` and its settings — keys,
+//! defaults, validators — built by a pure function ([`build`]) from
+//! command-line flags, environment variables and a YAML file. Flags win over
+//! the environment, the environment over the file, the file over defaults;
+//! every invalid value is reported at once, each naming where it came from
+//! (the layering is [`layers`], which knows none of these settings).
+//! Durations are read and printed in the project's one grammar
+//! ([`meshauth_duration`]: `500ms`, `90s`, `1h30m`), so the effective
+//! configuration logged at start parses back.
+
+pub mod keys;
+pub mod layers;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use meshauth_duration::{format_duration, parse_duration};
 use serde::{Deserialize, Serialize};
+
+use layers::Resolver;
+pub use layers::{ConfigErrors, File, Invalid, Key, Layers};
 
 /// Where SVIDs come from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -80,14 +93,14 @@ pub struct Config {
     /// Where the handshake server listens.
     pub handshake_listen: SocketAddr,
     /// Handshake connect timeout.
-    #[serde(with = "duration_str")]
+    #[serde(with = "meshauth_duration::serde")]
     pub connect_timeout: Duration,
     /// Handshake timeout.
-    #[serde(with = "duration_str")]
+    #[serde(with = "meshauth_duration::serde")]
     pub handshake_timeout: Duration,
     /// The responder's bound on the TLS handshake alone (ClientHello to
     /// Finished); at most `handshake_timeout`.
-    #[serde(with = "duration_str")]
+    #[serde(with = "meshauth_duration::serde")]
     pub handshake_tls_timeout: Duration,
     /// Handshakes served at once.
     pub max_concurrent_handshakes: usize,
@@ -95,10 +108,10 @@ pub struct Config {
     pub max_handshakes_per_source: usize,
     /// On shutdown, how long handshakes in flight and the agent's tasks may
     /// take to finish before they are cancelled.
-    #[serde(with = "duration_str")]
+    #[serde(with = "meshauth_duration::serde")]
     pub shutdown_grace: Duration,
     /// How often a manifest directory is checked for changes.
-    #[serde(with = "duration_str")]
+    #[serde(with = "meshauth_duration::serde")]
     pub policy_poll_interval: Duration,
     /// Metrics and health endpoints.
     pub metrics_listen: SocketAddr,
@@ -112,7 +125,7 @@ pub struct Config {
     pub sweep_cron: String,
     /// How long a freed identity number stays quarantined (not given to
     /// another label set): at least the longest X.509-SVID TTL plus margin.
-    #[serde(with = "duration_str")]
+    #[serde(with = "meshauth_duration::serde")]
     pub identity_quarantine: Duration,
     /// WireGuard on or off.
     pub wireguard: bool,
@@ -127,82 +140,6 @@ pub struct Config {
     pub log_format: LogFormat,
 }
 
-/// The configuration file: every field optional.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct ConfigFile {
-    /// See [`Config::node_name`].
-    pub node_name: Option<String>,
-    /// See [`Config::trust_domain`].
-    pub trust_domain: Option<String>,
-    /// `workload` or `delegated`.
-    pub identity_source: Option<String>,
-    /// Workload API or admin socket.
-    pub spire_socket: Option<String>,
-    /// Delegated Identity API selectors.
-    pub spire_selectors: Option<Vec<String>>,
-    /// `kubernetes` or a directory path.
-    pub policy_source: Option<String>,
-    /// See [`Config::bpf_pin_dir`].
-    pub bpf_pin_dir: Option<String>,
-    /// See [`Config::pods_cgroup`]; `auto` to detect.
-    pub pods_cgroup: Option<String>,
-    /// `enforce` or `audit`.
-    pub mode: Option<String>,
-    /// `ip:port`.
-    pub handshake_listen: Option<String>,
-    /// e.g. `5s`.
-    pub connect_timeout: Option<String>,
-    /// e.g. `5s`.
-    pub handshake_timeout: Option<String>,
-    /// e.g. `1s`: see [`Config::handshake_tls_timeout`].
-    pub handshake_tls_timeout: Option<String>,
-    /// See [`Config::max_concurrent_handshakes`].
-    pub max_concurrent_handshakes: Option<usize>,
-    /// See [`Config::max_handshakes_per_source`].
-    pub max_handshakes_per_source: Option<usize>,
-    /// e.g. `5s`: see [`Config::shutdown_grace`].
-    pub shutdown_grace: Option<String>,
-    /// e.g. `1s`.
-    pub policy_poll_interval: Option<String>,
-    /// `ip:port`.
-    pub metrics_listen: Option<String>,
-    /// See [`Config::api_socket`].
-    pub api_socket: Option<String>,
-    /// See [`Config::state_dir`].
-    pub state_dir: Option<String>,
-    /// See [`Config::reauth_fraction`].
-    pub reauth_fraction: Option<f64>,
-    /// See [`Config::sweep_cron`].
-    pub sweep_cron: Option<String>,
-    /// e.g. `90m`: see [`Config::identity_quarantine`].
-    pub identity_quarantine: Option<String>,
-    /// See [`Config::wireguard`].
-    pub wireguard: Option<bool>,
-    /// `pass` (default) or `drop`: see [`Config::drop_unknown_pods`].
-    pub unknown_pods: Option<String>,
-    /// See [`Config::source_check`].
-    pub source_check: Option<bool>,
-    /// `plain` or `json`.
-    pub log_format: Option<String>,
-}
-
-/// One invalid value: where it came from, what it was, what would be right.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Invalid {
-    /// `--flag`, `ENV_VAR` or `file: key`.
-    pub source: String,
-    /// The value given.
-    pub value: String,
-    /// What is wrong and what would be right.
-    pub reason: String,
-}
-
-/// Every invalid value found, all at once.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{} invalid configuration value(s):\n{}", .0.len(), .0.iter().map(|i| format!("  {} = {:?}: {}", i.source, i.value, i.reason)).collect::<Vec<_>>().join("\n"))]
-pub struct ConfigErrors(pub Vec<Invalid>);
-
 /// Default quarantine of a freed identity number: SPIRE's default 1 h
 /// X.509-SVID TTL plus 30 minutes.
 pub const DEFAULT_IDENTITY_QUARANTINE: Duration = policy_bridge::identity::DEFAULT_QUARANTINE;
@@ -214,88 +151,28 @@ pub const MAX_IDENTITY_QUARANTINE: Duration = Duration::from_secs(720 * 3600);
 /// Default Workload API socket (SPIRE's default agent socket).
 pub const DEFAULT_SPIRE_SOCKET: &str = "/run/spire/sockets/agent.sock";
 
-/// The inputs, in the order that wins: flags, environment, file.
-#[derive(Debug, Clone, Default)]
-pub struct Layers {
-    /// Flag name → value (flags given on the command line).
-    pub flags: Vec<(&'static str, String)>,
-    /// Environment variables.
-    pub env: Vec<(String, String)>,
-    /// The parsed file, with its path for messages.
-    pub file: Option<(PathBuf, ConfigFile)>,
+/// Reads the configuration file (YAML, the camelCase keys of [`keys`]);
+/// unknown keys are refused, all at once.
+pub fn read_file(path: &Path) -> Result<File, ConfigErrors> {
+    let known: Vec<&str> = keys::ALL.iter().map(|k| k.file).collect();
+    File::read(path, &known)
 }
 
-/// A key of the configuration: its flag, its environment variable, and how
-/// to read it from the file.
-struct Key {
-    flag: &'static str,
-    env: &'static str,
-    file: fn(&ConfigFile) -> Option<String>,
-    file_key: &'static str,
-}
-
-impl Layers {
-    /// The winning raw value of `key` and where it came from.
-    fn get(&self, key: &Key) -> Option<(String, String)> {
-        if let Some((_, v)) = self.flags.iter().rev().find(|(f, _)| *f == key.flag) {
-            return Some((format!("--{}", key.flag), v.clone()));
-        }
-        if let Some((_, v)) = self.env.iter().find(|(k, _)| k == key.env) {
-            return Some((key.env.to_string(), v.clone()));
-        }
-        let (path, file) = self.file.as_ref()?;
-        (key.file)(file).map(|v| (format!("{}: {}", path.display(), key.file_key), v))
-    }
-}
-
-macro_rules! key {
-    ($flag:literal, $env:literal, $field:ident, $file_key:literal) => {
-        Key {
-            flag: $flag,
-            env: $env,
-            file: |f| f.$field.as_ref().map(|v| v.to_string()),
-            file_key: $file_key,
-        }
-    };
-}
-
-/// Reads the configuration file.
-pub fn read_file(path: &Path) -> Result<ConfigFile, ConfigErrors> {
-    let invalid = |reason: String| {
-        ConfigErrors(vec![Invalid {
-            source: path.display().to_string(),
-            value: String::new(),
-            reason,
-        }])
-    };
-    let text = std::fs::read_to_string(path).map_err(|e| invalid(format!("cannot read: {e}")))?;
-    serde_norway::from_str(&text).map_err(|e| invalid(format!("not a meshauth config: {e}")))
-}
-
-/// Builds the effective configuration.
+/// Builds the effective configuration from `layers`, or every invalid value.
 pub fn build(layers: &Layers) -> Result<Config, ConfigErrors> {
-    let mut errors = Vec::new();
-    let mut bad = |source: &str, value: &str, reason: &str| {
-        errors.push(Invalid {
-            source: source.to_string(),
-            value: value.to_string(),
-            reason: reason.to_string(),
-        });
-    };
+    let mut r = Resolver::new(layers);
 
-    let node = key!("node-name", "NODE_NAME", node_name, "nodeName");
-    let node_name = match layers.get(&node) {
-        Some((_, v)) if is_dns_name(&v) => v,
-        Some((src, v)) => {
-            bad(
-                &src,
+    let node_name = match r.raw(&keys::NODE_NAME) {
+        Some(v) if is_dns_name(&v.text) => v.text,
+        Some(v) => {
+            r.invalid(
                 &v,
                 "a node name is a DNS-1123 subdomain (lowercase letters, digits, '-', '.')",
             );
             String::new()
         }
         None => {
-            bad(
+            r.invalid_at(
                 "--node-name",
                 "",
                 "required (set NODE_NAME from the pod's spec.nodeName)",
@@ -303,445 +180,199 @@ pub fn build(layers: &Layers) -> Result<Config, ConfigErrors> {
             String::new()
         }
     };
-
-    let td = key!(
-        "trust-domain",
-        "MESHAUTH_TRUST_DOMAIN",
-        trust_domain,
-        "trustDomain"
-    );
-    let trust_domain = match layers.get(&td) {
-        Some((src, v)) => match svid_cache::TrustDomain::new(&v) {
-            Ok(_) => v,
-            Err(e) => {
-                bad(&src, &v, &e.to_string());
-                v
-            }
+    let trust_domain = r.get(
+        &keys::TRUST_DOMAIN,
+        svid_cache::DEFAULT_TRUST_DOMAIN.to_owned(),
+        |v| {
+            svid_cache::TrustDomain::new(v)
+                .map(|_| v.to_owned())
+                .map_err(|e| e.to_string())
         },
-        None => svid_cache::DEFAULT_TRUST_DOMAIN.to_string(),
-    };
-
-    let socket_key = key!(
-        "spire-socket",
-        "SPIFFE_ENDPOINT_SOCKET",
-        spire_socket,
-        "spireSocket"
     );
-    let socket = match layers.get(&socket_key) {
-        Some((src, v)) => {
+
+    let socket = r.get(
+        &keys::SPIRE_SOCKET,
+        PathBuf::from(DEFAULT_SPIRE_SOCKET),
+        |v| {
             let p = v
                 .strip_prefix("unix://")
-                .unwrap_or(v.strip_prefix("unix:").unwrap_or(&v));
-            if !p.starts_with('/') {
-                bad(
-                    &src,
-                    &v,
-                    "an absolute unix socket path (unix:///run/spire/sockets/agent.sock)",
-                );
+                .unwrap_or(v.strip_prefix("unix:").unwrap_or(v));
+            if p.starts_with('/') {
+                Ok(PathBuf::from(p))
+            } else {
+                Err("an absolute unix socket path (unix:///run/spire/sockets/agent.sock)".into())
             }
-            PathBuf::from(p)
-        }
-        None => PathBuf::from(DEFAULT_SPIRE_SOCKET),
-    };
-    let src_key = key!(
-        "identity-source",
-        "MESHAUTH_IDENTITY_SOURCE",
-        identity_source,
-        "identitySource"
+        },
     );
-    let sel_key = Key {
-        flag: "spire-selector",
-        env: "MESHAUTH_SPIRE_SELECTORS",
-        file: |f| f.spire_selectors.as_ref().map(|v| v.join(",")),
-        file_key: "spireSelectors",
-    };
-    let identity_source = match layers
-        .get(&src_key)
-        .map(|(s, v)| (s, v.to_ascii_lowercase()))
-    {
+    let identity_source = match r.raw(&keys::IDENTITY_SOURCE) {
         None => IdentitySource::WorkloadApi { socket },
-        Some((_, v)) if v == "workload" => IdentitySource::WorkloadApi { socket },
-        Some((src, v)) if v == "delegated" => {
-            let selectors: Vec<String> = layers
-                .get(&sel_key)
-                .map(|(_, v)| {
-                    v.split(',')
-                        .map(str::trim)
-                        .filter(|s| !s.is_empty())
-                        .map(String::from)
-                        .collect()
-                })
-                .unwrap_or_default();
-            if selectors.is_empty() {
-                bad(
-                    &src,
-                    &v,
-                    "the delegated source needs selectors (--spire-selector k8s:ns:meshauth,...)",
-                );
-            }
-            for s in &selectors {
-                if !s.contains(':') {
-                    bad("spire selector", s, "a selector is type:value");
-                }
-            }
-            IdentitySource::DelegatedIdentity { socket, selectors }
-        }
-        Some((src, v)) => {
-            bad(&src, &v, "workload or delegated");
-            IdentitySource::WorkloadApi { socket }
-        }
-    };
-
-    let pol = key!(
-        "policy-source",
-        "MESHAUTH_POLICY_SOURCE",
-        policy_source,
-        "policySource"
-    );
-    let policy_source = match layers.get(&pol) {
-        None => PolicySource::Kubernetes,
-        Some((_, v)) if v == "kubernetes" => PolicySource::Kubernetes,
-        Some((src, v)) => {
-            let p = PathBuf::from(v.strip_prefix("dir:").unwrap_or(&v));
-            if !p.is_absolute() {
-                bad(&src, &v, "kubernetes, or an absolute directory path");
-            }
-            PolicySource::Directory { path: p }
-        }
-    };
-
-    let path_or = |k: &Key, default: &str, bad: &mut dyn FnMut(&str, &str, &str)| -> PathBuf {
-        match layers.get(k) {
-            Some((src, v)) => {
-                if !v.starts_with('/') {
-                    bad(&src, &v, "an absolute path");
-                }
-                PathBuf::from(v)
-            }
-            None => PathBuf::from(default),
-        }
-    };
-    let bpf_pin_dir = path_or(
-        &key!(
-            "bpf-pin-dir",
-            "MESHAUTH_BPF_PIN_DIR",
-            bpf_pin_dir,
-            "bpfPinDir"
-        ),
-        auth_ebpf::DEFAULT_PIN_DIR,
-        &mut bad,
-    );
-    let api_socket = path_or(
-        &key!("api-socket", "MESHAUTH_API_SOCKET", api_socket, "apiSocket"),
-        "/var/run/meshauth/agent.sock",
-        &mut bad,
-    );
-    let state_dir = path_or(
-        &key!("state-dir", "MESHAUTH_STATE_DIR", state_dir, "stateDir"),
-        "/var/lib/meshauth",
-        &mut bad,
-    );
-    let cg = key!(
-        "pods-cgroup",
-        "MESHAUTH_PODS_CGROUP",
-        pods_cgroup,
-        "podsCgroup"
-    );
-    let pods_cgroup = match layers.get(&cg) {
-        None => None,
-        Some((_, v)) if v == "auto" => None,
-        Some((src, v)) => {
-            if !v.starts_with('/') {
-                bad(
-                    &src,
-                    &v,
-                    "auto, or the absolute path of the pods' cgroup v2",
-                );
-            }
-            Some(PathBuf::from(v))
-        }
-    };
-
-    let mode = match layers.get(&key!("mode", "MESHAUTH_MODE", mode, "mode")) {
-        None => Mode::Enforce,
-        Some((_, v)) if v == "enforce" => Mode::Enforce,
-        Some((_, v)) if v == "audit" => Mode::Audit,
-        Some((src, v)) => {
-            bad(&src, &v, "enforce or audit");
-            Mode::Enforce
-        }
-    };
-    let log_format = match layers.get(&key!(
-        "log-format",
-        "MESHAUTH_LOG_FORMAT",
-        log_format,
-        "logFormat"
-    )) {
-        None => LogFormat::Plain,
-        Some((_, v)) if v == "plain" => LogFormat::Plain,
-        Some((_, v)) if v == "json" => LogFormat::Json,
-        Some((src, v)) => {
-            bad(&src, &v, "plain or json");
-            LogFormat::Plain
-        }
-    };
-
-    let addr_or =
-        |k: &Key, default: SocketAddr, bad: &mut dyn FnMut(&str, &str, &str)| -> SocketAddr {
-            match layers.get(k) {
-                Some((src, v)) => match v.parse::<SocketAddr>() {
-                    Ok(a) if a.port() != 0 => a,
-                    _ => {
-                        bad(
-                            &src,
-                            &v,
-                            "ip:port with a non-zero port ([::]:4250, 0.0.0.0:9964)",
-                        );
-                        default
-                    }
-                },
-                None => default,
-            }
-        };
-    let handshake_listen = addr_or(
-        &key!(
-            "handshake-listen",
-            "MESHAUTH_HANDSHAKE_LISTEN",
-            handshake_listen,
-            "handshakeListen"
-        ),
-        SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 4250),
-        &mut bad,
-    );
-    let metrics_listen = addr_or(
-        &key!(
-            "metrics-listen",
-            "MESHAUTH_METRICS_LISTEN",
-            metrics_listen,
-            "metricsListen"
-        ),
-        SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 9964),
-        &mut bad,
-    );
-
-    let dur_or = |k: &Key, default: Duration, bad: &mut dyn FnMut(&str, &str, &str)| -> Duration {
-        match layers.get(k) {
-            Some((src, v)) => match parse_duration(&v) {
-                Some(d) if d >= Duration::from_millis(100) && d <= Duration::from_secs(120) => d,
-                _ => {
-                    bad(
-                        &src,
+        Some(v) => match v.text.to_ascii_lowercase().as_str() {
+            "workload" => IdentitySource::WorkloadApi { socket },
+            "delegated" => {
+                let given = r.raw(&keys::SPIRE_SELECTORS);
+                let selectors: Vec<String> = given
+                    .as_ref()
+                    .map(|s| {
+                        s.text
+                            .split(',')
+                            .map(str::trim)
+                            .filter(|s| !s.is_empty())
+                            .map(String::from)
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                if selectors.is_empty() {
+                    r.invalid(
                         &v,
-                        "a duration between 100ms and 120s (500ms, 5s, 1m)",
+                        "the delegated source needs selectors (--spire-selector k8s:ns:meshauth,...)",
                     );
-                    default
                 }
-            },
-            None => default,
-        }
+                if let Some(given) = &given {
+                    for s in selectors.iter().filter(|s| !s.contains(':')) {
+                        r.invalid(given, format!("{s:?} is not a selector: type:value"));
+                    }
+                }
+                IdentitySource::DelegatedIdentity { socket, selectors }
+            }
+            _ => {
+                r.invalid(&v, "workload or delegated");
+                IdentitySource::WorkloadApi { socket }
+            }
+        },
     };
-    let connect_timeout = dur_or(
-        &key!(
-            "connect-timeout",
-            "MESHAUTH_CONNECT_TIMEOUT",
-            connect_timeout,
-            "connectTimeout"
-        ),
-        Duration::from_secs(5),
-        &mut bad,
+
+    let policy_source = r.get(&keys::POLICY_SOURCE, PolicySource::Kubernetes, |v| {
+        if v == "kubernetes" {
+            return Ok(PolicySource::Kubernetes);
+        }
+        let path = PathBuf::from(v.strip_prefix("dir:").unwrap_or(v));
+        if path.is_absolute() {
+            Ok(PolicySource::Directory { path })
+        } else {
+            Err("kubernetes, or an absolute directory path".into())
+        }
+    });
+
+    let bpf_pin_dir = r.get(
+        &keys::BPF_PIN_DIR,
+        auth_ebpf::DEFAULT_PIN_DIR.into(),
+        absolute_path,
     );
-    let handshake_timeout = dur_or(
-        &key!(
-            "handshake-timeout",
-            "MESHAUTH_HANDSHAKE_TIMEOUT",
-            handshake_timeout,
-            "handshakeTimeout"
-        ),
-        Duration::from_secs(5),
-        &mut bad,
+    let api_socket = r.get(
+        &keys::API_SOCKET,
+        "/var/run/meshauth/agent.sock".into(),
+        absolute_path,
     );
-    let tls_key = key!(
-        "handshake-tls-timeout",
-        "MESHAUTH_HANDSHAKE_TLS_TIMEOUT",
-        handshake_tls_timeout,
-        "handshakeTlsTimeout"
+    let state_dir = r.get(&keys::STATE_DIR, "/var/lib/meshauth".into(), absolute_path);
+    let pods_cgroup = r.get(&keys::PODS_CGROUP, None, |v| match v {
+        "auto" => Ok(None),
+        v if v.starts_with('/') => Ok(Some(PathBuf::from(v))),
+        _ => Err("auto, or the absolute path of the pods' cgroup v2".into()),
+    });
+
+    let mode = r.get(&keys::MODE, Mode::Enforce, |v| match v {
+        "enforce" => Ok(Mode::Enforce),
+        "audit" => Ok(Mode::Audit),
+        _ => Err("enforce or audit".into()),
+    });
+    let log_format = r.get(&keys::LOG_FORMAT, LogFormat::Plain, |v| match v {
+        "plain" => Ok(LogFormat::Plain),
+        "json" => Ok(LogFormat::Json),
+        _ => Err("plain or json".into()),
+    });
+
+    let handshake_listen = r.get(
+        &keys::HANDSHAKE_LISTEN,
+        SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 4250),
+        listen_addr,
     );
-    let mut handshake_tls_timeout = dur_or(&tls_key, Duration::from_secs(1), &mut bad);
+    let metrics_listen = r.get(
+        &keys::METRICS_LISTEN,
+        SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 9964),
+        listen_addr,
+    );
+
+    let timeout = |v: &str| {
+        duration_in(
+            v,
+            Duration::from_millis(100)..=Duration::from_secs(120),
+            "a duration between 100ms and 120s (500ms, 5s, 1m)",
+        )
+    };
+    let connect_timeout = r.get(&keys::CONNECT_TIMEOUT, Duration::from_secs(5), timeout);
+    let handshake_timeout = r.get(&keys::HANDSHAKE_TIMEOUT, Duration::from_secs(5), timeout);
+    let mut handshake_tls_timeout = r.get(
+        &keys::HANDSHAKE_TLS_TIMEOUT,
+        Duration::from_secs(1),
+        timeout,
+    );
     if handshake_tls_timeout > handshake_timeout {
-        match layers.get(&tls_key) {
-            Some((src, v)) => bad(
-                &src,
+        match r.raw(&keys::HANDSHAKE_TLS_TIMEOUT) {
+            Some(v) => r.invalid(
                 &v,
-                &format!(
-                    "at most the handshake timeout ({handshake_timeout:?}): it bounds the TLS part of the handshake"
+                format!(
+                    "at most the handshake timeout ({}): it bounds the TLS part of the handshake",
+                    format_duration(handshake_timeout)
                 ),
             ),
             // Only the overall timeout was lowered: the TLS part follows it.
             None => handshake_tls_timeout = handshake_timeout,
         }
     }
-    let shutdown_grace = dur_or(
-        &key!(
-            "shutdown-grace",
-            "MESHAUTH_SHUTDOWN_GRACE",
-            shutdown_grace,
-            "shutdownGrace"
-        ),
-        Duration::from_secs(5),
-        &mut bad,
+    let shutdown_grace = r.get(&keys::SHUTDOWN_GRACE, Duration::from_secs(5), timeout);
+    let policy_poll_interval = r.get(&keys::POLICY_POLL_INTERVAL, Duration::from_secs(1), timeout);
+
+    let handshakes = |v: &str| match v.parse::<usize>() {
+        Ok(n) if (1..=100_000).contains(&n) => Ok(n),
+        _ => Err("a whole number from 1 to 100000".to_owned()),
+    };
+    let max_concurrent_handshakes = r.get(&keys::MAX_CONCURRENT_HANDSHAKES, 256, handshakes);
+    let max_handshakes_per_source = r.get(
+        &keys::MAX_HANDSHAKES_PER_SOURCE,
+        crate::handshake::DEFAULT_MAX_PER_SOURCE,
+        handshakes,
     );
-
-    let policy_poll_interval = dur_or(
-        &key!(
-            "policy-poll-interval",
-            "MESHAUTH_POLICY_POLL_INTERVAL",
-            policy_poll_interval,
-            "policyPollInterval"
-        ),
-        Duration::from_secs(1),
-        &mut bad,
+    let reauth_fraction = r.get(&keys::REAUTH_FRACTION, 2.0 / 3.0, |v| {
+        match v.parse::<f64>() {
+            Ok(f) if (0.1..=0.95).contains(&f) => Ok(f),
+            _ => Err("a fraction from 0.1 to 0.95 of the pair's lifetime".into()),
+        }
+    });
+    let sweep_cron = r.get(&keys::SWEEP_CRON, "0 * * * * *".to_owned(), |v| {
+        if v.split_whitespace().count() == 6 {
+            Ok(v.to_owned())
+        } else {
+            Err("a cron expression of 6 fields, seconds first (0 * * * * *)".into())
+        }
+    });
+    let identity_quarantine = r.get(
+        &keys::IDENTITY_QUARANTINE,
+        DEFAULT_IDENTITY_QUARANTINE,
+        |v| {
+            duration_in(
+                v,
+                MIN_IDENTITY_QUARANTINE..=MAX_IDENTITY_QUARANTINE,
+                "a duration from 75m to 720h, at least the longest X.509-SVID TTL plus margin (90m for SPIRE's default 1h TTL)",
+            )
+        },
     );
+    let wireguard = r.get(&keys::WIREGUARD, false, |v| match v {
+        "true" => Ok(true),
+        "false" => Ok(false),
+        _ => Err("true or false".into()),
+    });
+    let drop_unknown_pods = r.get(&keys::UNKNOWN_PODS, false, |v| match v {
+        "pass" => Ok(false),
+        "drop" => Ok(true),
+        _ => Err("pass (traffic of pods not known yet is not enforced) or drop (strict)".into()),
+    });
+    let source_check = r.get(&keys::SOURCE_CHECK, true, |v| match v {
+        "true" => Ok(true),
+        "false" => Ok(false),
+        _ => Err("true (each pod may send only from its own addresses) or false".into()),
+    });
 
-    let max_concurrent_handshakes = match layers.get(&key!(
-        "max-concurrent-handshakes",
-        "MESHAUTH_MAX_CONCURRENT_HANDSHAKES",
-        max_concurrent_handshakes,
-        "maxConcurrentHandshakes"
-    )) {
-        None => 256,
-        Some((src, v)) => match v.parse::<usize>() {
-            Ok(n) if (1..=100_000).contains(&n) => n,
-            _ => {
-                bad(&src, &v, "a whole number from 1 to 100000");
-                256
-            }
-        },
-    };
-    let max_handshakes_per_source = match layers.get(&key!(
-        "max-handshakes-per-source",
-        "MESHAUTH_MAX_HANDSHAKES_PER_SOURCE",
-        max_handshakes_per_source,
-        "maxHandshakesPerSource"
-    )) {
-        None => crate::handshake::DEFAULT_MAX_PER_SOURCE,
-        Some((src, v)) => match v.parse::<usize>() {
-            Ok(n) if (1..=100_000).contains(&n) => n,
-            _ => {
-                bad(&src, &v, "a whole number from 1 to 100000");
-                crate::handshake::DEFAULT_MAX_PER_SOURCE
-            }
-        },
-    };
-    let reauth_fraction = match layers.get(&key!(
-        "reauth-fraction",
-        "MESHAUTH_REAUTH_FRACTION",
-        reauth_fraction,
-        "reauthFraction"
-    )) {
-        None => 2.0 / 3.0,
-        Some((src, v)) => match v.parse::<f64>() {
-            Ok(f) if (0.1..=0.95).contains(&f) => f,
-            _ => {
-                bad(
-                    &src,
-                    &v,
-                    "a fraction from 0.1 to 0.95 of the pair's lifetime",
-                );
-                2.0 / 3.0
-            }
-        },
-    };
-    let sweep_cron = match layers.get(&key!(
-        "sweep-cron",
-        "MESHAUTH_SWEEP_CRON",
-        sweep_cron,
-        "sweepCron"
-    )) {
-        None => "0 * * * * *".to_string(),
-        Some((src, v)) => {
-            if v.split_whitespace().count() != 6 {
-                bad(
-                    &src,
-                    &v,
-                    "a cron expression of 6 fields, seconds first (0 * * * * *)",
-                );
-            }
-            v
-        }
-    };
-    let identity_quarantine = match layers.get(&key!(
-        "identity-quarantine",
-        "MESHAUTH_IDENTITY_QUARANTINE",
-        identity_quarantine,
-        "identityQuarantine"
-    )) {
-        None => DEFAULT_IDENTITY_QUARANTINE,
-        Some((src, v)) => match parse_duration(&v) {
-            Some(d) if (MIN_IDENTITY_QUARANTINE..=MAX_IDENTITY_QUARANTINE).contains(&d) => d,
-            _ => {
-                bad(
-                    &src,
-                    &v,
-                    "a duration from 75m to 720h, at least the longest X.509-SVID TTL plus margin (90m for SPIRE's default 1h TTL)",
-                );
-                DEFAULT_IDENTITY_QUARANTINE
-            }
-        },
-    };
-    let wireguard = match layers.get(&key!(
-        "wireguard",
-        "MESHAUTH_WIREGUARD",
-        wireguard,
-        "wireguard"
-    )) {
-        None => false,
-        Some((_, v)) if v == "true" => true,
-        Some((_, v)) if v == "false" => false,
-        Some((src, v)) => {
-            bad(&src, &v, "true or false");
-            false
-        }
-    };
-    let drop_unknown_pods = match layers.get(&key!(
-        "unknown-pods",
-        "MESHAUTH_UNKNOWN_PODS",
-        unknown_pods,
-        "unknownPods"
-    )) {
-        None => false,
-        Some((_, v)) if v == "pass" => false,
-        Some((_, v)) if v == "drop" => true,
-        Some((src, v)) => {
-            bad(
-                &src,
-                &v,
-                "pass (traffic of pods not known yet is not enforced) or drop (strict)",
-            );
-            false
-        }
-    };
-    let source_check = match layers.get(&key!(
-        "source-check",
-        "MESHAUTH_SOURCE_CHECK",
-        source_check,
-        "sourceCheck"
-    )) {
-        None => true,
-        Some((_, v)) if v == "true" => true,
-        Some((_, v)) if v == "false" => false,
-        Some((src, v)) => {
-            bad(
-                &src,
-                &v,
-                "true (each pod may send only from its own addresses) or false",
-            );
-            true
-        }
-    };
-
-    if !errors.is_empty() {
-        return Err(ConfigErrors(errors));
-    }
+    r.finish()?;
     Ok(Config {
         node_name,
         trust_domain,
@@ -784,30 +415,32 @@ fn is_dns_name(s: &str) -> bool {
         })
 }
 
-/// Parses `500ms`, `5s`, `2m`, `1h`.
-pub fn parse_duration(s: &str) -> Option<Duration> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit())?;
-    let (n, unit) = s.split_at(split);
-    let n: u64 = n.parse().ok()?;
-    Some(match unit {
-        "ms" => Duration::from_millis(n),
-        "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n.checked_mul(60)?),
-        "h" => Duration::from_secs(n.checked_mul(3600)?),
-        _ => return None,
-    })
+fn absolute_path(v: &str) -> Result<PathBuf, String> {
+    if v.starts_with('/') {
+        Ok(PathBuf::from(v))
+    } else {
+        Err("an absolute path".into())
+    }
 }
 
-mod duration_str {
-    use std::time::Duration;
+fn listen_addr(v: &str) -> Result<SocketAddr, String> {
+    match v.parse::<SocketAddr>() {
+        Ok(a) if a.port() != 0 => Ok(a),
+        _ => Err("ip:port with a non-zero port ([::]:4250, 0.0.0.0:9964)".into()),
+    }
+}
 
-    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        if d.subsec_millis() != 0 {
-            s.serialize_str(&format!("{}ms", d.as_millis()))
-        } else {
-            s.serialize_str(&format!("{}s", d.as_secs()))
-        }
+/// A duration of the project's grammar ([`meshauth_duration`]) within
+/// `range`; `expected` says what would be right.
+fn duration_in(
+    v: &str,
+    range: RangeInclusive<Duration>,
+    expected: &str,
+) -> Result<Duration, String> {
+    match parse_duration(v) {
+        Ok(d) if range.contains(&d) => Ok(d),
+        Ok(_) => Err(expected.to_owned()),
+        Err(e) => Err(format!("{expected}; {e}")),
     }
 }
 
@@ -898,7 +531,7 @@ mod tests {
                 ("connect-timeout", "forever".into()),
             ],
             env: vec![("SPIFFE_ENDPOINT_SOCKET".into(), "relative.sock".into())],
-            file: Some((path.clone(), read_file(&path).unwrap())),
+            file: Some(read_file(&path).unwrap()),
         };
         let err = build(&layers).unwrap_err();
         let sources: Vec<&str> = err.0.iter().map(|i| i.source.as_str()).collect();
@@ -948,7 +581,7 @@ mod tests {
                 ("NODE_NAME".into(), "from-env".into()),
                 ("MESHAUTH_TRUST_DOMAIN".into(), "env.example".into()),
             ],
-            file: Some((path.clone(), read_file(&path).unwrap())),
+            file: Some(read_file(&path).unwrap()),
         };
         let c = build(&layers).unwrap();
         assert_eq!(c.node_name, "from-flag");
@@ -1012,11 +645,118 @@ mod tests {
         }
     }
 
+    /// The inputs spire-dev's `--ttl` is tested with too
+    /// (`spire-dev/src/cli.rs`): one grammar, Go's plus days.
+    const DURATIONS_ACCEPTED: [(&str, Duration); 5] = [
+        ("1h30m", Duration::from_secs(5400)),
+        ("90m", Duration::from_secs(5400)),
+        ("1.5h", Duration::from_secs(5400)),
+        ("5400s", Duration::from_secs(5400)),
+        ("5400000ms", Duration::from_secs(5400)),
+    ];
+    const DURATIONS_REFUSED: [&str; 6] = ["forever", "90", "1h 30m", "-90m", "90y", "h30m"];
+
     #[test]
-    fn durations_parse() {
-        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
-        assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
-        assert_eq!(parse_duration("5"), None);
-        assert_eq!(parse_duration("x5s"), None);
+    fn durations_are_the_project_grammar_and_garbage_is_named() {
+        for (input, want) in DURATIONS_ACCEPTED {
+            let c = build(&flags(&[
+                ("node-name", "n"),
+                ("identity-quarantine", input),
+            ]))
+            .unwrap_or_else(|e| panic!("{input}: {e}"));
+            assert_eq!(c.identity_quarantine, want, "{input}");
+        }
+        let c = build(&flags(&[
+            ("node-name", "n"),
+            ("connect-timeout", "1.5s"),
+            ("identity-quarantine", "2d"),
+        ]))
+        .unwrap();
+        assert_eq!(c.connect_timeout, Duration::from_millis(1500));
+        assert_eq!(c.identity_quarantine, Duration::from_secs(48 * 3600));
+        for input in DURATIONS_REFUSED {
+            let e = build(&flags(&[
+                ("node-name", "n"),
+                ("identity-quarantine", input),
+            ]))
+            .unwrap_err();
+            assert_eq!(e.0.len(), 1, "{input}: {e}");
+            let text = e.to_string();
+            assert!(
+                text.contains(&format!("--identity-quarantine = {input:?}"))
+                    && text.contains(&format!("parse_duration({input:?})"))
+                    && text.contains("a duration from 75m to 720h"),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_logged_effective_config_prints_durations_that_parse_back() {
+        let c = build(&flags(&[
+            ("node-name", "n"),
+            ("handshake-timeout", "1.5s"),
+            ("identity-quarantine", "1h30m"),
+        ]))
+        .unwrap();
+        let json = serde_json::to_value(&c).unwrap();
+        assert_eq!(json["identity_quarantine"], "1h30m");
+        assert_eq!(json["handshake_timeout"], "1s500ms");
+        for (field, want) in [
+            ("connect_timeout", c.connect_timeout),
+            ("handshake_timeout", c.handshake_timeout),
+            ("handshake_tls_timeout", c.handshake_tls_timeout),
+            ("shutdown_grace", c.shutdown_grace),
+            ("policy_poll_interval", c.policy_poll_interval),
+            ("identity_quarantine", c.identity_quarantine),
+        ] {
+            let printed = json[field].as_str().unwrap();
+            assert_eq!(parse_duration(printed), Ok(want), "{field} = {printed}");
+        }
+    }
+
+    #[test]
+    fn file_values_of_any_type_are_validated_with_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.yaml");
+        std::fs::write(
+            &path,
+            "nodeName: n\nconnectTimeout: 5\nwireguard: maybe\nspireSelectors: [k8s:ns:a, b]\nidentitySource: delegated\n",
+        )
+        .unwrap();
+        let layers = Layers {
+            file: Some(read_file(&path).unwrap()),
+            ..Layers::default()
+        };
+        let e = build(&layers).unwrap_err();
+        let got: Vec<(String, &str)> =
+            e.0.iter()
+                .map(|i| {
+                    let key = i.source.rsplit(": ").next().unwrap_or_default().to_owned();
+                    (key, i.value.as_str())
+                })
+                .collect();
+        assert_eq!(
+            got,
+            [
+                ("spireSelectors".to_owned(), "k8s:ns:a,b"),
+                ("connectTimeout".to_owned(), "5"),
+                ("wireguard".to_owned(), "maybe"),
+            ],
+            "{e}"
+        );
+        assert!(e.0[1].reason.contains("has no unit"), "{e}");
+    }
+
+    #[test]
+    fn every_setting_has_its_own_flag_variable_and_file_key() {
+        for (i, a) in keys::ALL.iter().enumerate() {
+            for b in &keys::ALL[i + 1..] {
+                assert!(
+                    a.flag != b.flag && a.env != b.env && a.file != b.file,
+                    "{a:?} and {b:?} share a name"
+                );
+            }
+        }
     }
 }

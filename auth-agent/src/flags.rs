@@ -3,7 +3,8 @@
 //! [`crate::config`].
 
 /// `meshauth-agent` flags: each overrides its environment variable, which
-/// overrides the file (`--config`). See [`crate::config`].
+/// overrides the file (`--config`). See [`crate::config`]. Durations are
+/// written as in Go and SPIRE, or in days: `500ms`, `90s`, `1h30m`, `2d`.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct AgentArgs {
     /// YAML configuration file (every key optional, camelCase).
@@ -135,7 +136,7 @@ impl AgentArgs {
             flags.push(("spire-selector", self.spire_selector.join(",")));
         }
         let file = match &self.config {
-            Some(p) => Some((p.clone(), crate::config::read_file(p)?)),
+            Some(p) => Some(crate::config::read_file(p)?),
             None => None,
         };
         crate::config::build(&crate::config::Layers {
@@ -143,5 +144,47 @@ impl AgentArgs {
             env: std::env::vars().collect(),
             file,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{Args, CommandFactory, Parser};
+
+    use super::AgentArgs;
+    use crate::config::keys;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        agent: AgentArgs,
+    }
+
+    #[test]
+    fn every_setting_has_a_flag_and_every_flag_reaches_the_config() {
+        let command = AgentArgs::augment_args(clap::Command::new("meshauth-agent"));
+        let mut flags: Vec<&str> = command
+            .get_arguments()
+            .filter_map(|a| a.get_long())
+            .filter(|f| *f != "config")
+            .collect();
+        flags.sort_unstable();
+        let mut settings: Vec<&str> = keys::ALL.iter().map(|k| k.flag).collect();
+        settings.sort_unstable();
+        assert_eq!(flags, settings);
+        Cli::command().debug_assert();
+
+        // Each flag given a bad value must come back as an error naming it.
+        let mut argv = vec!["meshauth-agent".to_owned()];
+        for k in keys::ALL {
+            argv.push(format!("--{}", k.flag));
+            argv.push("\u{1}bad".to_owned());
+        }
+        let args = Cli::try_parse_from(&argv).unwrap().agent;
+        let e = args.build().unwrap_err();
+        for k in keys::ALL.iter().filter(|k| k.flag != "spire-selector") {
+            let flag = format!("--{}", k.flag);
+            assert!(e.0.iter().any(|i| i.source == flag), "{flag} not read: {e}");
+        }
     }
 }

@@ -6,11 +6,11 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use meshauth_duration::parse_duration;
 
 use crate::agent::IdentityInfo;
 use crate::control::{ControlReply, ControlRequest, EntryAdd};
 use crate::dev::{DevConfig, DevStatus, SpireDev};
-use crate::duration::parse_duration;
 use crate::entries::{EntrySpec, Selector};
 
 /// A SPIRE-compatible development server (Workload API, Delegated Identity
@@ -312,7 +312,7 @@ pub fn format_status(s: &DevStatus) -> String {
             e.id,
             e.spiffe_id,
             e.node,
-            crate::duration::format_duration(e.ttl),
+            meshauth_duration::format_duration(e.ttl),
             selectors.join(",")
         ));
     }
@@ -332,4 +332,54 @@ pub fn format_status(s: &DevStatus) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The inputs the agent's settings are tested with too
+    /// (`auth-agent/src/config.rs`): one grammar, Go's plus days.
+    const DURATIONS_ACCEPTED: [(&str, Duration); 5] = [
+        ("1h30m", Duration::from_secs(5400)),
+        ("90m", Duration::from_secs(5400)),
+        ("1.5h", Duration::from_secs(5400)),
+        ("5400s", Duration::from_secs(5400)),
+        ("5400000ms", Duration::from_secs(5400)),
+    ];
+    const DURATIONS_REFUSED: [&str; 6] = ["forever", "90", "1h 30m", "-90m", "90y", "h30m"];
+
+    fn serve(ttl: &str) -> Result<ServeArgs, clap::Error> {
+        let argv = [
+            "spire-dev",
+            "serve",
+            "--dir",
+            "/tmp/x",
+            &format!("--ttl={ttl}"),
+        ];
+        Cli::try_parse_from(argv).map(|c| match c.command {
+            Command::Serve(a) => a,
+            Command::Ctl(_) => panic!("serve parsed as ctl"),
+        })
+    }
+
+    #[test]
+    fn ttl_flag_and_entry_ttl_read_the_project_grammar() {
+        for (input, want) in DURATIONS_ACCEPTED {
+            let args = serve(input).unwrap_or_else(|e| panic!("{input}: {e}"));
+            assert_eq!(args.ttl, want, "{input}");
+            let spec = EntrySpec::parse_cli("meshauth.local", &format!("a=/x,ttl={input}"))
+                .unwrap_or_else(|e| panic!("{input}: {e}"));
+            assert_eq!(spec.ttl, Some(want), "{input}");
+        }
+        assert_eq!(serve("2d").unwrap().ttl, Duration::from_secs(48 * 3600));
+        for input in DURATIONS_REFUSED {
+            let e = serve(input).unwrap_err().to_string();
+            assert!(e.contains(&format!("parse_duration({input:?})")), "{e}");
+            let e = EntrySpec::parse_cli("meshauth.local", &format!("a=/x,ttl={input}"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(&format!("parse_duration({input:?})")), "{e}");
+        }
+    }
 }

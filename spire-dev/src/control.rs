@@ -14,6 +14,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Weak;
 
+use meshauth_duration::parse_duration;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
@@ -21,7 +22,6 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::dev::{DevInner, DevStatus, SpireDev};
-use crate::duration::parse_duration;
 use crate::entries::{Entry, EntrySpec, Selector, SpiffeId};
 use crate::socket::{self, SocketError};
 use crate::stream::went_down;

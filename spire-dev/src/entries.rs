@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::duration::{DurationError, format_duration, parse_duration};
 pub use crate::spiffe_id::SpiffeId;
+use meshauth_duration::{DurationError, parse_duration};
 
 /// The longest TTL an entry may ask for; the CA itself lives ten years.
 pub const MAX_TTL: Duration = Duration::from_secs(366 * 86_400);
@@ -138,7 +138,7 @@ pub struct EntrySpec {
     #[serde(default)]
     pub selectors: Vec<Selector>,
     /// SVID TTL; the server default when `None`.
-    #[serde(default, with = "opt_duration")]
+    #[serde(default, with = "meshauth_duration::serde::option")]
     pub ttl: Option<Duration>,
 }
 
@@ -214,7 +214,7 @@ pub struct Entry {
     /// Selectors (Delegated Identity API matching).
     pub selectors: Vec<Selector>,
     /// The SVID TTL.
-    #[serde(with = "duration_str")]
+    #[serde(with = "meshauth_duration::serde")]
     pub ttl: Duration,
 }
 
@@ -256,7 +256,7 @@ impl Entries {
         if ttl < Duration::from_secs(1) || ttl > MAX_TTL {
             return Err(EntryError::TtlRange {
                 spiffe_id,
-                ttl: format_duration(ttl),
+                ttl: meshauth_duration::format_duration(ttl),
             });
         }
         if let Some(id) = spec.id.as_ref().filter(|id| self.by_id.contains_key(*id)) {
@@ -311,40 +311,6 @@ impl Entries {
             .collect();
         v.sort_by_key(|e| e.seq);
         v
-    }
-}
-
-mod duration_str {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&crate::duration::format_duration(*d))
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let s = String::deserialize(d)?;
-        crate::duration::parse_duration(&s).map_err(serde::de::Error::custom)
-    }
-}
-
-mod opt_duration {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
-        match d {
-            Some(d) => s.serialize_some(&crate::duration::format_duration(*d)),
-            None => s.serialize_none(),
-        }
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-        Option::<String>::deserialize(d)?
-            .map(|s| crate::duration::parse_duration(&s).map_err(serde::de::Error::custom))
-            .transpose()
     }
 }
 

@@ -39,7 +39,6 @@ pub mod cli;
 pub mod control;
 pub mod delegated_api;
 pub mod dev;
-pub mod duration;
 pub mod entries;
 pub mod server;
 pub mod socket;

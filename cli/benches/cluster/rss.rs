@@ -95,9 +95,6 @@ pub struct Row {
 }
 
 pub async fn run() -> anyhow::Result<Vec<Row>> {
-    if std::env::var("RSS_ONLY_LOADED").is_ok() {
-        return Ok(vec![measure(true, Binary::Agent).await?]);
-    }
     Ok(vec![
         measure(false, Binary::Agent).await?,
         measure(true, Binary::Agent).await?,
@@ -239,15 +236,6 @@ async fn measure(loaded: bool, binary: Binary) -> anyhow::Result<Row> {
     let (rss_ready_kib, ..) = memory(pid)?;
     tokio::time::sleep(SETTLE).await;
     let (rss_kib, hwm_kib, anon_kib, file_kib) = memory(pid)?;
-    if std::env::var("RSS_PROBE").is_ok() {
-        let out = std::process::Command::new("gdb")
-            .args(["-p", &pid.to_string(), "-batch", "-ex", "call (void)malloc_stats()", "-ex", "call (int)malloc_trim(0)"])
-            .output()?;
-        eprintln!("PROBE gdb: {}", String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.contains('$')).collect::<Vec<_>>().join(" "));
-        let after = memory(pid)?;
-        eprintln!("PROBE {binary:?} loaded={loaded}: before trim rss {rss_kib} anon {anon_kib}; after trim {after:?}");
-        eprintln!("PROBE log tail:\n{}", tb.log_tail(NODE, 15));
-    }
     let end = tb.status(NODE).await?;
     anyhow::ensure!(
         tb.agent_running(NODE),
