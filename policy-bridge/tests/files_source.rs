@@ -350,3 +350,50 @@ fn quarantine_ends_after_the_configured_time_and_the_same_labels_take_it_back() 
         "free once the quarantine is over"
     );
 }
+
+/// The source keeps digests, not objects: a pod defined in two files comes
+/// from the later file (by name); when the later file stops defining it,
+/// the earlier file's version (unchanged on disk, so not re-read by its
+/// digest) takes over; a file rewritten to the same length with one pod's
+/// address changed moves just that pod.
+#[test]
+fn a_duplicate_falls_back_to_the_earlier_file_and_a_same_length_edit_is_seen() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = dir.path();
+    let two = format!(
+        "{}---\n{}",
+        pod_yaml("a", "10.0.0.1"),
+        pod_yaml("b", "10.0.0.2")
+    );
+    std::fs::write(m.join("1.yaml"), &two).unwrap();
+    std::fs::write(m.join("2.yaml"), pod_yaml("a", "10.0.0.9")).unwrap();
+    let mut src = FilesSource::new(FilesConfig::new(m)).unwrap();
+    src.sync().unwrap();
+    let ip = |src: &FilesSource, s: &str| {
+        src.engine()
+            .state()
+            .endpoints
+            .contains_key(&s.parse().unwrap())
+    };
+    assert!(
+        ip(&src, "10.0.0.9") && !ip(&src, "10.0.0.1"),
+        "2.yaml's a wins"
+    );
+    assert!(ip(&src, "10.0.0.2"));
+
+    std::fs::write(m.join("2.yaml"), pod_yaml("c", "10.0.0.3")).unwrap();
+    src.sync().unwrap();
+    assert!(
+        ip(&src, "10.0.0.1") && !ip(&src, "10.0.0.9"),
+        "a falls back to 1.yaml's version"
+    );
+    assert!(ip(&src, "10.0.0.3") && ip(&src, "10.0.0.2"));
+
+    let edited = two.replace("10.0.0.2", "10.0.0.4");
+    assert_eq!(edited.len(), two.len());
+    std::fs::write(m.join("1.yaml"), &edited).unwrap();
+    let d = src.sync().unwrap();
+    assert!(ip(&src, "10.0.0.4") && !ip(&src, "10.0.0.2"), "{d:?}");
+    assert!(ip(&src, "10.0.0.1"), "a is unchanged");
+    assert!(src.errors().is_empty(), "{:?}", src.errors());
+}

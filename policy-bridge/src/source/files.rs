@@ -13,7 +13,6 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::task::JoinHandle;
@@ -76,13 +75,13 @@ impl FilesConfig {
     }
 }
 
-/// What one file gave. Objects are shared (`Arc`) with the source's
-/// `applied` map, so an unchanged cluster is held once, not once per copy;
-/// the file's text is not kept, only its digest.
+/// What one file gave: a digest of its text and of each object, not the
+/// text or the objects — the engine holds what they mean, and a file is
+/// parsed again only when its digest changes.
 #[derive(Debug, Default)]
 struct FileEntry {
     digest: Digest,
-    objects: BTreeMap<ObjectKey, Arc<Object>>,
+    objects: BTreeMap<ObjectKey, u64>,
     errors: Vec<String>,
     invalid: BTreeMap<ObjectKey, crate::model::ModelError>,
 }
@@ -93,7 +92,8 @@ pub struct FilesSource {
     cfg: FilesConfig,
     id_file: Option<IdentityFile>,
     files: BTreeMap<PathBuf, FileEntry>,
-    applied: BTreeMap<ObjectKey, Arc<Object>>,
+    /// What the engine holds: each object's digest.
+    applied: BTreeMap<ObjectKey, u64>,
     engine: Engine,
     errors: Vec<String>,
 }
@@ -149,47 +149,72 @@ impl FilesSource {
             .collect();
         paths.sort();
         let mut next = BTreeMap::new();
+        let mut parsed = BTreeMap::new();
         for p in paths {
             let old = self.files.remove(&p);
-            let entry = read_file(&p, old);
+            let (entry, objects) = read_file(&p, old, false);
+            if let Some(objects) = objects {
+                parsed.insert(p.clone(), objects);
+            }
             next.insert(p, entry);
         }
         self.files = next;
-        self.apply(now, wall)
+        self.apply(parsed, now, wall)
     }
 
-    fn apply(&mut self, now: Instant, wall: SystemTime) -> Result<StateDiff, FilesError> {
-        let mut wanted: BTreeMap<ObjectKey, Arc<Object>> = BTreeMap::new();
+    /// Applies the files' objects: `parsed` holds the objects of the files
+    /// read anew this time (the others are unchanged, known by digest).
+    fn apply(
+        &mut self,
+        mut parsed: BTreeMap<PathBuf, BTreeMap<ObjectKey, Object>>,
+        now: Instant,
+        wall: SystemTime,
+    ) -> Result<StateDiff, FilesError> {
+        // Each key's object comes from the last file (in name order) that
+        // has it, as before.
+        let mut wanted: BTreeMap<ObjectKey, (&PathBuf, u64)> = BTreeMap::new();
         let mut errors = Vec::new();
-        for f in self.files.values() {
-            for (k, o) in &f.objects {
-                wanted.insert(k.clone(), Arc::clone(o));
+        for (path, f) in &self.files {
+            for (k, d) in &f.objects {
+                wanted.insert(k.clone(), (path, *d));
             }
             errors.extend(f.errors.iter().cloned());
         }
         let mut changes = Vec::new();
-        for (k, _) in self.applied.iter() {
+        for k in self.applied.keys() {
             if !wanted.contains_key(k) {
                 changes.push(Change::Delete(k.clone()));
             }
         }
-        // Namespaces first so pods see their labels; policies last.
-        let mut ups: Vec<&Object> = wanted
+        let stale: Vec<(ObjectKey, PathBuf)> = wanted
             .iter()
-            .filter(|(k, o)| {
-                self.applied
-                    .get(*k)
-                    .is_none_or(|a| !Arc::ptr_eq(a, o) && a != *o)
-            })
-            .map(|(_, o)| o.as_ref())
+            .filter(|(k, (_, d))| self.applied.get(*k) != Some(d))
+            .map(|(k, (path, _))| ((*k).clone(), (*path).clone()))
             .collect();
+        // An object that changed owner to a file not parsed this time (a
+        // duplicate key left the later file): read that file again.
+        for (_, path) in &stale {
+            if !parsed.contains_key(path)
+                && let Some(old) = self.files.remove(path)
+            {
+                let (entry, objects) = read_file(path, Some(old), true);
+                parsed.insert(path.clone(), objects.unwrap_or_default());
+                self.files.insert(path.clone(), entry);
+            }
+        }
+        // Namespaces first so pods see their labels; policies last.
+        let mut ups: Vec<Object> = stale
+            .iter()
+            .filter_map(|(k, path)| parsed.get_mut(path).and_then(|o| o.remove(k)))
+            .collect();
+        drop(parsed);
         ups.sort_by_key(|o| match o {
             Object::Namespace(_) => 0,
             Object::Node(_) => 1,
             Object::Pod(_) => 2,
             Object::Policy(_) => 3,
         });
-        changes.extend(ups.into_iter().map(|o| Change::Upsert(o.clone())));
+        changes.extend(ups.into_iter().map(Change::Upsert));
         for f in self.files.values() {
             for (key, e) in f.invalid.iter() {
                 changes.push(Change::Invalid(key.clone(), e.clone()));
@@ -202,7 +227,11 @@ impl FilesSource {
             }
         }
         self.engine.set_now(None);
-        self.applied = wanted;
+        self.applied = self
+            .files
+            .values()
+            .flat_map(|f| f.objects.iter().map(|(k, d)| (k.clone(), *d)))
+            .collect();
         let gone = self
             .engine
             .collect_identities(now, self.cfg.identity_grace, wall);
@@ -225,7 +254,14 @@ impl FilesSource {
     }
 }
 
-fn read_file(p: &Path, old: Option<FileEntry>) -> FileEntry {
+/// Reads one file: its entry, and the objects it gave if it was parsed
+/// (`None`: unchanged since `old`, or unreadable). `force` parses it even
+/// when unchanged.
+fn read_file(
+    p: &Path,
+    old: Option<FileEntry>,
+    force: bool,
+) -> (FileEntry, Option<BTreeMap<ObjectKey, Object>>) {
     let text = match std::fs::read_to_string(p) {
         Ok(t) => t,
         Err(e) => {
@@ -233,14 +269,15 @@ fn read_file(p: &Path, old: Option<FileEntry>) -> FileEntry {
             let mut keep = old.unwrap_or_default();
             keep.errors = vec![format!("{}: {e}", p.display())];
             keep.invalid.clear();
-            return keep;
+            return (keep, None);
         }
     };
     let digest = Digest::of(&text);
     let old = match old {
-        Some(o) if o.digest == digest => return o,
+        Some(o) if o.digest == digest && !force => return (o, None),
         o => o,
     };
+    let mut objects = BTreeMap::new();
     let mut entry = FileEntry {
         digest,
         ..FileEntry::default()
@@ -255,7 +292,9 @@ fn read_file(p: &Path, old: Option<FileEntry>) -> FileEntry {
     }) {
         match r {
             Ok(o) => {
-                entry.objects.insert(o.key(), Arc::new(o));
+                let key = o.key();
+                entry.objects.insert(key.clone(), object_digest(&o));
+                objects.insert(key, o);
             }
             Err(inv) => {
                 failed = true;
@@ -276,11 +315,28 @@ fn read_file(p: &Path, old: Option<FileEntry>) -> FileEntry {
     }
     if failed {
         // Objects this file gave before and did not give now stay in force.
-        for (k, o) in old.map(|o| o.objects).unwrap_or_default() {
-            entry.objects.entry(k).or_insert(o);
+        for (k, d) in old.map(|o| o.objects).unwrap_or_default() {
+            entry.objects.entry(k).or_insert(d);
         }
     }
-    entry
+    (entry, Some(objects))
+}
+
+/// A digest of everything an object says (its derived `Debug` form names
+/// every field), to tell whether a re-read file changed it.
+fn object_digest(o: &Object) -> u64 {
+    use std::fmt::Write as _;
+    use std::hash::Hasher as _;
+    struct HashWriter(std::hash::DefaultHasher);
+    impl std::fmt::Write for HashWriter {
+        fn write_str(&mut self, s: &str) -> std::fmt::Result {
+            self.0.write(s.as_bytes());
+            Ok(())
+        }
+    }
+    let mut w = HashWriter(std::hash::DefaultHasher::new());
+    let _ = write!(w, "{o:?}");
+    w.0.finish()
 }
 
 /// A file's content, to see that it did not change without keeping it: its
