@@ -47,6 +47,9 @@ pub enum Binary {
     Agent,
     /// `meshauth agent`.
     AllInOne,
+    /// `OLD_MESHAUTH_BIN agent`: the binary built before the split (and
+    /// before the files source kept digests instead of objects).
+    Old,
 }
 
 impl Binary {
@@ -54,6 +57,7 @@ impl Binary {
         match self {
             Self::Agent => "meshauth-agent",
             Self::AllInOne => "meshauth agent",
+            Self::Old => "meshauth agent, before the split",
         }
     }
 }
@@ -95,11 +99,15 @@ pub struct Row {
 }
 
 pub async fn run() -> anyhow::Result<Vec<Row>> {
-    Ok(vec![
+    let mut rows = vec![
         measure(false, Binary::Agent).await?,
         measure(true, Binary::Agent).await?,
         measure(true, Binary::AllInOne).await?,
-    ])
+    ];
+    if std::env::var_os("OLD_MESHAUTH_BIN").is_some() {
+        rows.push(measure(true, Binary::Old).await?);
+    }
+    Ok(rows)
 }
 
 fn pod_ip(i: usize, net: u8, local_index: u8) -> IpAddr {
@@ -183,8 +191,18 @@ fn memory(pid: u32) -> anyhow::Result<(u64, u64, u64, u64)> {
 
 async fn measure(loaded: bool, binary: Binary) -> anyhow::Result<Row> {
     let mut opts = crate::options("brss", &[NODE]);
-    if binary == Binary::Agent {
-        opts.agent_bin = Some(agent_bin()?);
+    // Kept until the testbed is dropped.
+    let wrapper = tempfile::tempdir()?;
+    match binary {
+        Binary::Agent => opts.agent_bin = Some(agent_bin()?),
+        Binary::AllInOne => {}
+        Binary::Old => {
+            let old = std::env::var("OLD_MESHAUTH_BIN").context("OLD_MESHAUTH_BIN")?;
+            let script = wrapper.path().join("old-agent");
+            std::fs::write(&script, format!("#!/bin/sh\nexec '{old}' agent \"$@\"\n"))?;
+            std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+            opts.agent_bin = Some(script);
+        }
     }
     let mut tb = Testbed::start(opts)
         .await
