@@ -1,6 +1,6 @@
-//! `meshauth agent`: svid-cache, policy-bridge, the datapath, the auth
-//! manager and the handshake server wired together, with metrics, health
-//! and the local API.
+//! The agent (`meshauth-agent`; `meshauth agent` in the demo): svid-cache,
+//! policy-bridge, the datapath, the auth manager and the handshake server
+//! wired together, with metrics, health and the local API.
 //!
 //! Start order: the API socket first (one agent per node: a second agent is
 //! refused there, before it touches the first one's datapath, pins or

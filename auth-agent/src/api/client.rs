@@ -13,7 +13,7 @@ use tokio::net::UnixStream;
 pub enum ApiError {
     /// The socket cannot be reached.
     #[error(
-        "cannot reach the agent at {path}: {source} (is `meshauth agent` running on this node? --api-socket names another socket)"
+        "cannot reach the agent at {path}: {source} (is `meshauth-agent` running on this node? --api-socket names another socket)"
     )]
     Connect {
         /// The socket.
