@@ -176,7 +176,7 @@ async fn status_round_trips_and_errors_name_what_failed() {
         .unwrap_err()
         .to_string();
     assert!(
-        e.contains("none.sock") && e.contains("meshauth agent"),
+        e.contains("none.sock") && e.contains("meshauth-agent"),
         "{e}"
     );
     token.cancel();
