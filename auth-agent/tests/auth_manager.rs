@@ -802,3 +802,118 @@ async fn an_unreachable_node_is_probed_once_per_backoff_step() {
     );
     h.stop().await;
 }
+
+/// Every log line of this test binary. Installed once as the global
+/// subscriber: a thread-local one misses callsites another test thread
+/// registered first while no subscriber was set.
+#[derive(Clone, Default)]
+struct Logs(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Logs {
+    fn global() -> &'static Logs {
+        static LOGS: std::sync::OnceLock<Logs> = std::sync::OnceLock::new();
+        LOGS.get_or_init(|| {
+            let logs = Logs::default();
+            let w = logs.clone();
+            tracing::subscriber::set_global_default(
+                tracing_subscriber::fmt()
+                    .with_ansi(false)
+                    .with_writer(move || w.clone())
+                    .finish(),
+            )
+            .expect("the only global subscriber of this test binary");
+            logs
+        })
+    }
+
+    /// Lines containing every one of `needles`.
+    fn lines(&self, needles: &[&str]) -> Vec<String> {
+        String::from_utf8_lossy(&self.0.lock().unwrap())
+            .lines()
+            .filter(|l| needles.iter().all(|n| l.contains(n)))
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+/// A node that cannot be reached fails every probe; each failure is
+/// counted, but logged once per node and failure kind per interval (with
+/// how many were suppressed), so unreachable nodes cannot flood the log.
+#[tokio::test(start_paused = true)]
+async fn failed_handshakes_are_logged_once_per_node_and_interval_and_all_counted() {
+    let logs = Logs::global();
+    // Identities 700..710 are this test's alone.
+    let ours = ["handshake failed", "pair=(256, 70"];
+    let clock = clock();
+    let fake = Fake::new(clock.clone());
+    let mut d = state();
+    d.nodes.insert(
+        "c".into(),
+        common::state_of(&[("c", "10.1.0.3")], &[]).nodes["c"].clone(),
+    );
+    for (i, id) in (700..710).enumerate() {
+        let ip = format!("10.2.2.{}", i + 1);
+        d.endpoints.insert(
+            ip.parse().unwrap(),
+            policy_bridge::Endpoint {
+                ip: ip.parse().unwrap(),
+                identity: id,
+                node: "c".into(),
+                pod: format!("ns/p{id}"),
+            },
+        );
+        d.rules
+            .insert(common::rule(256, id, Direction::Egress, 8080));
+    }
+    fake.down.lock().unwrap().insert("c".into());
+    let h = start(
+        fake.clone(),
+        Arc::new(MemoryAuthStore::default()),
+        clock.clone(),
+        ManagerConfig::default(),
+        NodeTable::in_memory("a"),
+        d,
+    );
+    tokio::time::sleep(Duration::from_secs(40)).await;
+    let failed = h.metrics.handshakes("connect");
+    assert!(
+        failed >= 11,
+        "node c down for 40 s: {failed} failures counted"
+    );
+    let lines = logs.lines(&ours);
+    assert_eq!(
+        lines.len(),
+        1,
+        "{failed} failures toward one node in 40 s, logged:\n{}",
+        lines.join("\n")
+    );
+    assert!(lines[0].contains("suppressed=0"), "{}", lines[0]);
+
+    // Probes go on at most 60 s apart (the largest backoff); after the
+    // interval the next failure is logged, with the count.
+    tokio::time::sleep(Duration::from_secs(150)).await;
+    let lines = logs.lines(&ours);
+    assert!(
+        (2..=3).contains(&lines.len()),
+        "190 s, 60 s interval:\n{}",
+        lines.join("\n")
+    );
+    let suppressed: u64 = lines[1]
+        .split("suppressed=")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no suppressed= in {}", lines[1]));
+    assert!(suppressed >= 1, "{}", lines[1]);
+    h.stop().await;
+}

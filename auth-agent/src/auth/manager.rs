@@ -34,6 +34,7 @@ use tokio_util::sync::CancellationToken;
 pub use super::metrics::ManagerMetrics;
 use super::store::{AuthStore, Pair, StoreError};
 use super::{AuthFailure, Authenticated, Authenticator};
+use crate::handshake::throttle::{DEFAULT_MAX_PEERS, LogThrottle};
 use crate::nodes::{NodeTable, NodeTableError};
 
 /// How the manager behaves.
@@ -49,6 +50,9 @@ pub struct ManagerConfig {
     pub max_in_flight: usize,
     /// Cron expression (6 fields, seconds first) of the expired-entry sweep.
     pub sweep_cron: String,
+    /// Failed handshakes are logged at most once per peer node and failure
+    /// kind in this interval (metrics count every one).
+    pub failure_log_interval: Duration,
 }
 
 impl Default for ManagerConfig {
@@ -59,6 +63,7 @@ impl Default for ManagerConfig {
             backoff_max: Duration::from_secs(60),
             max_in_flight: 32,
             sweep_cron: "0 * * * * *".to_string(),
+            failure_log_interval: Duration::from_secs(60),
         }
     }
 }
@@ -127,6 +132,8 @@ pub struct AuthManager<A: Authenticator, S: AuthStore> {
     in_flight: HashSet<Pair>,
     waiting: VecDeque<Pair>,
     tasks: JoinSet<(Pair, Result<Authenticated, AuthFailure>)>,
+    /// Failed handshakes logged per (peer node, check).
+    failure_log: LogThrottle<(u16, &'static str)>,
 }
 
 impl<A: Authenticator, S: AuthStore> std::fmt::Debug for AuthManager<A, S> {
@@ -150,6 +157,7 @@ impl<A: Authenticator, S: AuthStore> AuthManager<A, S> {
         metrics: ManagerMetrics,
     ) -> Self {
         Self {
+            failure_log: LogThrottle::new(config.failure_log_interval, DEFAULT_MAX_PEERS),
             config,
             authenticator,
             store,
@@ -540,7 +548,9 @@ impl<A: Authenticator, S: AuthStore> AuthManager<A, S> {
             }
             Err(f) => {
                 self.metrics.handshake(f.label);
-                tracing::warn!(%pair, check = f.label, error = %f.message, "handshake failed");
+                if let Some(suppressed) = self.failure_log.allow((pair.node, f.label)) {
+                    tracing::warn!(%pair, check = f.label, error = %f.message, suppressed, "handshake failed");
+                }
                 self.fail(pair, f.label);
             }
         }

@@ -1,9 +1,11 @@
 //! Log throttling per peer: anyone who reaches the handshake port can make
 //! the responder refuse, so refusals are logged at most once per peer and
 //! interval (with the number suppressed since the last line); metrics count
-//! every one.
+//! every one. The auth manager throttles its failed handshakes the same way,
+//! per peer node and failure kind.
 
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -20,15 +22,16 @@ struct Entry {
     suppressed: u64,
 }
 
-/// Decides whether a refusal from a peer is logged now.
+/// Decides whether a line about a peer (an address, by default) is logged
+/// now.
 #[derive(Debug)]
-pub struct LogThrottle {
+pub struct LogThrottle<K = IpAddr> {
     interval: Duration,
     max_peers: usize,
-    peers: Mutex<HashMap<Option<IpAddr>, Entry>>,
+    peers: Mutex<HashMap<Option<K>, Entry>>,
 }
 
-impl LogThrottle {
+impl<K: Hash + Eq> LogThrottle<K> {
     /// At most one line per peer per `interval`, tracking up to `max_peers`.
     pub fn new(interval: Duration, max_peers: usize) -> Self {
         Self {
@@ -41,7 +44,7 @@ impl LogThrottle {
     /// `Some(n)` when a line for `peer` may be logged now, `n` being how
     /// many were suppressed for it since its last line; `None` when this one
     /// is suppressed.
-    pub fn allow(&self, peer: IpAddr) -> Option<u64> {
+    pub fn allow(&self, peer: K) -> Option<u64> {
         let now = Instant::now();
         let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
         let mut key = Some(peer);
