@@ -11,6 +11,7 @@
 //! - [`auth`]: the auth map behind a trait, and the auth manager.
 //! - [`datapath_sync`]: desired state into the ipcache and policy maps.
 //! - [`handshake`]: the `meshauth/1` mutual TLS handshake (server and client).
+//! - [`wireguard`]: node-to-node encryption (so far the node's key).
 
 pub mod api;
 pub mod app;
@@ -21,3 +22,4 @@ pub mod datapath_sync;
 pub mod flags;
 pub mod handshake;
 pub mod nodes;
+pub mod wireguard;
