@@ -172,6 +172,31 @@ fn state() -> DesiredState {
     d
 }
 
+/// [`state`] plus node c (10.1.0.3) with one pod for each identity of
+/// `ids`, each required from 256 on 8080.
+fn state_with_node_c(ids: std::ops::Range<u32>) -> DesiredState {
+    let mut d = state();
+    d.nodes.insert(
+        "c".into(),
+        common::state_of(&[("c", "10.1.0.3")], &[]).nodes["c"].clone(),
+    );
+    for (i, id) in ids.enumerate() {
+        let ip = format!("10.2.2.{}", i + 1);
+        d.endpoints.insert(
+            ip.parse().unwrap(),
+            policy_bridge::Endpoint {
+                ip: ip.parse().unwrap(),
+                identity: id,
+                node: "c".into(),
+                pod: format!("ns/p{id}"),
+            },
+        );
+        d.rules
+            .insert(common::rule(256, id, Direction::Egress, 8080));
+    }
+    d
+}
+
 struct Harness {
     desired: watch::Sender<Arc<DesiredState>>,
     signals: mpsc::Sender<Pair>,
@@ -744,25 +769,7 @@ async fn node_changes_are_seen_when_the_agent_syncs_the_shared_table_first() {
 async fn an_unreachable_node_is_probed_once_per_backoff_step() {
     let clock = clock();
     let fake = Fake::new(clock.clone());
-    let mut d = state();
-    d.nodes.insert(
-        "c".into(),
-        common::state_of(&[("c", "10.1.0.3")], &[]).nodes["c"].clone(),
-    );
-    for (i, id) in (300..310).enumerate() {
-        let ip = format!("10.2.2.{}", i + 1);
-        d.endpoints.insert(
-            ip.parse().unwrap(),
-            policy_bridge::Endpoint {
-                ip: ip.parse().unwrap(),
-                identity: id,
-                node: "c".into(),
-                pod: format!("ns/p{id}"),
-            },
-        );
-        d.rules
-            .insert(common::rule(256, id, Direction::Egress, 8080));
-    }
+    let d = state_with_node_c(300..310);
     fake.down.lock().unwrap().insert("c".into());
     let store = Arc::new(MemoryAuthStore::default());
     let h = start(
@@ -856,25 +863,7 @@ async fn failed_handshakes_are_logged_once_per_node_and_interval_and_all_counted
     let ours = ["handshake failed", "pair=(256, 70"];
     let clock = clock();
     let fake = Fake::new(clock.clone());
-    let mut d = state();
-    d.nodes.insert(
-        "c".into(),
-        common::state_of(&[("c", "10.1.0.3")], &[]).nodes["c"].clone(),
-    );
-    for (i, id) in (700..710).enumerate() {
-        let ip = format!("10.2.2.{}", i + 1);
-        d.endpoints.insert(
-            ip.parse().unwrap(),
-            policy_bridge::Endpoint {
-                ip: ip.parse().unwrap(),
-                identity: id,
-                node: "c".into(),
-                pod: format!("ns/p{id}"),
-            },
-        );
-        d.rules
-            .insert(common::rule(256, id, Direction::Egress, 8080));
-    }
+    let d = state_with_node_c(700..710);
     fake.down.lock().unwrap().insert("c".into());
     let h = start(
         fake.clone(),

@@ -340,27 +340,21 @@ fn object_digest(o: &Object) -> u64 {
 }
 
 /// A file's content, to see that it did not change without keeping it: its
-/// length and two independent 64-bit hashes.
+/// length and a 64-bit hash.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 struct Digest {
     len: usize,
-    a: u64,
-    b: u64,
+    hash: u64,
 }
 
 impl Digest {
     fn of(text: &str) -> Self {
         use std::hash::Hasher as _;
-        let hash = |seed: u64| {
-            let mut h = std::hash::DefaultHasher::new();
-            h.write_u64(seed);
-            h.write(text.as_bytes());
-            h.finish()
-        };
+        let mut h = std::hash::DefaultHasher::new();
+        h.write(text.as_bytes());
         Self {
             len: text.len(),
-            a: hash(0x6d65_7368),
-            b: hash(0x6175_7468),
+            hash: h.finish(),
         }
     }
 }
