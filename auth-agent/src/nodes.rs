@@ -399,6 +399,7 @@ mod tests {
                 handshake_addr: addr,
                 addresses: BTreeSet::from([addr]),
                 wireguard_key: None,
+                pod_cidrs: Default::default(),
             },
         )
     }

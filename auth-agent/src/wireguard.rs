@@ -1,5 +1,7 @@
-//! WireGuard node-to-node encryption. So far: the node's key
-//! ([`key`]). The interface, peers and the binding to the handshake are
-//! not built yet; the agent still refuses `wireguard: true`.
+//! WireGuard node-to-node encryption. So far: the node's key ([`key`])
+//! and the planner ([`plan`]: what the interface should hold and the safe
+//! steps to get there). The interface itself is not programmed yet; the
+//! agent still refuses `wireguard: true`.
 
 pub mod key;
+pub mod plan;

@@ -54,6 +54,7 @@ pub fn node_info(name: &str, ip: IpAddr, wireguard_key: Option<&str>) -> NodeInf
         handshake_addr: ip,
         addresses: BTreeSet::from([ip]),
         wireguard_key: wireguard_key.map(str::to_owned),
+        pod_cidrs: Default::default(),
     }
 }
 

@@ -17,12 +17,14 @@ pub mod engine;
 pub mod identity;
 pub mod labels;
 pub mod model;
+pub mod prefix;
 pub mod selector;
 pub mod source;
 pub mod state;
 pub mod status;
 
 pub use engine::{Allocation, Change, Engine, EngineConfig};
+pub use prefix::{IpPrefix, PrefixError};
 pub use source::{Snapshot, Subscription};
 pub use state::{
     AuthRule, DesiredState, Direction, Endpoint, Identity, NodeInfo, PortRange, Protocol, Remote,

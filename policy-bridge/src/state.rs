@@ -45,6 +45,10 @@ pub struct NodeInfo {
     pub addresses: BTreeSet<IpAddr>,
     /// The WireGuard public key the node published (base64), if any.
     pub wireguard_key: Option<String>,
+    /// Its pods' address blocks (`spec.podCIDRs`), where the cluster
+    /// assigns them; empty otherwise (then its pods' own addresses count).
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub pod_cidrs: BTreeSet<crate::prefix::IpPrefix>,
 }
 
 /// Direction of a rule, seen from the local workload.

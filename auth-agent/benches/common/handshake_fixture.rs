@@ -34,6 +34,7 @@ pub fn node(name: &str, ip: IpAddr) -> NodeInfo {
         handshake_addr: ip,
         addresses: BTreeSet::from([ip]),
         wireguard_key: None,
+        pod_cidrs: Default::default(),
     }
 }
 

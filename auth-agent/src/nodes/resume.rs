@@ -168,6 +168,7 @@ mod tests {
                         handshake_addr: addr,
                         addresses: BTreeSet::from([addr]),
                         wireguard_key: None,
+                        pod_cidrs: Default::default(),
                     },
                 )
             })

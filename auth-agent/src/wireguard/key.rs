@@ -97,6 +97,50 @@ impl std::fmt::Debug for PublicKey {
     }
 }
 
+/// Why a published public key is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PublicKeyError {
+    /// Not base64 of 32 bytes.
+    #[error("{0:?} is not a WireGuard public key (base64 of 32 bytes)")]
+    Malformed(String),
+    /// The all-zero key (WireGuard's "no key").
+    #[error("the all-zero key is refused")]
+    AllZero,
+}
+
+impl std::str::FromStr for PublicKey {
+    type Err = PublicKeyError;
+
+    fn from_str(s: &str) -> Result<Self, PublicKeyError> {
+        let raw = BASE64
+            .decode(s.trim())
+            .map_err(|_| PublicKeyError::Malformed(s.to_owned()))?;
+        let bytes: [u8; 32] = raw
+            .try_into()
+            .map_err(|_| PublicKeyError::Malformed(s.to_owned()))?;
+        if bytes == [0; 32] {
+            return Err(PublicKeyError::AllZero);
+        }
+        Ok(Self(bytes))
+    }
+}
+
+/// A new key for `<state_dir>/wireguard.key`, replacing the one there
+/// (written 0600 beside it and renamed into place, so a crash leaves the
+/// old key or the new one, never neither).
+pub fn rotate(state_dir: &Path) -> Result<PrivateKey, KeyError> {
+    let path = state_dir.join(KEY_FILE);
+    let key = generate(&path)?;
+    write(state_dir, &path, &key)?;
+    Ok(key)
+}
+
+/// A key from 32 random bytes, not written anywhere (the throwaway peer the
+/// interface uses to release AllowedIPs).
+pub fn ephemeral() -> Result<PrivateKey, KeyError> {
+    generate(Path::new("<ephemeral>"))
+}
+
 /// The node's key from `<state_dir>/wireguard.key`, generated and written
 /// (mode 0600, atomically) when the file does not exist. Returns the key
 /// and whether it was created now.
@@ -209,6 +253,51 @@ fn write(dir: &Path, path: &Path, key: &PrivateKey) -> Result<(), KeyError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rotation_replaces_the_file_with_a_new_0600_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let (k1, _) = load_or_create(dir.path()).unwrap();
+        let k2 = rotate(dir.path()).unwrap();
+        assert_ne!(k1.public_key(), k2.public_key());
+        let (k3, created) = load_or_create(dir.path()).unwrap();
+        assert!(!created);
+        assert_eq!(
+            k3.public_key(),
+            k2.public_key(),
+            "the rotated key is what a restart reads"
+        );
+        let meta = std::fs::metadata(dir.path().join(KEY_FILE)).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names.len(), 1, "no staging file left: {names:?}");
+    }
+
+    #[test]
+    fn published_keys_parse_and_zero_or_garbage_is_refused() {
+        let (k, _) = load_or_create(tempfile::tempdir().unwrap().path()).unwrap();
+        let p = k.public_key();
+        assert_eq!(p.to_string().parse::<PublicKey>().unwrap(), p);
+        assert_eq!(format!(" {p}\n").parse::<PublicKey>().unwrap(), p);
+        assert_eq!(
+            BASE64.encode([0u8; 32]).parse::<PublicKey>().unwrap_err(),
+            PublicKeyError::AllZero
+        );
+        for bad in [
+            "",
+            "not base64!",
+            &BASE64.encode([1u8; 31]),
+            &BASE64.encode([1u8; 33]),
+        ] {
+            assert!(
+                matches!(bad.parse::<PublicKey>(), Err(PublicKeyError::Malformed(_))),
+                "{bad:?}"
+            );
+        }
+    }
 
     #[test]
     fn created_once_mode_0600_and_reused() {

@@ -17,6 +17,7 @@ pub fn node(name: &str, ip: &str) -> NodeInfo {
         handshake_addr: addr,
         addresses: BTreeSet::from([addr]),
         wireguard_key: None,
+        pod_cidrs: Default::default(),
     }
 }
 

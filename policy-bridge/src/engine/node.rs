@@ -7,6 +7,7 @@ use k8s_openapi::api::core::v1::Node;
 
 use super::{Engine, EngineConfig};
 use crate::model::{ObjectKey, ObjectKind};
+use crate::prefix::IpPrefix;
 use crate::state::NodeInfo;
 
 impl Engine {
@@ -70,6 +71,21 @@ pub fn node_info(node: &Node, cfg: &EngineConfig) -> Result<NodeInfo, String> {
                 )
             })?,
     };
+    let mut pod_cidrs = BTreeSet::new();
+    let spec = node.spec.as_ref();
+    let listed = spec.and_then(|s| s.pod_cidrs.clone()).unwrap_or_default();
+    let single = spec.and_then(|s| s.pod_cidr.clone());
+    for (field, v) in listed
+        .iter()
+        .map(|v| ("spec.podCIDRs", v))
+        .chain(single.iter().map(|v| ("spec.podCIDR", v)))
+    {
+        let p = v
+            .trim()
+            .parse::<IpPrefix>()
+            .map_err(|e| format!("{field}: {e}"))?;
+        pod_cidrs.insert(p);
+    }
     Ok(NodeInfo {
         name,
         handshake_addr,
@@ -78,5 +94,6 @@ pub fn node_info(node: &Node, cfg: &EngineConfig) -> Result<NodeInfo, String> {
             .and_then(|a| a.get(&cfg.wireguard_annotation))
             .map(|k| k.trim().to_string())
             .filter(|k| !k.is_empty()),
+        pod_cidrs,
     })
 }
