@@ -5,3 +5,5 @@
 
 pub mod key;
 pub mod plan;
+pub mod netlink;
+pub mod publish;

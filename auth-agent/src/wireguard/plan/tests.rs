@@ -446,7 +446,7 @@ fn random_changes_keep_live_addresses_and_converge() {
         seed % n
     };
     for round in 0..300 {
-        let mut make = |next: &mut dyn FnMut(u64) -> u64| {
+        let make = |next: &mut dyn FnMut(u64) -> u64| {
             let mut list = vec![node("a", 1, Some(&own))];
             for i in 2..8u8 {
                 if next(4) != 0 {
