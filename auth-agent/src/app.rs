@@ -11,13 +11,14 @@
 //! manager (which reads the auth map back first: starting it on an empty
 //! desired state would collect every entry). [`run`] starts them in that
 //! order, one call per phase, each phase in its own module: `sources`,
-//! `datapath`, `serve`, `policy`, `authentication`. Shutdown leaves the
+//! `datapath`, `serve`, `policy`, `encryption`, `authentication`. Shutdown leaves the
 //! programs attached and the maps pinned: a restarted agent loses no
 //! authentication.
 
 mod authentication;
 pub mod backend;
 mod datapath;
+mod encryption;
 pub mod health;
 pub mod metrics;
 mod policy;
@@ -101,9 +102,9 @@ pub enum AgentError {
     /// The auth manager stopped.
     #[error(transparent)]
     Manager(#[from] ManagerError),
-    /// A setting asks for something this build cannot do.
-    #[error("{0}")]
-    Unsupported(&'static str),
+    /// WireGuard could not start.
+    #[error("wireguard: {0}")]
+    WireGuard(#[from] crate::wireguard::manager::WireGuardError),
     /// Shut down before policy synced.
     #[error("shut down before the first policy sync")]
     Interrupted,
@@ -206,6 +207,8 @@ struct Start<'a> {
     ready: Arc<Readiness>,
     live: Arc<Liveness>,
     counts: Arc<Counts>,
+    /// Set once WireGuard is up (the API reads its status and rotates).
+    wireguard: Arc<std::sync::OnceLock<crate::wireguard::manager::WireGuardHandle>>,
 }
 
 /// Starts the agent phase by phase, in the order of the module docs, then
@@ -216,7 +219,6 @@ async fn run_inner(
     tasks: &mut Tasks,
     api_socket: &mut Option<crate::api::socket::SocketGuard>,
 ) -> Result<(), AgentError> {
-    refuse_unsupported(config)?;
     create_state_dir(config)?;
     // One agent per node: the API socket is taken first, so a second agent
     // is refused before it touches the first one's datapath, pins or state.
@@ -229,16 +231,29 @@ async fn run_inner(
         ready: Arc::new(Readiness::default()),
         live: Arc::new(Liveness::default()),
         counts: Arc::new(Counts::default()),
+        wireguard: Arc::default(),
     };
     let mut registry = Registry::with_prefix("meshauth");
     let hs_metrics = Metrics::register(registry.sub_registry_with_prefix("handshake"));
     let mgr_metrics = ManagerMetrics::register(registry.sub_registry_with_prefix("auth"));
+    let wg_metrics = crate::wireguard::manager::WgMetrics::register(
+        registry.sub_registry_with_prefix("wireguard"),
+    );
 
     let mut sources = sources::start(&mut s).await?;
     let (datapath, cgroup) = datapath::load_and_attach(&s)?;
     serve::start(&mut s, api, registry, &sources, &cgroup).await?;
     let desired = policy::first_sync(&mut s, &mut sources, &cgroup).await?;
-    let manager = authentication::start(&mut s, &sources, desired, hs_metrics, mgr_metrics).await?;
+    let wireguard_key = encryption::start(&mut s, &desired, wg_metrics).await?;
+    let manager = authentication::start(
+        &mut s,
+        &sources,
+        desired,
+        hs_metrics,
+        mgr_metrics,
+        wireguard_key,
+    )
+    .await?;
 
     tracing::info!(node = %config.node_name, "meshauth agent running");
     let r = manager.run(token).await;
@@ -247,17 +262,6 @@ async fn run_inner(
     }
     drop(datapath);
     Ok(r?)
-}
-
-/// Refuses settings this build cannot honour.
-fn refuse_unsupported(config: &Config) -> Result<(), AgentError> {
-    if config.wireguard {
-        // Refuse rather than run unencrypted when encryption was asked for.
-        return Err(AgentError::Unsupported(
-            "wireguard: true — WireGuard management is not built into this agent yet; set wireguard: false (node-to-node traffic is then not encrypted by meshauth)",
-        ));
-    }
-    Ok(())
 }
 
 /// Creates the state directory (owner only) if it is missing.

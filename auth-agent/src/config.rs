@@ -129,6 +129,19 @@ pub struct Config {
     pub identity_quarantine: Duration,
     /// WireGuard on or off.
     pub wireguard: bool,
+    /// The WireGuard interface the agent owns.
+    pub wireguard_interface: String,
+    /// WireGuard's UDP port (the same on every node).
+    pub wireguard_port: u16,
+    /// The interface's MTU; `None`: the underlay's minus 80.
+    pub wireguard_mtu: Option<u32>,
+    /// Rotate the WireGuard key this often; `None`: only on demand
+    /// (`meshauth wireguard rotate-key`).
+    #[serde(with = "meshauth_duration::serde::option")]
+    pub wireguard_key_rotation: Option<Duration>,
+    /// How often the interface is read back (status, drift repair).
+    #[serde(with = "meshauth_duration::serde")]
+    pub wireguard_refresh: Duration,
     /// Strict mode: drop traffic of pod addresses not known yet (a pod the
     /// agent has not learned of) instead of passing it unenforced.
     pub drop_unknown_pods: bool,
@@ -361,6 +374,52 @@ pub fn build(layers: &Layers) -> Result<Config, ConfigErrors> {
         "false" => Ok(false),
         _ => Err("true or false".into()),
     });
+    let wireguard_interface = r.get(
+        &keys::WIREGUARD_INTERFACE,
+        crate::wireguard::DEFAULT_INTERFACE.to_owned(),
+        |v| {
+            let ok = !v.is_empty()
+                && v.len() <= 15
+                && v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b));
+            if ok {
+                Ok(v.to_owned())
+            } else {
+                Err("an interface name: 1 to 15 of [A-Za-z0-9_.-]".into())
+            }
+        },
+    );
+    let wireguard_port = r.get(
+        &keys::WIREGUARD_PORT,
+        crate::wireguard::DEFAULT_PORT,
+        |v| match v.parse::<u16>() {
+            Ok(p) if p > 0 => Ok(p),
+            _ => Err("a UDP port from 1 to 65535".into()),
+        },
+    );
+    let wireguard_mtu = r.get(&keys::WIREGUARD_MTU, None, |v| match v {
+        "auto" | "0" => Ok(None),
+        _ => match v.parse::<u32>() {
+            Ok(m) if (1280..=65455).contains(&m) => Ok(Some(m)),
+            _ => Err("auto (the underlay's MTU minus 80) or 1280..=65455".into()),
+        },
+    });
+    let wireguard_key_rotation = r.get(&keys::WIREGUARD_KEY_ROTATION, None, |v| match v {
+        "0" | "off" => Ok(None),
+        _ => duration_in(
+            v,
+            Duration::from_secs(60)..=Duration::from_secs(365 * 24 * 3600),
+            "off, or a duration from 1m to 8760h (720h = 30 days)",
+        )
+        .map(Some),
+    });
+    let wireguard_refresh = r.get(&keys::WIREGUARD_REFRESH, Duration::from_secs(10), |v| {
+        duration_in(
+            v,
+            Duration::from_millis(500)..=Duration::from_secs(600),
+            "a duration from 500ms to 10m",
+        )
+    });
     let drop_unknown_pods = r.get(&keys::UNKNOWN_PODS, false, |v| match v {
         "pass" => Ok(false),
         "drop" => Ok(true),
@@ -396,6 +455,11 @@ pub fn build(layers: &Layers) -> Result<Config, ConfigErrors> {
         sweep_cron,
         identity_quarantine,
         wireguard,
+        wireguard_interface,
+        wireguard_port,
+        wireguard_mtu,
+        wireguard_key_rotation,
+        wireguard_refresh,
         drop_unknown_pods,
         source_check,
         log_format,

@@ -84,6 +84,21 @@ pub struct AgentArgs {
     /// WireGuard: true or false.
     #[arg(long)]
     pub wireguard: Option<String>,
+    /// The WireGuard interface [default meshauth_wg0].
+    #[arg(long)]
+    pub wireguard_interface: Option<String>,
+    /// WireGuard's UDP port [default 51871].
+    #[arg(long)]
+    pub wireguard_port: Option<String>,
+    /// The WireGuard interface's MTU: auto (underlay − 80) or a number.
+    #[arg(long)]
+    pub wireguard_mtu: Option<String>,
+    /// Rotate the WireGuard key this often (e.g. 720h), or off [default off].
+    #[arg(long)]
+    pub wireguard_key_rotation: Option<String>,
+    /// How often the WireGuard interface is read back [default 10s].
+    #[arg(long)]
+    pub wireguard_refresh: Option<String>,
     /// Traffic of pod addresses not known yet: `pass` (not enforced) or
     /// `drop` (strict: 133 "Policy denied" until the agent knows the pod).
     #[arg(long)]
@@ -129,6 +144,11 @@ impl AgentArgs {
         put("sweep-cron", &self.sweep_cron);
         put("identity-quarantine", &self.identity_quarantine);
         put("wireguard", &self.wireguard);
+        put("wireguard-interface", &self.wireguard_interface);
+        put("wireguard-port", &self.wireguard_port);
+        put("wireguard-mtu", &self.wireguard_mtu);
+        put("wireguard-key-rotation", &self.wireguard_key_rotation);
+        put("wireguard-refresh", &self.wireguard_refresh);
         put("unknown-pods", &self.unknown_pods);
         put("source-check", &self.source_check);
         put("log-format", &self.log_format);

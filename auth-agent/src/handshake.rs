@@ -21,6 +21,7 @@ mod error;
 pub mod metrics;
 pub mod protocol;
 pub mod server;
+mod stated_key;
 pub mod throttle;
 
 use std::time::{Duration, SystemTime};
@@ -32,6 +33,7 @@ pub use client::{ClientOptions, HandshakeClient};
 pub use error::HandshakeError;
 pub use metrics::{Limit, Metrics, Role};
 pub use server::{Accepted, HandshakeServer, Outcome, ServerOptions};
+pub use stated_key::StatedKey;
 
 /// The handshake's ALPN protocol id.
 pub const ALPN: &[u8] = b"meshauth/1";

@@ -1,9 +1,16 @@
-//! WireGuard node-to-node encryption. So far: the node's key ([`key`])
-//! and the planner ([`plan`]: what the interface should hold and the safe
-//! steps to get there). The interface itself is not programmed yet; the
-//! agent still refuses `wireguard: true`.
+//! WireGuard node-to-node encryption, bound to authentication: the node's
+//! key ([`key`]), what the interface should hold and the safe steps to get
+//! there ([`plan`]), the kernel through netlink ([`netlink`]), publishing
+//! the public key ([`publish`]) and the task that owns the interface
+//! ([`manager`]).
 
 pub mod key;
-pub mod plan;
+pub mod manager;
 pub mod netlink;
+pub mod plan;
 pub mod publish;
+
+/// The interface the agent owns.
+pub const DEFAULT_INTERFACE: &str = "meshauth_wg0";
+/// WireGuard's UDP port on every node.
+pub const DEFAULT_PORT: u16 = 51871;

@@ -72,6 +72,7 @@ fn status() -> AgentStatus {
             served_ok: 2,
             served_failed: 1,
         },
+        wireguard: None,
     }
 }
 

@@ -13,6 +13,7 @@ pub mod observe;
 pub mod policy;
 pub mod preflight;
 pub mod status;
+pub mod wireguard;
 
 const DEFAULT_API_SOCKET: &str = "/var/run/meshauth/agent.sock";
 

@@ -42,6 +42,11 @@ enum Command {
         #[command(subcommand)]
         command: cmd::policy::PolicyCommand,
     },
+    /// WireGuard on this node.
+    Wireguard {
+        #[command(subcommand)]
+        command: cmd::wireguard::WireGuardCommand,
+    },
     /// Check this node before install: kernel, BPF, mounts, privileges,
     /// SPIRE, ports. One line per check with what to fix; exits 1 if any
     /// check FAILs.
@@ -72,6 +77,7 @@ fn main() -> ExitCode {
         Command::Auth { command } => cmd::list::auth(&command),
         Command::Identity { command } => cmd::list::identities(&command),
         Command::Policy { command } => cmd::policy::run(command),
+        Command::Wireguard { command } => cmd::wireguard::run(&command),
         Command::Preflight(args) => cmd::preflight::run(args),
         Command::Demo(args) => cmd::demo::run(&args),
     }

@@ -64,6 +64,14 @@ impl ApiClient {
     }
 
     async fn request(&self, path: &str) -> Result<http::Response<Incoming>, ApiError> {
+        self.request_with(http::Method::GET, path).await
+    }
+
+    async fn request_with(
+        &self,
+        method: http::Method,
+        path: &str,
+    ) -> Result<http::Response<Incoming>, ApiError> {
         let stream =
             UnixStream::connect(&self.socket)
                 .await
@@ -82,7 +90,9 @@ impl ApiClient {
         tokio::spawn(async move {
             let _ = conn.await;
         });
-        let req = http::Request::get(path)
+        let req = http::Request::builder()
+            .method(method)
+            .uri(path)
             .header("host", "meshauth")
             .body(Empty::<Bytes>::new())
             .expect("a valid request");
@@ -107,6 +117,20 @@ impl ApiClient {
     /// `GET path` as text.
     pub async fn get_text(&self, path: &str) -> Result<String, ApiError> {
         let resp = self.request(path).await?;
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|source| ApiError::Http {
+                path: path.to_string(),
+                source,
+            })?;
+        Ok(String::from_utf8_lossy(&body.to_bytes()).into_owned())
+    }
+
+    /// `POST path` (no body); the answer as text.
+    pub async fn post_text(&self, path: &str) -> Result<String, ApiError> {
+        let resp = self.request_with(http::Method::POST, path).await?;
         let body = resp
             .into_body()
             .collect()

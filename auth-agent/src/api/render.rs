@@ -110,7 +110,61 @@ pub fn render_status(s: &AgentStatus) -> String {
             peer.node, peer.id, peer.address, peer.pairs
         );
     }
+    match &s.wireguard {
+        None => {
+            let _ = writeln!(o, "WireGuard:   off");
+        }
+        Some(w) => render_wireguard(&mut o, w),
+    }
     o
+}
+
+fn render_wireguard(o: &mut String, w: &crate::wireguard::manager::WireGuardStatus) {
+    let _ = writeln!(
+        o,
+        "WireGuard:   {} (UDP {}, MTU {}), key {} ({}), {} peers, {} key rotations",
+        w.interface,
+        w.listen_port,
+        w.mtu,
+        w.public_key,
+        if w.published {
+            "published"
+        } else {
+            "NOT published"
+        },
+        w.peers.len(),
+        w.rotations
+    );
+    if let Some(e) = &w.publish_error {
+        let _ = writeln!(o, "             publish error: {e}");
+    }
+    if let Some(e) = &w.last_error {
+        let _ = writeln!(o, "             last error: {e}");
+    }
+    for p in &w.peers {
+        let node = if p.node.is_empty() {
+            "(no node: collected)"
+        } else {
+            &p.node
+        };
+        let _ = writeln!(
+            o,
+            "  {:<24} {} {:<22} handshake {:<26} rx {} B tx {} B",
+            node,
+            p.public_key,
+            p.endpoint.as_deref().unwrap_or("-"),
+            p.last_handshake.as_deref().unwrap_or("never"),
+            p.rx_bytes,
+            p.tx_bytes
+        );
+        let _ = writeln!(o, "  {:<24} allowed {}", "", p.allowed_ips.join(", "));
+    }
+    for (node, why) in &w.refused {
+        let _ = writeln!(o, "  {node:<24} no peer: {why}");
+    }
+    for c in &w.conflicts {
+        let _ = writeln!(o, "  address conflict: {c}");
+    }
 }
 
 /// `meshauth auth list` for people.

@@ -32,6 +32,11 @@ pub trait Backend: Send + Sync + 'static {
     fn policies(&self, json: bool) -> String;
     /// The flows.
     fn flows(&self) -> &FlowHub;
+    /// `POST /v1/wireguard/rotate-key`: a new WireGuard key, set and
+    /// published; the new public key.
+    fn rotate_wireguard_key(&self) -> futures::future::BoxFuture<'static, Result<String, String>> {
+        Box::pin(async { Err("WireGuard is off on this node (wireguard: false)".to_owned()) })
+    }
 }
 
 /// A whole body.
@@ -70,11 +75,17 @@ pub fn query(req: &Request<Incoming>) -> HashMap<String, String> {
 
 /// Routes one API request.
 pub async fn route<B: Backend>(backend: Arc<B>, req: Request<Incoming>) -> Response<Body> {
+    if req.method() == http::Method::POST && req.uri().path() == "/v1/wireguard/rotate-key" {
+        return match backend.rotate_wireguard_key().await {
+            Ok(key) => full(StatusCode::OK, "text/plain", format!("{key}\n")),
+            Err(e) => full(StatusCode::CONFLICT, "text/plain", format!("{e}\n")),
+        };
+    }
     if req.method() != http::Method::GET {
         return full(
             StatusCode::METHOD_NOT_ALLOWED,
             "text/plain",
-            "only GET is served\n",
+            "only GET is served (and POST /v1/wireguard/rotate-key)\n",
         );
     }
     let q = query(&req);

@@ -26,6 +26,9 @@ pub struct AgentStatus {
     pub peers: Vec<PeerStatus>,
     /// Handshakes since start.
     pub handshakes: HandshakeCounts,
+    /// WireGuard, when it is on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wireguard: Option<crate::wireguard::manager::WireGuardStatus>,
 }
 
 /// Readiness: every part must be true.

@@ -20,7 +20,9 @@ use crate::auth::rotation::forward_rotations;
 use crate::auth::schedule::spawn_sweep_schedule;
 use crate::auth::store::{BpfAuthStore, Pair};
 use crate::auth::{AuthFailure, Authenticated, Authenticator};
-use crate::handshake::{ClientOptions, HandshakeClient, HandshakeServer, Metrics, ServerOptions};
+use crate::handshake::{
+    ClientOptions, HandshakeClient, HandshakeServer, Metrics, ServerOptions, StatedKey,
+};
 
 /// The auth manager with its inputs wired, ready to run.
 #[derive(Debug)]
@@ -45,6 +47,7 @@ pub(super) async fn start(
     desired: watch::Receiver<Arc<DesiredState>>,
     hs_metrics: Metrics,
     mgr_metrics: ManagerMetrics,
+    wireguard_key: StatedKey,
 ) -> Result<Manager, AgentError> {
     let store = open_auth_store(s, sources)?;
     start_handshake_server(
@@ -53,10 +56,13 @@ pub(super) async fn start(
         desired.clone(),
         store.clone(),
         hs_metrics.clone(),
+        wireguard_key.clone(),
     )
     .await?;
+    let mut client_opts = client_options(s, sources);
+    client_opts.wireguard_key = wireguard_key;
     let client = Counting {
-        inner: HandshakeClient::new(client_options(s, sources), hs_metrics),
+        inner: HandshakeClient::new(client_opts, hs_metrics),
         counts: s.counts.clone(),
     };
     let inputs = start_inputs(s, sources, desired).await?;
@@ -134,6 +140,7 @@ async fn start_handshake_server(
     desired: watch::Receiver<Arc<DesiredState>>,
     store: Arc<BpfAuthStore>,
     metrics: Metrics,
+    wireguard_key: StatedKey,
 ) -> Result<(), AgentError> {
     let config = s.config;
     let mut server_opts = ServerOptions::new(
@@ -147,6 +154,7 @@ async fn start_handshake_server(
     server_opts.max_concurrent = config.max_concurrent_handshakes;
     server_opts.tls_timeout = config.handshake_tls_timeout;
     server_opts.max_per_source = config.max_handshakes_per_source;
+    server_opts.wireguard_key = wireguard_key;
     // Half the grace: cancelled handshakes still have time to end before
     // the tasks' grace runs out.
     server_opts.drain_timeout = config.shutdown_grace / 2;

@@ -38,6 +38,7 @@ pub struct AgentBackend {
     pub(crate) ready: Arc<Readiness>,
     pub(crate) counts: Arc<Counts>,
     pub(crate) hub: FlowHub,
+    pub(crate) wireguard: Arc<std::sync::OnceLock<crate::wireguard::manager::WireGuardHandle>>,
 }
 
 fn spire(config: &Config, s: &SourceStatus, cache: &SvidCache) -> SpireStatus {
@@ -180,6 +181,17 @@ impl Backend for AgentBackend {
                 served_ok: c.served_ok.load(Ordering::Relaxed),
                 served_failed: c.served_failed.load(Ordering::Relaxed),
             },
+            wireguard: self.wireguard.get().map(|w| (**w.status.borrow()).clone()),
+        })
+    }
+
+    fn rotate_wireguard_key(&self) -> futures::future::BoxFuture<'static, Result<String, String>> {
+        let handle = self.wireguard.get().cloned();
+        Box::pin(async move {
+            match handle {
+                Some(h) => h.rotate().await,
+                None => Err("WireGuard is off on this node (wireguard: false)".to_owned()),
+            }
         })
     }
 

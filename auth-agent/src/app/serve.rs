@@ -66,6 +66,7 @@ pub(super) async fn start(
         ready: s.ready.clone(),
         counts: s.counts.clone(),
         hub: hub.clone(),
+        wireguard: s.wireguard.clone(),
     });
     s.tasks.spawn(
         "api",

@@ -97,6 +97,29 @@ pub const IDENTITY_QUARANTINE: Key = Key::new(
 );
 /// [`super::Config::wireguard`].
 pub const WIREGUARD: Key = Key::new("wireguard", "MESHAUTH_WIREGUARD", "wireguard");
+/// [`super::Config::wireguard_interface`].
+pub const WIREGUARD_INTERFACE: Key = Key::new(
+    "wireguard-interface",
+    "MESHAUTH_WIREGUARD_INTERFACE",
+    "wireguardInterface",
+);
+/// [`super::Config::wireguard_port`].
+pub const WIREGUARD_PORT: Key =
+    Key::new("wireguard-port", "MESHAUTH_WIREGUARD_PORT", "wireguardPort");
+/// [`super::Config::wireguard_mtu`].
+pub const WIREGUARD_MTU: Key = Key::new("wireguard-mtu", "MESHAUTH_WIREGUARD_MTU", "wireguardMtu");
+/// [`super::Config::wireguard_key_rotation`].
+pub const WIREGUARD_KEY_ROTATION: Key = Key::new(
+    "wireguard-key-rotation",
+    "MESHAUTH_WIREGUARD_KEY_ROTATION",
+    "wireguardKeyRotation",
+);
+/// [`super::Config::wireguard_refresh`].
+pub const WIREGUARD_REFRESH: Key = Key::new(
+    "wireguard-refresh",
+    "MESHAUTH_WIREGUARD_REFRESH",
+    "wireguardRefresh",
+);
 /// `pass` or `drop`: [`super::Config::drop_unknown_pods`].
 pub const UNKNOWN_PODS: Key = Key::new("unknown-pods", "MESHAUTH_UNKNOWN_PODS", "unknownPods");
 /// [`super::Config::source_check`].
@@ -130,6 +153,11 @@ pub const ALL: &[Key] = &[
     SWEEP_CRON,
     IDENTITY_QUARANTINE,
     WIREGUARD,
+    WIREGUARD_INTERFACE,
+    WIREGUARD_PORT,
+    WIREGUARD_MTU,
+    WIREGUARD_KEY_ROTATION,
+    WIREGUARD_REFRESH,
     UNKNOWN_PODS,
     SOURCE_CHECK,
     LOG_FORMAT,

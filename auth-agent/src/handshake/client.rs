@@ -39,7 +39,7 @@ pub struct ClientOptions {
     /// Bound on TLS plus the message exchange.
     pub handshake_timeout: Duration,
     /// This node's WireGuard public key, when WireGuard is on.
-    pub wireguard_key: Option<String>,
+    pub wireguard_key: super::StatedKey,
 }
 
 impl ClientOptions {
@@ -52,7 +52,7 @@ impl ClientOptions {
             source_addr: None,
             connect_timeout: DEFAULT_TIMEOUT,
             handshake_timeout: DEFAULT_TIMEOUT,
-            wireguard_key: None,
+            wireguard_key: super::StatedKey::default(),
         }
     }
 }
@@ -224,7 +224,7 @@ impl HandshakeClient {
                     node: self.opts.local_node.clone(),
                     local,
                     remote,
-                    wireguard_key: self.opts.wireguard_key.clone(),
+                    wireguard_key: self.opts.wireguard_key.current(),
                 }),
             )
             .await

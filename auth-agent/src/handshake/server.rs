@@ -77,7 +77,7 @@ pub struct ServerOptions {
     /// they are cancelled.
     pub drain_timeout: Duration,
     /// This node's WireGuard public key, when WireGuard is on.
-    pub wireguard_key: Option<String>,
+    pub wireguard_key: super::StatedKey,
 }
 
 impl std::fmt::Debug for ServerOptions {
@@ -91,7 +91,7 @@ impl std::fmt::Debug for ServerOptions {
             .field("max_per_source", &self.max_per_source)
             .field("refusal_log_interval", &self.refusal_log_interval)
             .field("drain_timeout", &self.drain_timeout)
-            .field("wireguard", &self.wireguard_key.is_some())
+            .field("wireguard", &self.wireguard_key.current().is_some())
             .finish_non_exhaustive()
     }
 }
@@ -119,7 +119,7 @@ impl ServerOptions {
             max_per_source: DEFAULT_MAX_PER_SOURCE,
             refusal_log_interval: DEFAULT_REFUSAL_LOG_INTERVAL,
             drain_timeout: DEFAULT_TIMEOUT,
-            wireguard_key: None,
+            wireguard_key: super::StatedKey::default(),
         }
     }
 }
@@ -638,7 +638,7 @@ impl Shared {
                 node: self.local_name.clone(),
                 local: r,
                 remote: l,
-                wireguard_key: self.opts.wireguard_key.clone(),
+                wireguard_key: self.opts.wireguard_key.current(),
             }),
         )
         .await

@@ -17,9 +17,7 @@ use std::time::{Duration, SystemTime};
 
 use futures::{StreamExt as _, TryStreamExt as _};
 use genetlink::GenetlinkHandle;
-use netlink_packet_core::{
-    NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload,
-};
+use netlink_packet_core::{NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload};
 use netlink_packet_generic::GenlMessage;
 use netlink_packet_wireguard::{
     WireguardAddressFamily, WireguardAllowedIp, WireguardAllowedIpAttr, WireguardAttribute,
@@ -73,7 +71,9 @@ pub enum KernelError {
         source: std::io::Error,
     },
     /// A link with the interface's name exists but is not WireGuard.
-    #[error("link {name} exists and is a {kind}, not WireGuard; remove it or pick another interface name")]
+    #[error(
+        "link {name} exists and is a {kind}, not WireGuard; remove it or pick another interface name"
+    )]
     NotWireGuard {
         /// The name.
         name: String,
@@ -236,9 +236,7 @@ impl Kernel {
                     .await
                 {
                     Ok(()) => {}
-                    Err(rtnetlink::Error::NetlinkError(e))
-                        if e.raw_code() == -libc::EOPNOTSUPP =>
-                    {
+                    Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EOPNOTSUPP => {
                         return Err(KernelError::Unsupported {
                             call: "creating a wireguard link",
                             source: e.to_io(),
@@ -474,12 +472,20 @@ impl Kernel {
     pub async fn routes(&self) -> Result<BTreeSet<IpPrefix>, KernelError> {
         let mut out = BTreeSet::new();
         for msg in [
-            RouteMessageBuilder::<Ipv4Addr>::new().table_id(ROUTE_TABLE).build(),
-            RouteMessageBuilder::<Ipv6Addr>::new().table_id(ROUTE_TABLE).build(),
+            RouteMessageBuilder::<Ipv4Addr>::new()
+                .table_id(ROUTE_TABLE)
+                .build(),
+            RouteMessageBuilder::<Ipv6Addr>::new()
+                .table_id(ROUTE_TABLE)
+                .build(),
         ] {
             self.sent.fetch_add(1, Ordering::Relaxed);
             let mut s = self.rt.route().get(msg).execute();
-            while let Some(r) = s.try_next().await.map_err(rt_err("listing routes", "table 51871"))? {
+            while let Some(r) = s
+                .try_next()
+                .await
+                .map_err(rt_err("listing routes", "table 51871"))?
+            {
                 let table = r
                     .attributes
                     .iter()
@@ -508,7 +514,10 @@ impl Kernel {
         Ok(out)
     }
 
-    fn route_message(prefix: &IpPrefix, index: u32) -> rtnetlink::packet_route::route::RouteMessage {
+    fn route_message(
+        prefix: &IpPrefix,
+        index: u32,
+    ) -> rtnetlink::packet_route::route::RouteMessage {
         match prefix.addr() {
             IpAddr::V4(a) => RouteMessageBuilder::<Ipv4Addr>::new()
                 .destination_prefix(a, prefix.prefix_len())
@@ -542,7 +551,8 @@ impl Kernel {
     /// not an error).
     pub async fn del_route(&self, prefix: &IpPrefix) -> Result<(), KernelError> {
         let mut msg = Self::route_message(prefix, 0);
-        msg.attributes.retain(|a| !matches!(a, RouteAttribute::Oif(_)));
+        msg.attributes
+            .retain(|a| !matches!(a, RouteAttribute::Oif(_)));
         self.sent.fetch_add(1, Ordering::Relaxed);
         match self.rt.route().del(msg).execute().await {
             Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ESRCH => Ok(()),
@@ -563,8 +573,13 @@ impl Kernel {
             self.sent.fetch_add(1, Ordering::Relaxed);
             let mut s = self.rt.rule().get(version).execute();
             while let Some(r) = s.try_next().await.map_err(rt_err("listing rules", "all"))? {
-                let ours = r.attributes.iter().any(|a| matches!(a, RuleAttribute::Priority(p) if *p == RULE_PRIORITY))
-                    && r.attributes.iter().any(|a| matches!(a, RuleAttribute::Table(t) if *t == ROUTE_TABLE));
+                let ours = r
+                    .attributes
+                    .iter()
+                    .any(|a| matches!(a, RuleAttribute::Priority(p) if *p == RULE_PRIORITY))
+                    && r.attributes
+                        .iter()
+                        .any(|a| matches!(a, RuleAttribute::Table(t) if *t == ROUTE_TABLE));
                 if ours {
                     if v6 {
                         found.1 += 1;
@@ -623,8 +638,13 @@ impl Kernel {
                 .await
                 .map_err(rt_err("listing rules", "all"))?;
             for r in rules {
-                let ours = r.attributes.iter().any(|a| matches!(a, RuleAttribute::Priority(p) if *p == RULE_PRIORITY))
-                    && r.attributes.iter().any(|a| matches!(a, RuleAttribute::Table(t) if *t == ROUTE_TABLE));
+                let ours = r
+                    .attributes
+                    .iter()
+                    .any(|a| matches!(a, RuleAttribute::Priority(p) if *p == RULE_PRIORITY))
+                    && r.attributes
+                        .iter()
+                        .any(|a| matches!(a, RuleAttribute::Table(t) if *t == ROUTE_TABLE));
                 if ours {
                     self.sent.fetch_add(1, Ordering::Relaxed);
                     self.rt
@@ -716,7 +736,10 @@ fn merge_peer(peers: &mut BTreeMap<PublicKey, PeerDump>, p: WireguardPeer) {
             WireguardPeerAttribute::LastHandshake(t) if t.seconds > 0 || t.nano_seconds > 0 => {
                 dump.last_handshake = Some(
                     SystemTime::UNIX_EPOCH
-                        + Duration::new(t.seconds.max(0) as u64, t.nano_seconds.clamp(0, 999_999_999) as u32),
+                        + Duration::new(
+                            t.seconds.max(0) as u64,
+                            t.nano_seconds.clamp(0, 999_999_999) as u32,
+                        ),
                 );
             }
             WireguardPeerAttribute::RxBytes(b) => dump.rx_bytes = b,
@@ -763,9 +786,16 @@ mod tests {
         let t = PublicKey([7; 32]);
         let msgs = peer_messages(&Step::Release(vec![p("10.1.0.0/24"), p("fd00::5/128")]), &t);
         assert_eq!(msgs.len(), 2);
-        assert!(msgs[0].0.contains(&WireguardPeerAttribute::PublicKey([7; 32])));
+        assert!(
+            msgs[0]
+                .0
+                .contains(&WireguardPeerAttribute::PublicKey([7; 32]))
+        );
         assert!(matches!(&msgs[0].0[1], WireguardPeerAttribute::AllowedIps(v) if v.len() == 2));
-        assert_eq!(msgs[1].0[1], WireguardPeerAttribute::Flags(WireguardPeerFlags::RemoveMe));
+        assert_eq!(
+            msgs[1].0[1],
+            WireguardPeerAttribute::Flags(WireguardPeerFlags::RemoveMe)
+        );
         let up = peer_messages(
             &Step::Upsert {
                 key: PublicKey([1; 32]),
@@ -806,7 +836,10 @@ mod tests {
             ]),
         );
         let d = &peers[&PublicKey(k)];
-        assert_eq!(d.state.allowed, [p("10.0.0.3/32"), p("10.42.3.0/24")].into());
+        assert_eq!(
+            d.state.allowed,
+            [p("10.0.0.3/32"), p("10.42.3.0/24")].into()
+        );
         assert_eq!(d.rx_bytes, 10);
         assert_eq!(d.state.endpoint, Some("10.0.0.3:51871".parse().unwrap()));
     }

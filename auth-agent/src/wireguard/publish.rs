@@ -52,8 +52,14 @@ fn is_node(v: &Value, node: &str) -> bool {
 /// Sets `annotation` to `key` (or removes it) on the Node named `node` in
 /// the one manifest file of `dir` that holds it. Other documents in the
 /// file are kept (comments are not).
-pub fn set_in_dir(dir: &Path, node: &str, annotation: &str, key: Option<&str>) -> Result<bool, String> {
-    let entries = std::fs::read_dir(dir).map_err(|e| format!("manifest directory {}: {e}", dir.display()))?;
+pub fn set_in_dir(
+    dir: &Path,
+    node: &str,
+    annotation: &str,
+    key: Option<&str>,
+) -> Result<bool, String> {
+    let entries =
+        std::fs::read_dir(dir).map_err(|e| format!("manifest directory {}: {e}", dir.display()))?;
     let mut found = Vec::new();
     for e in entries.flatten() {
         let path = e.path();
@@ -80,7 +86,11 @@ pub fn set_in_dir(dir: &Path, node: &str, annotation: &str, key: Option<&str>) -
         _ => {
             return Err(format!(
                 "Node {node} is in more than one manifest ({}); the key is not published until one is left",
-                found.iter().map(|(p, _)| p.display().to_string()).collect::<Vec<_>>().join(", ")
+                found
+                    .iter()
+                    .map(|(p, _)| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ));
         }
     };
@@ -144,7 +154,10 @@ fn set_annotation(doc: &mut Value, annotation: &str, key: Option<&str>) -> bool 
 fn write_atomically(path: &Path, text: &str) -> Result<(), String> {
     use std::io::Write as _;
     let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.meshauth-new"));
     let write = || -> std::io::Result<()> {
         let mut f = std::fs::File::create(&tmp)?;
@@ -174,7 +187,9 @@ pub struct KubePublisher {
 
 impl std::fmt::Debug for KubePublisher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KubePublisher").field("node", &self.node).finish()
+        f.debug_struct("KubePublisher")
+            .field("node", &self.node)
+            .finish()
     }
 }
 
@@ -209,7 +224,12 @@ impl Publisher for KubePublisher {
                 &Patch::Merge(annotation_patch(&me.annotation, key.as_deref())),
             )
             .await
-            .map_err(|e| format!("patching Node {} annotation {}: {e}", me.node, me.annotation))?;
+            .map_err(|e| {
+                format!(
+                    "patching Node {} annotation {}: {e}",
+                    me.node, me.annotation
+                )
+            })?;
             Ok(true)
         })
     }
@@ -226,15 +246,31 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let nodes = "# nodes\napiVersion: v1\nkind: Node\nmetadata:\n  name: a\nstatus:\n  addresses:\n  - type: InternalIP\n    address: 10.0.0.1\n---\napiVersion: v1\nkind: Node\nmetadata:\n  name: b\n  annotations:\n    other: x\n";
         std::fs::write(dir.path().join("nodes.yaml"), nodes).unwrap();
-        std::fs::write(dir.path().join("policy.yaml"), "kind: CiliumNetworkPolicy\nmetadata:\n  name: a\n").unwrap();
+        std::fs::write(
+            dir.path().join("policy.yaml"),
+            "kind: CiliumNetworkPolicy\nmetadata:\n  name: a\n",
+        )
+        .unwrap();
         assert!(set_in_dir(dir.path(), "b", ANN, Some("KEY=")).unwrap());
-        assert!(!set_in_dir(dir.path(), "b", ANN, Some("KEY=")).unwrap(), "unchanged the second time");
+        assert!(
+            !set_in_dir(dir.path(), "b", ANN, Some("KEY=")).unwrap(),
+            "unchanged the second time"
+        );
         let text = std::fs::read_to_string(dir.path().join("nodes.yaml")).unwrap();
         let docs: Vec<Value> = documents(&text).into_iter().map(Result::unwrap).collect();
         assert_eq!(docs.len(), 2);
-        assert_eq!(docs[1]["metadata"]["annotations"][ANN].as_str(), Some("KEY="));
-        assert_eq!(docs[1]["metadata"]["annotations"]["other"].as_str(), Some("x"));
-        assert!(docs[0]["metadata"].get("annotations").is_none(), "node a untouched");
+        assert_eq!(
+            docs[1]["metadata"]["annotations"][ANN].as_str(),
+            Some("KEY=")
+        );
+        assert_eq!(
+            docs[1]["metadata"]["annotations"]["other"].as_str(),
+            Some("x")
+        );
+        assert!(
+            docs[0]["metadata"].get("annotations").is_none(),
+            "node a untouched"
+        );
         // What the files source reads back is the same node with the key.
         let objs = policy_bridge::model::parse_documents(&text, "nodes.yaml");
         assert!(objs.iter().all(Result::is_ok));
@@ -242,7 +278,10 @@ mod tests {
         let text = std::fs::read_to_string(dir.path().join("nodes.yaml")).unwrap();
         assert!(!text.contains(ANN), "{text}");
         assert!(text.contains("other: x"));
-        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(names.len(), 2, "no staging file left: {names:?}");
     }
 
@@ -256,7 +295,10 @@ mod tests {
         std::fs::write(dir.path().join("2.yml"), one).unwrap();
         let e = set_in_dir(dir.path(), "c", ANN, Some("K")).unwrap_err();
         assert!(e.contains("more than one manifest"), "{e}");
-        assert_eq!(std::fs::read_to_string(dir.path().join("1.yaml")).unwrap(), one);
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("1.yaml")).unwrap(),
+            one
+        );
     }
 
     #[test]

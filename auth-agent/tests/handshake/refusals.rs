@@ -391,7 +391,7 @@ async fn garbage_and_bad_messages_get_clear_errors_and_the_server_keeps_serving(
         auth_agent::handshake::ClientOptions::new(cache_with(&ca, &[&l]), "node-a");
     client_opts.port = resp.addr.port();
     client_opts.source_addr = Some(A_IP);
-    client_opts.wireguard_key = Some("wg-key-of-a".into());
+    client_opts.wireguard_key = auth_agent::handshake::StatedKey::fixed(Some("wg-key-of-a".into()));
     let client = auth_agent::handshake::HandshakeClient::new(client_opts, Metrics::default());
     client
         .handshake(L, R, &node_info("node-b", B_IP, None))
@@ -410,7 +410,7 @@ async fn initiator_checks_the_responders_statement() {
         cache_with(&ca, &[&r]),
         desired(None, Some("published-b")),
         |o| {
-            o.wireguard_key = Some("rogue-b".into());
+            o.wireguard_key = auth_agent::handshake::StatedKey::fixed(Some("rogue-b".into()));
         },
     )
     .await;
