@@ -14,6 +14,7 @@
 //!                                     -> ok <failed attempts> <ns to success>
 //!                                     |  fail <failed attempts> <last error>
 //! udp HOST PORT T                     one datagram round trip           -> ok <ns>
+//! send HOST PORT T TEXT               connect, send TEXT, wait for its echo -> ok <ns>
 //! rr tcp|udp HOST PORT N T            N round trips on one connection   -> ok <ns> <ns> ...
 //! open ID HOST PORT T                 a kept connection                 -> ok <ns>
 //! ping ID T                           one round trip on it              -> ok <ns>
@@ -128,6 +129,31 @@ impl Workload {
                 let start = Instant::now();
                 let (mut s, _) = connect(target(w, 1)?, ms(w, 3, "timeout")?)?;
                 round_trip(&mut s, 0, start + ms(w, 3, "timeout")?)?;
+                Ok(start.elapsed().as_nanos().to_string())
+            }
+            "send" => {
+                let start = Instant::now();
+                let deadline = start + ms(w, 3, "timeout")?;
+                let text = w
+                    .get(4..)
+                    .filter(|t| !t.is_empty())
+                    .ok_or("missing text")?
+                    .join(" ");
+                let (mut s, _) = connect(target(w, 1)?, ms(w, 3, "timeout")?)?;
+                s.write_all(text.as_bytes())
+                    .map_err(|e| format!("send: {e}"))?;
+                let mut buf = vec![0u8; text.len()];
+                s.set_read_timeout(Some(
+                    deadline
+                        .saturating_duration_since(Instant::now())
+                        .max(Duration::from_millis(1)),
+                ))
+                .map_err(|e| format!("SO_RCVTIMEO: {e}"))?;
+                s.read_exact(&mut buf)
+                    .map_err(|e| format!("receive: {e}"))?;
+                if buf != text.as_bytes() {
+                    return Err("the echo differs from what was sent".into());
+                }
                 Ok(start.elapsed().as_nanos().to_string())
             }
             "retry" => retry(

@@ -163,6 +163,20 @@ impl PodProcess {
         self.nanos(&line, &s)
     }
 
+    /// One TCP connection carrying `text` (one line, no newline) and its
+    /// echo; the time it took.
+    pub fn send_text(
+        &mut self,
+        addr: IpAddr,
+        port: u16,
+        text: &str,
+        timeout: Duration,
+    ) -> Result<Duration, LabError> {
+        let line = format!("send {addr} {port} {} {text}", ms(timeout));
+        let s = self.cmd(&line, timeout)?;
+        self.nanos(&line, &s)
+    }
+
     /// Tries connect + echo every 10 ms (each attempt 20 ms at most) until
     /// one succeeds or `deadline` passes, like a client with short retries.
     pub fn connect_retry(

@@ -117,6 +117,8 @@ pub struct Testbed {
     spire: SpireDev,
     pin_root: PathBuf,
     agents: BTreeMap<String, Child>,
+    /// Per-node agent flags ([`Testbed::set_agent_args`]).
+    node_args: BTreeMap<String, Vec<String>>,
     pods: BTreeMap<String, PodRecord>,
     entries: BTreeMap<(u32, String), String>,
     compiler: FilesSource,
@@ -200,6 +202,7 @@ impl Testbed {
             spire,
             pin_root,
             agents: BTreeMap::new(),
+            node_args: BTreeMap::new(),
             pods: BTreeMap::new(),
             entries: BTreeMap::new(),
             compiler,
@@ -427,6 +430,7 @@ impl Testbed {
             .arg("--sweep-cron")
             .arg("*/5 * * * * *")
             .args(&self.opts.agent_args)
+            .args(self.node_args.get(node).into_iter().flatten())
             .env("MESHAUTH_LOG", &self.opts.log)
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
@@ -435,6 +439,12 @@ impl Testbed {
         let child = cmd.spawn().map_err(io("starting the agent", &bin))?;
         self.agents.insert(node.to_string(), child);
         Ok(())
+    }
+
+    /// Flags for `node`'s agent only, from its next start on (after
+    /// [`TestbedOptions::agent_args`]; a flag must not be in both).
+    pub fn set_agent_args(&mut self, node: &str, args: Vec<String>) {
+        self.node_args.insert(node.to_owned(), args);
     }
 
     /// `kill -9` of `node`'s agent.
@@ -743,8 +753,8 @@ fn ensure_bpffs() -> Result<(), TestbedError> {
 
 fn node_yaml(n: &NodeInfo) -> String {
     format!(
-        "apiVersion: v1\nkind: Node\nmetadata:\n  name: {}\nstatus:\n  addresses:\n    - type: InternalIP\n      address: {}\n    - type: InternalIP\n      address: \"{}\"\n",
-        n.name, n.ipv4, n.ipv6
+        "apiVersion: v1\nkind: Node\nmetadata:\n  name: {}\nspec:\n  podCIDR: {}\n  podCIDRs:\n    - {}\n    - \"{}\"\nstatus:\n  addresses:\n    - type: InternalIP\n      address: {}\n    - type: InternalIP\n      address: \"{}\"\n",
+        n.name, n.pod_cidr_v4, n.pod_cidr_v4, n.pod_cidr_v6, n.ipv4, n.ipv6
     )
 }
 

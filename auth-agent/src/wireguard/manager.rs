@@ -359,7 +359,13 @@ impl Manager {
                         }
                         Err(e) => self.failed(&e),
                     }
-                    if self.published.is_none() || self.publish_error.is_some() {
+                    // Publish again when it failed, or when the node table
+                    // shows another key for this node (edited by hand, or an
+                    // old value restored): the table must hold the key the
+                    // interface uses, or peers cannot reach this node.
+                    let own = self.key.public_key().to_string();
+                    let listed = state.nodes.get(&self.settings.node).and_then(|n| n.wireguard_key.clone());
+                    if self.publish_error.is_some() || (state.nodes.contains_key(&self.settings.node) && listed.as_deref() != Some(own.as_str())) {
                         self.publish().await;
                     }
                 }
