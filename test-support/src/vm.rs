@@ -46,8 +46,9 @@ pub const INSTALL_FIX: &str = "run scripts/install-test-deps (apt-get install qe
 const TAIL_LINES: usize = 60;
 /// How long qemu may take to power off after the command ended.
 const POWEROFF_GRACE: Duration = Duration::from_secs(10);
-/// The 9p message size: large reads of big test binaries.
-const MSIZE: u32 = 512 * 1024;
+/// The 9p message size: large reads of big test binaries (512000 is the
+/// most virtio transports accept).
+const MSIZE: u32 = 512_000;
 /// The environment every command starts from; [`VmBuilder::env`] adds to it
 /// and overrides it.
 const BASE_ENV: &[(&str, &str)] = &[
@@ -275,6 +276,7 @@ impl VmBuilder {
             Some(a) => a,
             None => Accel::detect(&self.qemu, &self.kernel.image)?,
         };
+        let boot_image = self.kernel.boot_image();
 
         let dir = tempfile::Builder::new()
             .prefix("meshauth-vm-")
@@ -311,7 +313,7 @@ impl VmBuilder {
                 "-no-reboot",
             ])
             .arg("-kernel")
-            .arg(&self.kernel.image)
+            .arg(&boot_image)
             .arg("-initrd")
             .arg(&initrd)
             .args(["-append", "console=ttyS0 quiet panic=-1 mitigations=off"])
@@ -328,6 +330,9 @@ impl VmBuilder {
         let mut console: Vec<String> = Vec::new();
         let mut output: Vec<String> = Vec::new();
         let mut boot_time = None;
+        // Blank lines are echoed when a line follows: the last one before
+        // the marker is /init's.
+        let mut held_blank = 0;
         let tail =
             |console: &[String]| console[console.len().saturating_sub(TAIL_LINES)..].join("\n");
         loop {
@@ -374,7 +379,13 @@ impl VmBuilder {
                     accel,
                 });
             }
-            eprintln!("{line}");
+            if line.is_empty() {
+                held_blank += 1;
+            } else {
+                eprint!("{}", "\n".repeat(held_blank));
+                eprintln!("{line}");
+                held_blank = 0;
+            }
             output.push(line);
         }
     }
@@ -491,4 +502,27 @@ fn nonce() -> String {
         nanos,
         SEQ.fetch_add(1, Ordering::Relaxed)
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn static_and_dynamic_elf_are_told_apart() {
+        assert!(
+            !is_static_elf(Path::new("/bin/sh")),
+            "/bin/sh is dynamic on Debian"
+        );
+        assert!(!is_static_elf(Path::new("/etc/hostname")), "not ELF");
+        // The busybox the VM needs (busybox-static).
+        assert!(is_static_elf(Path::new("/bin/busybox")), "{INSTALL_FIX}");
+    }
+
+    #[test]
+    fn bad_env_is_refused_before_booting() {
+        let vm = VmBuilder::new().expect("VM prerequisites").env("A=B", "x");
+        let err = vm.run(&["true"]).expect_err("a key with `=`");
+        assert!(err.to_string().contains("env key \"A=B\""), "{err}");
+    }
 }

@@ -55,8 +55,24 @@ impl Accel {
             Err(_) => {}
         }
         Ok(*DETECTED.get_or_init(|| {
-            let (accel, why) = probe_kvm(qemu, kernel);
-            eprintln!("meshauth-vm: using {accel}: {why}");
+            // Remembered per host boot, so that each test binary does not
+            // pay for the probe again.
+            let cache = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+                .ok()
+                .map(|id| std::env::temp_dir().join(format!("meshauth-vm-accel-{}", id.trim())));
+            let cached = cache.as_ref().and_then(|c| std::fs::read_to_string(c).ok());
+            let (accel, why) = match cached.as_deref().and_then(|c| c.split_once('\n')) {
+                Some(("kvm", why)) => (Accel::Kvm, format!("{why} (probed earlier in this boot)")),
+                Some(("tcg", why)) => (Accel::Tcg, format!("{why} (probed earlier in this boot)")),
+                _ => {
+                    let (accel, why) = probe_kvm(qemu, kernel);
+                    if let Some(c) = &cache {
+                        let _ = std::fs::write(c, format!("{accel}\n{why}"));
+                    }
+                    (accel, why)
+                }
+            };
+            eprintln!("meshauth-vm: using {accel}: {why}; MESHAUTH_VM_ACCEL=kvm|tcg forces one");
             accel
         }))
     }
