@@ -1,0 +1,85 @@
+//! The VM harness against a real qemu and the host's Debian kernel. Needs
+//! root, qemu, busybox-static and linux-image-amd64
+//! (`scripts/install-test-deps`); fails, never skips, without them.
+
+use std::time::Duration;
+
+use meshauth_test_support::vm::{VmBuilder, VmOutput};
+
+fn vm() -> VmBuilder {
+    VmBuilder::new()
+        .unwrap_or_else(|e| panic!("the VM harness cannot start: {e}"))
+        .timeout(Duration::from_secs(300))
+}
+
+fn run(builder: &VmBuilder, argv: &[&str]) -> VmOutput {
+    let out = builder
+        .run(argv)
+        .unwrap_or_else(|e| panic!("running {argv:?} in the VM: {e}"));
+    eprintln!(
+        "{argv:?}: status {} ({}; boot {:?}, total {:?})",
+        out.status, out.accel, out.boot_time, out.total_time
+    );
+    out
+}
+
+#[test]
+fn exit_status_comes_back() {
+    let out = run(&vm(), &["sh", "-c", "echo before; exit 7"]);
+    assert_eq!(out.status, 7, "{}", out.output);
+    assert_eq!(out.output, "before");
+}
+
+#[test]
+fn guest_kernel_has_wireguard() {
+    let vm = vm();
+    let script = "test -d /sys/module/wireguard || { echo no /sys/module/wireguard; exit 1; }
+        ip link add wgtest type wireguard || exit 2
+        wg show wgtest >/dev/null || exit 3
+        wg show || exit 4
+        echo release=$(uname -r)";
+    let out = run(&vm, &["sh", "-c", script]);
+    assert_eq!(out.status, 0, "{}", out.output);
+    assert!(
+        out.output
+            .lines()
+            .any(|l| l == format!("release={}", vm.kernel_release())),
+        "the guest runs another kernel than {}: {}",
+        vm.kernel_release(),
+        out.output
+    );
+}
+
+#[test]
+fn host_files_written_before_boot_are_seen_at_the_same_path() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("from-host.txt");
+    std::fs::write(&file, "written on the host\n").expect("writing the file");
+    let path = file.to_str().expect("utf-8 path");
+    let out = run(&vm(), &["cat", path]);
+    assert_eq!(out.status, 0, "{}", out.output);
+    assert_eq!(out.output, "written on the host");
+}
+
+#[test]
+fn env_and_cwd_arrive() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cwd = dir.path().to_str().expect("utf-8 path");
+    let value = "a 'quoted' value; $HOME `x` \"y\"";
+    let out = run(
+        &vm().cwd(cwd).env("MESHAUTH_VM_TEST", value),
+        &[
+            "sh",
+            "-c",
+            "pwd; printf '%s\\n' \"$MESHAUTH_VM_TEST\"; echo home=$HOME",
+        ],
+    );
+    assert_eq!(out.status, 0, "{}", out.output);
+    assert_eq!(out.output, format!("{cwd}\n{value}\nhome=/root"));
+}
+
+#[test]
+fn a_missing_working_directory_is_status_125() {
+    let out = run(&vm().cwd("/nonexistent/meshauth-vm"), &["true"]);
+    assert_eq!(out.status, 125, "{}", out.output);
+}
