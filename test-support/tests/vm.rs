@@ -83,3 +83,40 @@ fn a_missing_working_directory_is_status_125() {
     let out = run(&vm().cwd("/nonexistent/meshauth-vm"), &["true"]);
     assert_eq!(out.status, 125, "{}", out.output);
 }
+
+#[test]
+fn a_command_past_the_timeout_is_an_error_and_qemu_is_killed() {
+    let started = std::time::Instant::now();
+    let err = vm()
+        .timeout(Duration::from_secs(40))
+        .run(&["sh", "-c", "echo sleeping; sleep 600"])
+        .expect_err("sleep 600 outlives a 40 s timeout");
+    let msg = err.to_string();
+    assert!(msg.contains("did not finish within 40s"), "{msg}");
+    assert!(
+        msg.contains("sleeping"),
+        "the console tail is in the error: {msg}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn a_vm_that_ends_without_the_exit_status_is_an_error_with_the_console() {
+    let err = vm()
+        .run(&[
+            "sh",
+            "-c",
+            "echo powering off; echo o > /proc/sysrq-trigger; sleep 60",
+        ])
+        .expect_err("no exit marker");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("ended without the command's exit status"),
+        "{msg}"
+    );
+    assert!(msg.contains("powering off"), "{msg}");
+}
