@@ -11,7 +11,9 @@
 //! `/sys/fs/bpf`, loads `wireguard` through the host's `modprobe` (module
 //! autoloading uses it too), and runs the command in the caller's working
 //! directory with exactly the environment given. The command's output
-//! (serial console) is streamed to stderr and captured.
+//! (serial console) is streamed to stderr and captured. The share is cached
+//! in the guest (`cache=loose`): write what the command needs before
+//! [`VmBuilder::run`]; host changes during the run may not be seen.
 //!
 //! KVM is used when it actually runs the guest, else TCG
 //! (`MESHAUTH_VM_ACCEL=kvm|tcg` forces one). Needs root (9p shares `/` as
@@ -272,11 +274,11 @@ impl VmBuilder {
             value: self.cwd.display().to_string(),
             reason: "must be UTF-8",
         })?;
+        let boot_image = self.kernel.boot_image();
         let accel = match self.accel {
             Some(a) => a,
-            None => Accel::detect(&self.qemu, &self.kernel.image)?,
+            None => Accel::detect(&self.qemu, &boot_image)?,
         };
-        let boot_image = self.kernel.boot_image();
 
         let dir = tempfile::Builder::new()
             .prefix("meshauth-vm-")
