@@ -51,6 +51,17 @@ fn guest_kernel_has_wireguard() {
 }
 
 #[test]
+fn kernel_modules_autoload_through_the_hosts_modprobe() {
+    // veth and bridge, which the lab needs, are modules in Debian's kernel.
+    let script = "for m in veth bridge; do test -d /sys/module/$m && { echo $m already loaded; exit 1; }; done
+        ip link add va type veth peer name vb || exit 2
+        ip link add mabr0 type bridge || exit 3
+        test -d /sys/module/veth && test -d /sys/module/bridge || exit 4";
+    let out = run(&vm(), &["sh", "-c", script]);
+    assert_eq!(out.status, 0, "{}", out.output);
+}
+
+#[test]
 fn host_files_written_before_boot_are_seen_at_the_same_path() {
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("from-host.txt");
