@@ -11,7 +11,9 @@
 //! `/sys/fs/bpf`, loads `wireguard` through the host's `modprobe` (module
 //! autoloading uses it too), and runs the command in the caller's working
 //! directory with exactly the environment given. The command's output
-//! (serial console) is streamed to stderr and captured.
+//! (serial console) is streamed to stderr and captured. The share is cached
+//! in the guest (`cache=loose`): write what the command needs before
+//! [`VmBuilder::run`]; host changes during the run may not be seen.
 //!
 //! KVM is used when it actually runs the guest, else TCG
 //! (`MESHAUTH_VM_ACCEL=kvm|tcg` forces one). Needs root (9p shares `/` as
@@ -24,6 +26,8 @@
 //! assert_eq!(out.status, 0, "{}", out.output);
 //! ```
 
+mod error;
+mod host;
 mod initramfs;
 mod kernel;
 mod qemu;
@@ -33,8 +37,10 @@ use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
+pub use error::VmError;
 pub use qemu::Accel;
 
+use host::{find_in_path, is_static_elf};
 use initramfs::{Cpio, InitParams};
 use kernel::{BOOT_MODULES, Kernel};
 use qemu::Qemu;
@@ -59,82 +65,6 @@ const BASE_ENV: &[(&str, &str)] = &[
     ("HOME", "/root"),
     ("LANG", "C.UTF-8"),
 ];
-
-/// Why a VM could not run a command to its end.
-#[derive(Debug, thiserror::Error)]
-pub enum VmError {
-    /// A program, kernel or module the VM needs is not installed.
-    #[error("missing {what}: {fix}")]
-    Missing {
-        /// What is missing, and where it was looked for.
-        what: String,
-        /// How to install it.
-        fix: &'static str,
-    },
-    /// A file could not be read or written.
-    #[error("{action} {}: {source}", path.display())]
-    Io {
-        /// What was being done.
-        action: String,
-        /// The file.
-        path: PathBuf,
-        /// The error.
-        source: std::io::Error,
-    },
-    /// A program could not be started.
-    #[error("starting {program}: {source}")]
-    Spawn {
-        /// The program.
-        program: String,
-        /// The error.
-        source: std::io::Error,
-    },
-    /// An argument that cannot be passed to the guest.
-    #[error("{what} {value:?}: {reason}")]
-    InvalidArg {
-        /// Which argument.
-        what: &'static str,
-        /// Its value.
-        value: String,
-        /// What would be right.
-        reason: &'static str,
-    },
-    /// The command did not end within the timeout; qemu was killed.
-    #[error(
-        "the VM did not finish within {timeout:?} ({accel}); qemu killed; last console lines:\n{tail}"
-    )]
-    Timeout {
-        /// The timeout.
-        timeout: Duration,
-        /// The accelerator used.
-        accel: Accel,
-        /// The last console lines.
-        tail: String,
-    },
-    /// qemu exited without the command's exit marker: kernel panic, failed
-    /// `/init`, qemu error.
-    #[error(
-        "the VM ended without the command's exit status (qemu {qemu_status}{qemu_stderr}); last console lines:\n{tail}"
-    )]
-    NoExitStatus {
-        /// qemu's exit status.
-        qemu_status: String,
-        /// What qemu wrote to stderr, if anything (prefixed with `: `).
-        qemu_stderr: String,
-        /// The last console lines.
-        tail: String,
-    },
-}
-
-impl VmError {
-    fn io(action: &str, path: &Path, source: std::io::Error) -> Self {
-        VmError::Io {
-            action: action.to_string(),
-            path: path.to_path_buf(),
-            source,
-        }
-    }
-}
 
 /// What the command did.
 #[derive(Debug, Clone)]
@@ -272,11 +202,11 @@ impl VmBuilder {
             value: self.cwd.display().to_string(),
             reason: "must be UTF-8",
         })?;
+        let boot_image = self.kernel.boot_image();
         let accel = match self.accel {
             Some(a) => a,
-            None => Accel::detect(&self.qemu, &self.kernel.image)?,
+            None => Accel::detect(&self.qemu, &boot_image)?,
         };
-        let boot_image = self.kernel.boot_image();
 
         let dir = tempfile::Builder::new()
             .prefix("meshauth-vm-")
@@ -456,40 +386,6 @@ impl VmBuilder {
     }
 }
 
-/// The first `name` in `PATH`.
-fn find_in_path(name: &str) -> Option<PathBuf> {
-    std::env::split_paths(&std::env::var_os("PATH")?)
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-}
-
-/// An ELF file without a `PT_INTERP` program header (no dynamic loader).
-fn is_static_elf(path: &Path) -> bool {
-    let Ok(elf) = std::fs::read(path) else {
-        return false;
-    };
-    let u16_at = |o: usize| {
-        elf.get(o..o + 2)
-            .map(|b| u16::from_le_bytes([b[0], b[1]]) as usize)
-    };
-    let u32_at = |o: usize| {
-        elf.get(o..o + 4)
-            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-    };
-    let u64_at = |o: usize| {
-        elf.get(o..o + 8)
-            .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")) as usize)
-    };
-    if elf.get(..5) != Some(b"\x7fELF\x02") {
-        return false;
-    }
-    let (Some(phoff), Some(phentsize), Some(phnum)) = (u64_at(0x20), u16_at(0x36), u16_at(0x38))
-    else {
-        return false;
-    };
-    (0..phnum).all(|i| u32_at(phoff + i * phentsize) != Some(3)) // PT_INTERP
-}
-
 /// Unique per run: the markers must not match anything the command prints.
 fn nonce() -> String {
     static SEQ: AtomicU32 = AtomicU32::new(0);
@@ -507,17 +403,6 @@ fn nonce() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn static_and_dynamic_elf_are_told_apart() {
-        assert!(
-            !is_static_elf(Path::new("/bin/sh")),
-            "/bin/sh is dynamic on Debian"
-        );
-        assert!(!is_static_elf(Path::new("/etc/hostname")), "not ELF");
-        // The busybox the VM needs (busybox-static).
-        assert!(is_static_elf(Path::new("/bin/busybox")), "{INSTALL_FIX}");
-    }
 
     #[test]
     fn bad_env_is_refused_before_booting() {

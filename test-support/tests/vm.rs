@@ -51,6 +51,17 @@ fn guest_kernel_has_wireguard() {
 }
 
 #[test]
+fn kernel_modules_autoload_through_the_hosts_modprobe() {
+    // veth and bridge, which the lab needs, are modules in Debian's kernel.
+    let script = "for m in veth bridge; do test -d /sys/module/$m && { echo $m already loaded; exit 1; }; done
+        ip link add va type veth peer name vb || exit 2
+        ip link add mabr0 type bridge || exit 3
+        test -d /sys/module/veth && test -d /sys/module/bridge || exit 4";
+    let out = run(&vm(), &["sh", "-c", script]);
+    assert_eq!(out.status, 0, "{}", out.output);
+}
+
+#[test]
 fn host_files_written_before_boot_are_seen_at_the_same_path() {
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("from-host.txt");
@@ -82,4 +93,41 @@ fn env_and_cwd_arrive() {
 fn a_missing_working_directory_is_status_125() {
     let out = run(&vm().cwd("/nonexistent/meshauth-vm"), &["true"]);
     assert_eq!(out.status, 125, "{}", out.output);
+}
+
+#[test]
+fn a_command_past_the_timeout_is_an_error_and_qemu_is_killed() {
+    let started = std::time::Instant::now();
+    let err = vm()
+        .timeout(Duration::from_secs(40))
+        .run(&["sh", "-c", "echo sleeping; sleep 600"])
+        .expect_err("sleep 600 outlives a 40 s timeout");
+    let msg = err.to_string();
+    assert!(msg.contains("did not finish within 40s"), "{msg}");
+    assert!(
+        msg.contains("sleeping"),
+        "the console tail is in the error: {msg}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn a_vm_that_ends_without_the_exit_status_is_an_error_with_the_console() {
+    let err = vm()
+        .run(&[
+            "sh",
+            "-c",
+            "echo powering off; echo o > /proc/sysrq-trigger; sleep 60",
+        ])
+        .expect_err("no exit marker");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("ended without the command's exit status"),
+        "{msg}"
+    );
+    assert!(msg.contains("powering off"), "{msg}");
 }

@@ -133,11 +133,15 @@ impl Kernel {
         else {
             return self.image.clone();
         };
-        let part = cached.with_extension(format!("part{}", std::process::id()));
-        if std::fs::write(&part, elf).is_ok() && std::fs::rename(&part, &cached).is_ok() {
+        // A file of our own renamed into place: parallel tests may extract
+        // at the same time, and qemu must never see a partial image.
+        let written = tempfile::NamedTempFile::new_in(std::env::temp_dir()).and_then(|mut f| {
+            f.write_all(&elf)?;
+            f.persist(&cached).map_err(|e| e.error)
+        });
+        if written.is_ok() {
             return cached;
         }
-        let _ = std::fs::remove_file(&part);
         self.image.clone()
     }
 }

@@ -38,8 +38,8 @@ impl Accel {
         }
     }
 
-    /// `MESHAUTH_VM_ACCEL=kvm|tcg` if set, else KVM when it runs `kernel`,
-    /// else TCG. Probed once per process.
+    /// `MESHAUTH_VM_ACCEL=kvm|tcg` if set, else KVM when it boots `kernel`,
+    /// else TCG. Probed once per host boot (remembered in the temp dir).
     pub(crate) fn detect(qemu: &Path, kernel: &Path) -> Result<Accel, VmError> {
         static DETECTED: OnceLock<Accel> = OnceLock::new();
         match std::env::var("MESHAUTH_VM_ACCEL").as_deref() {
@@ -78,12 +78,13 @@ impl Accel {
     }
 }
 
-/// How long a KVM guest may take to print its first kernel line.
+/// How long a KVM guest may take to boot to the missing root (about 1 s).
 const KVM_PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// `/dev/kvm` can exist and open while the guest never gets past its first
-/// instructions (nested virtualisation that does not work): boot the kernel
-/// without a root under KVM and wait for its banner.
+/// `/dev/kvm` can exist and open while the guest hangs early or dies on an
+/// "emulation failure" (nested virtualisation that does not work): boot the
+/// kernel without a root under KVM and wait for it to get to the end, the
+/// panic for want of a root file system.
 fn probe_kvm(qemu: &Path, kernel: &Path) -> (Accel, String) {
     if let Err(e) = std::fs::OpenOptions::new()
         .read(true)
@@ -111,7 +112,7 @@ fn probe_kvm(qemu: &Path, kernel: &Path) -> (Accel, String) {
     };
     let deadline = Instant::now() + KVM_PROBE_TIMEOUT;
     while let Some(line) = qemu.next_line(deadline) {
-        if line.contains("Linux version") {
+        if line.contains("Kernel panic") {
             return (Accel::Kvm, "the kernel boots under KVM".into());
         }
     }
@@ -119,7 +120,7 @@ fn probe_kvm(qemu: &Path, kernel: &Path) -> (Accel, String) {
     (
         Accel::Tcg,
         format!(
-            "/dev/kvm opens but the kernel printed nothing under KVM within {KVM_PROBE_TIMEOUT:?}{}",
+            "/dev/kvm opens but the kernel did not boot under KVM within {KVM_PROBE_TIMEOUT:?}{}",
             if err.trim().is_empty() {
                 String::new()
             } else {
