@@ -27,7 +27,7 @@ use policy_bridge::IpPrefix;
 use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkInfo};
 use rtnetlink::packet_route::route::{RouteAttribute, RouteScope};
-use rtnetlink::packet_route::rule::RuleAttribute;
+use rtnetlink::packet_route::rule::{RuleAction, RuleAttribute};
 use rtnetlink::{LinkUnspec, LinkWireguard, RouteMessageBuilder};
 
 use super::key::{PrivateKey, PublicKey};
@@ -40,6 +40,9 @@ pub const RULE_PRIORITY: u32 = 1871;
 /// WireGuard's overhead on the underlay (IPv6 outer header 40 + UDP 8 +
 /// WireGuard 32): the interface's MTU is the underlay's minus this.
 pub const OVERHEAD: u32 = 80;
+/// The keepalive interval a new peer is created with, for one message: a
+/// keepalive is sent (and a handshake started) the moment it is set.
+pub const KICK_KEEPALIVE: u16 = 25;
 /// Netlink messages are cut before this size (the kernel takes far more;
 /// `wg` itself stays near a page).
 const MAX_MESSAGE: usize = 32 * 1024;
@@ -437,6 +440,15 @@ impl Kernel {
     ) -> Result<(), KernelError> {
         let mut batch: Vec<WireguardPeer> = Vec::new();
         let mut size = 0;
+        let created: Vec<PublicKey> = steps
+            .iter()
+            .filter_map(|s| match s {
+                Step::Upsert {
+                    key, created: true, ..
+                } => Some(*key),
+                _ => None,
+            })
+            .collect();
         for step in steps {
             let peers = peer_messages(step, throwaway);
             for p in peers {
@@ -452,7 +464,31 @@ impl Kernel {
         if !batch.is_empty() {
             self.send_peers(batch).await?;
         }
-        Ok(())
+        self.unkick(created).await
+    }
+
+    /// After a batch that created peers: their keepalive back to off. The
+    /// kick ([`KICK_KEEPALIVE`]) made each send a keepalive at once, which
+    /// starts a WireGuard handshake: a new peer (a node joining, or one
+    /// whose key rotated) carries traffic at once instead of after the
+    /// other side's handshake retry (5 s).
+    async fn unkick(&self, created: Vec<PublicKey>) -> Result<(), KernelError> {
+        if created.is_empty() {
+            return Ok(());
+        }
+        self.send_peers(
+            created
+                .into_iter()
+                .map(|k| {
+                    WireguardPeer(vec![
+                        WireguardPeerAttribute::PublicKey(k.0),
+                        WireguardPeerAttribute::Flags(WireguardPeerFlags::UpdateOnly),
+                        WireguardPeerAttribute::PersistentKeepalive(0),
+                    ])
+                })
+                .collect(),
+        )
+        .await
     }
 
     async fn send_peers(&self, peers: Vec<WireguardPeer>) -> Result<(), KernelError> {
@@ -603,6 +639,7 @@ impl Kernel {
                 .v4()
                 .table_id(ROUTE_TABLE)
                 .priority(RULE_PRIORITY)
+                .action(RuleAction::ToTable)
                 .execute()
                 .await
                 .map_err(rt_err("adding rule", "IPv4 lookup 51871"))?;
@@ -615,6 +652,7 @@ impl Kernel {
                 .v6()
                 .table_id(ROUTE_TABLE)
                 .priority(RULE_PRIORITY)
+                .action(RuleAction::ToTable)
                 .execute()
                 .await
                 .map_err(rt_err("adding rule", "IPv6 lookup 51871"))?;
@@ -690,11 +728,17 @@ fn allowed_ip(p: &IpPrefix) -> WireguardAllowedIp {
 pub fn peer_messages(step: &Step, throwaway: &PublicKey) -> Vec<WireguardPeer> {
     match step {
         Step::Upsert {
-            key, endpoint, add, ..
+            key,
+            endpoint,
+            add,
+            created,
         } => {
             let mut attrs = vec![WireguardPeerAttribute::PublicKey(key.0)];
             if let Some(e) = endpoint {
                 attrs.push(WireguardPeerAttribute::Endpoint(*e));
+            }
+            if *created {
+                attrs.push(WireguardPeerAttribute::PersistentKeepalive(KICK_KEEPALIVE));
             }
             if !add.is_empty() {
                 attrs.push(WireguardPeerAttribute::AllowedIps(

@@ -143,11 +143,16 @@ fn set_annotation(doc: &mut Value, annotation: &str, key: Option<&str>) -> bool 
             let old = m.insert(Value::String(annotation.into()), Value::String(k.into()));
             old.as_ref().and_then(Value::as_str) != Some(k)
         }
-        None => meta
-            .get_mut(&anns_key)
-            .and_then(Value::as_mapping_mut)
-            .and_then(|m| m.remove(annotation))
-            .is_some(),
+        None => {
+            let Some(m) = meta.get_mut(&anns_key).and_then(Value::as_mapping_mut) else {
+                return false;
+            };
+            let removed = m.remove(annotation).is_some();
+            if m.is_empty() {
+                meta.remove(&anns_key);
+            }
+            removed
+        }
     }
 }
 
