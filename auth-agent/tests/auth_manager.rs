@@ -44,6 +44,8 @@ struct Fake {
     failures: Mutex<HashMap<(u32, u32), u32>>,
     in_flight: Mutex<(usize, usize)>,
     down: Mutex<HashSet<String>>,
+    /// Nodes whose agents state another WireGuard key than published.
+    key_mismatch: Mutex<HashSet<String>>,
 }
 
 impl Fake {
@@ -60,6 +62,7 @@ impl Fake {
             failures: Mutex::new(HashMap::new()),
             in_flight: Mutex::new((0, 0)),
             down: Mutex::new(HashSet::new()),
+            key_mismatch: Mutex::new(HashSet::new()),
         })
     }
 
@@ -121,6 +124,12 @@ impl Authenticator for FakeAuth {
                 return Err(AuthFailure {
                     label: "connect",
                     message: "connection refused (scripted)".into(),
+                });
+            }
+            if me.key_mismatch.lock().unwrap().contains(&node.name) {
+                return Err(AuthFailure {
+                    label: "wireguard_key_mismatch",
+                    message: "the peer states another key (scripted)".into(),
                 });
             }
             Ok(Authenticated {
@@ -760,6 +769,72 @@ async fn node_changes_are_seen_when_the_agent_syncs_the_shared_table_first() {
     assert!(store.snapshot().is_empty());
     assert_eq!(h.metrics.removed("node_removed"), 2);
     assert_eq!(h.metrics.removed("not_required"), 0);
+    h.stop().await;
+}
+
+/// A node's key changing while a handshake with it is in flight: that
+/// handshake checked the old key, so its result is not written and the
+/// pair is authenticated again against the new one. (Before, the change was
+/// ignored while the handshake ran, and the result written as if it had
+/// attested the new key.)
+#[tokio::test(start_paused = true)]
+async fn a_node_change_during_a_handshake_is_authenticated_again() {
+    let clock = clock();
+    let fake = Fake::with(clock.clone(), HOUR, Duration::from_secs(1));
+    let store = Arc::new(MemoryAuthStore::default());
+    let h = start(
+        fake.clone(),
+        store.clone(),
+        clock.clone(),
+        ManagerConfig::default(),
+        NodeTable::in_memory("a"),
+        state(),
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(fake.calls().len(), 2, "both pairs in flight");
+    let mut d = state();
+    d.nodes.get_mut("b").unwrap().wireguard_key = Some("a2V5".into());
+    h.desired.send(Arc::new(d)).unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        fake.calls().len(),
+        4,
+        "each pair authenticated again after the in-flight one ended"
+    );
+    assert_eq!(h.metrics.handshakes("superseded"), 2);
+    assert_eq!(store.snapshot().len(), 2);
+    h.stop().await;
+}
+
+/// A peer that no longer holds the key its node published loses its pairs
+/// at once, not at their expiry.
+#[tokio::test(start_paused = true)]
+async fn a_wireguard_key_mismatch_removes_the_pairs_at_once() {
+    let clock = clock();
+    let fake = Fake::new(clock.clone());
+    let store = Arc::new(MemoryAuthStore::default());
+    let h = start(
+        fake.clone(),
+        store.clone(),
+        clock.clone(),
+        ManagerConfig::default(),
+        NodeTable::in_memory("a"),
+        state(),
+    );
+    settle().await;
+    assert_eq!(store.snapshot().len(), 2);
+    fake.key_mismatch.lock().unwrap().insert("b".into());
+    let mut d = state();
+    d.nodes.get_mut("b").unwrap().wireguard_key = Some("Zm9yZ2Vk".into());
+    h.desired.send(Arc::new(d)).unwrap();
+    settle().await;
+    assert!(
+        store.snapshot().is_empty(),
+        "pairs toward the node kept: {:?}",
+        store.snapshot()
+    );
+    assert_eq!(h.metrics.removed("wireguard_key_mismatch"), 2);
+    assert_eq!(h.metrics.handshakes("wireguard_key_mismatch"), 2);
     h.stop().await;
 }
 

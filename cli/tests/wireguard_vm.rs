@@ -517,6 +517,25 @@ async fn inside_the_vm() {
         )
     });
     assert!(status(&tb, "node-a").await.handshakes.initiated_failed > 0);
+    // What node-c's agent proved before no longer binds: its pairs go.
+    tb.wait_for(
+        "node-a's pairs toward node-c removed",
+        Duration::from_secs(30),
+        || async {
+            let e = tb.auth_entries("node-a").await.ok()?;
+            (!e.iter().any(|e| e.node.as_deref() == Some("node-c"))).then_some(())
+        },
+    )
+    .await
+    .unwrap();
+    assert!(
+        metric(
+            &tb,
+            "node-a",
+            "meshauth_auth_entries_removed_total",
+            "wireguard_key_mismatch"
+        ) > 0.0
+    );
 
     // 7. node-c removed: its peer goes on the others.
     tb.remove_node("node-c").unwrap();

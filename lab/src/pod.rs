@@ -15,6 +15,8 @@
 //!                                     |  fail <failed attempts> <last error>
 //! udp HOST PORT T                     one datagram round trip           -> ok <ns>
 //! send HOST PORT T TEXT               connect, send TEXT, wait for its echo -> ok <ns>
+//! bulk HOST PORT BYTES T              send BYTES on one connection while reading
+//!                                     their echo back                   -> ok <ns>
 //! rr tcp|udp HOST PORT N T            N round trips on one connection   -> ok <ns> <ns> ...
 //! open ID HOST PORT T                 a kept connection                 -> ok <ns>
 //! ping ID T                           one round trip on it              -> ok <ns>
@@ -170,6 +172,7 @@ impl Workload {
                 Ok(start.elapsed().as_nanos().to_string())
             }
             "rr" => rr(w),
+            "bulk" => bulk(target(w, 1)?, arg(w, 3, "bytes")?, ms(w, 4, "timeout")?),
             "open" => {
                 let id = arg::<String>(w, 1, "id")?;
                 let start = Instant::now();
@@ -314,6 +317,39 @@ fn dual_stack(
     rustix::net::sockopt::set_socket_reuseaddr(&fd, true)?;
     rustix::net::bind(&fd, &addr)?;
     Ok(fd)
+}
+
+/// Sends `bytes` to the echo server at `to` while a second thread reads
+/// the echo; the time until the last byte came back.
+fn bulk(to: SocketAddr, bytes: u64, timeout: Duration) -> Answer {
+    let start = Instant::now();
+    let (mut s, _) = connect(to, timeout)?;
+    s.set_read_timeout(Some(timeout))
+        .map_err(|e| format!("SO_RCVTIMEO: {e}"))?;
+    let mut r = s.try_clone().map_err(|e| format!("clone: {e}"))?;
+    let reader = std::thread::spawn(move || -> Result<(), String> {
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut left = bytes;
+        while left > 0 {
+            let n = r.read(&mut buf).map_err(|e| format!("receive: {e}"))?;
+            if n == 0 {
+                return Err(format!("closed with {left} bytes not echoed"));
+            }
+            left = left.saturating_sub(n as u64);
+        }
+        Ok(())
+    });
+    let chunk = vec![0x5au8; 64 * 1024];
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(chunk.len() as u64) as usize;
+        s.write_all(&chunk[..n]).map_err(|e| format!("send: {e}"))?;
+        left -= n as u64;
+    }
+    reader
+        .join()
+        .map_err(|_| "the reader panicked".to_string())??;
+    Ok(start.elapsed().as_nanos().to_string())
 }
 
 fn connect(to: SocketAddr, timeout: Duration) -> Result<(TcpStream, Instant), String> {

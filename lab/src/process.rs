@@ -163,6 +163,20 @@ impl PodProcess {
         self.nanos(&line, &s)
     }
 
+    /// `bytes` through the echo server at `addr:port` on one connection
+    /// (sent and echoed back at once); the time it took.
+    pub fn bulk(
+        &mut self,
+        addr: IpAddr,
+        port: u16,
+        bytes: u64,
+        timeout: Duration,
+    ) -> Result<Duration, LabError> {
+        let line = format!("bulk {addr} {port} {bytes} {}", ms(timeout));
+        let s = self.cmd(&line, timeout)?;
+        self.nanos(&line, &s)
+    }
+
     /// One TCP connection carrying `text` (one line, no newline) and its
     /// echo; the time it took.
     pub fn send_text(

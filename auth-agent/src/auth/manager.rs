@@ -130,6 +130,10 @@ pub struct AuthManager<A: Authenticator, S: AuthStore> {
     parked: HashMap<u16, BTreeSet<Pair>>,
     probing: HashSet<u16>,
     in_flight: HashSet<Pair>,
+    /// Pairs whose peer node changed (address, WireGuard key) while their
+    /// handshake was in flight: its result speaks for the old node, so it is
+    /// dropped and the pair tried again.
+    superseded: HashSet<Pair>,
     waiting: VecDeque<Pair>,
     tasks: JoinSet<(Pair, Result<Authenticated, AuthFailure>)>,
     /// Failed handshakes logged per (peer node, check).
@@ -174,6 +178,7 @@ impl<A: Authenticator, S: AuthStore> AuthManager<A, S> {
             parked: HashMap::new(),
             probing: HashSet::new(),
             in_flight: HashSet::new(),
+            superseded: HashSet::new(),
             waiting: VecDeque::new(),
             tasks: JoinSet::new(),
         }
@@ -321,10 +326,11 @@ impl<A: Authenticator, S: AuthStore> AuthManager<A, S> {
             .wanted
             .iter()
             .filter_map(|p| {
-                if !self.entries.contains_key(p) {
-                    Some((*p, false))
-                } else if changed_nodes.contains(&p.node) {
+                if changed_nodes.contains(&p.node) {
+                    // Also a pair in flight: checked against the old node.
                     Some((*p, true))
+                } else if !self.entries.contains_key(p) {
+                    Some((*p, false))
                 } else {
                     None
                 }
@@ -407,7 +413,13 @@ impl<A: Authenticator, S: AuthStore> AuthManager<A, S> {
     /// Asks for a handshake of `pair`. `force` re-authenticates even a pair
     /// with a live entry.
     fn request(&mut self, pair: Pair, force: bool) {
-        if !self.wanted.contains(&pair) || self.in_flight.contains(&pair) {
+        if !self.wanted.contains(&pair) {
+            return;
+        }
+        if self.in_flight.contains(&pair) {
+            if force {
+                self.superseded.insert(pair);
+            }
             return;
         }
         if !force
@@ -518,8 +530,18 @@ impl<A: Authenticator, S: AuthStore> AuthManager<A, S> {
             !matches!(&result, Err(f) if f.label == "connect" || f.label == "connect_timeout");
         self.in_flight.remove(&pair);
         self.metrics.set_in_flight(self.in_flight.len());
+        let result = if self.superseded.remove(&pair) {
+            // Checked against the node as it was: not written, done again.
+            tracing::debug!(%pair, "the peer node changed during the handshake; authenticating again");
+            self.metrics.handshake("superseded");
+            self.request(pair, true);
+            None
+        } else {
+            Some(result)
+        };
         match result {
-            Ok(auth) => {
+            None => {}
+            Some(Ok(auth)) => {
                 self.metrics.handshake("ok");
                 self.backoff.remove(&pair);
                 if !self.wanted.contains(&pair) {
@@ -546,10 +568,15 @@ impl<A: Authenticator, S: AuthStore> AuthManager<A, S> {
                     }
                 }
             }
-            Err(f) => {
+            Some(Err(f)) => {
                 self.metrics.handshake(f.label);
                 if let Some(suppressed) = self.failure_log.allow((pair.node, f.label)) {
                     tracing::warn!(%pair, check = f.label, error = %f.message, suppressed, "handshake failed");
+                }
+                if f.label == "wireguard_key_mismatch" && self.entries.contains_key(&pair) {
+                    // The peer no longer holds the key its node published:
+                    // what it proved before does not bind this path.
+                    self.remove_entry(pair, "wireguard_key_mismatch");
                 }
                 self.fail(pair, f.label);
             }
