@@ -16,7 +16,10 @@
 //! `REPEATS` per condition (3), `SECTIONS` (`peers,traffic`).
 
 #[path = "cluster/stats.rs"]
-#[allow(dead_code, reason = "shared with the cluster bench, which uses all of it")]
+#[allow(
+    dead_code,
+    reason = "shared with the cluster bench, which uses all of it"
+)]
 mod stats;
 
 use std::collections::BTreeMap;

@@ -527,7 +527,7 @@ async fn inside_the_vm() {
         },
     )
     .await
-    .unwrap();
+    .unwrap_or_else(|e| panic!("{e}\n{}", tb.log_tail("node-a", 60)));
     assert!(
         metric(
             &tb,

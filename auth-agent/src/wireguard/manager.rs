@@ -232,6 +232,9 @@ pub async fn start(
     metrics: WgMetrics,
     token: CancellationToken,
 ) -> Result<(WireGuardHandle, tokio::task::JoinHandle<()>), WireGuardError> {
+    // First whether the kernel can do it at all: no key is made for a
+    // node that cannot use it.
+    kernel.check_support().await?;
     let (key, created) = key::load_or_create(&settings.state_dir)?;
     tracing::info!(
         public_key = %key.public_key(),
@@ -239,7 +242,6 @@ pub async fn start(
         file = %settings.state_dir.join(key::KEY_FILE).display(),
         "WireGuard key"
     );
-    kernel.check_support().await?;
     let state = desired.borrow().clone();
     let mtu = match settings.mtu {
         Some(m) => m,
