@@ -460,31 +460,21 @@ impl Manager {
         r
     }
 
-    /// Sends `steps` in order: runs of peer steps as one batch, routes one
-    /// by one; the in-memory copy follows each step that succeeded.
+    /// Sends `steps` ([`Kernel::apply`]); the in-memory copy follows the
+    /// steps applied (all, or those before the one that failed — the
+    /// caller reads the kernel back after a failure).
     async fn apply(&mut self, steps: &[Step]) -> Result<(), KernelError> {
-        let mut i = 0;
-        while i < steps.len() {
-            let is_route = |s: &Step| matches!(s, Step::AddRoute(_) | Step::DelRoute(_));
-            if is_route(&steps[i]) {
-                match &steps[i] {
-                    Step::AddRoute(p) => self.kernel.add_route(p, self.index).await?,
-                    Step::DelRoute(p) => self.kernel.del_route(p).await?,
-                    _ => {}
-                }
-                plan::apply_model(&mut self.peers, &mut self.routes, &steps[i]);
-                i += 1;
-                continue;
-            }
-            let run: Vec<&Step> = steps[i..].iter().take_while(|s| !is_route(s)).collect();
-            self.kernel.apply_peers(&run, &self.throwaway).await?;
-            for s in &run {
+        let (done, r) = match self.kernel.apply(steps, self.index, &self.throwaway).await {
+            Ok(()) => (steps.len(), Ok(())),
+            Err((done, e)) => (done, Err(e)),
+        };
+        for s in &steps[..done] {
+            if !matches!(s, Step::AddRoute(_) | Step::DelRoute(_)) {
                 self.metrics.peer_updates.inc();
-                plan::apply_model(&mut self.peers, &mut self.routes, s);
             }
-            i += run.len();
+            plan::apply_model(&mut self.peers, &mut self.routes, s);
         }
-        Ok(())
+        r
     }
 
     async fn publish(&mut self) {

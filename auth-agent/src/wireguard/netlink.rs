@@ -429,6 +429,55 @@ impl Kernel {
         .map(drop)
     }
 
+    /// Applies a plan's steps in order: each run of peer steps as few
+    /// messages as fit ([`Self::apply_peers`]), each run of route steps
+    /// pipelined (up to 64 requests outstanding; their order within the run
+    /// does not matter). Returns how many steps were applied before an
+    /// error, with the error.
+    pub async fn apply(
+        &self,
+        steps: &[Step],
+        index: u32,
+        throwaway: &PublicKey,
+    ) -> Result<(), (usize, KernelError)> {
+        use futures::stream::{self, StreamExt as _};
+        let is_route = |s: &Step| matches!(s, Step::AddRoute(_) | Step::DelRoute(_));
+        let mut i = 0;
+        while i < steps.len() {
+            let route = is_route(&steps[i]);
+            let run: Vec<&Step> = steps[i..]
+                .iter()
+                .take_while(|s| is_route(s) == route)
+                .collect();
+            if route {
+                let mut requests: Vec<futures::future::BoxFuture<'_, Result<(), KernelError>>> =
+                    Vec::with_capacity(run.len());
+                for s in &run {
+                    match s {
+                        Step::AddRoute(p) => requests.push(Box::pin(self.add_route(p, index))),
+                        Step::DelRoute(p) => requests.push(Box::pin(self.del_route(p))),
+                        _ => {}
+                    }
+                }
+                let results: Vec<Result<(), KernelError>> =
+                    stream::iter(requests).buffered(64).collect().await;
+                if let Some(pos) = results.iter().position(Result::is_err) {
+                    let e = results.into_iter().nth(pos).and_then(Result::err);
+                    return Err((
+                        i + pos,
+                        e.unwrap_or_else(|| KernelError::Socket(std::io::Error::other("route"))),
+                    ));
+                }
+            } else {
+                self.apply_peers(&run, throwaway)
+                    .await
+                    .map_err(|e| (i, e))?;
+            }
+            i += run.len();
+        }
+        Ok(())
+    }
+
     /// Applies the peer steps of a plan (upserts, releases, removals), as
     /// few messages as fit, in order. `throwaway` is the key of the
     /// temporary peer releases go through. Route steps are skipped (see
