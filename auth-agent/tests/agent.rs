@@ -1,6 +1,8 @@
-//! `meshauth-agent` as a process: every invalid setting reported at once,
-//! and settings that are not built yet refused. The agent on a lab cluster
-//! (health, metrics, restarts) is tested in meshauth-cli's `tests/agent.rs`.
+//! `meshauth-agent` as a process: every invalid setting reported at once.
+//! The agent on a lab cluster (health, metrics, restarts) is tested in
+//! meshauth-cli's `tests/agent.rs`; `wireguard: true` on a kernel without
+//! WireGuard in its `tests/wireguard_host.rs`, and with it in
+//! `tests/wireguard_vm.rs`.
 
 use std::process::Command;
 
@@ -31,27 +33,4 @@ fn every_invalid_setting_is_reported_at_once() {
         assert!(err.contains(source), "{source} missing from:\n{err}");
     }
     assert!(err.contains("5 invalid configuration value(s)"), "{err}");
-}
-
-#[test]
-fn asking_for_wireguard_is_refused_not_ignored() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_meshauth-agent"))
-        .args([
-            "--node-name",
-            "n1",
-            "--wireguard",
-            "true",
-            "--policy-source",
-        ])
-        .arg(dir.path())
-        .arg("--state-dir")
-        .arg(dir.path().join("state"))
-        .arg("--api-socket")
-        .arg(dir.path().join("api.sock"))
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("WireGuard management is not built"), "{err}");
 }

@@ -284,6 +284,11 @@ async fn inside_the_vm() {
         let d = wg_dump(&tb, n).unwrap_or_else(|| panic!("{n}: no meshauth_wg0"));
         assert_eq!(d.public, w.public_key, "{n}");
         assert_eq!(d.port, 51871, "{n}");
+        assert_eq!(
+            w.mtu,
+            1500 - 80,
+            "{n}: the lab's veth MTU minus WireGuard's 80"
+        );
         let mut from_status = BTreeMap::new();
         for p in &w.peers {
             let node = tb.node(&p.node).unwrap();

@@ -216,3 +216,48 @@ pub fn render_identities(ids: &[IdentityEntry]) -> String {
     let _ = writeln!(o, "{} identities", ids.len());
     o
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::wireguard::manager::{PeerView, WireGuardStatus};
+
+    #[test]
+    fn wireguard_shows_each_peer_and_every_node_without_one() {
+        let w = WireGuardStatus {
+            interface: "meshauth_wg0".into(),
+            mtu: 1420,
+            listen_port: 51871,
+            public_key: "OWN=".into(),
+            published: false,
+            publish_error: Some("no manifest holds node a".into()),
+            peers: vec![PeerView {
+                node: "node-b".into(),
+                public_key: "BKEY=".into(),
+                endpoint: Some("10.0.0.2:51871".into()),
+                allowed_ips: vec!["10.0.0.2/32".into(), "10.42.2.0/24".into()],
+                last_handshake: None,
+                rx_bytes: 10,
+                tx_bytes: 20,
+            }],
+            refused: [("node-c".to_owned(), "published no WireGuard key".to_owned())].into(),
+            conflicts: vec![],
+            last_error: None,
+            rotations: 2,
+            as_of: "2026-11-30T00:00:00Z".into(),
+        };
+        let mut o = String::new();
+        super::render_wireguard(&mut o, &w);
+        for needle in [
+            "meshauth_wg0 (UDP 51871, MTU 1420), key OWN= (NOT published), 1 peers, 2 key rotations",
+            "publish error: no manifest holds node a",
+            "node-b",
+            "BKEY= 10.0.0.2:51871",
+            "handshake never",
+            "rx 10 B tx 20 B",
+            "allowed 10.0.0.2/32, 10.42.2.0/24",
+            "node-c                   no peer: published no WireGuard key",
+        ] {
+            assert!(o.contains(needle), "missing {needle:?} in:\n{o}");
+        }
+    }
+}
