@@ -117,29 +117,13 @@ impl ApiClient {
     /// `GET path` as text.
     pub async fn get_text(&self, path: &str) -> Result<String, ApiError> {
         let resp = self.request(path).await?;
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|source| ApiError::Http {
-                path: path.to_string(),
-                source,
-            })?;
-        Ok(String::from_utf8_lossy(&body.to_bytes()).into_owned())
+        body_text(path, resp).await
     }
 
     /// `POST path` (no body); the answer as text.
     pub async fn post_text(&self, path: &str) -> Result<String, ApiError> {
         let resp = self.request_with(http::Method::POST, path).await?;
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|source| ApiError::Http {
-                path: path.to_string(),
-                source,
-            })?;
-        Ok(String::from_utf8_lossy(&body.to_bytes()).into_owned())
+        body_text(path, resp).await
     }
 
     /// `GET path` as JSON.
@@ -179,6 +163,19 @@ impl ApiClient {
         }
         Ok(())
     }
+}
+
+/// A whole response body as text.
+async fn body_text(path: &str, resp: http::Response<Incoming>) -> Result<String, ApiError> {
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|source| ApiError::Http {
+            path: path.to_string(),
+            source,
+        })?;
+    Ok(String::from_utf8_lossy(&body.to_bytes()).into_owned())
 }
 
 /// `meshauth policy status` against a running agent: what it enforces now.

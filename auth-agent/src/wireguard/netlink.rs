@@ -658,13 +658,7 @@ impl Kernel {
             self.sent.fetch_add(1, Ordering::Relaxed);
             let mut s = self.rt.rule().get(version).execute();
             while let Some(r) = s.try_next().await.map_err(rt_err("listing rules", "all"))? {
-                let ours = r
-                    .attributes
-                    .iter()
-                    .any(|a| matches!(a, RuleAttribute::Priority(p) if *p == RULE_PRIORITY))
-                    && r.attributes
-                        .iter()
-                        .any(|a| matches!(a, RuleAttribute::Table(t) if *t == ROUTE_TABLE));
+                let ours = is_ours(&r);
                 if ours {
                     if v6 {
                         found.1 += 1;
@@ -680,31 +674,23 @@ impl Kernel {
     /// Adds the rules that look up [`ROUTE_TABLE`] if they are missing.
     pub async fn ensure_rules(&self) -> Result<(), KernelError> {
         let (v4, v6) = self.rules().await?;
-        if v4 == 0 {
-            self.sent.fetch_add(1, Ordering::Relaxed);
-            self.rt
+        for (present, family, what) in [
+            (v4, AddressFamily::Inet, "IPv4 lookup 51871"),
+            (v6, AddressFamily::Inet6, "IPv6 lookup 51871"),
+        ] {
+            if present > 0 {
+                continue;
+            }
+            let mut req = self
+                .rt
                 .rule()
                 .add()
-                .v4()
                 .table_id(ROUTE_TABLE)
                 .priority(RULE_PRIORITY)
-                .action(RuleAction::ToTable)
-                .execute()
-                .await
-                .map_err(rt_err("adding rule", "IPv4 lookup 51871"))?;
-        }
-        if v6 == 0 {
+                .action(RuleAction::ToTable);
+            req.message_mut().header.family = family;
             self.sent.fetch_add(1, Ordering::Relaxed);
-            self.rt
-                .rule()
-                .add()
-                .v6()
-                .table_id(ROUTE_TABLE)
-                .priority(RULE_PRIORITY)
-                .action(RuleAction::ToTable)
-                .execute()
-                .await
-                .map_err(rt_err("adding rule", "IPv6 lookup 51871"))?;
+            req.execute().await.map_err(rt_err("adding rule", what))?;
         }
         Ok(())
     }
@@ -725,13 +711,7 @@ impl Kernel {
                 .await
                 .map_err(rt_err("listing rules", "all"))?;
             for r in rules {
-                let ours = r
-                    .attributes
-                    .iter()
-                    .any(|a| matches!(a, RuleAttribute::Priority(p) if *p == RULE_PRIORITY))
-                    && r.attributes
-                        .iter()
-                        .any(|a| matches!(a, RuleAttribute::Table(t) if *t == ROUTE_TABLE));
+                let ours = is_ours(&r);
                 if ours {
                     self.sent.fetch_add(1, Ordering::Relaxed);
                     self.rt
@@ -745,6 +725,16 @@ impl Kernel {
         }
         Ok(())
     }
+}
+
+/// Whether a rule is the agent's (its priority and table).
+fn is_ours(r: &rtnetlink::packet_route::rule::RuleMessage) -> bool {
+    r.attributes
+        .iter()
+        .any(|a| matches!(a, RuleAttribute::Priority(p) if *p == RULE_PRIORITY))
+        && r.attributes
+            .iter()
+            .any(|a| matches!(a, RuleAttribute::Table(t) if *t == ROUTE_TABLE))
 }
 
 /// Whether a kernel error says the object was already there.
