@@ -8,6 +8,7 @@
 //! 1. each agent's interface as `wg show all dump` (wireguard-tools, an
 //!    independent reader) prints it equals what the agent reports and what
 //!    the node table asks for;
+//!    A peer removed by hand (`wg set … remove`) is put back;
 //! 2. pod-to-pod TCP across nodes works, and a capture on the underlay
 //!    bridge sees WireGuard's UDP 51871, never a pod address in an outer
 //!    header and never the plaintext marker the pods send;
@@ -265,7 +266,14 @@ async fn inside_the_vm() {
     for n in ["node-a", "node-b", "node-c"] {
         tb.set_agent_args(n, wg_args(true));
     }
-    tb.start_agents().await.unwrap();
+    // Emulated CPUs are slow (loading the datapath alone can take 20 s on
+    // a busy host): readiness gets more time than the testbed's default.
+    for n in ["node-a", "node-b", "node-c"] {
+        tb.start_agent(n).unwrap();
+    }
+    for n in ["node-a", "node-b", "node-c"] {
+        tb.wait_ready(n, Duration::from_secs(180)).await.unwrap();
+    }
 
     // 1. Each interface as wg prints it = what the agent reports = the
     //    node table.
@@ -319,6 +327,35 @@ async fn inside_the_vm() {
             d.peers.len()
         );
     }
+
+    // 1b. A peer removed by hand is put back (drift repair).
+    let b_key = status(&tb, "node-b").await.wireguard.unwrap().public_key;
+    let a_info = tb.node("node-a").unwrap().clone();
+    let out = tb
+        .lab()
+        .command(&a_info, "wg")
+        .args(["set", "meshauth_wg0", "peer", &b_key, "remove"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "wg set … remove: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    tb.wait_for(
+        "node-a's peer for node-b put back",
+        Duration::from_secs(30),
+        || async {
+            wg_dump(&tb, "node-a")
+                .unwrap()
+                .peers
+                .contains_key(&b_key)
+                .then_some(())
+        },
+    )
+    .await
+    .unwrap();
+    assert!(metric(&tb, "node-a", "meshauth_wireguard_drift_repairs_total", "") >= 1.0);
 
     // 2. Pod TCP across nodes, over WireGuard only.
     let pay_b = tb.pod("pay-b").unwrap().clone();
@@ -382,7 +419,7 @@ async fn inside_the_vm() {
     tb.terminate_agent("node-b", Duration::from_secs(10))
         .expect("node-b's agent stops on SIGTERM");
     tb.start_agent("node-b").unwrap();
-    tb.wait_ready("node-b", Duration::from_secs(60))
+    tb.wait_ready("node-b", Duration::from_secs(180))
         .await
         .unwrap();
     let after = wait_peers(&tb, "node-b", &["node-a", "node-c"]).await;
@@ -465,7 +502,7 @@ async fn inside_the_vm() {
         .unwrap();
     tb.set_agent_args("node-c", wg_args(false));
     tb.start_agent("node-c").unwrap();
-    tb.wait_ready("node-c", Duration::from_secs(60))
+    tb.wait_ready("node-c", Duration::from_secs(180))
         .await
         .unwrap();
     tb.wait_for(

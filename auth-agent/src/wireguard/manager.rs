@@ -236,6 +236,12 @@ pub async fn start(
     // node that cannot use it.
     kernel.check_support().await?;
     let (key, created) = key::load_or_create(&settings.state_dir)?;
+    if on_tmpfs(&settings.state_dir) {
+        tracing::warn!(
+            dir = %settings.state_dir.display(),
+            "the state directory is on tmpfs: a reboot loses the WireGuard key, and every peer must learn a new one"
+        );
+    }
     tracing::info!(
         public_key = %key.public_key(),
         created,
@@ -296,6 +302,16 @@ pub async fn start(
     };
     let task = tokio::spawn(m.run(desired, rot_rx, token));
     Ok((handle, task))
+}
+
+/// Whether `dir` is on tmpfs (lost at reboot).
+#[allow(
+    clippy::unnecessary_cast,
+    reason = "f_type is i64 on x86_64 but another type elsewhere"
+)]
+fn on_tmpfs(dir: &std::path::Path) -> bool {
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    rustix::fs::statfs(dir).is_ok_and(|s| s.f_type as i64 == TMPFS_MAGIC)
 }
 
 /// The underlay's MTU minus WireGuard's overhead: the link holding this
