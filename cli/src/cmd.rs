@@ -12,6 +12,7 @@ pub mod list;
 pub mod observe;
 pub mod policy;
 pub mod preflight;
+pub mod spire;
 pub mod status;
 pub mod wireguard;
 

@@ -42,6 +42,12 @@ enum Command {
         #[command(subcommand)]
         command: cmd::policy::PolicyCommand,
     },
+    /// SPIRE's side of the deployment: `spire render` writes the server's
+    /// and agent's configuration.
+    Spire {
+        #[command(subcommand)]
+        command: cmd::spire::SpireCommand,
+    },
     /// WireGuard on this node.
     Wireguard {
         #[command(subcommand)]
@@ -78,6 +84,7 @@ fn main() -> ExitCode {
         Command::Identity { command } => cmd::list::identities(&command),
         Command::Policy { command } => cmd::policy::run(command),
         Command::Wireguard { command } => cmd::wireguard::run(&command),
+        Command::Spire { command } => cmd::spire::run(&command),
         Command::Preflight(args) => cmd::preflight::run(args),
         Command::Demo(args) => cmd::demo::run(&args),
     }
