@@ -14,10 +14,14 @@
 //! socket's directory, and names meshauth's SPIFFE ID in
 //! `authorized_delegates`. Health checks are on for both.
 //!
+//! [`entries`] computes the registration entries meshauth wants and the
+//! plan from what a SPIRE server holds (least privilege by default).
+//!
 //! [`Settings::validate`] reports every problem at once; [`render_server`]
 //! and [`render_agent`] build the files through an HCL writer, so they are
 //! well-formed by construction.
 
+pub mod entries;
 mod render;
 mod settings;
 
