@@ -26,6 +26,8 @@ pub const WAIT: Duration = Duration::from_secs(10);
 
 pub use meshauth_test_support::init_tracing;
 
+pub mod real_spire;
+
 /// `spiffe://<trust_domain><path>`.
 pub fn spiffe_id(trust_domain: &str, path: &str) -> SpiffeId {
     SpiffeId::parse_in(trust_domain, path)
