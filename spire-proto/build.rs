@@ -5,6 +5,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
         "proto/workload.proto",
         "proto/spire/api/agent/delegatedidentity/v1/delegatedidentity.proto",
+        "proto/spire/api/server/entry/v1/entry.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");

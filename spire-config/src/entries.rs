@@ -1,6 +1,6 @@
 //! The registration entries meshauth wants, and the plan from the entries
 //! a SPIRE server holds — pure functions; the Entry API client applies the
-//! plan.
+//! plan ([`crate::entry_api`]).
 //!
 //! - Identity `N` is `spiffe://<td>/identity/N`.
 //! - Least privilege (default): one entry per (identity, node that runs a
@@ -55,6 +55,10 @@ pub struct Entry {
     pub selectors: BTreeSet<Selector>,
     /// X.509-SVID TTL in seconds (0: the server's default).
     pub x509_svid_ttl: u32,
+    /// Fields meshauth never sets, found set on the server (`admin=true`,
+    /// `dns_name=…`): empty on every entry meshauth wants, so an entry
+    /// widened by hand differs and is put back.
+    pub extras: BTreeSet<String>,
 }
 
 /// Who gets an identity's entries.
@@ -175,6 +179,7 @@ pub fn desired(w: &Wanted<'_>) -> BTreeMap<String, Entry> {
                     parent_id,
                     selectors: selectors.clone(),
                     x509_svid_ttl: w.x509_svid_ttl,
+                    extras: BTreeSet::new(),
                 },
             );
         }

@@ -15,13 +15,15 @@
 //! `authorized_delegates`. Health checks are on for both.
 //!
 //! [`entries`] computes the registration entries meshauth wants and the
-//! plan from what a SPIRE server holds (least privilege by default).
+//! plan from what a SPIRE server holds (least privilege by default);
+//! [`entry_api`] applies it through SPIRE's Entry API.
 //!
 //! [`Settings::validate`] reports every problem at once; [`render_server`]
 //! and [`render_agent`] build the files through an HCL writer, so they are
 //! well-formed by construction.
 
 pub mod entries;
+pub mod entry_api;
 mod render;
 mod settings;
 

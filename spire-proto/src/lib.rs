@@ -4,7 +4,8 @@
 //! Workload API (`workload.proto`) and the SPIRE API SDK (Apache-2.0), so the
 //! generated stubs are wire-compatible with a real SPIRE agent. Both client
 //! and server stubs are generated: `spire-dev` serves them, `svid-cache`
-//! consumes the Delegated Identity API with them.
+//! consumes the Delegated Identity API with them, and spire-config's
+//! reconciler is a client of the Entry API.
 
 #![allow(
     missing_docs,
@@ -27,6 +28,14 @@ pub mod spire {
         pub mod types {
             tonic::include_proto!("spire.api.types");
         }
+        pub mod server {
+            pub mod entry {
+                /// `spire.api.server.entry.v1`
+                pub mod v1 {
+                    tonic::include_proto!("spire.api.server.entry.v1");
+                }
+            }
+        }
         pub mod agent {
             pub mod delegatedidentity {
                 /// `spire.api.agent.delegatedidentity.v1`
@@ -40,6 +49,9 @@ pub mod spire {
 
 /// SPIRE's Delegated Identity API (`spire.api.agent.delegatedidentity.v1`).
 pub use spire::api::agent::delegatedidentity::v1 as delegatedidentity;
+/// SPIRE's Entry API (`spire.api.server.entry.v1`), on the server's admin
+/// socket: registration entries.
+pub use spire::api::server::entry::v1 as entry;
 /// SPIRE API types (`spire.api.types`).
 pub use spire::api::types;
 

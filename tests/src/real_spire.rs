@@ -1,16 +1,18 @@
 //! Real SPIRE for tests: `spire-server` and `spire-agent` as built by
 //! `scripts/build-spire` (SPIRE's own code, pinned in `tools/spire/go.mod`),
-//! run as child processes under a tempdir, with configs written per test.
+//! run as child processes under a tempdir, configured by what spire-config
+//! renders (so every start is also a check that SPIRE accepts those files).
 //!
 //! Both processes are killed when their handle drops (also while a failing
 //! test unwinds). Every wait has a deadline, polls an observable condition
 //! (a healthcheck command), notices a process that exited, and panics with
 //! that process's log.
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
+
+use spire_config::{DataStore, Deployment, Settings, render_agent, render_server};
 
 /// How long SPIRE gets to become healthy (a busy 2-core machine included).
 pub const START_TIMEOUT: Duration = Duration::from_secs(60);
@@ -110,7 +112,12 @@ struct Proc {
 
 impl Proc {
     fn spawn(name: &'static str, cmd: &mut Command, log: PathBuf) -> Self {
-        let out = File::create(&log).unwrap_or_else(|e| panic!("creating {}: {e}", log.display()));
+        // Appended to, so a restarted process's log follows the old one.
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap_or_else(|e| panic!("opening {}: {e}", log.display()));
         let err = out
             .try_clone()
             .unwrap_or_else(|e| panic!("duplicating {}: {e}", log.display()));
@@ -190,93 +197,142 @@ fn write(p: &Path, text: &str) {
     std::fs::write(p, text).unwrap_or_else(|e| panic!("writing {}: {e}", p.display()));
 }
 
-/// A running `spire-server` with a sqlite datastore, a disk key manager and
-/// the join_token node attestor, listening on 127.0.0.1.
+/// The settings the harness runs SPIRE with: standalone (join_token, unix
+/// attestor), everything under `dir`, loopback only, free ports, CA TTL 1h,
+/// X.509-SVID TTL 10m. Tests change what they need before starting.
+pub fn settings(dir: &Path, trust_domain: &str) -> Settings {
+    let mut st = Settings::new(trust_domain, Deployment::Standalone);
+    let server = dir.join("server");
+    let data = server.join("data");
+    st.server.bind_address = std::net::IpAddr::from([127, 0, 0, 1]);
+    st.server.bind_port = free_port();
+    st.server.socket_path = server.join("api.sock");
+    st.server.datastore = DataStore::Sqlite3 {
+        path: data.join("datastore.sqlite3"),
+    };
+    st.server.data_dir = data;
+    st.server.ca_ttl = Duration::from_secs(3600);
+    st.server.svid_ttl = Duration::from_secs(600);
+    st.server.health_port = free_port();
+    let agent = dir.join("agent");
+    st.agent.server_address = "127.0.0.1".into();
+    st.agent.server_port = st.server.bind_port;
+    st.agent.data_dir = agent.join("data");
+    st.agent.socket_path = agent.join("workload").join("api.sock");
+    st.agent.trust_bundle_path = agent.join("bootstrap-bundle.pem");
+    st.agent.health_port = free_port();
+    st
+}
+
+/// Writes `text` to `path` with mode 0600 (SPIRE configs can hold secrets).
+fn write_private(path: &Path, text: &str) {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
+    f.write_all(text.as_bytes())
+        .unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+}
+
+/// Runs `spire-server run -config <config>` (log next to the config) and
+/// waits for a passing healthcheck on `socket`.
+fn run_server(bin: &Path, config: &Path, socket: &Path) -> (Proc, Duration) {
+    let log = config.with_file_name("server.log");
+    let start = Instant::now();
+    let mut proc = Proc::spawn(
+        "spire-server",
+        Command::new(bin.join("spire-server"))
+            .args(["run", "-config"])
+            .arg(config),
+        log,
+    );
+    let health = || {
+        run(Command::new(bin.join("spire-server"))
+            .args(["healthcheck", "-socketPath"])
+            .arg(socket))
+        .status
+        .success()
+    };
+    proc.wait_until("a passing healthcheck", START_TIMEOUT, health);
+    (proc, start.elapsed())
+}
+
+/// A running `spire-server` configured by spire-config's
+/// [`render_server`]: sqlite datastore, disk key manager, the join_token
+/// node attestor, listening on 127.0.0.1.
 #[derive(Debug)]
 pub struct SpireServer {
     bin: PathBuf,
-    trust_domain: String,
-    port: u16,
-    socket: PathBuf,
+    settings: Settings,
+    config: PathBuf,
     proc: Proc,
     /// From `spire-server run` to the first passing healthcheck.
     pub started_in: Duration,
 }
 
 impl SpireServer {
-    /// Writes `<dir>/server/server.conf` for `trust_domain` (CA TTL 1h,
-    /// X.509-SVID TTL 10m), starts the server and waits until
-    /// `spire-server healthcheck` passes.
+    /// [`SpireServer::start_with`] the harness's [`settings`].
     pub fn start(bin: &Path, dir: &Path, trust_domain: &str) -> Self {
-        let root = mkdir(&dir.join("server"));
-        let data = mkdir(&root.join("data"));
-        let socket = root.join("api.sock");
-        let port = free_port();
-        let config = root.join("server.conf");
-        write(
-            &config,
-            &format!(
-                r#"server {{
-    bind_address = "127.0.0.1"
-    bind_port = "{port}"
-    socket_path = "{socket}"
-    trust_domain = "{trust_domain}"
-    data_dir = "{data}"
-    log_level = "DEBUG"
-    ca_ttl = "1h"
-    default_x509_svid_ttl = "10m"
-}}
+        Self::start_with(bin, &settings(dir, trust_domain))
+    }
 
-plugins {{
-    DataStore "sql" {{
-        plugin_data {{
-            database_type = "sqlite3"
-            connection_string = "{data}/datastore.sqlite3"
-        }}
-    }}
-    KeyManager "disk" {{
-        plugin_data {{
-            keys_path = "{data}/keys.json"
-        }}
-    }}
-    NodeAttestor "join_token" {{
-        plugin_data {{}}
-    }}
-}}
-"#,
-                socket = socket.display(),
-                data = data.display(),
-            ),
-        );
+    /// Renders `<data_dir>/../server.conf` from `st` with spire-config,
+    /// checks it with `spire-server validate`, starts the server and waits
+    /// until `spire-server healthcheck` passes.
+    pub fn start_with(bin: &Path, st: &Settings) -> Self {
+        let root =
+            mkdir(st.server.socket_path.parent().unwrap_or_else(|| {
+                panic!("socket path {:?} has no parent", st.server.socket_path)
+            }));
+        mkdir(&st.server.data_dir);
+        let config = root.join("server.conf");
+        let text = render_server(st).unwrap_or_else(|e| panic!("rendering server.conf: {e}"));
+        write_private(&config, &text);
         run_ok(
             Command::new(bin.join("spire-server"))
                 .args(["validate", "-config"])
                 .arg(&config),
         );
-        let start = Instant::now();
-        let mut proc = Proc::spawn(
-            "spire-server",
-            Command::new(bin.join("spire-server"))
-                .args(["run", "-config"])
-                .arg(&config),
-            root.join("server.log"),
-        );
-        let health = || {
-            run(Command::new(bin.join("spire-server"))
-                .args(["healthcheck", "-socketPath"])
-                .arg(&socket))
-            .status
-            .success()
-        };
-        proc.wait_until("a passing healthcheck", START_TIMEOUT, health);
+        let (proc, started_in) = run_server(bin, &config, &st.server.socket_path);
         Self {
             bin: bin.to_owned(),
-            trust_domain: trust_domain.to_owned(),
-            port,
-            socket,
+            settings: st.clone(),
+            config,
             proc,
-            started_in: start.elapsed(),
+            started_in,
         }
+    }
+
+    /// Starts the server again with the same configuration and datastore
+    /// (after [`SpireServer::kill`], or as a restart: a running server is
+    /// killed first); waits for a passing healthcheck.
+    pub fn restart(&mut self) {
+        self.kill();
+        let (proc, started_in) =
+            run_server(&self.bin, &self.config, &self.settings.server.socket_path);
+        self.proc = proc;
+        self.started_in = started_in;
+    }
+
+    /// Kills the server with SIGKILL and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.proc.child.kill();
+        let _ = self.proc.child.wait();
+    }
+
+    /// The settings it was started with.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// The server's admin socket (the Entry API).
+    pub fn socket(&self) -> &Path {
+        &self.settings.server.socket_path
     }
 
     /// Runs `spire-server <sub> -socketPath <admin socket> <args>`; panics
@@ -286,19 +342,14 @@ plugins {{
             Command::new(self.bin.join("spire-server"))
                 .args(sub)
                 .arg("-socketPath")
-                .arg(&self.socket)
+                .arg(&self.settings.server.socket_path)
                 .args(args),
         )
     }
 
-    /// The server's TCP port (agents connect here).
-    pub fn port(&self) -> u16 {
-        self.port
-    }
-
     /// The trust domain.
     pub fn trust_domain(&self) -> &str {
-        &self.trust_domain
+        &self.settings.trust_domain
     }
 
     /// A new join token for an agent whose SPIFFE ID becomes
@@ -316,7 +367,7 @@ plugins {{
     pub fn join_token_agent_id(&self, token: &str) -> String {
         format!(
             "spiffe://{}/spire/agent/join_token/{token}",
-            self.trust_domain
+            self.settings.trust_domain
         )
     }
 
@@ -345,8 +396,9 @@ plugins {{
     }
 }
 
-/// A running `spire-agent` attested with a join token, with the unix
-/// workload attestor and an in-memory key manager.
+/// A running `spire-agent` configured by spire-config's [`render_agent`],
+/// attested with a join token (given on the command line, so the config
+/// holds no secret), with the unix workload attestor.
 #[derive(Debug)]
 pub struct SpireAgent {
     socket: PathBuf,
@@ -356,50 +408,35 @@ pub struct SpireAgent {
 }
 
 impl SpireAgent {
-    /// Writes `<dir>/agent/agent.conf` (the server's bundle as the
-    /// bootstrap bundle), starts the agent with `token` and waits until
-    /// `spire-agent healthcheck` passes. The Workload API socket is
-    /// `<dir>/agent/workload/api.sock`.
-    pub fn start(bin: &Path, dir: &Path, server: &SpireServer, token: &str) -> Self {
-        let root = mkdir(&dir.join("agent"));
-        let data = mkdir(&root.join("data"));
-        let socket = mkdir(&root.join("workload")).join("api.sock");
-        let bundle = root.join("bootstrap-bundle.pem");
-        write(&bundle, &server.bundle_pem());
-        let config = root.join("agent.conf");
-        write(
-            &config,
-            &format!(
-                r#"agent {{
-    data_dir = "{data}"
-    log_level = "DEBUG"
-    server_address = "127.0.0.1"
-    server_port = "{port}"
-    socket_path = "{socket}"
-    trust_bundle_path = "{bundle}"
-    trust_domain = "{td}"
-    join_token = "{token}"
-}}
+    /// [`SpireAgent::start_with`] the server's settings.
+    pub fn start(bin: &Path, _dir: &Path, server: &SpireServer, token: &str) -> Self {
+        Self::start_with(bin, server, server.settings(), token)
+    }
 
-plugins {{
-    NodeAttestor "join_token" {{
-        plugin_data {{}}
-    }}
-    KeyManager "memory" {{
-        plugin_data {{}}
-    }}
-    WorkloadAttestor "unix" {{
-        plugin_data {{}}
-    }}
-}}
-"#,
-                data = data.display(),
-                port = server.port(),
-                socket = socket.display(),
-                bundle = bundle.display(),
-                td = server.trust_domain(),
-            ),
+    /// Writes the agent's config (rendered from `st`, next to its data dir)
+    /// and the server's bundle as the bootstrap bundle, checks the config
+    /// with `spire-agent validate`, starts the agent with `token` and waits
+    /// until `spire-agent healthcheck` passes.
+    pub fn start_with(bin: &Path, server: &SpireServer, st: &Settings, token: &str) -> Self {
+        let a = &st.agent;
+        let root = mkdir(
+            a.data_dir
+                .parent()
+                .unwrap_or_else(|| panic!("agent data dir {:?} has no parent", a.data_dir)),
         );
+        mkdir(&a.data_dir);
+        for p in [Some(&a.socket_path), a.admin_socket_path.as_ref()]
+            .into_iter()
+            .flatten()
+        {
+            if let Some(d) = p.parent() {
+                mkdir(d);
+            }
+        }
+        write(&a.trust_bundle_path, &server.bundle_pem());
+        let config = root.join("agent.conf");
+        let text = render_agent(st).unwrap_or_else(|e| panic!("rendering agent.conf: {e}"));
+        write_private(&config, &text);
         run_ok(
             Command::new(bin.join("spire-agent"))
                 .args(["validate", "-config"])
@@ -410,9 +447,11 @@ plugins {{
             "spire-agent",
             Command::new(bin.join("spire-agent"))
                 .args(["run", "-config"])
-                .arg(&config),
+                .arg(&config)
+                .args(["-joinToken", token]),
             root.join("agent.log"),
         );
+        let socket = a.socket_path.clone();
         let health = || {
             run(Command::new(bin.join("spire-agent"))
                 .args(["healthcheck", "-socketPath"])

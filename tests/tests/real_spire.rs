@@ -6,12 +6,15 @@
 //! Needs the SPIRE binaries (MESHAUTH_SPIRE_BIN, set by scripts/test);
 //! fails, never skips, when they are missing.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant, SystemTime};
 
 use meshauth_tests::real_spire::{SpireAgent, SpireServer, own_uid, spire_bin};
 use meshauth_tests::{TD, init_tracing, leaf};
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
+use spire_config::entries::{Entry, Scope, Selection, Selector, Wanted, desired};
+use spire_config::entry_api::{EntryClient, reconcile};
 use svid_cache::{CacheConfig, SvidCache, TrustDomain, WorkloadApiConfig, spawn_workload_api};
 use tokio_util::sync::CancellationToken;
 
@@ -133,4 +136,251 @@ async fn svid_cache_gets_an_x509_svid_from_real_spire() {
     token_stop.cancel();
     source.join().await;
     expiry.await.unwrap_or_else(|e| panic!("expiry task: {e}"));
+}
+
+/// Identities × nodes for the reconciler test: 220 identities on three
+/// nodes, a quarter on all three and the rest on two — 495 entries in all,
+/// three batches of at most 200 and, at 100 per page, five pages.
+fn placements() -> (
+    BTreeMap<u32, BTreeSet<String>>,
+    BTreeMap<u32, BTreeSet<String>>,
+) {
+    let mut identities = BTreeMap::new();
+    let mut placements = BTreeMap::new();
+    for n in 0..220u32 {
+        let id = 256 + n;
+        identities.insert(id, BTreeSet::from([format!("k8s:app=svc-{n}")]));
+        let nodes: BTreeSet<String> = match n % 4 {
+            0 => ["a", "b", "c"].iter().map(|s| (*s).to_owned()).collect(),
+            1 => ["a", "b"].iter().map(|s| (*s).to_owned()).collect(),
+            2 => ["b", "c"].iter().map(|s| (*s).to_owned()).collect(),
+            _ => ["c", "a"].iter().map(|s| (*s).to_owned()).collect(),
+        };
+        placements.insert(id, nodes);
+    }
+    (identities, placements)
+}
+
+/// The registration reconciler against SPIRE's own Entry API: creates in
+/// batches, reads every page, is idempotent, puts back entries deleted or
+/// widened by hand, deletes what nobody wants, and never touches an entry
+/// it did not create.
+#[tokio::test]
+async fn the_reconciler_keeps_real_spire_entries_as_meshauth_wants_them() {
+    init_tracing();
+    let bin = spire_bin();
+    let dir = tempfile::Builder::new()
+        .prefix("meshauth-spire-")
+        .tempdir()
+        .unwrap_or_else(|e| panic!("tempdir for SPIRE: {e}"));
+    let server = SpireServer::start(&bin, dir.path(), TD);
+
+    // Someone else's entry, made with SPIRE's own CLI.
+    let foreign = server.create_entry(
+        &format!("spiffe://{TD}/meshauth/node/a"),
+        &format!("spiffe://{TD}/ops/backup"),
+        &["unix:uid:1234"],
+    );
+
+    let (identities, placements) = placements();
+    let agent_ids: BTreeMap<String, String> = ["a", "b", "c"]
+        .iter()
+        .map(|n| ((*n).to_owned(), format!("spiffe://{TD}/meshauth/node/{n}")))
+        .collect();
+    let scope = Scope::PerNode { agent_ids };
+    let selection = Selection::Agent(BTreeSet::from([
+        Selector::new("unix", "uid:0"),
+        Selector::new("unix", "path:/usr/local/bin/meshauth-agent"),
+    ]));
+    let wanted = |placements: &BTreeMap<u32, BTreeSet<String>>| {
+        desired(&Wanted {
+            trust_domain: TD,
+            identities: &identities,
+            placements,
+            scope: &scope,
+            selection: &selection,
+            x509_svid_ttl: 300,
+        })
+    };
+    let want = wanted(&placements);
+    assert_eq!(want.len(), 495);
+
+    let mut client = EntryClient::connect(server.socket(), Duration::from_secs(10))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .with_page_size(100);
+    let first = reconcile(&mut client, &want)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    println!("first: {first}");
+    assert!(first.is_clean(), "{:?}", first.failed);
+    assert_eq!((first.created, first.foreign, first.batches), (495, 1, 3));
+
+    // What SPIRE holds now, through its own CLI: ours under our IDs.
+    let shown = server.cli(&["entry", "show"], &[]);
+    let ours = shown.matches("Entry ID         : meshauth-").count();
+    assert_eq!(ours, 495, "`spire-server entry show` lists our 495 entries");
+    let some = want
+        .values()
+        .next()
+        .unwrap_or_else(|| panic!("no entry wanted"));
+    let one = server.cli(&["entry", "show"], &["-entryID", &some.id]);
+    assert!(
+        one.contains(&some.spiffe_id)
+            && one.contains(&some.parent_id)
+            && one.contains("unix:uid:0")
+            && one.contains("X509-SVID TTL    : 300"),
+        "entry {} as SPIRE shows it:\n{one}",
+        some.id
+    );
+
+    let second = reconcile(&mut client, &want)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    println!("second: {second}");
+    assert!(
+        !second.changed() && second.is_clean(),
+        "idempotent: {second}"
+    );
+    // Five pages of entries, then the empty page SPIRE ends every listing
+    // with (it hands out a next-page token until a page comes back empty).
+    assert_eq!((second.listed, second.pages), (496, 6));
+
+    // Drift by hand: one of ours deleted, one widened to admin + downstream
+    // with an extra DNS name, one given another selector.
+    let mut ids = want.keys();
+    let (deleted, widened, reselected) = (
+        ids.next().cloned().unwrap_or_default(),
+        ids.next().cloned().unwrap_or_default(),
+        ids.next().cloned().unwrap_or_default(),
+    );
+    server.cli(&["entry", "delete"], &["-entryID", &deleted]);
+    let w = &want[&widened];
+    server.cli(
+        &["entry", "update"],
+        &[
+            "-entryID",
+            &widened,
+            "-parentID",
+            &w.parent_id,
+            "-spiffeID",
+            &w.spiffe_id,
+            "-selector",
+            "unix:uid:0",
+            "-selector",
+            "unix:path:/usr/local/bin/meshauth-agent",
+            "-admin",
+            "-downstream",
+            "-dns",
+            "evil.example",
+        ],
+    );
+    let r = &want[&reselected];
+    server.cli(
+        &["entry", "update"],
+        &[
+            "-entryID",
+            &reselected,
+            "-parentID",
+            &r.parent_id,
+            "-spiffeID",
+            &r.spiffe_id,
+            "-selector",
+            "unix:uid:1000",
+            "-x509SVIDTTL",
+            "300",
+        ],
+    );
+    let repaired = reconcile(&mut client, &want)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    println!("after drift: {repaired}");
+    assert!(repaired.is_clean(), "{:?}", repaired.failed);
+    assert_eq!(
+        (repaired.created, repaired.updated, repaired.deleted),
+        (1, 2, 0)
+    );
+    let back = server.cli(&["entry", "show"], &["-entryID", &widened]);
+    assert!(
+        !back.contains("Admin") && !back.contains("Downstream") && !back.contains("evil.example"),
+        "the widened entry is put back:\n{back}"
+    );
+    let again = reconcile(&mut client, &want)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(!again.changed(), "converged after the repair: {again}");
+
+    // Node c runs nothing any more: its entries go, the others and the
+    // foreign entry stay.
+    let mut moved = placements.clone();
+    for nodes in moved.values_mut() {
+        nodes.remove("c");
+    }
+    let fewer = wanted(&moved);
+    let removed = reconcile(&mut client, &fewer)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    println!("node c emptied: {removed}");
+    assert_eq!(removed.deleted, want.len() - fewer.len());
+    assert_eq!((removed.created, removed.updated), (0, 0));
+    let left = server.cli(&["entry", "show"], &[]);
+    assert_eq!(
+        left.matches("Entry ID         : meshauth-").count(),
+        fewer.len()
+    );
+    assert!(
+        !left.contains(&format!("spiffe://{TD}/meshauth/node/c")),
+        "no entry is parented to node c any more"
+    );
+    let kept = server.cli(&["entry", "show"], &["-entryID", &foreign]);
+    assert!(
+        kept.contains("ops/backup"),
+        "the foreign entry stays:\n{kept}"
+    );
+
+    // The same entry under someone else's ID: SPIRE answers ALREADY_EXISTS,
+    // which is not a failure; an entry SPIRE refuses is reported with its
+    // message and does not stop the others.
+    let mut extra = fewer.clone();
+    let twin_of = extra
+        .values()
+        .next()
+        .cloned()
+        .unwrap_or_else(|| panic!("no entry wanted"));
+    server.cli(&["entry", "delete"], &["-entryID", &twin_of.id]);
+    let mut twin_args = vec![
+        "-parentID".to_owned(),
+        twin_of.parent_id.clone(),
+        "-spiffeID".to_owned(),
+        twin_of.spiffe_id.clone(),
+        "-x509SVIDTTL".to_owned(),
+        "300".to_owned(),
+    ];
+    for s in &twin_of.selectors {
+        twin_args.push("-selector".into());
+        twin_args.push(format!("{}:{}", s.kind, s.value));
+    }
+    let twin_args: Vec<&str> = twin_args.iter().map(String::as_str).collect();
+    server.cli(&["entry", "create"], &twin_args);
+    let bad = Entry {
+        id: "meshauth-badbadbadbadbad0".into(),
+        spiffe_id: format!("spiffe://{TD}/identity/9999"),
+        parent_id: format!("spiffe://{TD}/meshauth/node/a"),
+        selectors: BTreeSet::new(),
+        x509_svid_ttl: 0,
+        extras: BTreeSet::new(),
+    };
+    extra.insert(bad.id.clone(), bad);
+    let mixed = reconcile(&mut client, &extra)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    println!("twin and refused: {mixed}");
+    assert_eq!(mixed.already_existed, 1, "{mixed}");
+    assert_eq!(mixed.failed.len(), 1, "{:?}", mixed.failed);
+    assert!(
+        mixed.failed[0].contains("meshauth-badbadbadbadbad0")
+            && mixed.failed[0].contains("selector"),
+        "the refusal names the entry and SPIRE's reason: {:?}",
+        mixed.failed
+    );
 }

@@ -146,6 +146,7 @@ fn the_plan_is_idempotent_restores_drift_and_leaves_foreign_entries_alone() {
         parent_id: "spiffe://td/spire/agent/a".into(),
         selectors: [Selector::new("unix", "uid:1000")].into(),
         x509_svid_ttl: 0,
+        extras: BTreeSet::new(),
     });
     existing[0].x509_svid_ttl = 999_999;
     let removed = existing.remove(1);
