@@ -222,6 +222,28 @@ impl Settings {
     }
 }
 
+impl Settings {
+    /// What SPIRE would warn about but accept: an X.509-SVID TTL above a
+    /// sixth of the CA TTL (SPIRE prepares the next CA at half of its
+    /// lifetime and activates it at five sixths, so an SVID issued later
+    /// than that is cut short by the CA's end; SPIRE's own threshold).
+    pub fn warnings(&self) -> Vec<String> {
+        let s = &self.server;
+        let mut w = Vec::new();
+        if !s.ca_ttl.is_zero() && s.svid_ttl > s.ca_ttl / 6 {
+            w.push(format!(
+                "SVID TTL {} is above a sixth of the CA TTL {}: SPIRE will issue some SVIDs with shorter lifetimes; \
+                 set the SVID TTL to {} or less, or the CA TTL to {} or more",
+                meshauth_duration::format_duration(s.svid_ttl),
+                meshauth_duration::format_duration(s.ca_ttl),
+                meshauth_duration::format_duration(s.ca_ttl / 6),
+                meshauth_duration::format_duration(s.svid_ttl * 6),
+            ));
+        }
+        w
+    }
+}
+
 fn valid_trust_domain(td: &str) -> bool {
     !td.is_empty()
         && td.len() <= 255
@@ -248,6 +270,23 @@ mod tests {
         )
         .validate()
         .unwrap();
+    }
+
+    #[test]
+    fn an_svid_ttl_above_a_sixth_of_the_ca_ttl_is_warned_about_as_spire_does() {
+        let mut s = Settings::new("example.org", Deployment::Standalone);
+        assert!(s.warnings().is_empty(), "defaults: 1h under 24h");
+        s.server.ca_ttl = Duration::from_secs(60);
+        s.server.svid_ttl = Duration::from_secs(10);
+        assert!(s.warnings().is_empty(), "10s is exactly a sixth of 1m");
+        s.server.svid_ttl = Duration::from_secs(11);
+        let w = s.warnings();
+        assert_eq!(w.len(), 1);
+        assert!(
+            w[0].contains("10s or less") && w[0].contains("1m6s or more"),
+            "{w:?}"
+        );
+        s.validate().unwrap();
     }
 
     #[test]

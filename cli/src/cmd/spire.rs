@@ -115,6 +115,9 @@ fn render(a: &RenderArgs) -> ExitCode {
             ),
         );
     }
+    for w in s.warnings() {
+        eprintln!("meshauth spire render: warning: {w}");
+    }
     let (server, agent) = match (
         spire_config::render_server(&s),
         spire_config::render_agent(&s),
