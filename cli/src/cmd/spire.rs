@@ -1,6 +1,8 @@
 //! `meshauth spire render`: the SPIRE server's and agent's configuration
 //! files (HCL) for a meshauth deployment, from typed settings
 //! (`spire-config`). Every invalid setting is reported at once (exit 2).
+//! `meshauth spire reconcile`: the registration entries (see
+//! [`reconcile`]).
 
 use std::io::Write as _;
 use std::os::unix::fs::OpenOptionsExt as _;
@@ -8,6 +10,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Subcommand;
+
+mod reconcile;
 use spire_config::{DataStore, Deployment, Settings};
 
 /// `meshauth spire ...`.
@@ -15,6 +19,9 @@ use spire_config::{DataStore, Deployment, Settings};
 pub enum SpireCommand {
     /// Render server.conf and agent.conf.
     Render(Box<RenderArgs>),
+    /// Keep the SPIRE server's registration entries as meshauth wants
+    /// them (Entry API on the server's admin socket).
+    Reconcile(Box<reconcile::ReconcileArgs>),
 }
 
 /// `meshauth spire render`.
@@ -70,6 +77,7 @@ pub struct RenderArgs {
 pub fn run(command: &SpireCommand) -> ExitCode {
     match command {
         SpireCommand::Render(args) => render(args),
+        SpireCommand::Reconcile(args) => reconcile::run(args),
     }
 }
 

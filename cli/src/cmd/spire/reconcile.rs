@@ -1,0 +1,308 @@
+//! `meshauth spire reconcile`: keeps the SPIRE server's registration
+//! entries as meshauth wants them, through the Entry API on the server's
+//! admin socket (run it beside spire-server, as spire-controller-manager
+//! runs).
+//!
+//! The identities and where their pods run come from the same manifest
+//! directory the agents read, through the same policy engine (so identity
+//! numbers agree). `--once` reconciles once and exits (0 clean, 1 some
+//! entries refused, 2 the command failed); otherwise it reconciles on every
+//! change of the directory and every `--resync`, which is what puts back
+//! entries deleted or changed by hand.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use policy_bridge::state::DesiredState;
+use spire_config::entries::{Entry, Scope, Selection, Selector, Wanted, desired};
+use spire_config::entry_api::{EntryClient, Report, reconcile};
+
+/// `meshauth spire reconcile`.
+#[derive(clap::Args, Debug)]
+pub struct ReconcileArgs {
+    /// The trust domain.
+    #[arg(long)]
+    pub trust_domain: String,
+    /// The manifest directory the agents read (Pods, Nodes, policies).
+    #[arg(long)]
+    pub manifests: PathBuf,
+    /// The identity state file (as an agent's `identities.json`); without
+    /// it identities are numbered afresh, in the order the agents number
+    /// them from the same directory.
+    #[arg(long)]
+    pub identity_file: Option<PathBuf>,
+    /// The SPIRE server's admin socket (its `socket_path`).
+    #[arg(long, default_value = "/run/spire/server/private/api.sock")]
+    pub server_socket: PathBuf,
+    /// `per-node` (least privilege: a node gets an identity only while it
+    /// runs a pod of it) or `cluster-wide` (every node gets every identity).
+    #[arg(long, default_value = "per-node", value_parser = ["per-node", "cluster-wide"])]
+    pub scope: String,
+    /// The parent of a node's entries (its SPIRE agent, or an alias of it:
+    /// with join tokens, the token's `-spiffeID`); `{trust_domain}` and
+    /// `{node}` are replaced.
+    #[arg(long, default_value = "spiffe://{trust_domain}/meshauth/node/{node}")]
+    pub node_parent: String,
+    /// `cluster-wide`: the alias every node's agent matches.
+    #[arg(long, default_value = "spiffe://{trust_domain}/meshauth/nodes")]
+    pub cluster_alias: String,
+    /// A selector meshauth's agent process matches on its node (Workload
+    /// API mode), `type:value`; repeatable.
+    #[arg(long = "agent-selector", default_values_t = ["unix:uid:0".to_owned(), "unix:path:/usr/local/bin/meshauth-agent".to_owned()])]
+    pub agent_selectors: Vec<String>,
+    /// X.509-SVID TTL of meshauth's entries (Go duration; 0: the server's
+    /// default).
+    #[arg(long, default_value = "0")]
+    pub svid_ttl: String,
+    /// Reconcile once and exit.
+    #[arg(long)]
+    pub once: bool,
+    /// Without `--once`: reconcile at least this often (Go duration), to
+    /// put back what was changed by hand.
+    #[arg(long, default_value = "30s")]
+    pub resync: String,
+    /// ListEntries page size.
+    #[arg(long, default_value_t = spire_config::entry_api::DEFAULT_PAGE_SIZE)]
+    pub page_size: i32,
+}
+
+/// The settings, checked: every problem at once.
+struct Plan {
+    scope: Scope,
+    node_parent: String,
+    selection: Selection,
+    svid_ttl: u32,
+    resync: Duration,
+}
+
+fn parse_selector(s: &str) -> Result<Selector, String> {
+    match s.split_once(':') {
+        Some((k, v)) if !k.is_empty() && !v.is_empty() => Ok(Selector::new(k, v)),
+        _ => Err(format!(
+            "--agent-selector {s:?}: want type:value (e.g. unix:uid:0)"
+        )),
+    }
+}
+
+fn check(a: &ReconcileArgs) -> Result<Plan, Vec<String>> {
+    let mut errs = Vec::new();
+    let td = &a.trust_domain;
+    let fill = |t: &str| t.replace("{trust_domain}", td);
+    let mut selectors = BTreeSet::new();
+    for s in &a.agent_selectors {
+        match parse_selector(s) {
+            Ok(sel) => {
+                selectors.insert(sel);
+            }
+            Err(e) => errs.push(e),
+        }
+    }
+    if selectors.is_empty() {
+        errs.push(
+            "at least one --agent-selector: an entry without selectors is refused by SPIRE".into(),
+        );
+    }
+    let node_parent = fill(&a.node_parent);
+    if a.scope == "per-node" && !node_parent.contains("{node}") {
+        errs.push(format!(
+            "--node-parent {:?} has no {{node}}: every node's entries would have the same parent",
+            a.node_parent
+        ));
+    }
+    for (flag, t) in [
+        ("--node-parent", &node_parent),
+        ("--cluster-alias", &fill(&a.cluster_alias)),
+    ] {
+        if !t.starts_with(&format!("spiffe://{td}/")) {
+            errs.push(format!(
+                "{flag} {t:?}: want a SPIFFE ID in trust domain {td} (spiffe://{td}/…)"
+            ));
+        }
+    }
+    let dur =
+        |flag: &str, v: &str, errs: &mut Vec<String>| match meshauth_duration::parse_duration(v) {
+            Ok(d) => d,
+            Err(e) => {
+                errs.push(format!("{flag} {v:?}: {e}"));
+                Duration::ZERO
+            }
+        };
+    let svid_ttl = dur("--svid-ttl", &a.svid_ttl, &mut errs);
+    let resync = dur("--resync", &a.resync, &mut errs);
+    if !a.once && resync.is_zero() && errs.is_empty() {
+        errs.push("--resync must be above zero".into());
+    }
+    let svid_ttl = u32::try_from(svid_ttl.as_secs()).unwrap_or_else(|_| {
+        errs.push(format!("--svid-ttl {:?} is too long", a.svid_ttl));
+        0
+    });
+    if a.page_size <= 0 {
+        errs.push(format!("--page-size {}: at least 1", a.page_size));
+    }
+    if !errs.is_empty() {
+        return Err(errs);
+    }
+    let scope = if a.scope == "cluster-wide" {
+        Scope::ClusterWide {
+            alias: fill(&a.cluster_alias),
+        }
+    } else {
+        Scope::PerNode {
+            agent_ids: BTreeMap::new(),
+        }
+    };
+    Ok(Plan {
+        scope,
+        node_parent,
+        selection: Selection::Agent(selectors),
+        svid_ttl,
+        resync,
+    })
+}
+
+/// The entries meshauth wants for `state`.
+fn wanted(a: &ReconcileArgs, p: &Plan, state: &DesiredState) -> BTreeMap<String, Entry> {
+    let identities: BTreeMap<u32, BTreeSet<String>> = state
+        .identities
+        .iter()
+        .map(|(n, i)| (*n, i.labels.clone()))
+        .collect();
+    let mut placements: BTreeMap<u32, BTreeSet<String>> = BTreeMap::new();
+    for e in state.endpoints.values() {
+        placements
+            .entry(e.identity)
+            .or_default()
+            .insert(e.node.clone());
+    }
+    let scope = match &p.scope {
+        Scope::PerNode { .. } => Scope::PerNode {
+            agent_ids: placements
+                .values()
+                .flatten()
+                .map(|n| (n.clone(), p.node_parent.replace("{node}", n)))
+                .collect(),
+        },
+        other => other.clone(),
+    };
+    desired(&Wanted {
+        trust_domain: &a.trust_domain,
+        identities: &identities,
+        placements: &placements,
+        scope: &scope,
+        selection: &p.selection,
+        x509_svid_ttl: p.svid_ttl,
+    })
+}
+
+fn print_report(r: &Report) {
+    println!("{r}");
+    for f in &r.failed {
+        println!("  refused: {f}");
+    }
+}
+
+pub fn run(a: &ReconcileArgs) -> ExitCode {
+    let plan = match check(a) {
+        Ok(p) => p,
+        Err(errs) => {
+            return super::super::fail(
+                "spire reconcile",
+                &format!(
+                    "{} invalid setting(s):\n  {}",
+                    errs.len(),
+                    errs.join("\n  ")
+                ),
+            );
+        }
+    };
+    match super::super::block_on(run_async(a, &plan)) {
+        Ok(code) | Err(code) => code,
+    }
+}
+
+async fn connect(a: &ReconcileArgs) -> Result<EntryClient, String> {
+    EntryClient::connect(&a.server_socket, Duration::from_secs(10))
+        .await
+        .map(|c| c.with_page_size(a.page_size))
+        .map_err(|e| e.to_string())
+}
+
+async fn run_async(a: &ReconcileArgs, p: &Plan) -> ExitCode {
+    use policy_bridge::source::files::{FilesConfig, FilesSource};
+    let mut cfg = FilesConfig::new(a.manifests.clone());
+    cfg.identity_file.clone_from(&a.identity_file);
+    if a.once {
+        let mut src = match FilesSource::new(cfg) {
+            Ok(s) => s,
+            Err(e) => return super::super::fail("spire reconcile", &e),
+        };
+        if let Err(e) = src.sync() {
+            return super::super::fail("spire reconcile", &e);
+        }
+        for e in src.errors() {
+            eprintln!("meshauth spire reconcile: {e}");
+        }
+        let want = wanted(a, p, src.engine().state());
+        let mut client = match connect(a).await {
+            Ok(c) => c,
+            Err(e) => return super::super::fail("spire reconcile", &e),
+        };
+        return match reconcile(&mut client, &want).await {
+            Ok(r) => {
+                print_report(&r);
+                if r.is_clean() {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::from(1)
+                }
+            }
+            Err(e) => super::super::fail("spire reconcile", &e),
+        };
+    }
+    let (mut sub, _task) = match policy_bridge::source::files::spawn(cfg) {
+        Ok(s) => s,
+        Err(e) => return super::super::fail("spire reconcile", &e),
+    };
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(t) => t,
+        Err(e) => return super::super::fail("spire reconcile", &format!("SIGTERM handler: {e}")),
+    };
+    let mut client: Option<EntryClient> = None;
+    let mut state = sub.synced().await.map(|s| s.state.clone());
+    loop {
+        if let Some(st) = &state {
+            if client.is_none() {
+                match connect(a).await {
+                    Ok(c) => client = Some(c),
+                    Err(e) => eprintln!(
+                        "meshauth spire reconcile: {e}; trying again in {:?}",
+                        p.resync
+                    ),
+                }
+            }
+            if let Some(c) = client.as_mut() {
+                match reconcile(c, &wanted(a, p, st)).await {
+                    Ok(r) => print_report(&r),
+                    Err(e) => {
+                        eprintln!(
+                            "meshauth spire reconcile: {e}; trying again in {:?}",
+                            p.resync
+                        );
+                        client = None;
+                    }
+                }
+            }
+        }
+        tokio::select! {
+            next = sub.next() => match next {
+                Some((snap, _)) => state = Some(snap.state.clone()),
+                None => return super::super::fail("spire reconcile", &"the manifest source stopped"),
+            },
+            () = tokio::time::sleep(p.resync) => {}
+            _ = tokio::signal::ctrl_c() => return ExitCode::SUCCESS,
+            _ = term.recv() => return ExitCode::SUCCESS,
+        }
+    }
+}

@@ -1,0 +1,323 @@
+//! `meshauth spire render` as a user runs it: every invalid setting at
+//! once (exit 2, nothing written), and the two files written 0600; and
+//! `meshauth spire reconcile` against real SPIRE (needs the binaries
+//! scripts/build-spire makes; fails, never skips, without them).
+
+use std::collections::BTreeSet;
+use std::os::unix::fs::PermissionsExt as _;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use meshauth_tests::real_spire::{SpireServer, spire_bin};
+
+fn meshauth() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_meshauth"))
+}
+
+#[test]
+fn every_invalid_setting_is_named_and_nothing_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = meshauth()
+        .args([
+            "spire",
+            "render",
+            "--trust-domain",
+            "Bad.TD",
+            "--server-replicas",
+            "2",
+        ])
+        .args([
+            "--svid-ttl",
+            "forever",
+            "--admin-socket",
+            "/run/spire/sockets/admin.sock",
+        ])
+        .arg("--out")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for needle in [
+        "--svid-ttl \"forever\"",
+        "trust domain \"Bad.TD\"",
+        "sqlite3 with 2 server replicas",
+        "under the Workload API socket's directory",
+        "no authorized delegate",
+    ] {
+        assert!(err.contains(needle), "missing {needle:?} in:\n{err}");
+    }
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        0,
+        "nothing written"
+    );
+}
+
+#[test]
+fn kubernetes_files_are_written_owner_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = meshauth()
+        .args([
+            "spire",
+            "render",
+            "--trust-domain",
+            "prod.example",
+            "--deployment",
+            "kubernetes",
+        ])
+        .args([
+            "--cluster",
+            "eu1",
+            "--server-replicas",
+            "3",
+            "--datastore",
+            "postgres",
+        ])
+        .args(["--admin-socket", "/run/spire/admin/admin.sock"])
+        .args([
+            "--authorized-delegate",
+            "spiffe://prod.example/ns/meshauth/sa/meshauth-agent",
+        ])
+        .arg("--out")
+        .arg(dir.path())
+        .env(
+            "MESHAUTH_SPIRE_POSTGRES",
+            "dbname=spire host=db password=secret",
+        )
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let server = std::fs::read_to_string(dir.path().join("server.conf")).unwrap();
+    let agent = std::fs::read_to_string(dir.path().join("agent.conf")).unwrap();
+    for f in ["server.conf", "agent.conf"] {
+        let mode = std::fs::metadata(dir.path().join(f))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o600, "{f}");
+    }
+    assert!(
+        server.contains("NodeAttestor \"k8s_psat\"") && server.contains("\"eu1\""),
+        "{server}"
+    );
+    assert!(server.contains("database_type = \"postgres\""), "{server}");
+    assert!(agent.contains("WorkloadAttestor \"k8s\""), "{agent}");
+    assert!(agent.contains("authorized_delegates"), "{agent}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !stdout.contains("secret"),
+        "the connection string is not printed: {stdout}"
+    );
+}
+
+const TD: &str = "meshauth.local";
+
+fn node_yaml(name: &str, ip: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\nstatus:\n  addresses:\n    - type: InternalIP\n      address: {ip}\n"
+    )
+}
+
+fn pod_yaml(name: &str, app: &str, node: &str, ip: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: prod\n  uid: uid-{name}\n  labels:\n    app: {app}\nspec:\n  nodeName: {node}\nstatus:\n  phase: Running\n  podIP: {ip}\n"
+    )
+}
+
+fn write(path: &std::path::Path, text: &str) {
+    // Written beside and renamed, as a deploy tool would, so the reconciler
+    // never reads half a file.
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap_or_else(|e| panic!("writing {}: {e}", tmp.display()));
+    std::fs::rename(&tmp, path).unwrap_or_else(|e| panic!("renaming to {}: {e}", path.display()));
+}
+
+/// Our entries as `spire-server entry show` prints them: (SPIFFE ID, parent).
+fn ours(server: &SpireServer) -> BTreeSet<(String, String)> {
+    let shown = server.cli(&["entry", "show"], &[]);
+    let mut out = BTreeSet::new();
+    for block in shown.split("\n\n") {
+        let field = |name: &str| {
+            block
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|v| v.trim_start_matches([' ', ':']).trim().to_owned())
+        };
+        if field("Entry ID").is_some_and(|id| id.starts_with("meshauth-")) {
+            out.insert((
+                field("SPIFFE ID").unwrap_or_default(),
+                field("Parent ID").unwrap_or_default(),
+            ));
+        }
+    }
+    out
+}
+
+fn pair(identity: &str, node: &str) -> (String, String) {
+    (
+        format!("spiffe://{TD}/identity/{identity}"),
+        format!("spiffe://{TD}/meshauth/node/{node}"),
+    )
+}
+
+/// Waits (polling SPIRE's CLI) until our entries are `want`; panics with
+/// what SPIRE holds and the reconciler's output otherwise.
+fn wait_for(server: &SpireServer, want: &BTreeSet<(String, String)>, log: &std::path::Path) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let got = ours(server);
+        if &got == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "entries {got:?}, want {want:?}; reconciler output:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `meshauth spire reconcile` against SPIRE 1.13.3: `--once` creates the
+/// entries the manifests call for and a second run changes nothing; the
+/// continuous mode puts back an entry deleted by hand, follows a pod to
+/// another node (least privilege: the old node's entry goes) and stops on
+/// SIGTERM.
+#[test]
+fn reconcile_keeps_real_spire_in_step_with_the_manifests() {
+    let bin = spire_bin();
+    let dir = tempfile::Builder::new()
+        .prefix("meshauth-spire-")
+        .tempdir()
+        .unwrap_or_else(|e| panic!("tempdir: {e}"));
+    let server = SpireServer::start(&bin, dir.path(), TD);
+    let manifests = dir.path().join("manifests");
+    std::fs::create_dir_all(&manifests).unwrap_or_else(|e| panic!("mkdir: {e}"));
+    write(
+        &manifests.join("node-a.yaml"),
+        &node_yaml("node-a", "192.0.2.1"),
+    );
+    write(
+        &manifests.join("node-b.yaml"),
+        &node_yaml("node-b", "192.0.2.2"),
+    );
+    write(
+        &manifests.join("pay.yaml"),
+        &pod_yaml("pay", "payment", "node-a", "10.0.1.10"),
+    );
+    write(
+        &manifests.join("ord.yaml"),
+        &pod_yaml("ord", "order", "node-b", "10.0.2.10"),
+    );
+    let identity_file = dir.path().join("identities.json");
+    let args = |extra: &[&str]| {
+        let mut c = meshauth();
+        c.args(["spire", "reconcile", "--trust-domain", TD, "--manifests"])
+            .arg(&manifests)
+            .arg("--identity-file")
+            .arg(&identity_file)
+            .arg("--server-socket")
+            .arg(server.socket())
+            .args(extra);
+        c
+    };
+    let once = |what: &str| {
+        let out = args(&["--once"])
+            .output()
+            .unwrap_or_else(|e| panic!("running meshauth spire reconcile: {e}"));
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(out.status.code(), Some(0), "{what}: {text}");
+        text
+    };
+    let first = once("first run");
+    assert!(first.contains("2 created"), "{first}");
+    let ids = std::fs::read_to_string(&identity_file)
+        .unwrap_or_else(|e| panic!("the identity file: {e}"));
+    let v: serde_json::Value =
+        serde_json::from_str(&ids).unwrap_or_else(|e| panic!("identities.json: {e}\n{ids}"));
+    let number = |app: &str| -> String {
+        let label = serde_json::Value::String(format!("k8s:app={app}"));
+        v["identities"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|i| i["labels"].as_array().is_some_and(|l| l.contains(&label)))
+            .and_then(|i| i["id"].as_u64())
+            .unwrap_or_else(|| panic!("no identity for app={app} in identities.json: {ids}"))
+            .to_string()
+    };
+    let (pay, ord) = (number("payment"), number("order"));
+    let want = BTreeSet::from([pair(&pay, "node-a"), pair(&ord, "node-b")]);
+    assert_eq!(ours(&server), want);
+    let second = once("second run");
+    assert!(
+        second.contains("0 created")
+            && second.contains("0 put back")
+            && second.contains("0 deleted"),
+        "{second}"
+    );
+
+    let log = dir.path().join("reconcile.log");
+    let log_file = std::fs::File::create(&log).unwrap_or_else(|e| panic!("{e}"));
+    let log_err = log_file.try_clone().unwrap_or_else(|e| panic!("{e}"));
+    let child = args(&["--resync", "1s"])
+        .stdout(log_file)
+        .stderr(log_err)
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting meshauth spire reconcile: {e}"));
+    /// Kills the reconciler if the test fails before it is stopped.
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = Kill(child);
+
+    // Deleted by hand: back within a resync.
+    let shown = server.cli(
+        &["entry", "show"],
+        &[
+            "-spiffeID",
+            &want.iter().next().map(|p| p.0.clone()).unwrap_or_default(),
+        ],
+    );
+    let victim = shown
+        .lines()
+        .find_map(|l| l.strip_prefix("Entry ID"))
+        .map(|v| v.trim_start_matches([' ', ':']).trim().to_owned())
+        .unwrap_or_else(|| panic!("no entry to delete: {shown}"));
+    server.cli(&["entry", "delete"], &["-entryID", &victim]);
+    assert_ne!(ours(&server), want, "the entry was deleted");
+    wait_for(&server, &want, &log);
+
+    // The payment pod moves to node-b: node-a loses the identity.
+    write(
+        &manifests.join("pay.yaml"),
+        &pod_yaml("pay", "payment", "node-b", "10.0.2.11"),
+    );
+    let moved = BTreeSet::from([pair(&pay, "node-b"), pair(&ord, "node-b")]);
+    wait_for(&server, &moved, &log);
+
+    let pid = rustix::process::Pid::from_child(&child.0);
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM)
+        .unwrap_or_else(|e| panic!("SIGTERM: {e}"));
+    let status = child
+        .0
+        .wait()
+        .unwrap_or_else(|e| panic!("waiting for the reconciler: {e}"));
+    assert!(status.success(), "exit on SIGTERM: {status}");
+    let out = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(out.contains("1 created"), "the repair is reported: {out}");
+}
