@@ -8,7 +8,7 @@ use std::os::unix::fs::PermissionsExt as _;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use meshauth_tests::real_spire::{SpireServer, spire_bin};
+use meshauth_tests::real_spire::{SpireServer, spire_bin, start_server};
 
 fn meshauth() -> Command {
     Command::new(env!("CARGO_BIN_EXE_meshauth"))
@@ -140,7 +140,9 @@ fn write(path: &std::path::Path, text: &str) {
 
 /// Our entries as `spire-server entry show` prints them: (SPIFFE ID, parent).
 fn ours(server: &SpireServer) -> BTreeSet<(String, String)> {
-    let shown = server.cli(&["entry", "show"], &[]);
+    let shown = server
+        .cli(&["entry", "show"], &[])
+        .unwrap_or_else(|e| panic!("{e}"));
     let mut out = BTreeSet::new();
     for block in shown.split("\n\n") {
         let field = |name: &str| {
@@ -190,13 +192,13 @@ fn wait_for(server: &SpireServer, want: &BTreeSet<(String, String)>, log: &std::
 /// another node (least privilege: the old node's entry goes) and stops on
 /// SIGTERM.
 #[test]
-fn reconcile_keeps_real_spire_in_step_with_the_manifests() {
+fn reconcile_keeps_real_spire_in_step_with_the_manifests() -> anyhow::Result<()> {
     let bin = spire_bin();
     let dir = tempfile::Builder::new()
         .prefix("meshauth-spire-")
         .tempdir()
         .unwrap_or_else(|e| panic!("tempdir: {e}"));
-    let server = SpireServer::start(&bin, dir.path(), TD);
+    let server = start_server(&bin, dir.path(), TD)?;
     let manifests = dir.path().join("manifests");
     std::fs::create_dir_all(&manifests).unwrap_or_else(|e| panic!("mkdir: {e}"));
     write(
@@ -292,13 +294,13 @@ fn reconcile_keeps_real_spire_in_step_with_the_manifests() {
             "-spiffeID",
             &want.iter().next().map(|p| p.0.clone()).unwrap_or_default(),
         ],
-    );
+    )?;
     let victim = shown
         .lines()
         .find_map(|l| l.strip_prefix("Entry ID"))
         .map(|v| v.trim_start_matches([' ', ':']).trim().to_owned())
         .unwrap_or_else(|| panic!("no entry to delete: {shown}"));
-    server.cli(&["entry", "delete"], &["-entryID", &victim]);
+    server.cli(&["entry", "delete"], &["-entryID", &victim])?;
     assert_ne!(ours(&server), want, "the entry was deleted");
     wait_for(&server, &want, &log);
 
@@ -320,4 +322,5 @@ fn reconcile_keeps_real_spire_in_step_with_the_manifests() {
     assert!(status.success(), "exit on SIGTERM: {status}");
     let out = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(out.contains("1 created"), "the repair is reported: {out}");
+    Ok(())
 }

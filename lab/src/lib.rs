@@ -35,6 +35,7 @@ mod netlink;
 pub(crate) mod netns;
 pub mod pod;
 mod process;
+pub mod spire_real;
 mod stale;
 pub mod testbed;
 mod topology;

@@ -119,6 +119,13 @@ pub fn render_agent(settings: &Settings) -> Result<String, SettingsError> {
                 Expression::Array(a.authorized_delegates.iter().map(s).collect()),
             ));
     }
+    if let Some(every) = a.sync_interval {
+        agent = agent.add_block(
+            Block::builder("experimental")
+                .add_attribute(("sync_interval", s(format_duration(every))))
+                .build(),
+        );
+    }
     let (node_attestor, workload_attestor) = match &settings.deployment {
         Deployment::Standalone => (
             plugin("NodeAttestor", "join_token", vec![]),
@@ -238,6 +245,16 @@ mod tests {
             )])
         );
         attr(&agent, &["plugins", "WorkloadAttestor", "unix"]);
+        assert!(
+            !agent.contains("experimental"),
+            "no experimental block unless asked"
+        );
+        st.agent.sync_interval = Some(std::time::Duration::from_millis(500));
+        let agent = render_agent(&st).unwrap();
+        assert_eq!(
+            str_of(attr(&agent, &["agent", "experimental", "sync_interval"])),
+            "500ms"
+        );
         attr(&agent, &["plugins", "NodeAttestor", "join_token"]);
     }
 

@@ -76,6 +76,11 @@ pub struct AgentSettings {
     pub authorized_delegates: Vec<String>,
     /// The health check port.
     pub health_port: u16,
+    /// How often the agent syncs its entries and SVIDs with the server
+    /// (SPIRE's `experimental.sync_interval`; None: SPIRE's 5 s). Shorter
+    /// means a new or removed entry reaches workloads sooner, at the cost
+    /// of more calls to the server.
+    pub sync_interval: Option<Duration>,
 }
 
 /// Everything rendered.
@@ -126,6 +131,7 @@ impl Settings {
                 trust_bundle_path: "/run/spire/bundle/bundle.crt".into(),
                 authorized_delegates: Vec::new(),
                 health_port: 8082,
+                sync_interval: None,
             },
         }
     }
@@ -184,6 +190,13 @@ impl Settings {
             ));
         }
         let a = &self.agent;
+        if a.sync_interval
+            .is_some_and(|d| d < Duration::from_millis(100))
+        {
+            errs.push(
+                "agent sync interval: at least 100ms (each sync is a call to the server)".into(),
+            );
+        }
         if let Some(admin) = &a.admin_socket_path {
             let wl_dir = a.socket_path.parent().unwrap_or(Path::new("/"));
             if admin.starts_with(wl_dir) {

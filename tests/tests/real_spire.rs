@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant, SystemTime};
 
-use meshauth_tests::real_spire::{SpireAgent, SpireServer, own_uid, spire_bin};
+use meshauth_tests::real_spire::{SpireAgent, own_uid, spire_bin, start_server};
 use meshauth_tests::{TD, init_tracing, leaf};
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
@@ -29,7 +29,7 @@ const SVID_TTL: Duration = Duration::from_secs(600);
 const FIRST_SVID_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[tokio::test]
-async fn svid_cache_gets_an_x509_svid_from_real_spire() {
+async fn svid_cache_gets_an_x509_svid_from_real_spire() -> anyhow::Result<()> {
     init_tracing();
     let bin = spire_bin();
     let dir = tempfile::Builder::new()
@@ -37,11 +37,11 @@ async fn svid_cache_gets_an_x509_svid_from_real_spire() {
         .tempdir()
         .unwrap_or_else(|e| panic!("tempdir for SPIRE: {e}"));
 
-    let server = SpireServer::start(&bin, dir.path(), TD);
+    let server = start_server(&bin, dir.path(), TD)?;
     println!("spire-server healthy after {:?}", server.started_in);
 
-    let token = server.join_token(&format!("spiffe://{TD}/node/n1"));
-    let agent = SpireAgent::start(&bin, dir.path(), &server, &token);
+    let token = server.join_token(&format!("spiffe://{TD}/node/n1"))?;
+    let agent = SpireAgent::start(&bin, &server, server.settings(), &token)?;
     println!("spire-agent healthy after {:?}", agent.started_in);
 
     // One entry svid-cache keeps, one it must ignore (not an /identity/<N> path).
@@ -50,12 +50,12 @@ async fn svid_cache_gets_an_x509_svid_from_real_spire() {
     let parent = server.join_token_agent_id(&token);
     let spiffe_id = format!("spiffe://{TD}/identity/{IDENTITY}");
     let entry_start = Instant::now();
-    server.create_entry(&parent, &spiffe_id, &[&selector]);
+    server.create_entry(&parent, &spiffe_id, &[&selector])?;
     server.create_entry(
         &parent,
         &format!("spiffe://{TD}/ns/default/sa/test"),
         &[&selector],
-    );
+    )?;
 
     // Exactly as meshauth-agent starts its Workload API source.
     let cache = SvidCache::new(CacheConfig {
@@ -115,7 +115,7 @@ async fn svid_cache_gets_an_x509_svid_from_real_spire() {
     // The bundle: exactly the server's CA certificates.
     let bundle = cache.bundle().expect("a trust bundle with the first SVID");
     assert_eq!(bundle.trust_domain().as_str(), TD);
-    let pem = server.bundle_pem();
+    let pem = server.bundle_pem()?;
     let want: Vec<Vec<u8>> = CertificateDer::pem_slice_iter(pem.as_bytes())
         .map(|c| c.unwrap_or_else(|e| panic!("`spire-server bundle show` PEM: {e}\n{pem}")))
         .map(|c| c.to_vec())
@@ -137,6 +137,7 @@ async fn svid_cache_gets_an_x509_svid_from_real_spire() {
     token_stop.cancel();
     source.join().await;
     expiry.await.unwrap_or_else(|e| panic!("expiry task: {e}"));
+    Ok(())
 }
 
 /// Identities × nodes for the reconciler test: 220 identities on three
@@ -167,21 +168,21 @@ fn placements() -> (
 /// widened by hand, deletes what nobody wants, and never touches an entry
 /// it did not create.
 #[tokio::test]
-async fn the_reconciler_keeps_real_spire_entries_as_meshauth_wants_them() {
+async fn the_reconciler_keeps_real_spire_entries_as_meshauth_wants_them() -> anyhow::Result<()> {
     init_tracing();
     let bin = spire_bin();
     let dir = tempfile::Builder::new()
         .prefix("meshauth-spire-")
         .tempdir()
         .unwrap_or_else(|e| panic!("tempdir for SPIRE: {e}"));
-    let server = SpireServer::start(&bin, dir.path(), TD);
+    let server = start_server(&bin, dir.path(), TD)?;
 
     // Someone else's entry, made with SPIRE's own CLI.
     let foreign = server.create_entry(
         &format!("spiffe://{TD}/meshauth/node/a"),
         &format!("spiffe://{TD}/ops/backup"),
         &["unix:uid:1234"],
-    );
+    )?;
 
     let (identities, placements) = placements();
     let agent_ids: BTreeMap<String, String> = ["a", "b", "c"]
@@ -218,14 +219,14 @@ async fn the_reconciler_keeps_real_spire_entries_as_meshauth_wants_them() {
     assert_eq!((first.created, first.foreign, first.batches), (495, 1, 3));
 
     // What SPIRE holds now, through its own CLI: ours under our IDs.
-    let shown = server.cli(&["entry", "show"], &[]);
+    let shown = server.cli(&["entry", "show"], &[])?;
     let ours = shown.matches("Entry ID         : meshauth-").count();
     assert_eq!(ours, 495, "`spire-server entry show` lists our 495 entries");
     let some = want
         .values()
         .next()
         .unwrap_or_else(|| panic!("no entry wanted"));
-    let one = server.cli(&["entry", "show"], &["-entryID", &some.id]);
+    let one = server.cli(&["entry", "show"], &["-entryID", &some.id])?;
     assert!(
         one.contains(&some.spiffe_id)
             && one.contains(&some.parent_id)
@@ -255,7 +256,7 @@ async fn the_reconciler_keeps_real_spire_entries_as_meshauth_wants_them() {
         ids.next().cloned().unwrap_or_default(),
         ids.next().cloned().unwrap_or_default(),
     );
-    server.cli(&["entry", "delete"], &["-entryID", &deleted]);
+    server.cli(&["entry", "delete"], &["-entryID", &deleted])?;
     let w = &want[&widened];
     server.cli(
         &["entry", "update"],
@@ -275,7 +276,7 @@ async fn the_reconciler_keeps_real_spire_entries_as_meshauth_wants_them() {
             "-dns",
             "evil.example",
         ],
-    );
+    )?;
     let r = &want[&reselected];
     server.cli(
         &["entry", "update"],
@@ -291,7 +292,7 @@ async fn the_reconciler_keeps_real_spire_entries_as_meshauth_wants_them() {
             "-x509SVIDTTL",
             "300",
         ],
-    );
+    )?;
     let repaired = reconcile(&mut client, &want)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
@@ -301,7 +302,7 @@ async fn the_reconciler_keeps_real_spire_entries_as_meshauth_wants_them() {
         (repaired.created, repaired.updated, repaired.deleted),
         (1, 2, 0)
     );
-    let back = server.cli(&["entry", "show"], &["-entryID", &widened]);
+    let back = server.cli(&["entry", "show"], &["-entryID", &widened])?;
     assert!(
         !back.contains("Admin") && !back.contains("Downstream") && !back.contains("evil.example"),
         "the widened entry is put back:\n{back}"
@@ -324,7 +325,7 @@ async fn the_reconciler_keeps_real_spire_entries_as_meshauth_wants_them() {
     println!("node c emptied: {removed}");
     assert_eq!(removed.deleted, want.len() - fewer.len());
     assert_eq!((removed.created, removed.updated), (0, 0));
-    let left = server.cli(&["entry", "show"], &[]);
+    let left = server.cli(&["entry", "show"], &[])?;
     assert_eq!(
         left.matches("Entry ID         : meshauth-").count(),
         fewer.len()
@@ -333,7 +334,7 @@ async fn the_reconciler_keeps_real_spire_entries_as_meshauth_wants_them() {
         !left.contains(&format!("spiffe://{TD}/meshauth/node/c")),
         "no entry is parented to node c any more"
     );
-    let kept = server.cli(&["entry", "show"], &["-entryID", &foreign]);
+    let kept = server.cli(&["entry", "show"], &["-entryID", &foreign])?;
     assert!(
         kept.contains("ops/backup"),
         "the foreign entry stays:\n{kept}"
@@ -348,7 +349,7 @@ async fn the_reconciler_keeps_real_spire_entries_as_meshauth_wants_them() {
         .next()
         .cloned()
         .unwrap_or_else(|| panic!("no entry wanted"));
-    server.cli(&["entry", "delete"], &["-entryID", &twin_of.id]);
+    server.cli(&["entry", "delete"], &["-entryID", &twin_of.id])?;
     let mut twin_args = vec![
         "-parentID".to_owned(),
         twin_of.parent_id.clone(),
@@ -362,7 +363,7 @@ async fn the_reconciler_keeps_real_spire_entries_as_meshauth_wants_them() {
         twin_args.push(format!("{}:{}", s.kind, s.value));
     }
     let twin_args: Vec<&str> = twin_args.iter().map(String::as_str).collect();
-    server.cli(&["entry", "create"], &twin_args);
+    server.cli(&["entry", "create"], &twin_args)?;
     let bad = Entry {
         id: "meshauth-badbadbadbadbad0".into(),
         spiffe_id: format!("spiffe://{TD}/identity/9999"),
@@ -384,6 +385,7 @@ async fn the_reconciler_keeps_real_spire_entries_as_meshauth_wants_them() {
         "the refusal names the entry and SPIRE's reason: {:?}",
         mixed.failed
     );
+    Ok(())
 }
 
 /// What `meshauth spire render` writes for Kubernetes (k8s_psat, the k8s
