@@ -274,7 +274,7 @@ async fn outage(
     payment: &crate::PodInfo,
 ) -> Result<()> {
     step(6, "SPIRE server outage: SVIDs cannot rotate");
-    tb.spire().set_outage(true);
+    tb.spire_mut().set_outage(true)?;
     let expiry = tb
         .auth_entries("node-b")
         .await?
@@ -359,7 +359,7 @@ async fn outage(
         7,
         "SPIRE is back: fresh SVIDs, re-authentication, traffic recovers",
     );
-    tb.spire().set_outage(false);
+    tb.spire_mut().set_outage(false)?;
     let back = Instant::now();
     let recovered = tb
         .wait_for("recovery", Duration::from_secs(20), || {

@@ -18,7 +18,9 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use policy_bridge::source::files::{FilesConfig, FilesSource};
-use spire_dev::{DevConfig, EntrySpec, SpiffeId, SpireDev};
+
+mod spire;
+pub use spire::{RealSpire, Spire, TRUST_DOMAIN, node_alias};
 
 use crate::{Lab, LabError, LabOptions, NodeInfo, PodInfo};
 use auth_agent::api::ApiClient;
@@ -33,8 +35,8 @@ pub enum TestbedError {
     /// The lab failed.
     #[error(transparent)]
     Lab(#[from] LabError),
-    /// spire-dev failed.
-    #[error("spire-dev: {0}")]
+    /// SPIRE (spire-dev or real) failed.
+    #[error("SPIRE: {0}")]
     Spire(String),
     /// A file operation failed.
     #[error("{what} {path}: {source}")]
@@ -84,6 +86,9 @@ pub struct TestbedOptions {
     /// Run agents as this `meshauth-agent` binary instead of `meshauth
     /// agent` (the same code; the bench compares the two processes).
     pub agent_bin: Option<PathBuf>,
+    /// Run real SPIRE from this directory (`spire-server`, `spire-agent`,
+    /// the version `tools/spire/go.mod` pins) instead of spire-dev.
+    pub spire_bin: Option<PathBuf>,
 }
 
 impl Default for TestbedOptions {
@@ -98,6 +103,7 @@ impl Default for TestbedOptions {
             net: 42,
             agent_args: Vec::new(),
             agent_bin: None,
+            spire_bin: None,
         }
     }
 }
@@ -114,7 +120,7 @@ pub struct Testbed {
     opts: TestbedOptions,
     lab: Lab,
     root: tempfile::TempDir,
-    spire: SpireDev,
+    spire: Spire,
     pin_root: PathBuf,
     agents: BTreeMap<String, Child>,
     /// Per-node agent flags ([`Testbed::set_agent_args`]).
@@ -181,12 +187,13 @@ impl Testbed {
             let p = root.path().join(d);
             std::fs::create_dir_all(&p).map_err(io("creating", &p))?;
         }
-        let mut cfg = DevConfig::new(root.path().join("spire"));
-        cfg.default_ttl = opts.svid_ttl;
-        cfg.nodes = opts.nodes.clone();
-        let spire = SpireDev::start(cfg)
-            .await
-            .map_err(|e| TestbedError::Spire(e.to_string()))?;
+        let spire = Spire::start(
+            &root.path().join("spire"),
+            &opts.nodes,
+            opts.svid_ttl,
+            opts.spire_bin.as_deref(),
+        )
+        .await?;
         let mut fc = FilesConfig::new(root.path().join("manifests"));
         fc.identity_file = Some(root.path().join("identities.json"));
         let compiler = FilesSource::new(fc).map_err(|e| TestbedError::Compile(e.to_string()))?;
@@ -223,9 +230,14 @@ impl Testbed {
         &self.lab
     }
 
-    /// spire-dev.
-    pub fn spire(&self) -> &SpireDev {
+    /// SPIRE (spire-dev or real).
+    pub fn spire(&self) -> &Spire {
         &self.spire
+    }
+
+    /// SPIRE, mutable (outage, killing real SPIRE's processes).
+    pub fn spire_mut(&mut self) -> &mut Spire {
+        &mut self.spire
     }
 
     /// The manifest directory.
@@ -332,15 +344,7 @@ impl Testbed {
             .get(pod)
             .map(|p| p.node.clone())
             .ok_or_else(|| TestbedError::Failed(format!("no pod {pod}")))?;
-        if !self.entries.contains_key(&(id, node.clone())) {
-            let sid = SpiffeId::parse(&format!("spiffe://meshauth.local/identity/{id}"))
-                .map_err(|e| TestbedError::Spire(e.to_string()))?;
-            let e = self
-                .spire
-                .add_entry(EntrySpec::new(node.clone(), sid))
-                .map_err(|e| TestbedError::Spire(e.to_string()))?;
-            self.entries.insert((id, node), e.id.clone());
-        }
+        self.register_identity(id, &node)?;
         Ok(id)
     }
 
@@ -394,11 +398,7 @@ impl Testbed {
             .open(&paths.log)
             .map_err(io("opening", &paths.log))?;
         let log2 = log.try_clone().map_err(io("opening", &paths.log))?;
-        let spire = self
-            .spire
-            .agent(node)
-            .map_err(|e| TestbedError::Spire(e.to_string()))?
-            .workload_socket();
+        let spire = self.spire.workload_socket(node)?;
         let (bin, subcommand) = match &self.opts.agent_bin {
             Some(b) => (b.clone(), None),
             None => (self.lab.meshauth_bin().to_path_buf(), Some("agent")),
@@ -650,14 +650,8 @@ impl Testbed {
         if self.entries.contains_key(&(identity, node.to_string())) {
             return Ok(());
         }
-        let sid = SpiffeId::parse(&format!("spiffe://meshauth.local/identity/{identity}"))
-            .map_err(|e| TestbedError::Spire(e.to_string()))?;
-        let e = self
-            .spire
-            .add_entry(EntrySpec::new(node.to_string(), sid))
-            .map_err(|e| TestbedError::Spire(e.to_string()))?;
-        self.entries
-            .insert((identity, node.to_string()), e.id.clone());
+        let id = self.spire.add_entry(identity, node)?;
+        self.entries.insert((identity, node.to_string()), id);
         Ok(())
     }
 
@@ -669,10 +663,7 @@ impl Testbed {
                 "identity {identity} is not registered on {node}"
             )));
         };
-        self.spire
-            .remove_entry(&id)
-            .map(drop)
-            .map_err(|e| TestbedError::Spire(e.to_string()))
+        self.spire.remove_entry(&id, identity, node)
     }
 
     /// The identity the agents give the endpoint at `ip` (any published
