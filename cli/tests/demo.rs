@@ -1,19 +1,22 @@
 //! The README's main command: `meshauth demo` runs the three-node cluster
-//! end to end, every expectation holds, and nothing is left behind.
+//! end to end, every expectation holds, and nothing is left behind — on
+//! spire-dev (the default), then on real SPIRE (`--spire-bin`, SPIRE
+//! 1.13.3's server and one agent per node). One test, so the two demos
+//! (same lab prefix) never run at once.
 
 use std::process::Command;
 
-#[test]
-fn the_demo_holds_every_expectation_and_cleans_up() {
+fn demo(extra: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_meshauth"))
-        .args(["demo"])
+        .arg("demo")
+        .args(extra)
         .output()
         .expect("running meshauth demo");
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         out.status.success(),
-        "meshauth demo failed (it needs root):\n{stdout}\n{stderr}"
+        "meshauth demo {extra:?} failed (it needs root):\n{stdout}\n{stderr}"
     );
     for needle in [
         "Authentication required DROPPED (TCP)",
@@ -38,4 +41,23 @@ fn the_demo_holds_every_expectation_and_cleans_up() {
         .filter(|n| n.starts_with("meshauth-tb-demo-"))
         .collect();
     assert!(pins.is_empty(), "pins left: {pins:?}");
+    stdout
+}
+
+#[test]
+fn the_demo_holds_every_expectation_and_cleans_up() {
+    demo(&[]);
+    let bin = meshauth_lab::spire_real::spire_bin(None).unwrap_or_else(|e| panic!("{e}"));
+    let bin = bin.to_string_lossy().into_owned();
+    let real = demo(&["--spire-bin", &bin]);
+    assert!(
+        real.contains("real SPIRE"),
+        "the demo says it runs on real SPIRE:\n{real}"
+    );
+    let left = std::process::Command::new("pgrep")
+        .args(["-f", "meshauth-demo-.*/spire/"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    assert!(left.trim().is_empty(), "SPIRE processes left: {left}");
 }

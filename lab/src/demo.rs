@@ -20,12 +20,16 @@ use auth_agent::api::types::{AuthEntry, FlowRecord};
 pub struct DemoOptions {
     /// SVID lifetime; short, so rotation and expiry happen while you watch.
     pub ttl: Duration,
+    /// Run on real SPIRE (`spire-server`, `spire-agent` in this directory)
+    /// instead of spire-dev.
+    pub spire_bin: Option<std::path::PathBuf>,
 }
 
 impl Default for DemoOptions {
     fn default() -> Self {
         Self {
             ttl: Duration::from_secs(8),
+            spire_bin: None,
         }
     }
 }
@@ -77,6 +81,7 @@ pub async fn run(opts: DemoOptions) -> Result<bool> {
         prefix: "demo".into(),
         svid_ttl: opts.ttl,
         log: "info".into(),
+        spire_bin: opts.spire_bin.clone(),
         ..TestbedOptions::default()
     })
     .await
@@ -114,6 +119,13 @@ async fn scenario(tb: &mut Testbed, opts: &DemoOptions, c: &mut Checks) -> Resul
         1,
         "A three-node cluster in network namespaces, one SPIRE agent socket per node",
     );
+    match tb.spire().real() {
+        Some(_) => println!(
+            "    SPIRE: real SPIRE {} (spire-server, one spire-agent per node)",
+            crate::spire_real::pinned_version().unwrap_or_default()
+        ),
+        None => println!("    SPIRE: spire-dev (embedded; --spire-bin DIR runs real SPIRE)"),
+    }
     for n in tb.lab().nodes() {
         println!(
             "    {:<7} {} / {}  pods {}",

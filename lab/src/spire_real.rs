@@ -286,7 +286,7 @@ fn write_private(path: &Path, text: &str) -> Result<(), SpireError> {
 
 /// Settings for a server and one agent under `dir`: standalone (join_token,
 /// unix attestor), loopback only, free ports, CA TTL 1h, X.509-SVID TTL
-/// 10m. Change what you need before starting; [`agent_settings`] gives
+/// 10m, agent SVIDs 1h. Change what you need before starting; [`agent_settings`] gives
 /// further agents their own directories and ports.
 pub fn settings(dir: &Path, trust_domain: &str) -> Result<Settings, SpireError> {
     let mut st = Settings::new(trust_domain, Deployment::Standalone);
@@ -301,6 +301,7 @@ pub fn settings(dir: &Path, trust_domain: &str) -> Result<Settings, SpireError> 
     st.server.data_dir = data;
     st.server.ca_ttl = Duration::from_secs(3600);
     st.server.svid_ttl = Duration::from_secs(600);
+    st.server.agent_ttl = Some(st.server.ca_ttl);
     st.server.health_port = free_port()?;
     st.agent.server_address = "127.0.0.1".into();
     st.agent.server_port = st.server.bind_port;

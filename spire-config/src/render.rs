@@ -49,8 +49,12 @@ pub fn render_server(settings: &Settings) -> Result<String, SettingsError> {
         .add_attribute(("data_dir", s(sv.data_dir.display())))
         .add_attribute(("log_level", "INFO"))
         .add_attribute(("ca_ttl", s(format_duration(sv.ca_ttl))))
-        .add_attribute(("default_x509_svid_ttl", s(format_duration(sv.svid_ttl))))
-        .build();
+        .add_attribute(("default_x509_svid_ttl", s(format_duration(sv.svid_ttl))));
+    let server = match sv.agent_ttl {
+        Some(t) => server.add_attribute(("agent_ttl", s(format_duration(t)))),
+        None => server,
+    }
+    .build();
     let (db_type, conn) = match &sv.datastore {
         DataStore::Sqlite3 { path } => ("sqlite3", path.display().to_string()),
         DataStore::Postgres { connection_string } => ("postgres", connection_string.clone()),
@@ -211,6 +215,7 @@ mod tests {
             "10s"
         );
         assert_eq!(str_of(attr(&server, &["server", "bind_port"])), "8081");
+        assert_eq!(str_of(attr(&server, &["server", "agent_ttl"])), "12h");
         assert_eq!(
             str_of(attr(
                 &server,

@@ -55,6 +55,12 @@ pub struct ServerSettings {
     pub svid_ttl: Duration,
     /// The health check port (`/live`, `/ready`).
     pub health_port: u16,
+    /// Agents' own SVID lifetime (`agent_ttl`; None: SPIRE's default, the
+    /// X.509-SVID TTL). An agent whose SVID expires while the server is
+    /// unreachable must attest again, which a join-token agent cannot do
+    /// (a token is used once): make it longer than the longest server
+    /// outage to ride out.
+    pub agent_ttl: Option<Duration>,
 }
 
 /// The agent's settings.
@@ -108,7 +114,7 @@ impl Settings {
     pub fn new(trust_domain: &str, deployment: Deployment) -> Self {
         Self {
             trust_domain: trust_domain.to_owned(),
-            deployment,
+            deployment: deployment.clone(),
             server: ServerSettings {
                 bind_address: IpAddr::from([0, 0, 0, 0]),
                 bind_port: 8081,
@@ -121,6 +127,11 @@ impl Settings {
                 ca_ttl: Duration::from_secs(24 * 3600),
                 svid_ttl: Duration::from_secs(3600),
                 health_port: 8080,
+                // Join-token agents cannot attest again: ride out a
+                // 12-hour server outage. k8s_psat agents can: SPIRE's
+                // default.
+                agent_ttl: (deployment == Deployment::Standalone)
+                    .then_some(Duration::from_secs(12 * 3600)),
             },
             agent: AgentSettings {
                 server_address: "spire-server".into(),
@@ -253,6 +264,23 @@ impl Settings {
                 meshauth_duration::format_duration(s.svid_ttl * 6),
             ));
         }
+        let agent_ttl = s.agent_ttl.unwrap_or(s.svid_ttl);
+        if self.deployment == Deployment::Standalone && agent_ttl <= s.svid_ttl {
+            w.push(format!(
+                "agent SVID TTL {} (agent_ttl{}) is not above the SVID TTL: a server outage longer than that \
+                 strands every join-token agent (its SVID expires and a token cannot be used again); \
+                 set agent_ttl longer than the longest outage to ride out",
+                meshauth_duration::format_duration(agent_ttl),
+                if s.agent_ttl.is_none() { ", SPIRE's default: the SVID TTL" } else { "" },
+            ));
+        }
+        if s.agent_ttl.is_some_and(|t| t > s.ca_ttl) {
+            w.push(format!(
+                "agent SVID TTL {} is above the CA TTL {}: SPIRE cuts agent SVIDs at the CA's end",
+                meshauth_duration::format_duration(agent_ttl),
+                meshauth_duration::format_duration(s.ca_ttl),
+            ));
+        }
         w
     }
 }
@@ -287,7 +315,13 @@ mod tests {
 
     #[test]
     fn an_svid_ttl_above_a_sixth_of_the_ca_ttl_is_warned_about_as_spire_does() {
-        let mut s = Settings::new("example.org", Deployment::Standalone);
+        let mut s = Settings::new(
+            "example.org",
+            Deployment::Kubernetes {
+                cluster: "c".into(),
+                agent_service_account: "spire:spire-agent".into(),
+            },
+        );
         assert!(s.warnings().is_empty(), "defaults: 1h under 24h");
         s.server.ca_ttl = Duration::from_secs(60);
         s.server.svid_ttl = Duration::from_secs(10);
@@ -300,6 +334,22 @@ mod tests {
             "{w:?}"
         );
         s.validate().unwrap();
+    }
+
+    #[test]
+    fn join_token_agents_are_warned_when_an_outage_would_strand_them() {
+        let mut s = Settings::new("example.org", Deployment::Standalone);
+        assert_eq!(s.server.agent_ttl, Some(Duration::from_secs(12 * 3600)));
+        assert!(s.warnings().is_empty(), "{:?}", s.warnings());
+        s.server.agent_ttl = None;
+        let w = s.warnings();
+        assert!(
+            w.len() == 1 && w[0].contains("strands every join-token agent"),
+            "{w:?}"
+        );
+        s.server.agent_ttl = Some(Duration::from_secs(48 * 3600));
+        let w = s.warnings();
+        assert!(w.len() == 1 && w[0].contains("above the CA TTL"), "{w:?}");
     }
 
     #[test]

@@ -55,6 +55,11 @@ pub struct RenderArgs {
     /// X.509-SVIDs' lifetime (1h).
     #[arg(long, default_value = "1h")]
     pub svid_ttl: String,
+    /// Agents' own SVID lifetime (Go duration). Default: 12h standalone
+    /// (a join-token agent whose SVID expires in a server outage cannot
+    /// attest again), SPIRE's default (the SVID TTL) on Kubernetes.
+    #[arg(long)]
+    pub agent_ttl: Option<String>,
     /// The server's address as agents dial it.
     #[arg(long, default_value = "spire-server")]
     pub server_address: String,
@@ -98,6 +103,12 @@ fn render(a: &RenderArgs) -> ExitCode {
         match meshauth_duration::parse_duration(text) {
             Ok(d) => *slot = d,
             Err(e) => errs.push(format!("{flag} {text:?}: {e}")),
+        }
+    }
+    if let Some(text) = &a.agent_ttl {
+        match meshauth_duration::parse_duration(text) {
+            Ok(d) => s.server.agent_ttl = Some(d),
+            Err(e) => errs.push(format!("--agent-ttl {text:?}: {e}")),
         }
     }
     s.server.replicas = a.server_replicas;

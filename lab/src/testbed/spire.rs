@@ -6,8 +6,10 @@
 //! is `spiffe://meshauth.local/meshauth/node/<node>`; an identity's entry on
 //! a node is parented to that alias and selects `unix:uid:0` (the node's
 //! meshauth agent, which runs as root), so a node's Workload API serves only
-//! the identities registered on that node. Agents sync every 500 ms. The
-//! outage is the server killed (SIGKILL) and started again.
+//! the identities registered on that node. Agents sync every 500 ms; their
+//! own SVIDs last 12 h (SPIRE's default, the workload SVID TTL, would
+//! strand a join-token agent in any outage longer than that). The outage
+//! is the server killed (SIGKILL) and started again.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -136,9 +138,11 @@ impl Spire {
         tokio::task::spawn_blocking(move || {
             let mut st = settings(&dir, TRUST_DOMAIN).map_err(spire_err)?;
             st.server.svid_ttl = svid_ttl;
-            // A CA six times the SVID's lifetime: SPIRE's own rule for
-            // never cutting an SVID short.
-            st.server.ca_ttl = (svid_ttl * 6).max(Duration::from_secs(60));
+            // A CA of at least six SVID lifetimes (SPIRE's rule for never
+            // cutting an SVID short) and a day; agents' own SVIDs last
+            // 12 h, so a server outage strands no (join-token) agent.
+            st.server.ca_ttl = (svid_ttl * 6).max(Duration::from_secs(24 * 3600));
+            st.server.agent_ttl = Some(Duration::from_secs(12 * 3600));
             st.agent.sync_interval = Some(Duration::from_millis(500));
             let server = SpireServer::start(&bin, &st).map_err(spire_err)?;
             let mut agents = BTreeMap::new();
