@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use auth_agent::auth::manager::{AuthManager, ManagerConfig, ManagerInputs, ManagerMetrics};
+use auth_agent::auth::rotation::SvidChange;
 use auth_agent::auth::store::{AuthStore, MemoryAuthStore, Pair, StoreError};
 use auth_agent::auth::{AuthFailure, Authenticated, Authenticator};
 use auth_agent::nodes::NodeTable;
@@ -209,7 +210,7 @@ fn state_with_node_c(ids: std::ops::Range<u32>) -> DesiredState {
 struct Harness {
     desired: watch::Sender<Arc<DesiredState>>,
     signals: mpsc::Sender<Pair>,
-    rotations: mpsc::Sender<u32>,
+    rotations: mpsc::Sender<SvidChange>,
     sweep: mpsc::Sender<()>,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<()>,
@@ -478,16 +479,52 @@ async fn a_rotated_local_svid_reauthenticates_its_pairs_at_once() {
     );
     settle().await;
     assert_eq!(fake.calls().len(), 2);
-    h.rotations.send(256).await.unwrap();
+    h.rotations.send(SvidChange::New(256)).await.unwrap();
     settle().await;
     assert_eq!(fake.calls().len(), 4, "both pairs of 256 re-authenticated");
-    h.rotations.send(999).await.unwrap();
+    h.rotations.send(SvidChange::New(999)).await.unwrap();
     settle().await;
     assert_eq!(
         fake.calls().len(),
         4,
         "an unrelated identity changes nothing"
     );
+    h.stop().await;
+}
+
+/// SPIRE stops serving a local identity (its entry deleted): every pair
+/// with it as the local side is collected at once, not at expiry; other
+/// identities' pairs stay; nothing is written again until an SVID is back.
+#[tokio::test(start_paused = true)]
+async fn a_revoked_local_svid_collects_its_pairs_at_once() {
+    let clock = clock();
+    let fake = Fake::new(clock.clone());
+    let store = Arc::new(MemoryAuthStore::default());
+    let h = start(
+        fake.clone(),
+        store.clone(),
+        clock.clone(),
+        ManagerConfig::default(),
+        NodeTable::in_memory("a"),
+        state(),
+    );
+    settle().await;
+    assert_eq!(store.snapshot().len(), 2, "both pairs of 256 written");
+    h.rotations.send(SvidChange::Revoked(999)).await.unwrap();
+    settle().await;
+    assert_eq!(
+        store.snapshot().len(),
+        2,
+        "an unrelated identity changes nothing"
+    );
+    h.rotations.send(SvidChange::Revoked(256)).await.unwrap();
+    settle().await;
+    assert!(
+        store.snapshot().is_empty(),
+        "256's pairs collected at once: {:?}",
+        store.snapshot()
+    );
+    assert_eq!(h.metrics.removed("svid_revoked"), 2);
     h.stop().await;
 }
 

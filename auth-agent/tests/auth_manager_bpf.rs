@@ -65,7 +65,11 @@ struct Running {
     desired: watch::Sender<Arc<DesiredState>>,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<()>,
-    _inputs: (mpsc::Sender<Pair>, mpsc::Sender<u32>, mpsc::Sender<()>),
+    _inputs: (
+        mpsc::Sender<Pair>,
+        mpsc::Sender<auth_agent::auth::rotation::SvidChange>,
+        mpsc::Sender<()>,
+    ),
     /// Remote identities of the handshakes the manager asked for.
     calls: Arc<Mutex<Vec<u32>>>,
 }

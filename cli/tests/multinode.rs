@@ -10,7 +10,7 @@
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use auth_agent::api::types::{AuthEntry, FlowRecord};
 use meshauth_lab::testbed::{Testbed, TestbedOptions};
@@ -731,4 +731,383 @@ async fn an_agent_killed_under_traffic(o: TestbedOptions) {
     assert_eq!(s2.failed, 0, "{s2:?}{}", logs(&tb));
     assert!(s2.ok > s1.ok, "{s1:?} → {s2:?}");
     assert_no_drops(&tb, "after the restart").await;
+}
+
+// ---------------------------------------------------------------------------
+// Chaos on real SPIRE: timelines with short TTLs (SVIDs of 10 s).
+
+/// SPIRE's CLI and health probes block; off the runtime's threads.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    tokio::task::block_in_place(f)
+}
+
+/// order-a → pay-b (payment's ingress requires authentication; node-b
+/// enforces), on real SPIRE with 10 s SVIDs, both nodes' agents up and
+/// node-b holding the pair. The testbed, payment's pod, a client in
+/// order-a and payment's server process.
+async fn chaos_pair(
+    prefix: &str,
+    net: u8,
+    ca_ttl: Option<Duration>,
+) -> (Testbed, PodInfo, PodProcess, PodProcess) {
+    let mut o = opts(prefix, net, true);
+    o.nodes = vec!["node-a".into(), "node-b".into()];
+    o.svid_ttl = Duration::from_secs(10);
+    o.spire_ca_ttl = ca_ttl;
+    let mut tb = Testbed::start(o).await.unwrap();
+    tb.add_pod("node-a", "order-a", ORDER).unwrap();
+    tb.add_pod("node-b", "pay-b", PAYMENT).unwrap();
+    tb.write("policy.yaml", POLICY).unwrap();
+    let order = blocking(|| tb.register("order-a")).unwrap();
+    let payment = blocking(|| tb.register("pay-b")).unwrap();
+    tb.start_agents().await.unwrap();
+    wait_entries(&tb, "node-b", &[(payment, order, "node-a")]).await;
+    let (pay, server) = serve(&tb, "pay-b");
+    let c = client(&tb, "order-a");
+    (tb, pay, c, server)
+}
+
+fn parse_time(s: &str) -> SystemTime {
+    let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|e| panic!("RFC 3339 time {s:?}: {e}"));
+    SystemTime::UNIX_EPOCH + Duration::from_nanos(u64::try_from(t.unix_timestamp_nanos()).unwrap())
+}
+
+/// The earliest NotAfter of the SVIDs `node`'s agent holds.
+async fn svid_not_after(tb: &Testbed, node: &str) -> Option<SystemTime> {
+    let s = tb.status(node).await.ok()?;
+    s.spire.next_expiry.as_deref().map(parse_time)
+}
+
+/// Expiry of node-b's entry for the pair.
+async fn pair_expiry(tb: &Testbed) -> Option<SystemTime> {
+    let e = tb.auth_entries("node-b").await.ok()?;
+    e.iter()
+        .filter(|e| e.node.as_deref() == Some("node-a"))
+        .map(|e| parse_time(&e.expiry))
+        .min()
+}
+
+fn secs(t: SystemTime, since: SystemTime) -> f64 {
+    match t.duration_since(since) {
+        Ok(d) => d.as_secs_f64(),
+        Err(e) => -e.duration().as_secs_f64(),
+    }
+}
+
+/// Polls new connections every 100 ms until one succeeds; how long it took.
+fn until_connects(c: &mut PodProcess, to: IpAddr, within: Duration) -> Option<Duration> {
+    let start = Instant::now();
+    while start.elapsed() < within {
+        if c.connect(to, 8080, Duration::from_millis(300)).is_ok() {
+            return Some(start.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    None
+}
+
+/// The SPIRE server SIGKILLed for less than the SVIDs' lifetime and started
+/// again: an established stream and the datapath see nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn chaos_a_short_server_outage_drops_nothing() {
+    let (mut tb, pay, mut c, _server) = chaos_pair("chshort", 161, None).await;
+    c.stream(
+        "s",
+        pay.ipv4.into(),
+        8080,
+        Duration::from_millis(20),
+        Duration::from_millis(500),
+    )
+    .unwrap();
+    let s0 = stream_until(&mut c, "the stream started", |s| s.ok > 0);
+    let before = svid_not_after(&tb, "node-b").await.unwrap();
+    tb.spire_mut().set_outage(true).unwrap();
+    // 3 s of round trips (150 at 20 ms), counted, while the server is dead:
+    // less than the 5 s an SVID has left at least (SPIRE rotates at half).
+    let s1 = stream_until(&mut c, "the stream during the outage", |s| {
+        s.ok >= s0.ok + 150 || s.failed > 0
+    });
+    blocking(|| tb.spire_mut().set_outage(false)).unwrap();
+    // Until node-b holds an SVID issued after the server came back.
+    tb.wait_for("a fresh SVID on node-b", Duration::from_secs(20), || {
+        let tb = &tb;
+        async move { svid_not_after(tb, "node-b").await.filter(|t| *t > before) }
+    })
+    .await
+    .unwrap();
+    let s2 = c.stream_stop("s").unwrap();
+    println!("short outage: {s0:?} → {s1:?} → {s2:?}");
+    assert_eq!(s2.failed, 0, "{s2:?}{}", logs(&tb));
+    assert_no_drops(&tb, "a short SPIRE server outage").await;
+}
+
+/// The SPIRE server SIGKILLed for longer than the SVIDs live: new flows pass
+/// until the SVIDs' NotAfter (±1 s), are dropped after it while the server
+/// is away, and pass again within 5 s of its return.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn chaos_a_long_server_outage_drops_at_not_after_and_recovers() {
+    let (mut tb, pay, mut c, _server) = chaos_pair("chlong", 162, None).await;
+    let to = IpAddr::from(pay.ipv4);
+    c.connect(to, 8080, T).unwrap();
+    tb.spire_mut().set_outage(true).unwrap();
+    let killed = SystemTime::now();
+    // The entry's expiry, once no fresh SVID can arrive: bounded by the
+    // SVIDs' NotAfter on both nodes.
+    let mut attempts: Vec<(SystemTime, bool)> = Vec::new();
+    let mut expiry = None;
+    let mut not_after = None;
+    let deadline = Instant::now() + Duration::from_secs(25);
+    let mut failed_since: Option<Instant> = None;
+    while Instant::now() < deadline {
+        if let Some(e) = pair_expiry(&tb).await {
+            expiry = Some(e);
+        }
+        // The SVIDs' NotAfter while they are held (they leave the caches
+        // when they expire).
+        if let (Some(a), Some(b)) = (
+            svid_not_after(&tb, "node-a").await,
+            svid_not_after(&tb, "node-b").await,
+        ) {
+            not_after = Some(a.min(b));
+        }
+        let at = SystemTime::now();
+        let ok = blocking(|| c.connect(to, 8080, Duration::from_millis(300))).is_ok();
+        attempts.push((at, ok));
+        if !ok && failed_since.is_none() {
+            failed_since = Some(Instant::now());
+        }
+        // Dropped for two more seconds: "until fresh SVIDs arrive".
+        if failed_since.is_some_and(|f| f.elapsed() > Duration::from_secs(2)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let expiry = expiry.expect("node-b held the pair's entry during the outage");
+    let first_fail = attempts.iter().find(|(_, ok)| !ok).map(|(t, _)| *t);
+    let timeline: Vec<String> = attempts
+        .iter()
+        .map(|(t, ok)| format!("{:+.1}{}", secs(*t, killed), if *ok { "✓" } else { "✗" }))
+        .collect();
+    println!(
+        "long outage: entry expiry {:+.2} s, SVIDs' NotAfter {:?}, attempts {}",
+        secs(expiry, killed),
+        not_after.map(|n| secs(n, killed)),
+        timeline.join(" ")
+    );
+    let n = not_after.expect("the SVIDs' NotAfter was seen during the outage");
+    {
+        assert!(
+            secs(expiry, n).abs() <= 1.0,
+            "the entry expires with the SVIDs: entry {:+.2} s, NotAfter {:+.2} s",
+            secs(expiry, killed),
+            secs(n, killed)
+        );
+    }
+    let first_fail =
+        first_fail.unwrap_or_else(|| panic!("never dropped: {timeline:?}{}", logs(&tb)));
+    assert!(
+        secs(first_fail, expiry).abs() <= 1.0,
+        "first drop {:+.2} s vs the SVIDs' expiry {:+.2} s (after the kill): {timeline:?}",
+        secs(first_fail, killed),
+        secs(expiry, killed)
+    );
+    assert!(
+        attempts
+            .iter()
+            .all(|(t, ok)| *ok || secs(*t, expiry) > -1.0),
+        "a flow was dropped before the SVIDs expired: {timeline:?}"
+    );
+    assert!(
+        attempts
+            .iter()
+            .all(|(t, ok)| !*ok || secs(*t, expiry) < 1.0),
+        "a flow passed after the SVIDs expired: {timeline:?}"
+    );
+    assert!(
+        drops(&tb, "node-b").await > 0,
+        "the drops are counted by the datapath"
+    );
+    blocking(|| tb.spire_mut().set_outage(false)).unwrap();
+    let back = blocking(|| until_connects(&mut c, to, Duration::from_secs(15)));
+    println!("traffic back {back:?} after the server's return");
+    let back =
+        back.unwrap_or_else(|| panic!("no traffic 15 s after the server came back{}", logs(&tb)));
+    assert!(
+        back <= Duration::from_secs(5),
+        "back after {back:?} (bound 5 s)"
+    );
+}
+
+/// node-b's spire-agent killed: node-b keeps its SVIDs and entries until
+/// they expire (flows pass until then), and its agent reconnects to the
+/// Workload API when the spire-agent returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn chaos_a_dead_spire_agent_keeps_entries_until_expiry_then_reconnects() {
+    let (mut tb, pay, mut c, _server) = chaos_pair("chagent", 163, None).await;
+    let to = IpAddr::from(pay.ipv4);
+    let reconnects = tb.status("node-b").await.unwrap().spire.reconnects;
+    tb.spire_mut()
+        .real_mut()
+        .unwrap()
+        .agent_mut("node-b")
+        .unwrap()
+        .kill();
+    let killed = SystemTime::now();
+    let not_after = svid_not_after(&tb, "node-b").await.unwrap();
+    let expiry = pair_expiry(&tb).await.unwrap();
+    assert!(
+        expiry <= not_after,
+        "the entry does not outlive node-b's SVID"
+    );
+    // Until shortly before expiry: the entry stays, flows pass.
+    while secs(SystemTime::now(), expiry) < -1.0 {
+        let e = pair_expiry(&tb).await;
+        assert_eq!(
+            e,
+            Some(expiry),
+            "node-b's entry is kept while its SVID lives"
+        );
+        blocking(|| c.connect(to, 8080, Duration::from_millis(300))).unwrap_or_else(|e| {
+            panic!(
+                "{:+.1} s after the kill: {e}{}",
+                secs(SystemTime::now(), killed),
+                logs(&tb)
+            )
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // After expiry: dropped.
+    tb.wait_for("a drop after expiry", Duration::from_secs(5), || {
+        let ok = blocking(|| c.connect(to, 8080, Duration::from_millis(300))).is_ok();
+        async move { (!ok).then_some(()) }
+    })
+    .await
+    .unwrap();
+    let s = tb.status("node-b").await.unwrap();
+    assert_ne!(s.spire.state, "connected", "{:?}", s.spire);
+    blocking(|| {
+        tb.spire_mut()
+            .real_mut()
+            .unwrap()
+            .agent_mut("node-b")
+            .unwrap()
+            .restart()
+    })
+    .unwrap();
+    let restarted = Instant::now();
+    let back =
+        blocking(|| until_connects(&mut c, to, Duration::from_secs(30))).unwrap_or_else(|| {
+            panic!(
+                "no traffic 30 s after the spire-agent returned{}",
+                logs(&tb)
+            )
+        });
+    let s = tb.status("node-b").await.unwrap();
+    println!(
+        "spire-agent back: traffic after {back:?}, source {} ({} reconnects)",
+        s.spire.state, s.spire.reconnects
+    );
+    assert!(restarted.elapsed() >= back);
+    assert_eq!(s.spire.state, "connected", "{:?}", s.spire);
+    assert!(s.spire.reconnects > reconnects, "{:?}", s.spire);
+}
+
+/// A real CA rotation (CA TTL 1 m: prepared at 30 s, active at 50 s): the
+/// new CA reaches the bundles, SVIDs are issued under it, and a stream of
+/// round trips across the activation sees no failure and no drop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn chaos_a_ca_rotation_drops_nothing() {
+    let (tb, pay, mut c, _server) = chaos_pair("chca", 164, Some(Duration::from_secs(60))).await;
+    c.stream(
+        "s",
+        pay.ipv4.into(),
+        8080,
+        Duration::from_millis(20),
+        Duration::from_millis(500),
+    )
+    .unwrap();
+    let log = |tb: &Testbed| tb.spire().real().unwrap().server().log();
+    let count = |text: &str, what: &str| text.matches(what).count();
+    let start = Instant::now();
+    tb.wait_for(
+        "a second X509 CA activated",
+        Duration::from_secs(90),
+        || {
+            let l = log(&tb);
+            async move { (count(&l, "X509 CA activated") >= 2).then_some(()) }
+        },
+    )
+    .await
+    .unwrap();
+    println!("CA rotated after {:?}", start.elapsed());
+    assert!(count(&log(&tb), "X509 CA prepared") >= 2);
+    // SVIDs under the new CA reach both nodes (rotation at half of 10 s),
+    // and the pair is authenticated with them.
+    let activated = SystemTime::now();
+    tb.wait_for(
+        "SVIDs issued after the activation",
+        Duration::from_secs(15),
+        || {
+            let tb = &tb;
+            async move {
+                let a = svid_not_after(tb, "node-a").await?;
+                let b = svid_not_after(tb, "node-b").await?;
+                (a > activated + Duration::from_secs(5) && b > activated + Duration::from_secs(5))
+                    .then_some(())
+            }
+        },
+    )
+    .await
+    .unwrap();
+    let bundle = tb.spire().real().unwrap().server().bundle_pem().unwrap();
+    assert!(
+        bundle.matches("BEGIN CERTIFICATE").count() >= 2,
+        "old and new CA in the bundle:\n{bundle}"
+    );
+    let s = c.stream_stop("s").unwrap();
+    println!("across the CA rotation: {s:?}");
+    assert!(s.ok > 1000, "{s:?}");
+    assert_eq!(s.failed, 0, "{s:?}{}", logs(&tb));
+    assert_no_drops(&tb, "across a CA rotation").await;
+}
+
+/// An entry deleted in SPIRE: the SVID leaves node-b's cache and the pairs
+/// that needed it are collected from node-b's auth map.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn chaos_an_entry_deleted_collects_its_pairs() {
+    let (mut tb, _pay, _c, _server) = chaos_pair("chentry", 165, None).await;
+    let payment = blocking(|| tb.identity_of("pay-b")).unwrap();
+    let held = tb.status("node-b").await.unwrap().spire.svids;
+    assert_eq!(held, 1);
+    blocking(|| tb.unregister_identity(payment, "node-b")).unwrap();
+    let gone = Instant::now();
+    tb.wait_for("node-b's SVID gone", Duration::from_secs(10), || {
+        let tb = &tb;
+        async move { (tb.status("node-b").await.ok()?.spire.svids == 0).then_some(()) }
+    })
+    .await
+    .unwrap();
+    let svid_gone = gone.elapsed();
+    let expiry = pair_expiry(&tb).await;
+    wait_entries(&tb, "node-b", &[]).await;
+    let collected = SystemTime::now();
+    println!(
+        "after the entry's deletion (SPIRE's agent no longer serving it): SVID gone from node-b's cache in {svid_gone:?}, pair collected in {:?}",
+        gone.elapsed()
+    );
+    // At once, not when the entry would have expired (it was collected at
+    // expiry, up to an SVID lifetime later, before revocations were seen).
+    if let Some(expiry) = expiry {
+        assert!(
+            secs(collected, expiry) < -1.0,
+            "collected {:+.1} s from its expiry: not before it",
+            secs(collected, expiry)
+        );
+    }
+    assert!(
+        gone.elapsed() < Duration::from_secs(3),
+        "collected {:?} after the SVID left the cache",
+        gone.elapsed()
+    );
 }

@@ -89,6 +89,9 @@ pub struct TestbedOptions {
     /// Run real SPIRE from this directory (`spire-server`, `spire-agent`,
     /// the version `tools/spire/go.mod` pins) instead of spire-dev.
     pub spire_bin: Option<PathBuf>,
+    /// Real SPIRE's CA lifetime (None: six SVID lifetimes, at least a day);
+    /// short, to see CA rotations.
+    pub spire_ca_ttl: Option<Duration>,
 }
 
 impl Default for TestbedOptions {
@@ -104,6 +107,7 @@ impl Default for TestbedOptions {
             agent_args: Vec::new(),
             agent_bin: None,
             spire_bin: None,
+            spire_ca_ttl: None,
         }
     }
 }
@@ -192,6 +196,7 @@ impl Testbed {
             &opts.nodes,
             opts.svid_ttl,
             opts.spire_bin.as_deref(),
+            opts.spire_ca_ttl,
         )
         .await?;
         let mut fc = FilesConfig::new(root.path().join("manifests"));

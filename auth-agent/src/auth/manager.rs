@@ -89,7 +89,7 @@ pub struct ManagerInputs {
     /// Local identities whose SVID changed
     /// ([`forward_rotations`](super::rotation::forward_rotations) maps
     /// svid-cache's events to these).
-    pub rotations: mpsc::Receiver<u32>,
+    pub rotations: mpsc::Receiver<super::rotation::SvidChange>,
     /// Sweep ticks ([`spawn_sweep_schedule`](super::schedule::spawn_sweep_schedule)
     /// sends them on the cron schedule).
     pub sweep: mpsc::Receiver<()>,
@@ -210,7 +210,8 @@ impl<A: Authenticator, S: AuthStore> AuthManager<A, S> {
                     None => signals_open = false,
                 },
                 r = inputs.rotations.recv(), if rotations_open => match r {
-                    Some(identity) => self.on_rotation(identity),
+                    Some(super::rotation::SvidChange::New(identity)) => self.on_rotation(identity),
+                    Some(super::rotation::SvidChange::Revoked(identity)) => self.on_revoked(identity),
                     None => rotations_open = false,
                 },
                 t = inputs.sweep.recv(), if sweep_open => match t {
@@ -374,6 +375,31 @@ impl<A: Authenticator, S: AuthStore> AuthManager<A, S> {
             self.backoff.remove(&p);
             self.request(p, true);
         }
+    }
+
+    /// SPIRE no longer serves `identity` here: every entry with it as the
+    /// local side goes now (the pairs stay wanted: they are authenticated
+    /// again if an SVID comes back).
+    fn on_revoked(&mut self, identity: u32) {
+        let pairs: BTreeSet<Pair> = self
+            .entries
+            .keys()
+            .copied()
+            .chain(self.untracked().into_iter().map(|(p, _)| p))
+            .filter(|p| p.local == identity)
+            .collect();
+        for p in pairs {
+            self.remove_entry(p, "svid_revoked");
+        }
+        // A handshake under way proved the old SVID: its result is not
+        // written (the pair is tried again, and fails without an SVID).
+        let flying: Vec<Pair> = self
+            .in_flight
+            .iter()
+            .filter(|p| p.local == identity)
+            .copied()
+            .collect();
+        self.superseded.extend(flying);
     }
 
     fn sweep(&mut self) {

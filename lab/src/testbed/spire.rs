@@ -124,6 +124,7 @@ impl Spire {
         nodes: &[String],
         svid_ttl: Duration,
         bin: Option<&Path>,
+        ca_ttl: Option<Duration>,
     ) -> Result<Self, TestbedError> {
         let Some(bin) = bin else {
             let mut cfg = DevConfig::new(dir.to_owned());
@@ -141,8 +142,9 @@ impl Spire {
             // A CA of at least six SVID lifetimes (SPIRE's rule for never
             // cutting an SVID short) and a day; agents' own SVIDs last
             // 12 h, so a server outage strands no (join-token) agent.
-            st.server.ca_ttl = (svid_ttl * 6).max(Duration::from_secs(24 * 3600));
-            st.server.agent_ttl = Some(Duration::from_secs(12 * 3600));
+            st.server.ca_ttl =
+                ca_ttl.unwrap_or_else(|| (svid_ttl * 6).max(Duration::from_secs(24 * 3600)));
+            st.server.agent_ttl = Some(Duration::from_secs(12 * 3600).min(st.server.ca_ttl));
             st.agent.sync_interval = Some(Duration::from_millis(500));
             let server = SpireServer::start(&bin, &st).map_err(spire_err)?;
             let mut agents = BTreeMap::new();
