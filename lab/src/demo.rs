@@ -154,7 +154,7 @@ async fn scenario(tb: &mut Testbed, opts: &DemoOptions, c: &mut Checks) -> Resul
         println!("      {l}");
     }
     println!(
-        "    SVID lifetime {} s (SPIRE rotates at half of it)",
+        "    SVID lifetime {} s (SPIRE renews an SVID once less than half of its validity, 10 s backdate included, is left: with a TTL this short, at every sync)",
         opts.ttl.as_secs()
     );
 

@@ -1,5 +1,5 @@
 //! A node agent: holds the SVIDs of the entries parented to its node, renews
-//! each at half-life, and serves them on its Workload API socket and its
+//! each as SPIRE does (once less than half of its validity is left), and serves them on its Workload API socket and its
 //! Delegated Identity API (admin) socket.
 //!
 //! The Workload API caller is treated as matching every entry of the node

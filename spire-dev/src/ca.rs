@@ -16,6 +16,10 @@ use crate::entries::SpiffeId;
 /// How far before issuance an SVID's NotBefore is set, for peers whose clocks
 /// run a little behind (SPIRE backdates by the same amount).
 pub const SVID_BACKDATE: Duration = Duration::from_secs(10);
+
+/// The earliest an SVID is renewed after its issuance (see
+/// [`Svid::renew_at`]).
+pub const MIN_RENEWAL_AGE: Duration = Duration::from_secs(1);
 /// Lifetime of a CA certificate.
 pub const CA_TTL: Duration = Duration::from_secs(10 * 365 * 86_400);
 
@@ -79,13 +83,22 @@ pub struct Svid {
 }
 
 impl Svid {
-    /// The time the agent renews it: half-way between issuance and NotAfter.
+    /// The time the agent renews it, as SPIRE's agent does: when less than
+    /// half of the certificate's validity (NotBefore to NotAfter, the
+    /// backdate included) is left — but not sooner than
+    /// [`MIN_RENEWAL_AGE`] after issuance (SPIRE renews at its syncs, so a
+    /// TTL at or under the backdate makes both renew at every chance
+    /// rather than in a tight loop).
     pub fn renew_at(&self) -> SystemTime {
-        let life = self
+        let validity = self
             .not_after
-            .duration_since(self.issued_at)
+            .duration_since(self.not_before)
             .unwrap_or_default();
-        self.issued_at + life / 2
+        let half_left = self
+            .not_after
+            .checked_sub(validity / 2)
+            .unwrap_or(self.issued_at);
+        half_left.max(self.issued_at + MIN_RENEWAL_AGE)
     }
 
     /// Whether NotAfter has passed at `now`.
@@ -334,7 +347,15 @@ mod tests {
             a.not_after.duration_since(a.issued_at).expect("order"),
             Duration::from_secs(4)
         );
-        assert_eq!(a.renew_at(), a.issued_at + Duration::from_secs(2));
+        // 4 s TTL, 10 s backdate: half of the 14 s validity is left before
+        // issuance, so renewal comes at the floor.
+        assert_eq!(a.renew_at(), a.issued_at + MIN_RENEWAL_AGE);
+        let long = ca.issue(&id, Duration::from_secs(3600)).expect("issue");
+        assert_eq!(
+            long.renew_at(),
+            long.not_after - (Duration::from_secs(3600) + SVID_BACKDATE) / 2,
+            "half of NotBefore..NotAfter left, as SPIRE's agent"
+        );
         assert_eq!(
             a.issued_at.duration_since(a.not_before).expect("order"),
             SVID_BACKDATE

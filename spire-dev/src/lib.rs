@@ -3,8 +3,9 @@
 //!
 //! One [`server::SpireServer`] (an rcgen ECDSA P-256 root CA and registration
 //! entries) and one [`agent::NodeAgent`] per node. Each agent holds the
-//! X.509-SVIDs of the entries parented to its node, renews them at half-life,
-//! and serves them on
+//! X.509-SVIDs of the entries parented to its node, renews them as SPIRE
+//! does (once less than half of NotBefore..NotAfter is left), and serves
+//! them on
 //! - the SPIFFE Workload API ([`workload_api`]) at `<dir>/agents/<node>/agent.sock`,
 //!   wire-compatible with a SPIRE agent (the caller is treated as matching every
 //!   entry of the node: no workload attestation), and

@@ -1,5 +1,5 @@
 //! The agent's sync with the server: issue SVIDs for new entries, drop removed
-//! ones, renew at half-life or when the CA rotated, follow the bundle. A task
+//! ones, renew when half of the validity is left or when the CA rotated, follow the bundle. A task
 //! runs it whenever the server changes or the next renewal is due.
 
 use std::sync::Arc;
@@ -130,7 +130,7 @@ pub(super) async fn run(shared: Arc<Shared>) {
         };
         let timer = async {
             match sleep {
-                // Precise wake-up: renewal at half-life even for TTLs of seconds.
+                // Precise wake-up: renewal on time even for TTLs of seconds.
                 Some(d) => tokio::time::sleep(d).await,
                 None => std::future::pending().await,
             }
