@@ -1,6 +1,7 @@
 //! A node agent: holds the SVIDs of the entries parented to its node, renews
-//! each as SPIRE does (once less than half of its validity is left), and serves them on its Workload API socket and its
-//! Delegated Identity API (admin) socket.
+//! each as SPIRE does (once less than half of its validity is left), and
+//! serves them on its Workload API socket and its Delegated Identity API
+//! (admin) socket.
 //!
 //! The Workload API caller is treated as matching every entry of the node
 //! (spire-dev does no workload attestation). While the server is in outage the
