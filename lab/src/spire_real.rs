@@ -599,6 +599,19 @@ impl SpireAgent {
         &self.socket
     }
 
+    /// The SPIFFE IDs the agent serves this process, read with SPIRE's own
+    /// client (`spire-agent api fetch x509`); empty when it serves none.
+    pub fn served(&self) -> Result<Vec<String>, SpireError> {
+        let out = run(Command::new(self.bin.join("spire-agent"))
+            .args(["api", "fetch", "x509", "-timeout", "5s", "-socketPath"])
+            .arg(&self.socket))?;
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("SPIFFE ID:"))
+            .map(|s| s.trim().to_owned())
+            .collect())
+    }
+
     /// The agent's log so far.
     pub fn log(&self) -> String {
         self.proc.log_text()

@@ -141,6 +141,9 @@ pub(crate) struct Shared {
     sync_lock: Mutex<()>,
     /// Whether the agent is up; the sync task pauses while down.
     up: watch::Sender<bool>,
+    /// SPIRE's `authorized_delegates` for the admin socket (None: every
+    /// caller may use it, spire-dev's lax default).
+    pub(crate) authorized_delegates: Option<Vec<String>>,
 }
 
 /// The servers of an agent that is up.
@@ -169,6 +172,7 @@ impl NodeAgent {
         server: &SpireServer,
         node: &str,
         paths: AgentPaths,
+        authorized_delegates: Option<Vec<String>>,
     ) -> Result<Self, AgentError> {
         let shared = Arc::new(Shared {
             node: node.to_owned(),
@@ -179,6 +183,7 @@ impl NodeAgent {
             })),
             sync_lock: Mutex::new(()),
             up: watch::Sender::new(true),
+            authorized_delegates,
         });
         sync::sync_once(&shared);
         let sync_task = tokio::spawn(sync::run(shared.clone()));

@@ -50,6 +50,10 @@ pub struct ServeArgs {
     /// Default SVID TTL (e.g. 1h, 30s).
     #[arg(long, default_value = "1h", value_parser = parse_duration)]
     pub ttl: Duration,
+    /// A SPIFFE ID allowed on the agents' admin sockets, as SPIRE's
+    /// `authorized_delegates` (repeatable); without it every caller is.
+    #[arg(long = "authorized-delegate")]
+    pub authorized_delegates: Vec<String>,
 }
 
 /// `spire-dev ctl`.
@@ -216,6 +220,8 @@ pub fn dev_config(args: &ServeArgs) -> anyhow::Result<DevConfig> {
         nodes: args.nodes.clone(),
         entries,
         control_socket: true,
+        authorized_delegates: (!args.authorized_delegates.is_empty())
+            .then(|| args.authorized_delegates.clone()),
     })
 }
 

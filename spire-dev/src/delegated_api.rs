@@ -1,8 +1,10 @@
 //! SPIRE's Delegated Identity API on a node agent's admin socket: X.509-SVIDs
 //! of the entries whose selectors are all contained in the request's
 //! selectors, and the X.509 bundles. spire-dev attests by selectors only: a
-//! request by PID is unimplemented. JWT methods are unimplemented. Unlike
-//! SPIRE, callers are not checked against an authorized-delegates list.
+//! request by PID is unimplemented. JWT methods are unimplemented. With
+//! authorized delegates configured, a caller is refused as SPIRE refuses it
+//! unless its node holds an SVID for one of them (spire-dev's callers match
+//! every entry of their node); without, every caller may subscribe.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -28,6 +30,7 @@ use crate::workload_api::trust_domain_id;
 #[derive(Debug, Clone)]
 pub struct DelegatedIdentityService {
     node: String,
+    delegates: Option<Vec<String>>,
     state: watch::Receiver<Arc<AgentSnapshot>>,
     down: watch::Receiver<bool>,
 }
@@ -36,6 +39,7 @@ impl DelegatedIdentityService {
     pub(crate) fn new(shared: &Shared, down: watch::Receiver<bool>) -> Self {
         Self {
             node: shared.node().to_owned(),
+            delegates: shared.authorized_delegates.clone(),
             state: shared.subscribe(),
             down,
         }
@@ -55,7 +59,30 @@ impl DelegatedIdentityService {
         }
         let mut rx = self.state.clone();
         let snapshot = rx.borrow_and_update().clone();
+        self.authorize(&snapshot)?;
         Ok((rx, snapshot))
+    }
+
+    /// SPIRE's check of the caller against `authorized_delegates`, with its
+    /// codes and messages: no identity at all, or none of them a delegate.
+    fn authorize(&self, snapshot: &AgentSnapshot) -> Result<(), Status> {
+        let Some(delegates) = &self.delegates else {
+            return Ok(());
+        };
+        if snapshot.svids.is_empty() {
+            return Err(Status::permission_denied(spire_proto::NO_IDENTITY_ISSUED));
+        }
+        if snapshot
+            .svids
+            .iter()
+            .any(|h| delegates.contains(&h.svid.spiffe_id.to_string()))
+        {
+            Ok(())
+        } else {
+            Err(Status::permission_denied(
+                "caller not configured as an authorized delegate",
+            ))
+        }
     }
 }
 

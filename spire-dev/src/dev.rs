@@ -62,6 +62,12 @@ pub struct DevConfig {
     pub entries: Vec<EntrySpec>,
     /// Whether to serve `<dir>/control.sock`.
     pub control_socket: bool,
+    /// SPIRE's `authorized_delegates` for every agent's admin socket: a
+    /// caller may use the Delegated Identity API only if its node holds an
+    /// SVID for one of these SPIFFE IDs (spire-dev's callers match every
+    /// entry of their node), refused as SPIRE refuses otherwise. None:
+    /// every caller may (spire-dev's lax default).
+    pub authorized_delegates: Option<Vec<String>>,
 }
 
 impl DevConfig {
@@ -75,6 +81,7 @@ impl DevConfig {
             nodes: Vec::new(),
             entries: Vec::new(),
             control_socket: true,
+            authorized_delegates: None,
         }
     }
 }
@@ -156,8 +163,13 @@ impl SpireDev {
             if agents.contains_key(&node) {
                 continue;
             }
-            let agent =
-                NodeAgent::start(&server, &node, AgentPaths::under(&config.dir, &node)).await?;
+            let agent = NodeAgent::start(
+                &server,
+                &node,
+                AgentPaths::under(&config.dir, &node),
+                config.authorized_delegates.clone(),
+            )
+            .await?;
             agents.insert(node, agent);
         }
         let dev = Self {

@@ -437,3 +437,147 @@ async fn spire_dev_answers_the_workload_api_like_spire() {
     assert_eq!(d.bundles_keys, r.bundles_keys);
     assert_eq!(d.last_entry_removed, r.last_entry_removed);
 }
+
+/// The admin socket's answer to SubscribeToX509SVIDs (selectors
+/// `unix:uid:4001`): the refusal, or Ok with the SPIFFE IDs of the first
+/// message.
+async fn subscribe(admin: &Path) -> Result<Vec<String>, (tonic::Code, String)> {
+    use spire_proto::delegatedidentity::SubscribeToX509sviDsRequest;
+    use spire_proto::delegatedidentity::delegated_identity_client::DelegatedIdentityClient;
+    use tokio::net::UnixStream;
+    use tonic::transport::{Endpoint, Uri};
+    let p = admin.to_owned();
+    let channel = Endpoint::from_static("http://admin.invalid")
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let p = p.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(UnixStream::connect(p).await?))
+            }
+        }))
+        .await
+        .unwrap_or_else(|e| panic!("connecting to {}: {e}", admin.display()));
+    let mut c = DelegatedIdentityClient::new(channel);
+    let req = SubscribeToX509sviDsRequest {
+        selectors: vec![spire_proto::types::Selector {
+            r#type: "unix".into(),
+            value: "uid:4001".into(),
+        }],
+        pid: 0,
+    };
+    let first = async {
+        let mut s = c.subscribe_to_x509svi_ds(req).await?.into_inner();
+        s.message()
+            .await?
+            .ok_or_else(|| tonic::Status::unknown("ended without a message"))
+    };
+    match first.await {
+        Ok(m) => Ok(m
+            .x509_svids
+            .iter()
+            .filter_map(|s| s.x509_svid.as_ref()?.id.as_ref())
+            .map(|id| format!("spiffe://{}{}", id.trust_domain, id.path))
+            .collect()),
+        Err(s) => Err(status_of(&s)),
+    }
+}
+
+/// Delegated Identity API refusal: a caller whose only identity is not an
+/// authorized delegate is refused with SPIRE's code and message, by both;
+/// once it holds the delegate's identity, both serve it the SVIDs of the
+/// selectors it asked for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spire_dev_refuses_a_delegated_api_caller_like_spire() {
+    let delegate = format!("spiffe://{TD}/meshauth/agent");
+    let other = format!("spiffe://{TD}/ops/not-a-delegate");
+    let pod = format!("spiffe://{TD}/identity/500");
+
+    // spire-dev: its callers match every entry of their node.
+    let dir = tempdir();
+    let mut cfg = DevConfig::new(dir.path().join("spire"));
+    cfg.nodes = vec![NODE.into()];
+    cfg.control_socket = false;
+    cfg.authorized_delegates = Some(vec![delegate.clone()]);
+    let dev = SpireDev::start(cfg).await.unwrap_or_else(|e| panic!("{e}"));
+    let add = |sid: &str, selectors: &[&str]| {
+        let mut spec = EntrySpec::new(NODE, SpiffeId::parse(sid).unwrap_or_else(|e| panic!("{e}")));
+        spec.selectors = selectors
+            .iter()
+            .map(|s| {
+                let (k, v) = s.split_once(':').unwrap_or_else(|| panic!("{s}"));
+                spire_dev::Selector::new(k.to_owned(), v.to_owned())
+            })
+            .collect();
+        dev.add_entry(spec).unwrap_or_else(|e| panic!("{e}"));
+    };
+    add(&other, &["unix:uid:1"]);
+    add(&pod, &["unix:uid:4001"]);
+    let admin = dev
+        .agent(NODE)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .admin_socket()
+        .to_owned();
+    let dev_refused = subscribe(&admin).await;
+    add(&delegate, &["unix:uid:1"]);
+    let dev_served = subscribe(&admin).await;
+
+    // SPIRE: attests the caller (this process, by uid).
+    let bin = spire_bin();
+    let rdir = tempdir();
+    let mut st = settings(rdir.path(), TD).unwrap_or_else(|e| panic!("{e}"));
+    st.agent.admin_socket_path = Some(rdir.path().join("admin").join("admin.sock"));
+    st.agent.authorized_delegates = vec![delegate.clone()];
+    st.agent.sync_interval = Some(Duration::from_millis(500));
+    let (server, agent) = tokio::task::block_in_place(|| {
+        let server = SpireServer::start(&bin, &st).unwrap_or_else(|e| panic!("{e}"));
+        let alias = format!("spiffe://{TD}/meshauth/node/{NODE}");
+        let token = server.join_token(&alias).unwrap_or_else(|e| panic!("{e}"));
+        let agent = SpireAgent::start(&bin, &server, &st, &token).unwrap_or_else(|e| panic!("{e}"));
+        let me = format!("unix:uid:{}", own_uid());
+        server
+            .create_entry(&alias, &other, &[&me])
+            .unwrap_or_else(|e| panic!("{e}"));
+        server
+            .create_entry(&alias, &pod, &["unix:uid:4001"])
+            .unwrap_or_else(|e| panic!("{e}"));
+        (server, agent)
+    });
+    let wait_served = |want: &str| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !agent
+            .served()
+            .unwrap_or_else(|e| panic!("{e}"))
+            .iter()
+            .any(|s| s == want)
+        {
+            assert!(
+                Instant::now() < deadline,
+                "SPIRE did not serve {want} in 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    tokio::task::block_in_place(|| wait_served(&other));
+    let real_admin = st.agent.admin_socket_path.clone().unwrap_or_default();
+    let real_refused = subscribe(&real_admin).await;
+    tokio::task::block_in_place(|| {
+        let alias = format!("spiffe://{TD}/meshauth/node/{NODE}");
+        server
+            .create_entry(&alias, &delegate, &[&format!("unix:uid:{}", own_uid())])
+            .unwrap_or_else(|e| panic!("{e}"));
+        wait_served(&delegate);
+    });
+    let real_served = subscribe(&real_admin).await;
+
+    println!("refused: spire-dev {dev_refused:?}, SPIRE {real_refused:?}");
+    println!("served:  spire-dev {dev_served:?}, SPIRE {real_served:?}");
+    assert_eq!(
+        real_refused,
+        Err((
+            tonic::Code::PermissionDenied,
+            "caller not configured as an authorized delegate".to_owned()
+        ))
+    );
+    assert_eq!(dev_refused, real_refused, "the same refusal");
+    assert_eq!(real_served, Ok(vec![pod.clone()]));
+    assert_eq!(dev_served, real_served, "the same SVIDs once authorized");
+}

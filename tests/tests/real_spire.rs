@@ -9,14 +9,19 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant, SystemTime};
 
-use meshauth_tests::real_spire::{SpireAgent, own_uid, spire_bin, start_server};
+use meshauth_tests::real_spire::{
+    SpireAgent, SpireServer, own_uid, settings, spire_bin, start_server,
+};
 use meshauth_tests::{TD, init_tracing, leaf};
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 use spire_config::entries::{Entry, Scope, Selection, Selector, Wanted, desired};
 use spire_config::entry_api::{EntryClient, reconcile};
 use spire_config::{DataStore, Deployment, Settings, render_agent, render_server};
-use svid_cache::{CacheConfig, SvidCache, TrustDomain, WorkloadApiConfig, spawn_workload_api};
+use svid_cache::{
+    CacheConfig, DelegatedIdentityConfig, SvidCache, TrustDomain, WorkloadApiConfig,
+    spawn_delegated_identity, spawn_workload_api,
+};
 use tokio_util::sync::CancellationToken;
 
 /// The identity the test registers: `spiffe://meshauth.local/identity/4242`,
@@ -452,4 +457,112 @@ fn rendered_kubernetes_configs_pass_spire_validate() {
         !out.status.success(),
         "spire-server validate accepted a broken file"
     );
+}
+
+/// SPIRE's Delegated Identity API, meshauth's second SVID mode, against a
+/// real agent: the agent's admin socket (rendered by spire-config, outside
+/// the Workload API socket's directory) refuses a caller that is not an
+/// authorized delegate, and serves an authorized one exactly the SVIDs of
+/// the entries whose selectors it asks for.
+#[tokio::test]
+async fn delegated_identity_serves_a_pods_svids_only_to_an_authorized_delegate()
+-> anyhow::Result<()> {
+    init_tracing();
+    let bin = spire_bin();
+    let dir = tempfile::Builder::new()
+        .prefix("meshauth-spire-")
+        .tempdir()?;
+    let delegate = format!("spiffe://{TD}/meshauth/agent");
+    let mut st = settings(dir.path(), TD)?;
+    st.agent.admin_socket_path = Some(dir.path().join("admin").join("admin.sock"));
+    st.agent.authorized_delegates = vec![delegate.clone()];
+    st.agent.sync_interval = Some(Duration::from_millis(500));
+    let server = SpireServer::start(&bin, &st)?;
+    let alias = format!("spiffe://{TD}/meshauth/node/n1");
+    let token = server.join_token(&alias)?;
+    let agent = SpireAgent::start(&bin, &server, &st, &token)?;
+    // Two "pods", told apart by uid.
+    server.create_entry(
+        &alias,
+        &format!("spiffe://{TD}/identity/500"),
+        &["unix:uid:4001"],
+    )?;
+    server.create_entry(
+        &alias,
+        &format!("spiffe://{TD}/identity/501"),
+        &["unix:uid:4002"],
+    )?;
+
+    // This process has an identity, but not the delegate's.
+    server.create_entry(
+        &alias,
+        &format!("spiffe://{TD}/ops/not-a-delegate"),
+        &[&format!("unix:uid:{}", own_uid())],
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while agent.served()?.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the agent did not serve this process its ID in 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let cache = SvidCache::new(CacheConfig {
+        trust_domain: TrustDomain::new(TD)?,
+        ..CacheConfig::default()
+    });
+    let stop = CancellationToken::new();
+    let admin = st
+        .agent
+        .admin_socket_path
+        .clone()
+        .unwrap_or_else(|| panic!("no admin socket"));
+    let source = spawn_delegated_identity(
+        DelegatedIdentityConfig::new(admin, vec![("unix".into(), "uid:4001".into())]),
+        cache.clone(),
+        stop.clone(),
+    );
+
+    // Not a delegate (its only ID is not in authorized_delegates): SPIRE
+    // refuses, and the cache stays empty.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let refusal = loop {
+        if let Some((_, e)) = source.status().last_error {
+            break e.to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no answer from the admin socket in 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    println!("not yet a delegate: {refusal}");
+    assert!(
+        refusal.contains("PermissionDenied") && refusal.contains("authorized delegate"),
+        "SPIRE refuses an unauthorized caller: {refusal}"
+    );
+    assert!(cache.identities().is_empty());
+
+    // This process becomes the delegate: the source (reconnecting with
+    // backoff) gets identity 500, whose selectors it asked for, and not 501.
+    server.create_entry(&alias, &delegate, &[&format!("unix:uid:{}", own_uid())])?;
+    let mut generation = cache.watch_generation();
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while cache.get(500).is_none() {
+            generation.changed().await.unwrap_or_else(|e| panic!("{e}"));
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no SVID for identity 500 in 60 s: {:?}", source.status()));
+    let svid = cache.get(500).unwrap_or_else(|| panic!("identity 500"));
+    assert_eq!(leaf(&svid).spiffe_id, format!("spiffe://{TD}/identity/500"));
+    assert_eq!(
+        cache.identities(),
+        [500],
+        "only the asked-for selectors' SVIDs"
+    );
+    stop.cancel();
+    source.join().await;
+    Ok(())
 }

@@ -13,7 +13,6 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use spire_dev::{DevConfig, EntrySpec, SpiffeId, SpireDev};
@@ -42,7 +41,6 @@ fn identity_id(identity: u32) -> String {
 /// Real SPIRE: the server and one agent per node.
 #[derive(Debug)]
 pub struct RealSpire {
-    bin: PathBuf,
     server: SpireServer,
     agents: BTreeMap<String, SpireAgent>,
 }
@@ -71,17 +69,7 @@ impl RealSpire {
             .agents
             .get(node)
             .ok_or_else(|| TestbedError::Failed(format!("no SPIRE agent for {node}")))?;
-        let out = Command::new(self.bin.join("spire-agent"))
-            .args(["api", "fetch", "x509", "-timeout", "5s", "-socketPath"])
-            .arg(agent.workload_socket())
-            .output()
-            .map_err(|e| spire_err(format!("spire-agent api fetch x509: {e}")))?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        Ok(text
-            .lines()
-            .filter_map(|l| l.trim().strip_prefix("SPIFFE ID:"))
-            .map(|s| s.trim().to_owned())
-            .collect())
+        agent.served().map_err(spire_err)
     }
 
     /// Waits until `node`'s agent serves `identity` (`present`) or not.
@@ -155,11 +143,7 @@ impl Spire {
                 let agent = SpireAgent::start(&bin, &server, &ast, &token).map_err(spire_err)?;
                 agents.insert(n.clone(), agent);
             }
-            Ok(Self::Real(Box::new(RealSpire {
-                bin,
-                server,
-                agents,
-            })))
+            Ok(Self::Real(Box::new(RealSpire { server, agents })))
         })
         .await
         .map_err(|e| TestbedError::Failed(format!("starting SPIRE: {e}")))?
