@@ -479,16 +479,22 @@ async fn a_rotated_local_svid_reauthenticates_its_pairs_at_once() {
     );
     settle().await;
     assert_eq!(fake.calls().len(), 2);
-    h.rotations.send(SvidChange::New(256)).await.unwrap();
+    h.rotations.send(SvidChange::Rotated(256)).await.unwrap();
     settle().await;
     assert_eq!(fake.calls().len(), 4, "both pairs of 256 re-authenticated");
-    h.rotations.send(SvidChange::New(999)).await.unwrap();
+    h.rotations.send(SvidChange::Rotated(999)).await.unwrap();
     settle().await;
     assert_eq!(
         fake.calls().len(),
         4,
         "an unrelated identity changes nothing"
     );
+    // A first SVID (Added) does not redo pairs with a live entry: after a
+    // restart they were read back, bounded by the SVID they were proved
+    // with.
+    h.rotations.send(SvidChange::Added(256)).await.unwrap();
+    settle().await;
+    assert_eq!(fake.calls().len(), 4, "live entries are kept on Added");
     h.stop().await;
 }
 

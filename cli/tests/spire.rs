@@ -8,7 +8,9 @@ use std::os::unix::fs::PermissionsExt as _;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use meshauth_tests::real_spire::{SpireServer, spire_bin, start_server};
+use meshauth_tests::real_spire::{
+    SpireAgent, SpireServer, agent_settings, own_uid, spire_bin, start_server,
+};
 
 fn meshauth() -> Command {
     Command::new(env!("CARGO_BIN_EXE_meshauth"))
@@ -186,10 +188,12 @@ fn wait_for(server: &SpireServer, want: &BTreeSet<(String, String)>, log: &std::
     }
 }
 
-/// `meshauth spire reconcile` against SPIRE 1.13.3: `--once` creates the
-/// entries the manifests call for and a second run changes nothing; the
-/// continuous mode puts back an entry deleted by hand, follows a pod to
-/// another node (least privilege: the old node's entry goes) and stops on
+/// `meshauth spire reconcile` against SPIRE 1.13.3 with one SPIRE agent
+/// per node: `--once` creates the entries the manifests call for (each
+/// node's agent serves only its own pods' identities) and a second run
+/// changes nothing; the continuous mode puts back an entry deleted by hand,
+/// follows a pod to another node (least privilege: the old node's agent
+/// stops serving that identity, the new one serves it) and stops on
 /// SIGTERM.
 #[test]
 fn reconcile_keeps_real_spire_in_step_with_the_manifests() -> anyhow::Result<()> {
@@ -217,6 +221,17 @@ fn reconcile_keeps_real_spire_in_step_with_the_manifests() -> anyhow::Result<()>
         &manifests.join("ord.yaml"),
         &pod_yaml("ord", "order", "node-b", "10.0.2.10"),
     );
+    // One real SPIRE agent per node, attested with a join token aliased to
+    // the parent the reconciler uses; the entries select this process.
+    let node_agent = |node: &str| -> anyhow::Result<SpireAgent> {
+        let mut st = server.settings().clone();
+        agent_settings(&mut st, &dir.path().join("agents").join(node))?;
+        st.agent.sync_interval = Some(Duration::from_millis(500));
+        let token = server.join_token(&format!("spiffe://{TD}/meshauth/node/{node}"))?;
+        Ok(SpireAgent::start(&bin, &server, &st, &token)?)
+    };
+    let (agent_a, agent_b) = (node_agent("node-a")?, node_agent("node-b")?);
+    let me = format!("unix:uid:{}", own_uid());
     let identity_file = dir.path().join("identities.json");
     let args = |extra: &[&str]| {
         let mut c = meshauth();
@@ -226,6 +241,7 @@ fn reconcile_keeps_real_spire_in_step_with_the_manifests() -> anyhow::Result<()>
             .arg(&identity_file)
             .arg("--server-socket")
             .arg(server.socket())
+            .args(["--agent-selector", &me])
             .args(extra);
         c
     };
@@ -261,6 +277,19 @@ fn reconcile_keeps_real_spire_in_step_with_the_manifests() -> anyhow::Result<()>
     let (pay, ord) = (number("payment"), number("order"));
     let want = BTreeSet::from([pair(&pay, "node-a"), pair(&ord, "node-b")]);
     assert_eq!(ours(&server), want);
+    // Each node's SPIRE agent serves only its own pods' identities.
+    for (agent, id) in [(&agent_a, &pay), (&agent_b, &ord)] {
+        let want = vec![format!("spiffe://{TD}/identity/{id}")];
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while agent.served()? != want {
+            assert!(
+                Instant::now() < deadline,
+                "served {:?}, want {want:?}",
+                agent.served()?
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
     let second = once("second run");
     assert!(
         second.contains("0 created")
@@ -311,6 +340,31 @@ fn reconcile_keeps_real_spire_in_step_with_the_manifests() -> anyhow::Result<()>
     );
     let moved = BTreeSet::from([pair(&pay, "node-b"), pair(&ord, "node-b")]);
     wait_for(&server, &moved, &log);
+
+    // Least privilege, as the nodes' Workload APIs serve it: node-a no
+    // longer holds payment's key, node-b holds both.
+    let sid = |n: &str| format!("spiffe://{TD}/identity/{n}");
+    let served = |a: &SpireAgent, want: &[String]| {
+        let want: BTreeSet<String> = want.iter().cloned().collect();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let got: BTreeSet<String> = a
+                .served()
+                .unwrap_or_else(|e| panic!("{e}"))
+                .into_iter()
+                .collect();
+            if got == want {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the node's SPIRE agent serves {got:?}, want {want:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    served(&agent_a, &[]);
+    served(&agent_b, &[sid(&pay), sid(&ord)]);
 
     let pid = rustix::process::Pid::from_child(&child.0);
     rustix::process::kill_process(pid, rustix::process::Signal::TERM)

@@ -210,7 +210,8 @@ impl<A: Authenticator, S: AuthStore> AuthManager<A, S> {
                     None => signals_open = false,
                 },
                 r = inputs.rotations.recv(), if rotations_open => match r {
-                    Some(super::rotation::SvidChange::New(identity)) => self.on_rotation(identity),
+                    Some(super::rotation::SvidChange::Added(identity)) => self.on_added(identity),
+                    Some(super::rotation::SvidChange::Rotated(identity)) => self.on_rotation(identity),
                     Some(super::rotation::SvidChange::Revoked(identity)) => self.on_revoked(identity),
                     None => rotations_open = false,
                 },
@@ -359,6 +360,20 @@ impl<A: Authenticator, S: AuthStore> AuthManager<A, S> {
         }
         self.metrics.signal("accepted");
         self.request(pair, false);
+    }
+
+    /// The identity's first SVID: its pairs without a live entry now.
+    fn on_added(&mut self, identity: u32) {
+        let pairs: Vec<Pair> = self
+            .wanted
+            .iter()
+            .filter(|p| p.local == identity)
+            .copied()
+            .collect();
+        for p in pairs {
+            self.backoff.remove(&p);
+            self.request(p, false);
+        }
     }
 
     fn on_rotation(&mut self, identity: u32) {

@@ -11,9 +11,15 @@ use tokio::sync::{broadcast, mpsc};
 /// A change of a local identity's SVID.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SvidChange {
-    /// A new SVID (the first, or a rotation): its pairs are authenticated
-    /// again at once, so their expiry follows the new certificate.
-    New(u32),
+    /// The identity's first SVID (at start, or after none): its pairs
+    /// without a live entry are authenticated at once (one that failed for
+    /// want of an SVID is retried); live entries — read back after a
+    /// restart — are kept, their expiry bounded by the SVID they were
+    /// proved with.
+    Added(u32),
+    /// A rotated SVID: its pairs are authenticated again at once, so their
+    /// expiry follows the new certificate.
+    Rotated(u32),
     /// SPIRE no longer serves the identity to this node (its entry was
     /// deleted, or moved to other nodes): its pairs are collected at once
     /// rather than at their expiry.
@@ -21,7 +27,7 @@ pub enum SvidChange {
 }
 
 /// Forwards svid-cache's changes as [`SvidChange`]s until either side
-/// closes. If events were missed, every identity then cached is sent as new
+/// closes. If events were missed, every identity then cached is sent as rotated
 /// (re-authenticating a pair needlessly is harmless, missing a rotation is
 /// not) and every identity seen before but no longer cached as revoked.
 pub fn forward_rotations(
@@ -37,10 +43,13 @@ pub fn forward_rotations(
                     .events
                     .iter()
                     .filter_map(|e| match e {
-                        CacheEvent::Rotated { identity, .. }
-                        | CacheEvent::Added { identity, .. } => {
+                        CacheEvent::Added { identity, .. } => {
                             known.insert(*identity);
-                            Some(SvidChange::New(*identity))
+                            Some(SvidChange::Added(*identity))
+                        }
+                        CacheEvent::Rotated { identity, .. } => {
+                            known.insert(*identity);
+                            Some(SvidChange::Rotated(*identity))
                         }
                         CacheEvent::Removed { identity, reason } => {
                             known.remove(identity);
@@ -61,7 +70,7 @@ pub fn forward_rotations(
                     let out = known
                         .difference(&now)
                         .map(|i| SvidChange::Revoked(*i))
-                        .chain(now.iter().map(|i| SvidChange::New(*i)))
+                        .chain(now.iter().map(|i| SvidChange::Rotated(*i)))
                         .collect();
                     known = now;
                     out
