@@ -142,6 +142,9 @@ pub struct CertificateAuthority {
     current: Root,
     /// Previous roots still in the bundle, newest first.
     previous: Vec<Root>,
+    /// A prepared root: in the bundle, not signing yet (SPIRE's "X509 CA
+    /// prepared", activated later).
+    next: Option<Root>,
 }
 
 impl fmt::Debug for CertificateAuthority {
@@ -161,6 +164,7 @@ impl CertificateAuthority {
             trust_domain: trust_domain.to_owned(),
             current: new_root(trust_domain, 1)?,
             previous: Vec::new(),
+            next: None,
         })
     }
 
@@ -174,20 +178,43 @@ impl CertificateAuthority {
         self.current.generation
     }
 
-    /// The bundle: DER roots, the signing one first, then previous ones newest first.
+    /// The bundle: DER roots, the signing one first, then previous ones
+    /// newest first, then a prepared one.
     pub fn bundle(&self) -> Vec<Vec<u8>> {
         std::iter::once(&self.current)
             .chain(&self.previous)
+            .chain(&self.next)
             .map(|r| r.der.clone())
             .collect()
     }
 
-    /// Replaces the signing root with a new one; the old root stays in the bundle.
-    pub fn rotate(&mut self) -> Result<u64, CaError> {
-        let next = new_root(&self.trust_domain, self.current.generation + 1)?;
+    /// Prepares the next root, as SPIRE does ahead of a rotation: it joins
+    /// the bundle at once and signs nothing until [`Self::activate`], so
+    /// every peer trusts it before any SVID under it exists. Returns its
+    /// generation (a root already prepared is kept).
+    pub fn prepare(&mut self) -> Result<u64, CaError> {
+        if self.next.is_none() {
+            self.next = Some(new_root(&self.trust_domain, self.current.generation + 1)?);
+        }
+        Ok(self.current.generation + 1)
+    }
+
+    /// Makes the prepared root (prepared now if none was) the signing one;
+    /// the old root stays in the bundle. Returns the new generation.
+    pub fn activate(&mut self) -> Result<u64, CaError> {
+        let next = match self.next.take() {
+            Some(n) => n,
+            None => new_root(&self.trust_domain, self.current.generation + 1)?,
+        };
         let old = std::mem::replace(&mut self.current, next);
         self.previous.insert(0, old);
         Ok(self.current.generation)
+    }
+
+    /// Prepare and activate at once: a new root signs from now on; the old
+    /// root stays in the bundle.
+    pub fn rotate(&mut self) -> Result<u64, CaError> {
+        self.activate()
     }
 
     /// Drops every previous root from the bundle; returns how many were dropped.
@@ -333,6 +360,27 @@ mod tests {
         assert_eq!(b[1], first[0]);
         assert_eq!(ca.prune(), 1);
         assert_eq!(ca.bundle(), vec![b[0].clone()]);
+    }
+
+    #[test]
+    fn a_prepared_root_joins_the_bundle_before_it_signs() {
+        let mut ca = CertificateAuthority::new("meshauth.local").expect("ca");
+        let first = ca.bundle();
+        assert_eq!(ca.prepare().expect("prepare"), 2);
+        assert_eq!(
+            ca.prepare().expect("prepare again"),
+            2,
+            "kept, not replaced"
+        );
+        let prepared = ca.bundle();
+        assert_eq!(prepared.len(), 2);
+        assert_eq!(prepared[0], first[0], "the old root still signs");
+        assert_eq!(ca.generation(), 1);
+        assert_eq!(ca.activate().expect("activate"), 2);
+        let active = ca.bundle();
+        assert_eq!(active.len(), 2);
+        assert_eq!(active[0], prepared[1], "the prepared root signs now");
+        assert_eq!(active[1], first[0], "the old one stays in the bundle");
     }
 
     #[test]

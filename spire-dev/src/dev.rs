@@ -270,6 +270,23 @@ impl SpireDev {
         Ok(generation)
     }
 
+    /// Prepares the next CA as SPIRE does before a rotation: every agent
+    /// that is up serves it in the bundle at once; SVIDs stay under the
+    /// current CA until [`Self::activate_ca`]. Returns its generation.
+    pub fn prepare_ca(&self) -> Result<u64, DevError> {
+        let generation = self.inner.server.prepare_ca()?;
+        self.sync_agents();
+        Ok(generation)
+    }
+
+    /// Activates the prepared CA: agents re-issue every SVID under it.
+    /// Returns the generation.
+    pub fn activate_ca(&self) -> Result<u64, DevError> {
+        let generation = self.inner.server.activate_ca()?;
+        self.sync_agents();
+        Ok(generation)
+    }
+
     /// Drops previous CAs from the bundle; returns how many were dropped.
     pub fn prune_ca(&self) -> usize {
         let dropped = self.inner.server.prune_ca();

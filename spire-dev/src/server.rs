@@ -196,6 +196,24 @@ impl SpireServer {
         Ok(generation)
     }
 
+    /// Prepares the next CA (SPIRE's "X509 CA prepared"): in the bundle,
+    /// signing nothing yet. Returns its generation.
+    pub fn prepare_ca(&self) -> Result<u64, ServerError> {
+        let generation = self.state().ca.prepare()?;
+        tracing::info!(ca.generation = generation, "X509 CA prepared");
+        self.changed();
+        Ok(generation)
+    }
+
+    /// Activates the prepared CA (SPIRE's "X509 CA activated"). Returns the
+    /// new generation.
+    pub fn activate_ca(&self) -> Result<u64, ServerError> {
+        let generation = self.state().ca.activate()?;
+        tracing::info!(ca.generation = generation, "X509 CA activated");
+        self.changed();
+        Ok(generation)
+    }
+
     /// Drops previous CAs from the bundle; returns how many were dropped.
     pub fn prune_ca(&self) -> usize {
         let dropped = self.state().ca.prune();

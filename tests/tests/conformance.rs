@@ -581,3 +581,142 @@ async fn spire_dev_refuses_a_delegated_api_caller_like_spire() {
     assert_eq!(real_served, Ok(vec![pod.clone()]));
     assert_eq!(dev_served, real_served, "the same SVIDs once authorized");
 }
+
+/// Who signed a leaf: its authority key identifier, or its issuer's name
+/// when it carries none.
+fn signer(leaf_der: &[u8]) -> String {
+    let (_, c) = X509Certificate::from_der(leaf_der).unwrap_or_else(|e| panic!("{e}"));
+    for ext in c.extensions() {
+        if let ParsedExtension::AuthorityKeyIdentifier(aki) = ext.parsed_extension()
+            && let Some(k) = &aki.key_identifier
+        {
+            return format!("{:02x?}", k.0);
+        }
+    }
+    c.issuer().to_string()
+}
+
+/// (CAs in the bundle, whether the leaf is signed by the first SVID's
+/// signer) of one message.
+fn ca_state(m: &X509svidResponse, first_signer: &str) -> (usize, bool) {
+    let s = &m.svids[0];
+    (
+        split(&s.bundle).len(),
+        signer(&split(&s.x509_svid)[0]) == first_signer,
+    )
+}
+
+/// Follows the stream until `done` holds for a message's state, recording
+/// each new state; panics after `within`.
+async fn follow_states(
+    stream: &mut tonic::Streaming<X509svidResponse>,
+    first_signer: &str,
+    seen: &mut Vec<(usize, bool)>,
+    within: Duration,
+    done: impl Fn((usize, bool)) -> bool,
+) {
+    tokio::time::timeout(within, async {
+        loop {
+            let m = stream
+                .message()
+                .await
+                .unwrap_or_else(|e| panic!("stream: {e}"))
+                .unwrap_or_else(|| panic!("the stream ended"));
+            let st = ca_state(&m, first_signer);
+            if seen.last() != Some(&st) {
+                seen.push(st);
+            }
+            if done(st) {
+                return;
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("not within {within:?}; states so far {seen:?}"));
+}
+
+/// A CA rotation as the Workload API shows it: first the next CA joins the
+/// bundle while SVIDs stay under the old one (SPIRE's "prepared"), then
+/// SVIDs come under the new CA with both CAs in the bundle ("activated") —
+/// so a peer trusts the new CA before any SVID under it exists. spire-dev
+/// (prepare_ca, activate_ca) and SPIRE (a 1 m CA: prepared at about 30 s,
+/// activated at about 50 s) go through the same states.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spire_dev_rotates_its_ca_like_spire() {
+    // spire-dev.
+    let dev = Backend::dev().await;
+    let Backend::Dev { dev: d, .. } = &dev else {
+        unreachable!()
+    };
+    dev.register(4242);
+    let mut c = client(&dev.socket()).await;
+    let (mut stream, first) = first_message(&mut c, true)
+        .await
+        .unwrap_or_else(|e| panic!("spire-dev: {e:?}"));
+    let first_signer = signer(&split(&first.svids[0].x509_svid)[0]);
+    let mut dev_states = vec![ca_state(&first, &first_signer)];
+    d.prepare_ca().unwrap_or_else(|e| panic!("{e}"));
+    follow_states(&mut stream, &first_signer, &mut dev_states, TTL * 2, |s| {
+        s.0 == 2
+    })
+    .await;
+    d.activate_ca().unwrap_or_else(|e| panic!("{e}"));
+    follow_states(&mut stream, &first_signer, &mut dev_states, TTL * 2, |s| {
+        !s.1
+    })
+    .await;
+
+    // SPIRE, with a CA of one minute.
+    let bin = spire_bin();
+    let rdir = tempdir();
+    let mut st = settings(rdir.path(), TD).unwrap_or_else(|e| panic!("{e}"));
+    st.server.ca_ttl = Duration::from_secs(60);
+    st.server.agent_ttl = Some(Duration::from_secs(60));
+    st.server.svid_ttl = TTL;
+    st.agent.sync_interval = Some(Duration::from_millis(500));
+    let (server, agent) = tokio::task::block_in_place(|| {
+        let server = SpireServer::start(&bin, &st).unwrap_or_else(|e| panic!("{e}"));
+        let alias = format!("spiffe://{TD}/meshauth/node/{NODE}");
+        let token = server.join_token(&alias).unwrap_or_else(|e| panic!("{e}"));
+        let agent = SpireAgent::start(&bin, &server, &st, &token).unwrap_or_else(|e| panic!("{e}"));
+        server
+            .create_entry(
+                &alias,
+                &format!("spiffe://{TD}/identity/4242"),
+                &[&format!("unix:uid:{}", own_uid())],
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+        (server, agent)
+    });
+    let mut c = client(agent.workload_socket()).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (mut stream, first) = loop {
+        if let Ok(got) = first_message(&mut c, true).await {
+            break got;
+        }
+        assert!(Instant::now() < deadline, "SPIRE: no SVID in 30 s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let first_signer = signer(&split(&first.svids[0].x509_svid)[0]);
+    let mut real_states = vec![ca_state(&first, &first_signer)];
+    follow_states(
+        &mut stream,
+        &first_signer,
+        &mut real_states,
+        Duration::from_secs(90),
+        |s| !s.1,
+    )
+    .await;
+    println!("CA rotation states: spire-dev {dev_states:?}, SPIRE {real_states:?}");
+    println!(
+        "SPIRE server log: {} prepared, {} activated",
+        server.log().matches("X509 CA prepared").count(),
+        server.log().matches("X509 CA activated").count()
+    );
+    let want = vec![(1, true), (2, true), (2, false)];
+    assert_eq!(real_states, want, "SPIRE: prepared, then activated");
+    assert_eq!(
+        dev_states, real_states,
+        "spire-dev rotates its CA like SPIRE"
+    );
+}
