@@ -362,7 +362,6 @@ pub fn leaf(svid: &Svid) -> Leaf {
 
 /// Parses a DER leaf certificate.
 pub fn leaf_of(der: &[u8]) -> Leaf {
-    use x509_parser::extensions::GeneralName;
     let (_, cert) = x509_parser::parse_x509_certificate(der)
         .unwrap_or_else(|e| panic!("leaf certificate does not parse: {e}"));
     let serial = cert
@@ -373,21 +372,7 @@ pub fn leaf_of(der: &[u8]) -> Leaf {
         .collect::<String>()
         .trim_start_matches('0')
         .to_owned();
-    let uris: Vec<String> = cert
-        .subject_alternative_name()
-        .ok()
-        .flatten()
-        .map(|san| {
-            san.value
-                .general_names
-                .iter()
-                .filter_map(|n| match n {
-                    GeneralName::URI(u) => Some((*u).to_owned()),
-                    _ => None,
-                })
-                .collect()
-        })
-        .unwrap_or_default();
+    let uris = uri_sans(&cert);
     let [spiffe_id] = uris.as_slice() else {
         panic!("leaf has URI SANs {uris:?}; expected exactly one");
     };
@@ -411,4 +396,23 @@ pub fn connected_since(status: &SourceStatus) -> SystemTime {
         SourceState::Connected { since } => since,
         ref other => panic!("source is not connected: {other:?} (status {status:?})"),
     }
+}
+
+/// A certificate's URI SANs, in order.
+pub fn uri_sans(cert: &x509_parser::certificate::X509Certificate<'_>) -> Vec<String> {
+    use x509_parser::extensions::GeneralName;
+    cert.subject_alternative_name()
+        .ok()
+        .flatten()
+        .map(|san| {
+            san.value
+                .general_names
+                .iter()
+                .filter_map(|n| match n {
+                    GeneralName::URI(u) => Some((*u).to_owned()),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default()
 }

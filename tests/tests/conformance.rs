@@ -190,21 +190,7 @@ fn shape(m: &X509svidResponse) -> Shape {
     for s in &m.svids {
         let chain = split(&s.x509_svid);
         let (_, leaf) = X509Certificate::from_der(&chain[0]).unwrap_or_else(|e| panic!("{e}"));
-        let uris: Vec<String> = leaf
-            .subject_alternative_name()
-            .ok()
-            .flatten()
-            .map(|san| {
-                san.value
-                    .general_names
-                    .iter()
-                    .filter_map(|g| match g {
-                        GeneralName::URI(u) => Some((*u).to_owned()),
-                        _ => None,
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
+        let uris = meshauth_tests::uri_sans(&leaf);
         let key_matches = ring_key_matches(&s.x509_svid_key, leaf.public_key().raw);
         svids.push((chain.len(), uris, leaf.is_ca(), key_matches));
         for ca in split(&s.bundle) {

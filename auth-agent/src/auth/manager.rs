@@ -364,19 +364,19 @@ impl<A: Authenticator, S: AuthStore> AuthManager<A, S> {
 
     /// The identity's first SVID: its pairs without a live entry now.
     fn on_added(&mut self, identity: u32) {
-        let pairs: Vec<Pair> = self
-            .wanted
-            .iter()
-            .filter(|p| p.local == identity)
-            .copied()
-            .collect();
-        for p in pairs {
-            self.backoff.remove(&p);
-            self.request(p, false);
-        }
+        self.on_new_svid(identity, false);
     }
 
     fn on_rotation(&mut self, identity: u32) {
+        // A new local SVID: re-authenticate now, so the entry's expiry
+        // follows the new certificate (and a pair that failed for want of
+        // an SVID is retried at once).
+        self.on_new_svid(identity, true);
+    }
+
+    /// Asks for the identity's pairs, clearing their backoff; `force` also
+    /// redoes pairs with a live entry.
+    fn on_new_svid(&mut self, identity: u32, force: bool) {
         let pairs: Vec<Pair> = self
             .wanted
             .iter()
@@ -384,11 +384,8 @@ impl<A: Authenticator, S: AuthStore> AuthManager<A, S> {
             .copied()
             .collect();
         for p in pairs {
-            // A new local SVID: re-authenticate now, so the entry's expiry
-            // follows the new certificate (and a pair that failed for want of
-            // an SVID is retried at once).
             self.backoff.remove(&p);
-            self.request(p, true);
+            self.request(p, force);
         }
     }
 
