@@ -309,9 +309,25 @@ async fn outage(
     let mut failed_before = 0;
     let mut first_drop: Option<Duration> = None;
     let mut said_overdue = false;
-    let deadline = Duration::from_secs(expiry.max(0) as u64 + 4);
+    // When the pair's entry expires, from the outage's start. Followed
+    // until the first drop: an SVID issued just before the outage can reach
+    // the agents after it began and extend the entry (with renewals every
+    // second, as with TTLs this short, that is likely on a loaded machine).
+    let mut expiry_at = Duration::from_secs(expiry.max(0) as u64);
     let addr: IpAddr = payment.ipv4.into();
-    while start.elapsed() < deadline {
+    // (An entry that kept moving would be a bug: the loop ends at 60 s.)
+    while start.elapsed() < (expiry_at + Duration::from_secs(4)).min(Duration::from_secs(60)) {
+        if first_drop.is_none()
+            && let Some(left) = tb
+                .auth_entries("node-b")
+                .await?
+                .iter()
+                .filter(|e| e.node.as_deref() == Some("node-a"))
+                .map(|e| e.remaining_seconds)
+                .min()
+        {
+            expiry_at = expiry_at.max(start.elapsed() + Duration::from_secs(left.max(0) as u64));
+        }
         let r = blocking(|| client.connect(addr, 8080, Duration::from_millis(300)));
         let t = start.elapsed();
         let status = tb.status("node-b").await?;
@@ -333,7 +349,7 @@ async fn outage(
                 );
             }
             Err(_) if first_drop.is_none() => {
-                if t.as_secs() + 1 < expiry.max(0) as u64 {
+                if t + Duration::from_secs(1) < expiry_at {
                     failed_before += 1;
                 }
                 first_drop = Some(t);
