@@ -960,13 +960,14 @@ async fn chaos_a_dead_spire_agent_keeps_entries_until_expiry_then_reconnects() {
         expiry <= not_after,
         "the entry does not outlive node-b's SVID"
     );
-    // Until shortly before expiry: the entry stays, flows pass.
-    while secs(SystemTime::now(), expiry) < -1.0 {
+    // Until shortly before node-b's SVID expires: an entry stays, never
+    // beyond that SVID (re-authentications driven by node-a, whose SVIDs
+    // still rotate, may move it up to there), and flows pass.
+    while secs(SystemTime::now(), not_after) < -1.0 {
         let e = pair_expiry(&tb).await;
-        assert_eq!(
-            e,
-            Some(expiry),
-            "node-b's entry is kept while its SVID lives"
+        assert!(
+            e.is_some_and(|e| e >= expiry && e <= not_after),
+            "node-b's entry is kept, within its SVID's life: {e:?} (first {expiry:?}, NotAfter {not_after:?})"
         );
         blocking(|| c.connect(to, 8080, Duration::from_millis(300))).unwrap_or_else(|e| {
             panic!(

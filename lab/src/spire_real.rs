@@ -523,7 +523,10 @@ impl SpireServer {
 }
 
 /// A running `spire-agent` configured by spire-config, attested with a join
-/// token (given on the command line, so the config holds no secret).
+/// token. The token goes on the command line (`-joinToken`), where other
+/// local users can read it in the process list while the agent runs: it is
+/// used once, at attestation, and these are test and demo agents. Where
+/// local users are not trusted, give it in the 0600 config instead.
 #[derive(Debug)]
 pub struct SpireAgent {
     bin: PathBuf,
