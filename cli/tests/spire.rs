@@ -378,3 +378,69 @@ fn reconcile_keeps_real_spire_in_step_with_the_manifests() -> anyhow::Result<()>
     assert!(out.contains("1 created"), "the repair is reported: {out}");
     Ok(())
 }
+
+/// `--deployment kubernetes`: a node's entries are parented to its k8s_psat
+/// agent ID, `spiffe://<td>/spire/agent/k8s_psat/<cluster>/<node uid>`,
+/// from the Node's metadata.uid; a node without one gets no entries, and
+/// the reconciler says so.
+#[test]
+fn kubernetes_entries_are_parented_to_the_nodes_k8s_psat_agents() -> anyhow::Result<()> {
+    let bin = spire_bin();
+    let dir = tempfile::Builder::new()
+        .prefix("meshauth-spire-")
+        .tempdir()?;
+    let server = start_server(&bin, dir.path(), TD)?;
+    let manifests = dir.path().join("manifests");
+    std::fs::create_dir_all(&manifests)?;
+    write(
+        &manifests.join("node-a.yaml"),
+        &node_yaml("node-a", "192.0.2.1").replace(
+            "  name: node-a\n",
+            "  name: node-a\n  uid: 5a1e0c9e-0000-4000-8000-00000000000a\n",
+        ),
+    );
+    write(
+        &manifests.join("node-b.yaml"),
+        &node_yaml("node-b", "192.0.2.2"),
+    );
+    write(
+        &manifests.join("pay.yaml"),
+        &pod_yaml("pay", "payment", "node-a", "10.0.1.10"),
+    );
+    write(
+        &manifests.join("ord.yaml"),
+        &pod_yaml("ord", "order", "node-b", "10.0.2.10"),
+    );
+    let out = meshauth()
+        .args(["spire", "reconcile", "--trust-domain", TD, "--manifests"])
+        .arg(&manifests)
+        .arg("--server-socket")
+        .arg(server.socket())
+        .args([
+            "--deployment",
+            "kubernetes",
+            "--cluster",
+            "prod-eu",
+            "--once",
+        ])
+        .output()?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(
+        text.contains("node node-b has no metadata.uid"),
+        "the node without a uid is named: {text}"
+    );
+    let parents: Vec<String> = ours(&server).into_iter().map(|(_, p)| p).collect();
+    assert_eq!(
+        parents,
+        vec![format!(
+            "spiffe://{TD}/spire/agent/k8s_psat/prod-eu/5a1e0c9e-0000-4000-8000-00000000000a"
+        )],
+        "one entry, parented to node-a's k8s_psat agent: {text}"
+    );
+    Ok(())
+}

@@ -289,6 +289,7 @@ impl Engine {
                     ObjectKind::Node => {
                         self.tracker.node(&self.state, &key.name);
                         self.state.nodes.remove(&key.name);
+                        self.state.node_uids.remove(&key.name);
                         Ok(())
                     }
                     ObjectKind::Policy(_) => {

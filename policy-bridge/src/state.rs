@@ -154,6 +154,11 @@ pub struct DesiredState {
     /// address. Pods whose source gave no uid are missing.
     #[serde(default)]
     pub pod_uids: BTreeMap<String, String>,
+    /// `metadata.uid` of each node that has one, by name: SPIRE's k8s_psat
+    /// agent IDs end with it, so the registration reconciler parents a
+    /// node's entries to it.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_uids: BTreeMap<String, String>,
 }
 
 impl DesiredState {

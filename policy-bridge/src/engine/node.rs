@@ -19,6 +19,10 @@ impl Engine {
             name: name.clone(),
         };
         self.tracker.node(&self.state, &name);
+        match node.metadata.uid.as_ref().filter(|u| !u.is_empty()) {
+            Some(uid) => self.state.node_uids.insert(name.clone(), uid.clone()),
+            None => self.state.node_uids.remove(&name),
+        };
         match node_info(node, &self.cfg) {
             Ok(info) => {
                 self.state.nodes.insert(name, info);

@@ -40,11 +40,20 @@ pub struct ReconcileArgs {
     /// runs a pod of it) or `cluster-wide` (every node gets every identity).
     #[arg(long, default_value = "per-node", value_parser = ["per-node", "cluster-wide"])]
     pub scope: String,
-    /// The parent of a node's entries (its SPIRE agent, or an alias of it:
-    /// with join tokens, the token's `-spiffeID`); `{trust_domain}` and
-    /// `{node}` are replaced.
-    #[arg(long, default_value = "spiffe://{trust_domain}/meshauth/node/{node}")]
-    pub node_parent: String,
+    /// How nodes' SPIRE agents are attested, which sets the default
+    /// `--node-parent`: `standalone` (join tokens aliased
+    /// `spiffe://{trust_domain}/meshauth/node/{node}`) or `kubernetes`
+    /// (k8s_psat: `spiffe://{trust_domain}/spire/agent/k8s_psat/{cluster}/{node_uid}`).
+    #[arg(long, default_value = "standalone", value_parser = ["standalone", "kubernetes"])]
+    pub deployment: String,
+    /// Kubernetes: the cluster's name, as in the k8s_psat attestor.
+    #[arg(long, default_value = "meshauth")]
+    pub cluster: String,
+    /// The parent of a node's entries (its SPIRE agent, or an alias of it);
+    /// `{trust_domain}`, `{node}`, `{node_uid}` (the Node's metadata.uid)
+    /// and `{cluster}` are replaced. Default: by `--deployment`.
+    #[arg(long)]
+    pub node_parent: Option<String>,
     /// `cluster-wide`: the alias every node's agent matches.
     #[arg(long, default_value = "spiffe://{trust_domain}/meshauth/nodes")]
     pub cluster_alias: String,
@@ -104,11 +113,20 @@ fn check(a: &ReconcileArgs) -> Result<Plan, Vec<String>> {
             "at least one --agent-selector: an entry without selectors is refused by SPIRE".into(),
         );
     }
-    let node_parent = fill(&a.node_parent);
-    if a.scope == "per-node" && !node_parent.contains("{node}") {
+    let template = a.node_parent.clone().unwrap_or_else(|| {
+        if a.deployment == "kubernetes" {
+            "spiffe://{trust_domain}/spire/agent/k8s_psat/{cluster}/{node_uid}".to_owned()
+        } else {
+            "spiffe://{trust_domain}/meshauth/node/{node}".to_owned()
+        }
+    });
+    let node_parent = fill(&template).replace("{cluster}", &a.cluster);
+    if a.scope == "per-node"
+        && !node_parent.contains("{node}")
+        && !node_parent.contains("{node_uid}")
+    {
         errs.push(format!(
-            "--node-parent {:?} has no {{node}}: every node's entries would have the same parent",
-            a.node_parent
+            "--node-parent {template:?} has neither {{node}} nor {{node_uid}}: every node's entries would have the same parent"
         ));
     }
     for (flag, t) in [
@@ -176,16 +194,34 @@ fn wanted(a: &ReconcileArgs, p: &Plan, state: &DesiredState) -> BTreeMap<String,
             .or_default()
             .insert(e.node.clone());
     }
+    let mut skipped = BTreeSet::new();
     let scope = match &p.scope {
         Scope::PerNode { .. } => Scope::PerNode {
             agent_ids: placements
                 .values()
                 .flatten()
-                .map(|n| (n.clone(), p.node_parent.replace("{node}", n)))
+                .filter_map(|n| {
+                    let id = p.node_parent.replace("{node}", n);
+                    if !id.contains("{node_uid}") {
+                        return Some((n.clone(), id));
+                    }
+                    match state.node_uids.get(n) {
+                        Some(uid) => Some((n.clone(), id.replace("{node_uid}", uid))),
+                        None => {
+                            skipped.insert(n.clone());
+                            None
+                        }
+                    }
+                })
                 .collect(),
         },
         other => other.clone(),
     };
+    for n in &skipped {
+        eprintln!(
+            "meshauth spire reconcile: node {n} has no metadata.uid: its SPIRE agent's ID is unknown, so it gets no entries"
+        );
+    }
     desired(&Wanted {
         trust_domain: &a.trust_domain,
         identities: &identities,
