@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use meshauth_tests::real_spire::{
-    SpireAgent, SpireServer, agent_settings, own_uid, spire_bin, start_server,
+    SpireAgent, SpireServer, agent_settings, own_uid, spire_bin, spire_tempdir, start_server,
 };
 
 fn meshauth() -> Command {
@@ -140,6 +140,35 @@ fn write(path: &std::path::Path, text: &str) {
     std::fs::rename(&tmp, path).unwrap_or_else(|e| panic!("renaming to {}: {e}", path.display()));
 }
 
+/// `<dir>/manifests`: node-a (with `node_a_uid` as metadata.uid, if
+/// given) and node-b, pod pay (app payment) on node-a and pod ord (app
+/// order) on node-b.
+fn two_nodes_two_pods(dir: &std::path::Path, node_a_uid: Option<&str>) -> std::path::PathBuf {
+    let manifests = dir.join("manifests");
+    std::fs::create_dir_all(&manifests).unwrap_or_else(|e| panic!("mkdir: {e}"));
+    let mut node_a = node_yaml("node-a", "192.0.2.1");
+    if let Some(uid) = node_a_uid {
+        node_a = node_a.replace(
+            "  name: node-a\n",
+            &format!("  name: node-a\n  uid: {uid}\n"),
+        );
+    }
+    write(&manifests.join("node-a.yaml"), &node_a);
+    write(
+        &manifests.join("node-b.yaml"),
+        &node_yaml("node-b", "192.0.2.2"),
+    );
+    write(
+        &manifests.join("pay.yaml"),
+        &pod_yaml("pay", "payment", "node-a", "10.0.1.10"),
+    );
+    write(
+        &manifests.join("ord.yaml"),
+        &pod_yaml("ord", "order", "node-b", "10.0.2.10"),
+    );
+    manifests
+}
+
 /// Our entries as `spire-server entry show` prints them: (SPIFFE ID, parent).
 fn ours(server: &SpireServer) -> BTreeSet<(String, String)> {
     let shown = server
@@ -198,29 +227,9 @@ fn wait_for(server: &SpireServer, want: &BTreeSet<(String, String)>, log: &std::
 #[test]
 fn reconcile_keeps_real_spire_in_step_with_the_manifests() -> anyhow::Result<()> {
     let bin = spire_bin();
-    let dir = tempfile::Builder::new()
-        .prefix("meshauth-spire-")
-        .tempdir()
-        .unwrap_or_else(|e| panic!("tempdir: {e}"));
+    let dir = spire_tempdir();
     let server = start_server(&bin, dir.path(), TD)?;
-    let manifests = dir.path().join("manifests");
-    std::fs::create_dir_all(&manifests).unwrap_or_else(|e| panic!("mkdir: {e}"));
-    write(
-        &manifests.join("node-a.yaml"),
-        &node_yaml("node-a", "192.0.2.1"),
-    );
-    write(
-        &manifests.join("node-b.yaml"),
-        &node_yaml("node-b", "192.0.2.2"),
-    );
-    write(
-        &manifests.join("pay.yaml"),
-        &pod_yaml("pay", "payment", "node-a", "10.0.1.10"),
-    );
-    write(
-        &manifests.join("ord.yaml"),
-        &pod_yaml("ord", "order", "node-b", "10.0.2.10"),
-    );
+    let manifests = two_nodes_two_pods(dir.path(), None);
     // One real SPIRE agent per node, attested with a join token aliased to
     // the parent the reconciler uses; the entries select this process.
     let node_agent = |node: &str| -> anyhow::Result<SpireAgent> {
@@ -386,31 +395,9 @@ fn reconcile_keeps_real_spire_in_step_with_the_manifests() -> anyhow::Result<()>
 #[test]
 fn kubernetes_entries_are_parented_to_the_nodes_k8s_psat_agents() -> anyhow::Result<()> {
     let bin = spire_bin();
-    let dir = tempfile::Builder::new()
-        .prefix("meshauth-spire-")
-        .tempdir()?;
+    let dir = spire_tempdir();
     let server = start_server(&bin, dir.path(), TD)?;
-    let manifests = dir.path().join("manifests");
-    std::fs::create_dir_all(&manifests)?;
-    write(
-        &manifests.join("node-a.yaml"),
-        &node_yaml("node-a", "192.0.2.1").replace(
-            "  name: node-a\n",
-            "  name: node-a\n  uid: 5a1e0c9e-0000-4000-8000-00000000000a\n",
-        ),
-    );
-    write(
-        &manifests.join("node-b.yaml"),
-        &node_yaml("node-b", "192.0.2.2"),
-    );
-    write(
-        &manifests.join("pay.yaml"),
-        &pod_yaml("pay", "payment", "node-a", "10.0.1.10"),
-    );
-    write(
-        &manifests.join("ord.yaml"),
-        &pod_yaml("ord", "order", "node-b", "10.0.2.10"),
-    );
+    let manifests = two_nodes_two_pods(dir.path(), Some("5a1e0c9e-0000-4000-8000-00000000000a"));
     let out = meshauth()
         .args(["spire", "reconcile", "--trust-domain", TD, "--manifests"])
         .arg(&manifests)

@@ -169,6 +169,13 @@ pub fn to_proto(e: &Entry) -> Result<types::Entry, String> {
     })
 }
 
+/// Which batch write.
+#[derive(Debug, Clone, Copy)]
+enum Write {
+    Create,
+    Update,
+}
+
 /// A client of the Entry API on the server's admin socket.
 #[derive(Debug, Clone)]
 pub struct EntryClient {
@@ -246,44 +253,60 @@ impl EntryClient {
 
     /// Creates `entries` (at most [`crate::entries::MAX_BATCH`]); one outcome per entry.
     pub async fn create(&mut self, entries: &[Entry]) -> Result<Vec<Outcome>, EntryApiError> {
-        let (sendable, mut outcomes) = encode(entries);
-        if sendable.is_empty() {
-            return Ok(outcomes);
-        }
-        let ids: Vec<String> = sendable.iter().map(|e| e.id.clone()).collect();
-        let resp = self
-            .inner
-            .batch_create_entry(BatchCreateEntryRequest {
-                entries: sendable,
-                output_mask: None,
-            })
-            .await
-            .map_err(|s| call_error("BatchCreateEntry", &s))?
-            .into_inner();
-        let statuses = resp.results.into_iter().map(|r| r.status).collect();
-        outcomes.extend(zip_statuses("BatchCreateEntry", &ids, statuses)?);
-        Ok(outcomes)
+        self.write(Write::Create, entries).await
     }
 
     /// Replaces `entries` whole (every field); one outcome per entry.
     pub async fn update(&mut self, entries: &[Entry]) -> Result<Vec<Outcome>, EntryApiError> {
+        self.write(Write::Update, entries).await
+    }
+
+    /// BatchCreateEntry or BatchUpdateEntry (no masks: every field) of the
+    /// entries that encode; a failed outcome for each that does not.
+    async fn write(
+        &mut self,
+        kind: Write,
+        entries: &[Entry],
+    ) -> Result<Vec<Outcome>, EntryApiError> {
         let (sendable, mut outcomes) = encode(entries);
         if sendable.is_empty() {
             return Ok(outcomes);
         }
         let ids: Vec<String> = sendable.iter().map(|e| e.id.clone()).collect();
-        let resp = self
-            .inner
-            .batch_update_entry(BatchUpdateEntryRequest {
-                entries: sendable,
-                input_mask: None,
-                output_mask: None,
-            })
-            .await
-            .map_err(|s| call_error("BatchUpdateEntry", &s))?
-            .into_inner();
-        let statuses = resp.results.into_iter().map(|r| r.status).collect();
-        outcomes.extend(zip_statuses("BatchUpdateEntry", &ids, statuses)?);
+        let (call, statuses): (&'static str, Vec<_>) = match kind {
+            Write::Create => (
+                "BatchCreateEntry",
+                self.inner
+                    .batch_create_entry(BatchCreateEntryRequest {
+                        entries: sendable,
+                        output_mask: None,
+                    })
+                    .await
+                    .map_err(|s| call_error("BatchCreateEntry", &s))?
+                    .into_inner()
+                    .results
+                    .into_iter()
+                    .map(|r| r.status)
+                    .collect(),
+            ),
+            Write::Update => (
+                "BatchUpdateEntry",
+                self.inner
+                    .batch_update_entry(BatchUpdateEntryRequest {
+                        entries: sendable,
+                        input_mask: None,
+                        output_mask: None,
+                    })
+                    .await
+                    .map_err(|s| call_error("BatchUpdateEntry", &s))?
+                    .into_inner()
+                    .results
+                    .into_iter()
+                    .map(|r| r.status)
+                    .collect(),
+            ),
+        };
+        outcomes.extend(zip_statuses(call, &ids, statuses)?);
         Ok(outcomes)
     }
 

@@ -30,3 +30,11 @@ pub fn own_uid() -> u32 {
         .unwrap_or_else(|e| panic!("stat /proc/self: {e}"))
         .uid()
 }
+
+/// A tempdir for one test's SPIRE (`meshauth-spire-…`).
+pub fn spire_tempdir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("meshauth-spire-")
+        .tempdir()
+        .unwrap_or_else(|e| panic!("tempdir for SPIRE: {e}"))
+}

@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant, SystemTime};
 
 use meshauth_tests::real_spire::{
-    SpireAgent, SpireServer, own_uid, settings, spire_bin, start_server,
+    SpireAgent, SpireServer, own_uid, settings, spire_bin, spire_tempdir, start_server,
 };
 use meshauth_tests::{TD, init_tracing, leaf};
 use rustls_pki_types::CertificateDer;
@@ -37,10 +37,7 @@ const FIRST_SVID_TIMEOUT: Duration = Duration::from_secs(60);
 async fn svid_cache_gets_an_x509_svid_from_real_spire() -> anyhow::Result<()> {
     init_tracing();
     let bin = spire_bin();
-    let dir = tempfile::Builder::new()
-        .prefix("meshauth-spire-")
-        .tempdir()
-        .unwrap_or_else(|e| panic!("tempdir for SPIRE: {e}"));
+    let dir = spire_tempdir();
 
     let server = start_server(&bin, dir.path(), TD)?;
     println!("spire-server healthy after {:?}", server.started_in);
@@ -176,10 +173,7 @@ fn placements() -> (
 async fn the_reconciler_keeps_real_spire_entries_as_meshauth_wants_them() -> anyhow::Result<()> {
     init_tracing();
     let bin = spire_bin();
-    let dir = tempfile::Builder::new()
-        .prefix("meshauth-spire-")
-        .tempdir()
-        .unwrap_or_else(|e| panic!("tempdir for SPIRE: {e}"));
+    let dir = spire_tempdir();
     let server = start_server(&bin, dir.path(), TD)?;
 
     // Someone else's entry, made with SPIRE's own CLI.
@@ -405,10 +399,7 @@ async fn the_reconciler_keeps_real_spire_entries_as_meshauth_wants_them() -> any
 #[test]
 fn rendered_kubernetes_configs_pass_spire_validate() {
     let bin = spire_bin();
-    let dir = tempfile::Builder::new()
-        .prefix("meshauth-spire-")
-        .tempdir()
-        .unwrap_or_else(|e| panic!("tempdir: {e}"));
+    let dir = spire_tempdir();
     let mut st = Settings::new(
         "prod.example",
         Deployment::Kubernetes {
@@ -469,9 +460,7 @@ async fn delegated_identity_serves_a_pods_svids_only_to_an_authorized_delegate()
 -> anyhow::Result<()> {
     init_tracing();
     let bin = spire_bin();
-    let dir = tempfile::Builder::new()
-        .prefix("meshauth-spire-")
-        .tempdir()?;
+    let dir = spire_tempdir();
     let delegate = format!("spiffe://{TD}/meshauth/agent");
     let mut st = settings(dir.path(), TD)?;
     st.agent.admin_socket_path = Some(dir.path().join("admin").join("admin.sock"));
