@@ -129,19 +129,23 @@ impl Backend {
     }
 }
 
-async fn client(path: &Path) -> SpiffeWorkloadApiClient<Channel> {
+/// A gRPC channel over the unix socket at `path`.
+async fn uds_channel(path: &Path) -> Channel {
     use hyper_util::rt::TokioIo;
     use tokio::net::UnixStream;
     use tonic::transport::{Endpoint, Uri};
     let p = path.to_owned();
-    let channel = Endpoint::from_static("http://workload.invalid")
+    Endpoint::from_static("http://spire-agent.invalid")
         .connect_with_connector(tower::service_fn(move |_: Uri| {
             let p = p.clone();
             async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(p).await?)) }
         }))
         .await
-        .unwrap_or_else(|e| panic!("connecting to {}: {e}", path.display()));
-    SpiffeWorkloadApiClient::new(channel)
+        .unwrap_or_else(|e| panic!("connecting to {}: {e}", path.display()))
+}
+
+async fn client(path: &Path) -> SpiffeWorkloadApiClient<Channel> {
+    SpiffeWorkloadApiClient::new(uds_channel(path).await)
 }
 
 fn with_header<T>(m: T) -> tonic::Request<T> {
@@ -430,18 +434,7 @@ async fn spire_dev_answers_the_workload_api_like_spire() {
 async fn subscribe(admin: &Path) -> Result<Vec<String>, (tonic::Code, String)> {
     use spire_proto::delegatedidentity::SubscribeToX509sviDsRequest;
     use spire_proto::delegatedidentity::delegated_identity_client::DelegatedIdentityClient;
-    use tokio::net::UnixStream;
-    use tonic::transport::{Endpoint, Uri};
-    let p = admin.to_owned();
-    let channel = Endpoint::from_static("http://admin.invalid")
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let p = p.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(UnixStream::connect(p).await?))
-            }
-        }))
-        .await
-        .unwrap_or_else(|e| panic!("connecting to {}: {e}", admin.display()));
+    let channel = uds_channel(admin).await;
     let mut c = DelegatedIdentityClient::new(channel);
     let req = SubscribeToX509sviDsRequest {
         selectors: vec![spire_proto::types::Selector {
