@@ -1,7 +1,11 @@
 //! SPIRE's Delegated Identity API on a node agent's admin socket: X.509-SVIDs
 //! of the entries whose selectors are all contained in the request's
-//! selectors, and the X.509 bundles. spire-dev attests by selectors only: a
-//! request by PID is unimplemented. JWT methods are unimplemented. With
+//! selectors, and the X.509 bundles. A request by PID is attested as SPIRE's
+//! `unix` workload attestor does it (`unix:uid`, `unix:gid`,
+//! `unix:supplementary_gid` of the process's effective IDs, from
+//! `/proc/<pid>/status`); a PID that cannot be read attests to no selectors,
+//! which match no entry (SPIRE logs the attestor's error and subscribes to
+//! nothing). JWT methods are unimplemented. With
 //! authorized delegates configured, a caller is refused as SPIRE refuses it
 //! unless its node holds an SVID for one of them (spire-dev's callers match
 //! every entry of their node); without, every caller may subscribe.
@@ -86,30 +90,69 @@ impl DelegatedIdentityService {
     }
 }
 
-/// Reads the request's selectors: PID → Unimplemented, both → InvalidArgument,
-/// none → InvalidArgument.
+/// SPIRE's answer when a request gives both selectors and a PID, or neither.
+pub const SELECTORS_OR_PID: &str = "must provide either selectors or non-zero PID, but not both";
+
+/// Reads the request's selectors: exactly one of selectors and PID, as SPIRE
+/// checks it (InvalidArgument otherwise); a PID is attested.
 fn request_selectors(
     selectors: &[spire_proto::types::Selector],
     pid: i32,
 ) -> Result<Vec<Selector>, Status> {
     match (selectors.is_empty(), pid) {
-        (true, 0) => Err(Status::invalid_argument(
-            "SubscribeToX509SVIDs: no selectors given; spire-dev attests by selectors only",
-        )),
-        (false, pid) if pid != 0 => Err(Status::invalid_argument(format!(
-            "SubscribeToX509SVIDs: both selectors and pid {pid} given; give one"
-        ))),
-        (true, pid) => Err(Status::unimplemented(format!(
-            "SubscribeToX509SVIDs by pid ({pid}): spire-dev attests by selectors only; send selectors"
-        ))),
-        (false, _) => Ok(selectors
+        (true, 0) | (false, 1..) | (false, ..0) => Err(Status::invalid_argument(SELECTORS_OR_PID)),
+        (true, pid) => Ok(attest_pid(pid)),
+        (false, 0) => Ok(selectors
             .iter()
             .map(|s| Selector::new(s.r#type.clone(), s.value.clone()))
             .collect()),
     }
 }
 
+/// The `unix` attestor's selectors for `pid`: effective uid and gid, and the
+/// supplementary groups. Nothing when the process cannot be read (gone, or
+/// a negative PID).
+pub fn attest_pid(pid: i32) -> Vec<Selector> {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return Vec::new();
+    };
+    unix_selectors(&status)
+}
+
+/// The selectors from a `/proc/<pid>/status` text.
+fn unix_selectors(status: &str) -> Vec<Selector> {
+    let field = |name: &str| -> Option<Vec<&str>> {
+        status.lines().find_map(|l| {
+            l.strip_prefix(name)
+                .and_then(|r| r.strip_prefix(':'))
+                .map(|r| r.split_whitespace().collect())
+        })
+    };
+    // Real, effective, saved, filesystem: SPIRE uses the effective one.
+    let (Some(uids), Some(gids)) = (field("Uid"), field("Gid")) else {
+        return Vec::new();
+    };
+    let (Some(uid), Some(gid)) = (uids.get(1).or(uids.first()), gids.get(1).or(gids.first()))
+    else {
+        return Vec::new();
+    };
+    let mut out = vec![
+        Selector::new("unix", format!("uid:{uid}")),
+        Selector::new("unix", format!("gid:{gid}")),
+    ];
+    for g in field("Groups").unwrap_or_default() {
+        out.push(Selector::new("unix", format!("supplementary_gid:{g}")));
+    }
+    out
+}
+
+/// The SVIDs of entries whose selectors are all in `selectors`; none for
+/// no selectors (a PID that attested to nothing), as in SPIRE, whose
+/// entries always have selectors.
 fn matching<'a>(s: &'a AgentSnapshot, selectors: &[Selector]) -> Vec<&'a HeldSvid> {
+    if selectors.is_empty() {
+        return Vec::new();
+    }
     s.svids
         .iter()
         .filter(|h| h.entry.matches_selectors(selectors))
@@ -223,21 +266,34 @@ mod tests {
             r#type: "k8s".into(),
             value: "ns:a".into(),
         }];
-        assert_eq!(
-            request_selectors(&[], 0).expect_err("empty").code(),
-            tonic::Code::InvalidArgument
-        );
-        assert_eq!(
-            request_selectors(&[], 42).expect_err("pid").code(),
-            tonic::Code::Unimplemented
-        );
-        assert_eq!(
-            request_selectors(&sel, 42).expect_err("both").code(),
-            tonic::Code::InvalidArgument
-        );
+        for (selectors, pid) in [(&[][..], 0), (&sel[..], 42), (&sel[..], -1)] {
+            let e = request_selectors(selectors, pid).expect_err("refused");
+            assert_eq!(e.code(), tonic::Code::InvalidArgument);
+            assert_eq!(e.message(), SELECTORS_OR_PID);
+        }
         assert_eq!(
             request_selectors(&sel, 0).expect("ok"),
             vec![Selector::new("k8s", "ns:a")]
         );
+    }
+
+    #[test]
+    fn a_pid_is_attested_by_its_effective_ids() {
+        let status = "Name:\tx\nUid:\t1000\t20001\t20001\t20001\nGid:\t1000\t20002\t20002\t20002\nGroups:\t4 27 \n";
+        assert_eq!(
+            unix_selectors(status),
+            vec![
+                Selector::new("unix", "uid:20001"),
+                Selector::new("unix", "gid:20002"),
+                Selector::new("unix", "supplementary_gid:4"),
+                Selector::new("unix", "supplementary_gid:27"),
+            ]
+        );
+        assert!(unix_selectors("Name:\tx\n").is_empty());
+        // This process: root in the tests' runs, or whoever runs them.
+        let me = attest_pid(std::process::id() as i32);
+        assert!(me.iter().any(|s| s.value.starts_with("uid:")), "{me:?}");
+        assert!(attest_pid(-5).is_empty());
+        assert!(attest_pid(i32::MAX).is_empty(), "no such process");
     }
 }

@@ -94,24 +94,63 @@ async fn subscribe_by_selectors_matches_subsets_and_follows_changes() {
 }
 
 #[tokio::test]
-async fn pid_is_unimplemented_and_empty_is_invalid() {
-    let d = start(&["a"], vec![entry_sel("a", "/identity/1", &["k8s:ns:one"])]).await;
+async fn a_pid_is_attested_by_its_uid_and_bad_requests_are_refused_as_spire_does() {
+    let me = std::process::id() as i32;
+    let uid = std::fs::read_to_string(format!("/proc/{me}/status"))
+        .expect("status")
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("Uid:")
+                .map(|r| r.split_whitespace().nth(1).map(str::to_owned))
+        })
+        .flatten()
+        .expect("Uid line");
+    let d = start(
+        &["a"],
+        vec![
+            entry_sel("a", "/identity/1", &[&format!("unix:uid:{uid}")]),
+            entry_sel("a", "/identity/2", &["unix:uid:4000000000"]),
+        ],
+    )
+    .await;
     let mut c = delegated(&d.admin_socket("a")).await;
-    let err = c
-        .subscribe_to_x509svi_ds(request(&[], 1234))
+    let mut s = c
+        .subscribe_to_x509svi_ds(request(&[], me))
         .await
-        .expect_err("pid");
-    assert_eq!(err.code(), Code::Unimplemented, "{err:?}");
-    assert!(
-        err.message().contains("selectors only"),
-        "{}",
-        err.message()
-    );
-    let err = c
-        .subscribe_to_x509svi_ds(request(&[], 0))
+        .unwrap_or_else(|e| panic!("by pid: {e:?}"))
+        .into_inner();
+    let m = next("first message by pid", &mut s).await;
+    let paths: Vec<_> = m
+        .x509_svids
+        .iter()
+        .map(|w| {
+            w.x509_svid
+                .as_ref()
+                .and_then(|s| s.id.as_ref())
+                .expect("id")
+                .path
+                .clone()
+        })
+        .collect();
+    assert_eq!(paths, ["/identity/1"], "only this process's uid matches");
+
+    // A PID nobody has attests to nothing: an empty list, not an error.
+    let mut s = c
+        .subscribe_to_x509svi_ds(request(&[], i32::MAX))
         .await
-        .expect_err("empty");
-    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        .unwrap_or_else(|e| panic!("dead pid: {e:?}"))
+        .into_inner();
+    let m = next("first message for a dead pid", &mut s).await;
+    assert!(m.x509_svids.is_empty(), "{:?}", m.x509_svids.len());
+
+    for (selectors, pid) in [(&[][..], 0), (&["k8s:ns:one"][..], me)] {
+        let err = c
+            .subscribe_to_x509svi_ds(request(selectors, pid))
+            .await
+            .expect_err("refused");
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        assert_eq!(err.message(), spire_dev::delegated_api::SELECTORS_OR_PID);
+    }
     let err = c
         .fetch_jwtsvi_ds(FetchJwtsviDsRequest {
             audience: vec!["x".into()],
