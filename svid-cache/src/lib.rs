@@ -62,6 +62,9 @@ pub use cache::{
 pub use clock::{Clock, SystemClock, TokioClock};
 pub use identity::{DEFAULT_TRUST_DOMAIN, IdentityError, TrustDomain};
 pub use source::delegated::{DelegatedIdentityConfig, spawn_delegated_identity};
+pub use source::delegated_pods::{
+    DelegatedPodsConfig, PodSubscription, PodTarget, PodTargets, spawn_delegated_pods,
+};
 pub use source::workload::{WorkloadApiConfig, fetch_x509_svid_ids, spawn_workload_api};
 pub use source::{
     Backoff, BackoffConfig, DEFAULT_CONNECT_TIMEOUT, SourceError, SourceHandle, SourceState,

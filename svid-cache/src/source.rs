@@ -3,6 +3,8 @@
 //!
 //! - [`workload::spawn_workload_api`]: the SPIFFE Workload API (the `spiffe` crate's client).
 //! - [`delegated::spawn_delegated_identity`]: SPIRE's Delegated Identity API.
+//! - [`delegated_pods::spawn_delegated_pods`]: the same API, one subscription
+//!   per pod by PID.
 //!
 //! Each returns a [`SourceHandle`] whose [`SourceStatus`] (a `watch`) says at any
 //! time whether the source is connecting, connected or disconnected and why.
@@ -20,6 +22,7 @@ use tokio::task::JoinHandle;
 use crate::cache::CacheError;
 
 pub mod delegated;
+pub mod delegated_pods;
 mod supervisor;
 pub mod workload;
 

@@ -13,6 +13,9 @@
 //!   which spire-dev did not follow (it renewed at half of the TTL from
 //!   issuance, ignoring the 10 s backdate).
 //! - The last entry removed: the open stream ends with "no identity issued".
+//! - The Delegated Identity API: an unauthorized caller's refusal; SVIDs by
+//!   selectors and by PID (the `unix` attestor's uid; a dead PID attests to
+//!   nothing); selectors and a PID together, or neither, refused.
 //!
 //! Fails, never skips, without the SPIRE binaries.
 
@@ -432,16 +435,67 @@ async fn spire_dev_answers_the_workload_api_like_spire() {
 /// `unix:uid:4001`): the refusal, or Ok with the SPIFFE IDs of the first
 /// message.
 async fn subscribe(admin: &Path) -> Result<Vec<String>, (tonic::Code, String)> {
+    subscribe_with(admin, &["uid:4001"], 0).await
+}
+
+/// A process running as `uid` (`sleep`), killed when dropped: a "pod" to
+/// attest by PID.
+struct Sleeper(std::process::Child);
+
+impl Sleeper {
+    fn as_uid(uid: u32) -> Self {
+        use std::os::unix::process::CommandExt as _;
+        let child = std::process::Command::new("sleep")
+            .arg("600")
+            .uid(uid)
+            .gid(uid)
+            .spawn()
+            .unwrap_or_else(|e| panic!("sleep as uid {uid}: {e}"));
+        Self(child)
+    }
+
+    fn pid(&self) -> i32 {
+        i32::try_from(self.0.id()).unwrap_or_else(|e| panic!("{e}"))
+    }
+}
+
+impl Drop for Sleeper {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A PID no process has: a child that has exited and been reaped.
+fn dead_pid() -> i32 {
+    let mut c = std::process::Command::new("true")
+        .spawn()
+        .unwrap_or_else(|e| panic!("true: {e}"));
+    let pid = c.id();
+    c.wait().unwrap_or_else(|e| panic!("{e}"));
+    i32::try_from(pid).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The admin socket's answer to SubscribeToX509SVIDs with `unix` selector
+/// values and a PID (either may be empty/0).
+async fn subscribe_with(
+    admin: &Path,
+    unix: &[&str],
+    pid: i32,
+) -> Result<Vec<String>, (tonic::Code, String)> {
     use spire_proto::delegatedidentity::SubscribeToX509sviDsRequest;
     use spire_proto::delegatedidentity::delegated_identity_client::DelegatedIdentityClient;
     let channel = uds_channel(admin).await;
     let mut c = DelegatedIdentityClient::new(channel);
     let req = SubscribeToX509sviDsRequest {
-        selectors: vec![spire_proto::types::Selector {
-            r#type: "unix".into(),
-            value: "uid:4001".into(),
-        }],
-        pid: 0,
+        selectors: unix
+            .iter()
+            .map(|v| spire_proto::types::Selector {
+                r#type: "unix".into(),
+                value: (*v).into(),
+            })
+            .collect(),
+        pid,
     };
     let first = async {
         let mut s = c.subscribe_to_x509svi_ds(req).await?.into_inner();
@@ -463,7 +517,9 @@ async fn subscribe(admin: &Path) -> Result<Vec<String>, (tonic::Code, String)> {
 /// Delegated Identity API refusal: a caller whose only identity is not an
 /// authorized delegate is refused with SPIRE's code and message, by both;
 /// once it holds the delegate's identity, both serve it the SVIDs of the
-/// selectors it asked for.
+/// selectors it asked for, and the same by PID (a process running as uid
+/// 4001 gets its entry, one running as 4002 nothing, a dead PID nothing);
+/// both refuse selectors and a PID together, and neither, alike.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spire_dev_refuses_a_delegated_api_caller_like_spire() {
     let delegate = format!("spiffe://{TD}/meshauth/agent");
@@ -498,6 +554,21 @@ async fn spire_dev_refuses_a_delegated_api_caller_like_spire() {
     let dev_refused = subscribe(&admin).await;
     add(&delegate, &["unix:uid:1"]);
     let dev_served = subscribe(&admin).await;
+    let pod_4001 = Sleeper::as_uid(4001);
+    let pod_4002 = Sleeper::as_uid(4002);
+    let by_pid = |admin: PathBuf| {
+        let (a, b) = (pod_4001.pid(), pod_4002.pid());
+        async move {
+            vec![
+                subscribe_with(&admin, &[], a).await,
+                subscribe_with(&admin, &[], b).await,
+                subscribe_with(&admin, &[], dead_pid()).await,
+                subscribe_with(&admin, &["uid:4001"], a).await,
+                subscribe_with(&admin, &[], 0).await,
+            ]
+        }
+    };
+    let dev_by_pid = by_pid(admin.clone()).await;
 
     // SPIRE: attests the caller (this process, by uid).
     let bin = spire_bin();
@@ -546,6 +617,7 @@ async fn spire_dev_refuses_a_delegated_api_caller_like_spire() {
         wait_served(&delegate);
     });
     let real_served = subscribe(&real_admin).await;
+    let real_by_pid = by_pid(real_admin.clone()).await;
 
     println!("refused: spire-dev {dev_refused:?}, SPIRE {real_refused:?}");
     println!("served:  spire-dev {dev_served:?}, SPIRE {real_served:?}");
@@ -559,6 +631,22 @@ async fn spire_dev_refuses_a_delegated_api_caller_like_spire() {
     assert_eq!(dev_refused, real_refused, "the same refusal");
     assert_eq!(real_served, Ok(vec![pod.clone()]));
     assert_eq!(dev_served, real_served, "the same SVIDs once authorized");
+    println!("by PID:  spire-dev {dev_by_pid:?}\n         SPIRE     {real_by_pid:?}");
+    let refused = Err((
+        tonic::Code::InvalidArgument,
+        "must provide either selectors or non-zero PID, but not both".to_owned(),
+    ));
+    assert_eq!(
+        real_by_pid,
+        vec![
+            Ok(vec![pod.clone()]),
+            Ok(vec![]),
+            Ok(vec![]),
+            refused.clone(),
+            refused
+        ]
+    );
+    assert_eq!(dev_by_pid, real_by_pid, "the same answers by PID");
 }
 
 /// Who signed a leaf: its authority key identifier, or its issuer's name
