@@ -6,17 +6,20 @@
 //! Everything is real: unix sockets under the tempdir, certificates from
 //! spire-dev's CA, the svid-cache sources speaking gRPC to the agents.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use spire_dev::{DevConfig, Entry, EntrySpec, IdentityInfo, Selector, SpiffeId, SpireDev};
 use svid_cache::{
-    CacheChanges, CacheConfig, CacheEvent, DelegatedIdentityConfig, RemovalReason, SourceError,
-    SourceHandle, SourceState, SourceStatus, Svid, SvidCache, TrustDomain, WorkloadApiConfig,
-    spawn_delegated_identity, spawn_workload_api,
+    CacheChanges, CacheConfig, CacheEvent, DelegatedIdentityConfig, DelegatedPodsConfig,
+    PodSubscription, PodTargets, RemovalReason, SourceError, SourceHandle, SourceState,
+    SourceStatus, Svid, SvidCache, TrustDomain, WorkloadApiConfig, spawn_delegated_identity,
+    spawn_delegated_pods, spawn_workload_api,
 };
 use tokio::sync::broadcast::{self, error::TryRecvError};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 /// The trust domain of meshauth (spire-dev's and svid-cache's default).
@@ -48,6 +51,45 @@ pub fn selector_entry(node: &str, identity: u32, selectors: &[&str]) -> EntrySpe
         .fold(identity_entry(node, identity), |e, s| {
             e.with_selector(Selector::parse(s).unwrap_or_else(|err| panic!("selector {s}: {err}")))
         })
+}
+
+/// A process running as `uid` (`sleep`), killed when dropped: a "pod" to
+/// attest by PID.
+#[derive(Debug)]
+pub struct Sleeper(std::process::Child);
+
+impl Sleeper {
+    pub fn as_uid(uid: u32) -> Self {
+        use std::os::unix::process::CommandExt as _;
+        let child = std::process::Command::new("sleep")
+            .arg("600")
+            .uid(uid)
+            .gid(uid)
+            .spawn()
+            .unwrap_or_else(|e| panic!("sleep as uid {uid}: {e}"));
+        Self(child)
+    }
+
+    pub fn pid(&self) -> i32 {
+        i32::try_from(self.0.id()).unwrap_or_else(|e| panic!("{e}"))
+    }
+}
+
+impl Drop for Sleeper {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A PID no process has: a child that has exited and been reaped.
+pub fn dead_pid() -> i32 {
+    let mut c = std::process::Command::new("true")
+        .spawn()
+        .unwrap_or_else(|e| panic!("true: {e}"));
+    let pid = c.id();
+    c.wait().unwrap_or_else(|e| panic!("{e}"));
+    i32::try_from(pid).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// A spire-dev deployment under its own tempdir (removed on drop).
@@ -137,6 +179,9 @@ pub enum Api {
     Workload(PathBuf),
     /// The Delegated Identity API socket, with `(type, value)` selectors.
     Delegated(PathBuf, Vec<(String, String)>),
+    /// The Delegated Identity API socket, one subscription per pod of the
+    /// targets.
+    DelegatedPods(PathBuf, watch::Receiver<Option<PodTargets>>),
 }
 
 /// A cache of trust domain [`TD`] (or another) fed by one source, with its
@@ -150,6 +195,8 @@ pub struct Node {
     pub source: SourceHandle,
     /// Every change message since the start.
     pub events: Events,
+    /// The pods' subscriptions ([`Api::DelegatedPods`] only).
+    pub pods: Option<watch::Receiver<BTreeMap<String, PodSubscription>>>,
     shutdown: CancellationToken,
 }
 
@@ -164,7 +211,18 @@ impl Node {
         let events = Events::new(cache.subscribe());
         let shutdown = CancellationToken::new();
         cache.spawn_expiry(shutdown.clone());
+        let mut pods = None;
         let source = match api {
+            Api::DelegatedPods(path, targets) => {
+                let (h, p) = spawn_delegated_pods(
+                    DelegatedPodsConfig::new(path),
+                    targets,
+                    cache.clone(),
+                    shutdown.clone(),
+                );
+                pods = Some(p);
+                h
+            }
             Api::Workload(path) => spawn_workload_api(
                 WorkloadApiConfig::new(path),
                 cache.clone(),
@@ -180,6 +238,7 @@ impl Node {
             cache,
             source,
             events,
+            pods,
             shutdown,
         }
     }
@@ -202,6 +261,41 @@ impl Node {
             })
             .collect();
         Self::start_in(TD, Api::Delegated(dep.admin_socket(node), selectors))
+    }
+
+    /// A meshauth.local cache fed by `node`'s Delegated Identity API, one
+    /// subscription per pod; the sender sets the pods.
+    pub fn delegated_pods(
+        dep: &Deployment,
+        node: &str,
+    ) -> (Self, watch::Sender<Option<PodTargets>>) {
+        let (tx, rx) = watch::channel(None);
+        (
+            Self::start_in(TD, Api::DelegatedPods(dep.admin_socket(node), rx)),
+            tx,
+        )
+    }
+
+    /// Waits until the pods' subscriptions satisfy `pred`.
+    pub async fn wait_pods(
+        &self,
+        what: &str,
+        mut pred: impl FnMut(&BTreeMap<String, PodSubscription>) -> bool,
+    ) -> BTreeMap<String, PodSubscription> {
+        let mut rx = self
+            .pods
+            .clone()
+            .unwrap_or_else(|| panic!("{what}: not a per-pod source"));
+        let last = self.pods.clone().unwrap_or_else(|| panic!("{what}"));
+        match tokio::time::timeout(WAIT, rx.wait_for(|p| pred(p))).await {
+            Ok(Ok(p)) => p.clone(),
+            Ok(Err(_)) => panic!("waiting for {what}: the source worker stopped"),
+            Err(_) => panic!(
+                "waiting for {what}: not reached within {WAIT:?}; pods are {:?}, source {:?}",
+                last.borrow(),
+                self.source.status()
+            ),
+        }
     }
 
     /// The SVID of `identity`, or a panic naming what the cache holds.

@@ -23,6 +23,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
 use meshauth_tests::real_spire::{SpireAgent, SpireServer, own_uid, settings, spire_bin};
+use meshauth_tests::{Sleeper, dead_pid};
 use spire_dev::{DevConfig, EntrySpec, SpiffeId, SpireDev};
 use spire_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
 use spire_proto::workload::{X509BundlesRequest, X509svidRequest, X509svidResponse};
@@ -436,44 +437,6 @@ async fn spire_dev_answers_the_workload_api_like_spire() {
 /// message.
 async fn subscribe(admin: &Path) -> Result<Vec<String>, (tonic::Code, String)> {
     subscribe_with(admin, &["uid:4001"], 0).await
-}
-
-/// A process running as `uid` (`sleep`), killed when dropped: a "pod" to
-/// attest by PID.
-struct Sleeper(std::process::Child);
-
-impl Sleeper {
-    fn as_uid(uid: u32) -> Self {
-        use std::os::unix::process::CommandExt as _;
-        let child = std::process::Command::new("sleep")
-            .arg("600")
-            .uid(uid)
-            .gid(uid)
-            .spawn()
-            .unwrap_or_else(|e| panic!("sleep as uid {uid}: {e}"));
-        Self(child)
-    }
-
-    fn pid(&self) -> i32 {
-        i32::try_from(self.0.id()).unwrap_or_else(|e| panic!("{e}"))
-    }
-}
-
-impl Drop for Sleeper {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// A PID no process has: a child that has exited and been reaped.
-fn dead_pid() -> i32 {
-    let mut c = std::process::Command::new("true")
-        .spawn()
-        .unwrap_or_else(|e| panic!("true: {e}"));
-    let pid = c.id();
-    c.wait().unwrap_or_else(|e| panic!("{e}"));
-    i32::try_from(pid).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// The admin socket's answer to SubscribeToX509SVIDs with `unix` selector

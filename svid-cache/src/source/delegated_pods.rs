@@ -189,15 +189,13 @@ impl Connector for PodsConnector {
             bundle: None,
             targets_known: false,
             waiting: BTreeSet::new(),
+            wait_until: None,
+            first_answers: self.first_answers,
+            emitted: false,
             dirty: true,
             next_gen: 0,
         };
-        tokio::spawn(session.run(
-            bundles,
-            results,
-            self.targets.clone(),
-            Instant::now() + self.first_answers,
-        ));
+        tokio::spawn(session.run(bundles, results, self.targets.clone()));
         Ok(
             futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) })
                 .boxed(),
@@ -234,8 +232,13 @@ struct PodSession {
     latest: BTreeMap<String, SvidInput>,
     bundle: Option<Option<TrustBundle>>,
     targets_known: bool,
-    /// Pods of the session's start that have not answered yet.
+    /// Pods subscribed before the session's first full state that have not
+    /// answered yet, and until when they are waited for.
     waiting: BTreeSet<String>,
+    wait_until: Option<Instant>,
+    first_answers: Duration,
+    /// Whether this session has sent a full state.
+    emitted: bool,
     dirty: bool,
     next_gen: u64,
 }
@@ -267,11 +270,11 @@ impl PodSession {
         mut bundles: Streaming<SubscribeToX509BundlesResponse>,
         mut results: mpsc::Receiver<PodResult>,
         mut targets: watch::Receiver<Option<PodTargets>>,
-        first_deadline: Instant,
     ) {
         let t = targets.borrow_and_update().clone();
-        self.sync_targets(t, true);
+        self.sync_targets(t);
         loop {
+            let first_deadline = self.wait_until.unwrap_or_else(Instant::now);
             let retry_at = self.subs.values().filter_map(|s| s.retry_at).min();
             let step = tokio::select! {
                 () = self.out.closed() => return,
@@ -280,7 +283,7 @@ impl PodSession {
                         return;
                     }
                     let t = targets.borrow_and_update().clone();
-                    self.sync_targets(t, false);
+                    self.sync_targets(t);
                     Ok(())
                 }
                 m = bundles.next() => self.on_bundle(m),
@@ -316,11 +319,14 @@ impl PodSession {
     }
 
     /// Subscribes new pods (and pods whose PID changed), drops pods gone.
-    fn sync_targets(&mut self, targets: Option<PodTargets>, start: bool) {
+    fn sync_targets(&mut self, targets: Option<PodTargets>) {
         let Some(targets) = targets else {
             return;
         };
-        self.targets_known = true;
+        if !self.targets_known {
+            self.targets_known = true;
+            self.wait_until = Some(Instant::now() + self.first_answers);
+        }
         let gone: Vec<String> = self
             .subs
             .keys()
@@ -347,7 +353,7 @@ impl PodSession {
                 }
                 _ => {}
             }
-            if start {
+            if !self.emitted {
                 self.waiting.insert(pod.clone());
             }
             self.subscribe(pod, target, 0);
@@ -500,6 +506,7 @@ impl PodSession {
             return true;
         };
         self.dirty = false;
+        self.emitted = true;
         let mut svids: Vec<SvidInput> = Vec::new();
         for s in self.latest.values() {
             if !svids.iter().any(|o| o.cert_chain == s.cert_chain) {

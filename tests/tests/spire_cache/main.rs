@@ -6,6 +6,7 @@
 
 mod agent_restart;
 mod delegated;
+mod delegated_pods;
 mod first_fetch;
 mod foreign;
 mod mtls;
