@@ -343,15 +343,15 @@ impl PodSession {
             }
         }
         for (pod, target) in targets {
-            match self.subs.get(&pod) {
-                Some(s) if s.target == target => continue,
-                Some(s) if s.target.identity != target.identity => {
-                    // Another identity now: the old one's SVID is not this pod's.
-                    if self.latest.remove(&pod).is_some() {
-                        self.dirty = true;
-                    }
-                }
-                _ => {}
+            let old = self.subs.get(&pod).map(|s| s.target);
+            if old == Some(target) {
+                continue;
+            }
+            // Another identity now: the old one's SVID is not this pod's.
+            if old.is_some_and(|o| o.identity != target.identity)
+                && self.latest.remove(&pod).is_some()
+            {
+                self.dirty = true;
             }
             if !self.emitted {
                 self.waiting.insert(pod.clone());
