@@ -21,6 +21,7 @@ mod datapath;
 mod encryption;
 pub mod health;
 pub mod metrics;
+mod pod_svids;
 mod policy;
 mod serve;
 mod sources;
@@ -244,6 +245,16 @@ async fn run_inner(
     let (datapath, cgroup) = datapath::load_and_attach(&s)?;
     serve::start(&mut s, api, registry, &sources, &cgroup).await?;
     let desired = policy::first_sync(&mut s, &mut sources, &cgroup).await?;
+    if let Some(pods) = &sources.pod_svids {
+        pod_svids::spawn_tracker(
+            s.tasks,
+            pods.clone(),
+            desired.clone(),
+            config.node_name.clone(),
+            cgroup.clone(),
+            s.token.clone(),
+        );
+    }
     let wireguard_key = encryption::start(&mut s, &desired, wg_metrics).await?;
     let manager = authentication::start(
         &mut s,

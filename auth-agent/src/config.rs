@@ -38,6 +38,14 @@ pub enum IdentitySource {
         /// Selectors (`type:value`) of the SVIDs to receive.
         selectors: Vec<String>,
     },
+    /// SPIRE's Delegated Identity API, one subscription per pod on this
+    /// node by the PID of one of its processes: SPIRE attests the pod, and
+    /// only the pod's own identity is taken. Needs the host's PID namespace
+    /// (the PIDs are the SPIRE agent's) and the pods' cgroups.
+    DelegatedPods {
+        /// The admin socket.
+        socket: PathBuf,
+    },
 }
 
 /// Where cluster state comes from.
@@ -221,6 +229,15 @@ pub fn build(layers: &Layers) -> Result<Config, ConfigErrors> {
         None => IdentitySource::WorkloadApi { socket },
         Some(v) => match v.text.to_ascii_lowercase().as_str() {
             "workload" => IdentitySource::WorkloadApi { socket },
+            "delegated-pods" => {
+                if let Some(given) = r.raw(&keys::SPIRE_SELECTORS) {
+                    r.invalid(
+                        &given,
+                        "delegated-pods attests each pod by its PID; selectors are for the delegated source",
+                    );
+                }
+                IdentitySource::DelegatedPods { socket }
+            }
             "delegated" => {
                 let given = r.raw(&keys::SPIRE_SELECTORS);
                 let selectors: Vec<String> = given
@@ -248,7 +265,7 @@ pub fn build(layers: &Layers) -> Result<Config, ConfigErrors> {
                 IdentitySource::DelegatedIdentity { socket, selectors }
             }
             _ => {
-                r.invalid(&v, "workload or delegated");
+                r.invalid(&v, "workload, delegated or delegated-pods");
                 IdentitySource::WorkloadApi { socket }
             }
         },
@@ -686,6 +703,25 @@ mod tests {
                 selectors: vec!["k8s:ns:meshauth".into(), "k8s:sa:agent".into()]
             }
         );
+        let c = build(&flags(&[
+            ("node-name", "a"),
+            ("identity-source", "delegated-pods"),
+            ("spire-socket", "unix:///run/spire/admin.sock"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            c.identity_source,
+            IdentitySource::DelegatedPods {
+                socket: "/run/spire/admin.sock".into()
+            }
+        );
+        let err = build(&flags(&[
+            ("node-name", "a"),
+            ("identity-source", "delegated-pods"),
+            ("spire-selector", "k8s:ns:meshauth"),
+        ]))
+        .unwrap_err();
+        assert!(err.to_string().contains("by its PID"), "{err}");
     }
 
     #[test]

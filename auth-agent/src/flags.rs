@@ -16,7 +16,8 @@ pub struct AgentArgs {
     /// SPIFFE trust domain [env MESHAUTH_TRUST_DOMAIN; default meshauth.local].
     #[arg(long)]
     pub trust_domain: Option<String>,
-    /// `workload` (SPIFFE Workload API) or `delegated` (SPIRE Delegated Identity API).
+    /// `workload` (SPIFFE Workload API), `delegated` (SPIRE Delegated Identity API by
+    /// selectors) or `delegated-pods` (the same API, per local pod by PID).
     #[arg(long)]
     pub identity_source: Option<String>,
     /// SPIRE socket [env SPIFFE_ENDPOINT_SOCKET; default unix:///run/spire/sockets/agent.sock].

@@ -43,6 +43,7 @@ fn status() -> AgentStatus {
             next_expiry: None,
             reconnects: 3,
             overdue_svids: 1,
+            pods: Vec::new(),
         },
         datapath: DatapathStatus {
             pin_dir: "/sys/fs/bpf/meshauth".into(),

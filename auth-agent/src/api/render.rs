@@ -56,6 +56,24 @@ pub fn render_status(s: &AgentStatus) -> String {
     if let Some(e) = &sp.last_error {
         let _ = writeln!(o, "             last error: {e}");
     }
+    for p in &sp.pods {
+        let _ = writeln!(
+            o,
+            "             pod {}: {} (pid {}, identity {}){}{}",
+            p.pod,
+            p.state,
+            p.pid.map_or("-".to_owned(), |v| v.to_string()),
+            p.identity.map_or("-".to_owned(), |v| v.to_string()),
+            if p.ignored.is_empty() {
+                String::new()
+            } else {
+                format!("; ignored {}", p.ignored.join(", "))
+            },
+            p.error
+                .as_deref()
+                .map_or(String::new(), |e| format!("; {e}"))
+        );
+    }
     let d = &s.datapath;
     let _ = writeln!(
         o,

@@ -52,7 +52,7 @@ impl Readiness {
 /// The SPIRE source as the agent sees it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SpireStatus {
-    /// `workload_api` or `delegated_identity`.
+    /// `workload_api`, `delegated_identity` or `delegated_identity_pods`.
     pub source: String,
     /// The socket.
     pub socket: String,
@@ -75,6 +75,31 @@ pub struct SpireStatus {
     /// at half): the SPIRE server is likely unreachable from the agent.
     #[serde(default)]
     pub overdue_svids: usize,
+    /// `delegated_identity_pods`: every pod of this node, with its
+    /// subscription.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pods: Vec<PodSvidStatus>,
+}
+
+/// One pod's SVID subscription (`delegated_identity_pods`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodSvidStatus {
+    /// `namespace/name`.
+    pub pod: String,
+    /// The PID SPIRE attests (none: no process found).
+    pub pid: Option<u32>,
+    /// The pod's identity.
+    pub identity: Option<u32>,
+    /// `serving` (SPIRE serves the pod's identity), `not_served` (SPIRE
+    /// answered without it: no entry selects the pod), `waiting`,
+    /// `failing` (retried), or `unresolved` (not subscribed; see `error`).
+    pub state: String,
+    /// SPIFFE IDs SPIRE served for the pod that are not its identity
+    /// (ignored).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ignored: Vec<String>,
+    /// Why it fails, or why it is unresolved.
+    pub error: Option<String>,
 }
 
 /// The datapath.

@@ -33,6 +33,7 @@ pub struct AgentBackend {
     pub(crate) cgroup: PathBuf,
     pub(crate) cache: SvidCache,
     pub(crate) source: watch::Receiver<SourceStatus>,
+    pub(super) pod_svids: Option<super::pod_svids::PodSvids>,
     pub(crate) subscription: Subscription,
     pub(crate) nodes: NodeTable,
     pub(crate) ready: Arc<Readiness>,
@@ -41,10 +42,16 @@ pub struct AgentBackend {
     pub(crate) wireguard: Arc<std::sync::OnceLock<crate::wireguard::manager::WireGuardHandle>>,
 }
 
-fn spire(config: &Config, s: &SourceStatus, cache: &SvidCache) -> SpireStatus {
+fn spire(
+    config: &Config,
+    s: &SourceStatus,
+    cache: &SvidCache,
+    pods: Option<&super::pod_svids::PodSvids>,
+) -> SpireStatus {
     let (source, socket) = match &config.identity_source {
         IdentitySource::WorkloadApi { socket } => ("workload_api", socket),
         IdentitySource::DelegatedIdentity { socket, .. } => ("delegated_identity", socket),
+        IdentitySource::DelegatedPods { socket } => ("delegated_identity_pods", socket),
     };
     let (state, since) = match &s.state {
         SourceState::Connecting => ("connecting", None),
@@ -62,6 +69,7 @@ fn spire(config: &Config, s: &SourceStatus, cache: &SvidCache) -> SpireStatus {
         next_expiry: cache.next_expiry().map(rfc3339),
         reconnects: s.reconnects,
         overdue_svids: overdue(cache, SystemTime::now()),
+        pods: pods.map(|p| p.status()).unwrap_or_default(),
     }
 }
 
@@ -145,7 +153,12 @@ impl Backend for AgentBackend {
             .to_string(),
             started: rfc3339(self.started),
             ready: self.ready.get(),
-            spire: spire(&self.config, &self.source.borrow(), &self.cache),
+            spire: spire(
+                &self.config,
+                &self.source.borrow(),
+                &self.cache,
+                self.pod_svids.as_ref(),
+            ),
             datapath: DatapathStatus {
                 pin_dir: pin.display().to_string(),
                 cgroup: self.cgroup.display().to_string(),

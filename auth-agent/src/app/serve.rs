@@ -61,6 +61,7 @@ pub(super) async fn start(
         cgroup: cgroup.to_path_buf(),
         cache: sources.cache.clone(),
         source: sources.status.clone(),
+        pod_svids: sources.pod_svids.clone(),
         subscription: sources.subscription.clone(),
         nodes: sources.nodes.clone(),
         ready: s.ready.clone(),

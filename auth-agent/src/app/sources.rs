@@ -6,12 +6,14 @@ use std::sync::atomic::Ordering;
 
 use policy_bridge::Subscription;
 use svid_cache::{
-    CacheConfig, DelegatedIdentityConfig, SourceError, SourceHandle, SourceState, SourceStatus,
-    SvidCache, TrustDomain, WorkloadApiConfig, spawn_delegated_identity, spawn_workload_api,
+    CacheConfig, DelegatedIdentityConfig, DelegatedPodsConfig, SourceError, SourceHandle,
+    SourceState, SourceStatus, SvidCache, TrustDomain, WorkloadApiConfig, spawn_delegated_identity,
+    spawn_delegated_pods, spawn_workload_api,
 };
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use super::pod_svids::PodSvids;
 use super::tasks::{Stop, Tasks};
 use super::{AgentError, Readiness, Start};
 use crate::config::{Config, IdentitySource, PolicySource};
@@ -28,6 +30,8 @@ pub(super) struct Sources {
     pub(super) subscription: Subscription,
     /// Node names ↔ datapath node ids, read back from the state directory.
     pub(super) nodes: NodeTable,
+    /// The per-pod source's pods (`delegated-pods` only).
+    pub(super) pod_svids: Option<PodSvids>,
 }
 
 /// Starts the SVID source (with the cache's expiry task and the watch that
@@ -46,7 +50,7 @@ pub(super) async fn start(s: &mut Start<'_>) -> Result<Sources, AgentError> {
         Stop::Token,
         cache.spawn_expiry(s.token.clone()),
     );
-    let source = start_identity_source(config, &cache, s.token);
+    let (source, pod_svids) = start_identity_source(config, &cache, s.token);
     let status = source.watch_status();
     s.tasks.spawn("svid_source", Stop::Token, source.join());
     watch_source(
@@ -65,6 +69,7 @@ pub(super) async fn start(s: &mut Start<'_>) -> Result<Sources, AgentError> {
         status,
         subscription,
         nodes,
+        pod_svids,
     })
 }
 
@@ -75,26 +80,47 @@ fn selectors(v: &[String]) -> Vec<(String, String)> {
         .collect()
 }
 
-/// Starts the SVID source.
+/// Starts the SVID source; the per-pod source's pods when it is that one.
 fn start_identity_source(
     config: &Config,
     cache: &SvidCache,
     token: &CancellationToken,
-) -> SourceHandle {
+) -> (SourceHandle, Option<PodSvids>) {
     match &config.identity_source {
-        IdentitySource::WorkloadApi { socket } => spawn_workload_api(
-            WorkloadApiConfig::new(socket.clone()),
-            cache.clone(),
-            token.clone(),
+        IdentitySource::WorkloadApi { socket } => (
+            spawn_workload_api(
+                WorkloadApiConfig::new(socket.clone()),
+                cache.clone(),
+                token.clone(),
+            ),
+            None,
         ),
         IdentitySource::DelegatedIdentity {
             socket,
             selectors: s,
-        } => spawn_delegated_identity(
-            DelegatedIdentityConfig::new(socket.clone(), selectors(s)),
-            cache.clone(),
-            token.clone(),
+        } => (
+            spawn_delegated_identity(
+                DelegatedIdentityConfig::new(socket.clone(), selectors(s)),
+                cache.clone(),
+                token.clone(),
+            ),
+            None,
         ),
+        IdentitySource::DelegatedPods { socket } => {
+            let (targets, rx) = watch::channel(None);
+            let (handle, subscriptions) = spawn_delegated_pods(
+                DelegatedPodsConfig::new(socket.clone()),
+                rx,
+                cache.clone(),
+                token.clone(),
+            );
+            let pods = PodSvids {
+                targets,
+                subscriptions,
+                unresolved: watch::channel(Default::default()).0,
+            };
+            (handle, Some(pods))
+        }
     }
 }
 

@@ -7,7 +7,7 @@ use super::Key;
 pub const NODE_NAME: Key = Key::new("node-name", "NODE_NAME", "nodeName");
 /// [`super::Config::trust_domain`].
 pub const TRUST_DOMAIN: Key = Key::new("trust-domain", "MESHAUTH_TRUST_DOMAIN", "trustDomain");
-/// `workload` or `delegated`.
+/// `workload`, `delegated` or `delegated-pods`.
 pub const IDENTITY_SOURCE: Key = Key::new(
     "identity-source",
     "MESHAUTH_IDENTITY_SOURCE",

@@ -57,6 +57,15 @@ impl PodCgroups {
             .then_some(*id)
     }
 
+    /// The directory of the pod with `uid` as of the last scan, if it is
+    /// still that cgroup.
+    pub fn path(&self, uid: &str) -> Option<&Path> {
+        let (id, path) = self.by_uid.get(&uid.to_ascii_lowercase())?;
+        std::fs::metadata(path)
+            .is_ok_and(|m| m.ino() == *id)
+            .then_some(path.as_path())
+    }
+
     /// Reads the tree again.
     pub fn rescan(&mut self) {
         self.by_uid.clear();
@@ -87,6 +96,31 @@ impl PodCgroups {
     pub fn retain(&mut self, keep: &std::collections::BTreeSet<String>) {
         self.by_uid.retain(|uid, _| keep.contains(uid));
     }
+}
+
+/// The processes in cgroup `dir` and its children (a pod's containers),
+/// lowest PID first. Empty when the cgroup is gone.
+pub fn pids_in(dir: &Path) -> Vec<u32> {
+    let mut out = Vec::new();
+    let mut stack = vec![(dir.to_path_buf(), 0usize)];
+    while let Some((d, depth)) = stack.pop() {
+        if let Ok(text) = std::fs::read_to_string(d.join("cgroup.procs")) {
+            out.extend(text.lines().filter_map(|l| l.trim().parse::<u32>().ok()));
+        }
+        if depth >= MAX_DEPTH {
+            continue;
+        }
+        if let Ok(rd) = std::fs::read_dir(&d) {
+            for e in rd.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    stack.push((e.path(), depth + 1));
+                }
+            }
+        }
+    }
+    out.sort_unstable();
+    out.dedup();
+    out
 }
 
 #[cfg(test)]
