@@ -12,8 +12,8 @@ use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::time::{Duration, Instant, SystemTime};
 
-use auth_agent::api::types::{AuthEntry, FlowRecord};
-use meshauth_lab::testbed::{Testbed, TestbedOptions};
+use auth_agent::api::types::{AgentStatus, AuthEntry, FlowRecord};
+use meshauth_lab::testbed::{SvidMode, Testbed, TestbedOptions};
 use meshauth_lab::{PodInfo, PodProcess};
 
 const POLICY: &str = include_str!("../../deploy/examples/payment-requires-auth.yaml");
@@ -76,6 +76,11 @@ const PAYMENT: &str = "payment-service";
 /// (`spire-server` and one `spire-agent` per node, from the binaries
 /// scripts/build-spire makes; the test fails, never skips, without them).
 fn opts(prefix: &str, net: u8, real_spire: bool) -> TestbedOptions {
+    opts_with(prefix, net, real_spire, SvidMode::WorkloadApi)
+}
+
+/// [`opts`] with the agents' SVID mode.
+fn opts_with(prefix: &str, net: u8, real_spire: bool, svid_mode: SvidMode) -> TestbedOptions {
     assert!(
         meshauth_lab::testbed::is_root(),
         "this test needs root (network namespaces, cgroups, BPF)"
@@ -86,12 +91,16 @@ fn opts(prefix: &str, net: u8, real_spire: bool) -> TestbedOptions {
         net,
         spire_bin: real_spire
             .then(|| meshauth_lab::spire_real::spire_bin(None).unwrap_or_else(|e| panic!("{e}"))),
+        svid_mode,
         ..TestbedOptions::default()
     }
 }
 
-/// Every scenario runs twice: `<scenario>::spire_dev` and
-/// `<scenario>::real_spire` (SPIRE 1.13, the reference), each in its own lab.
+/// Every scenario runs three times, each in its own lab:
+/// `<scenario>::spire_dev`, `<scenario>::real_spire` (SPIRE 1.13, the
+/// reference) and `<scenario>::real_spire_delegated_pods` (SPIRE 1.13, the
+/// agents subscribing per pod by PID on the Delegated Identity API, each
+/// app's pods running as their own uid).
 macro_rules! both {
     ($scenario:ident, $prefix:literal, $real_prefix:literal, $net:literal) => {
         mod $scenario {
@@ -103,6 +112,17 @@ macro_rules! both {
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
             async fn real_spire() {
                 super::$scenario(super::opts($real_prefix, $net + 100, true)).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn real_spire_delegated_pods() {
+                super::$scenario(super::opts_with(
+                    concat!($real_prefix, "d"),
+                    $net + 150,
+                    true,
+                    super::SvidMode::DelegatedPods,
+                ))
+                .await;
             }
         }
     };
@@ -1132,4 +1152,95 @@ async fn chaos_an_entry_deleted_collects_its_pairs() {
         "collected {:?} after the SVID left the cache",
         gone.elapsed()
     );
+}
+
+/// The per-pod Delegated Identity mode on real SPIRE: a node's agent holds
+/// an identity's key only while a pod of it runs on the node (SPIRE's entry
+/// alone is not enough), and only the pods' own identities — a pod whose
+/// process SPIRE attests as another identity's brings nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn delegated_pods_a_nodes_keys_follow_its_pods() {
+    let mut tb = Testbed::start(opts_with("mndelkey", 208, true, SvidMode::DelegatedPods))
+        .await
+        .unwrap();
+    tb.add_pod("node-a", "order-a", ORDER).unwrap();
+    tb.add_pod("node-b", "pay-b", PAYMENT).unwrap();
+    // refund-service runs as order-service's uid: SPIRE (its unix
+    // attestor) serves refund-a's PID order's SVID.
+    let order_uid = tb.app_uid(ORDER);
+    tb.set_app_uid("refund-service", order_uid);
+    tb.add_pod("node-a", "refund-a", "refund-service").unwrap();
+    tb.write("policy.yaml", TWO_WAY_POLICY).unwrap();
+    let order = blocking(|| tb.register("order-a")).unwrap();
+    let payment = blocking(|| tb.register("pay-b")).unwrap();
+    let refund = tb.identity_of("refund-a").unwrap();
+    // order-service may also run on node-c (an entry there), but no pod
+    // of it does yet.
+    blocking(|| tb.register_identity(order, "node-c")).unwrap();
+    tb.start_agents().await.unwrap();
+    wait_entries(&tb, "node-a", &[(order, payment, "node-b")]).await;
+
+    let a = tb.status("node-a").await.unwrap();
+    assert_eq!(a.spire.source, "delegated_identity_pods");
+    let by_pod = |s: &AgentStatus, pod: &str| {
+        s.spire
+            .pods
+            .iter()
+            .find(|p| p.pod == format!("production/{pod}"))
+            .cloned()
+            .unwrap_or_else(|| panic!("{pod} not in {:?}", s.spire.pods))
+    };
+    let o = by_pod(&a, "order-a");
+    assert_eq!(
+        (o.state.as_str(), o.identity),
+        ("serving", Some(order)),
+        "{o:?}"
+    );
+    let container = std::fs::read_to_string(format!("/proc/{}/status", o.pid.unwrap())).unwrap();
+    assert!(
+        container
+            .lines()
+            .any(|l| l.starts_with("Uid:") && l.contains(&order_uid.to_string())),
+        "SPIRE attested order-a's process, running as its uid: {container}"
+    );
+    let r = by_pod(&a, "refund-a");
+    assert_eq!(r.state, "not_served", "{r:?}");
+    assert_eq!(r.identity, Some(refund));
+    assert_eq!(
+        r.ignored,
+        [format!("spiffe://meshauth.local/identity/{order}")],
+        "SPIRE served refund-a's PID order's SVID; not taken as refund's"
+    );
+    assert_eq!(a.spire.svids, 1, "node-a holds order's key only");
+    // Registered on node-c, no pod there: node-c holds nothing.
+    assert_eq!(tb.status("node-c").await.unwrap().spire.svids, 0);
+
+    // refund-a has no SVID of its own: its connection to payment is dropped.
+    let (pay_b, _server) = serve(&tb, "pay-b");
+    let mut refund_a = client(&tb, "refund-a");
+    refund_a
+        .connect(pay_b.ipv4.into(), 8080, Duration::from_millis(300))
+        .expect_err("refund-service has no SVID: dropped");
+    assert!(drops(&tb, "node-b").await > 0);
+
+    // The last order pod leaves node-a: the key leaves with it, though
+    // SPIRE's entry for node-a stays.
+    tb.remove_pod("order-a").unwrap();
+    tb.wait_for("node-a's order key gone", Duration::from_secs(10), || {
+        let tb = &tb;
+        async move { (tb.status("node-a").await.ok()?.spire.svids == 0).then_some(()) }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}{}", logs(&tb)));
+
+    // Moving the pod moves the key: order-c on node-c.
+    tb.add_pod("node-c", "order-c", ORDER).unwrap();
+    wait_entries(&tb, "node-c", &[(order, payment, "node-b")]).await;
+    let c = tb.status("node-c").await.unwrap();
+    assert_eq!(by_pod(&c, "order-c").state, "serving");
+    assert_eq!(c.spire.svids, 1);
+    let mut order_c = client(&tb, "order-c");
+    order_c
+        .connect(pay_b.ipv4.into(), 8080, Duration::from_millis(500))
+        .unwrap_or_else(|e| panic!("order-c → pay-b: {e}{}", logs(&tb)));
 }

@@ -368,6 +368,16 @@ impl Lab {
         first_err.map_or(Ok(()), Err)
     }
 
+    /// Sets the uid `pod`'s processes run as from now on (`None`: root).
+    pub fn set_run_as(&mut self, pod: &str, uid: Option<u32>) -> Result<(), LabError> {
+        let p = self
+            .pods
+            .get_mut(pod)
+            .ok_or_else(|| LabError::NotFound(format!("pod {pod}")))?;
+        p.run_as = uid;
+        Ok(())
+    }
+
     /// Adds a pod (name: 1..=32 of `[a-z0-9-]`, unique in the lab) on a node.
     pub fn add_pod(&mut self, node: &str, name: &str) -> Result<PodInfo, LabError> {
         check_name("pod", name, 32)?;
@@ -395,6 +405,7 @@ impl Lab {
             cgroup: n.pods_cgroup.join(format!("pod{uid}")),
             uid,
             host_veth: format!("p{k}"),
+            run_as: None,
         };
         self.pods.insert(name.to_string(), info);
         match self.setup_pod(&n, name) {
@@ -477,18 +488,24 @@ impl Lab {
         target: impl Into<Target<'a>>,
         program: impl AsRef<OsStr>,
     ) -> Command {
-        let (netns, cgroup) = match target.into() {
-            Target::Node(n) => (&n.netns, &n.host_cgroup),
-            Target::Pod(p) => (&p.netns, &p.cgroup),
+        let (netns, cgroup, run_as) = match target.into() {
+            Target::Node(n) => (&n.netns, &n.host_cgroup, None),
+            Target::Pod(p) => (
+                &p.netns,
+                &p.cgroup,
+                self.pods.get(&p.name).map_or(p.run_as, |q| q.run_as),
+            ),
         };
         let mut cmd = Command::new(&self.bin);
         cmd.arg("lab-exec")
             .arg("--netns")
             .arg(netns)
             .arg("--cgroup")
-            .arg(cgroup)
-            .arg("--")
-            .arg(program);
+            .arg(cgroup);
+        if let Some(uid) = run_as {
+            cmd.arg("--uid").arg(uid.to_string());
+        }
+        cmd.arg("--").arg(program);
         cmd
     }
 

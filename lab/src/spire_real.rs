@@ -605,9 +605,21 @@ impl SpireAgent {
     /// The SPIFFE IDs the agent serves this process, read with SPIRE's own
     /// client (`spire-agent api fetch x509`); empty when it serves none.
     pub fn served(&self) -> Result<Vec<String>, SpireError> {
-        let out = run(Command::new(self.bin.join("spire-agent"))
-            .args(["api", "fetch", "x509", "-timeout", "5s", "-socketPath"])
-            .arg(&self.socket))?;
+        self.served_as(None)
+    }
+
+    /// The SPIFFE IDs the agent serves a process running as `uid` (gid the
+    /// same; `None`: this process), read with `spire-agent api fetch x509`
+    /// run as that user. The socket's directories must let it through.
+    pub fn served_as(&self, uid: Option<u32>) -> Result<Vec<String>, SpireError> {
+        use std::os::unix::process::CommandExt as _;
+        let mut cmd = Command::new(self.bin.join("spire-agent"));
+        cmd.args(["api", "fetch", "x509", "-timeout", "5s", "-socketPath"])
+            .arg(&self.socket);
+        if let Some(uid) = uid {
+            cmd.uid(uid).gid(uid);
+        }
+        let out = run(&mut cmd)?;
         Ok(String::from_utf8_lossy(&out.stdout)
             .lines()
             .filter_map(|l| l.trim().strip_prefix("SPIFFE ID:"))

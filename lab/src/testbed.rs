@@ -92,7 +92,27 @@ pub struct TestbedOptions {
     /// Real SPIRE's CA lifetime (None: six SVID lifetimes, at least a day);
     /// short, to see CA rotations.
     pub spire_ca_ttl: Option<Duration>,
+    /// How the agents get their SVIDs.
+    pub svid_mode: SvidMode,
 }
+
+/// How the testbed's agents get their SVIDs from SPIRE.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum SvidMode {
+    /// The Workload API: the entries select the node's meshauth agent
+    /// (root), which receives every SVID registered on its node.
+    #[default]
+    WorkloadApi,
+    /// The Delegated Identity API per pod (`--identity-source
+    /// delegated-pods`): each app's pods run as a uid of their own
+    /// (`securityContext.runAsUser` in the manifest), the entries select
+    /// that uid, and the agent — SPIRE's authorized delegate — subscribes
+    /// by the PID of a process in each pod.
+    DelegatedPods,
+}
+
+/// The first uid the testbed gives an app's pods in [`SvidMode::DelegatedPods`].
+pub const FIRST_APP_UID: u32 = 20001;
 
 impl Default for TestbedOptions {
     fn default() -> Self {
@@ -108,13 +128,20 @@ impl Default for TestbedOptions {
             agent_bin: None,
             spire_bin: None,
             spire_ca_ttl: None,
+            svid_mode: SvidMode::WorkloadApi,
         }
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct PodRecord {
     node: String,
+    /// Its `app` label, once published.
+    app: Option<String>,
+    /// [`SvidMode::DelegatedPods`]: the pod's container, a process running
+    /// as the app's uid from publication on (a running pod has one; it is
+    /// what SPIRE attests by PID). Killed with the pod's cgroup.
+    container: Option<Child>,
 }
 
 /// The running testbed. Drop removes everything (agents, namespaces,
@@ -130,7 +157,10 @@ pub struct Testbed {
     /// Per-node agent flags ([`Testbed::set_agent_args`]).
     node_args: BTreeMap<String, Vec<String>>,
     pods: BTreeMap<String, PodRecord>,
-    entries: BTreeMap<(u32, String), String>,
+    /// SPIRE entries by (identity, node): their ID and selectors.
+    entries: BTreeMap<(u32, String), (String, Vec<String>)>,
+    /// The uid each app's pods run as ([`SvidMode::DelegatedPods`]).
+    app_uids: BTreeMap<String, u32>,
     compiler: FilesSource,
     torn_down: bool,
 }
@@ -197,6 +227,7 @@ impl Testbed {
             opts.svid_ttl,
             opts.spire_bin.as_deref(),
             opts.spire_ca_ttl,
+            opts.svid_mode == SvidMode::DelegatedPods,
         )
         .await?;
         let mut fc = FilesConfig::new(root.path().join("manifests"));
@@ -217,6 +248,7 @@ impl Testbed {
             node_args: BTreeMap::new(),
             pods: BTreeMap::new(),
             entries: BTreeMap::new(),
+            app_uids: BTreeMap::new(),
             compiler,
             torn_down: false,
         };
@@ -281,23 +313,47 @@ impl Testbed {
 
     /// Adds a pod with label `app=<app>` (service account `<app>`) on
     /// `node` and publishes it (phase Running, both addresses).
+    /// In [`SvidMode::DelegatedPods`] its processes run as the app's uid.
     pub fn add_pod(&mut self, node: &str, name: &str, app: &str) -> Result<PodInfo, TestbedError> {
-        let info = self.lab.add_pod(node, name)?;
+        self.lab.add_pod(node, name)?;
         self.pods.insert(
             name.to_string(),
             PodRecord {
                 node: node.to_string(),
+                app: None,
+                container: None,
             },
         );
-        self.write(&format!("pod-{name}.yaml"), &pod_yaml(&info, app))?;
-        Ok(info)
+        self.publish_pod(name, app)?;
+        Ok(self.pod(name)?.clone())
+    }
+
+    /// Makes `app`'s pods run as `uid` from their publication on (two apps
+    /// sharing a uid: what the `unix` attestor cannot tell apart).
+    pub fn set_app_uid(&mut self, app: &str, uid: u32) {
+        self.app_uids.insert(app.to_owned(), uid);
+    }
+
+    /// The uid `app`'s pods run as in [`SvidMode::DelegatedPods`] (one per
+    /// app, from [`FIRST_APP_UID`] on, in order of first use).
+    pub fn app_uid(&mut self, app: &str) -> u32 {
+        let next = self
+            .app_uids
+            .values()
+            .max()
+            .map_or(FIRST_APP_UID, |u| u + 1);
+        *self.app_uids.entry(app.to_owned()).or_insert(next)
     }
 
     /// Removes a pod (manifest first, then its namespace).
     pub fn remove_pod(&mut self, name: &str) -> Result<(), TestbedError> {
         self.unlink(&format!("pod-{name}.yaml"))?;
-        self.pods.remove(name);
+        let record = self.pods.remove(name);
         self.lab.remove_pod(name)?;
+        if let Some(mut c) = record.and_then(|r| r.container) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
         Ok(())
     }
 
@@ -312,7 +368,10 @@ impl Testbed {
             .collect();
         for p in &pods {
             self.unlink(&format!("pod-{p}.yaml"))?;
-            self.pods.remove(p);
+            if let Some(mut c) = self.pods.remove(p).and_then(|r| r.container) {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
         }
         self.unlink(&format!("node-{name}.yaml"))?;
         self.kill_agent(name);
@@ -403,7 +462,10 @@ impl Testbed {
             .open(&paths.log)
             .map_err(io("opening", &paths.log))?;
         let log2 = log.try_clone().map_err(io("opening", &paths.log))?;
-        let spire = self.spire.workload_socket(node)?;
+        let (source, spire) = match self.opts.svid_mode {
+            SvidMode::WorkloadApi => ("workload", self.spire.workload_socket(node)?),
+            SvidMode::DelegatedPods => ("delegated-pods", self.spire.admin_socket(node)?),
+        };
         let (bin, subcommand) = match &self.opts.agent_bin {
             Some(b) => (b.clone(), None),
             None => (self.lab.meshauth_bin().to_path_buf(), Some("agent")),
@@ -412,6 +474,8 @@ impl Testbed {
         cmd.args(subcommand)
             .arg("--node-name")
             .arg(node)
+            .arg("--identity-source")
+            .arg(source)
             .arg("--spire-socket")
             .arg(spire)
             .arg("--policy-source")
@@ -618,6 +682,12 @@ impl Testbed {
         for n in names {
             self.kill_agent(&n);
         }
+        for p in self.pods.values_mut() {
+            if let Some(c) = &mut p.container {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
         for n in self.lab.nodes() {
             let pin = self.pin_root.join(&n.name);
             let _ = auth_ebpf::Datapath::detach(&pin, &n.pods_cgroup);
@@ -638,15 +708,36 @@ impl Testbed {
             name.to_string(),
             PodRecord {
                 node: node.to_string(),
+                app: None,
+                container: None,
             },
         );
         Ok(info)
     }
 
-    /// Publishes a pod added with [`Self::add_lab_pod`] (label `app=<app>`).
-    pub fn publish_pod(&self, name: &str, app: &str) -> Result<(), TestbedError> {
-        let info = self.pod(name)?;
-        self.write(&format!("pod-{name}.yaml"), &pod_yaml(info, app))
+    /// Publishes a pod added with [`Self::add_lab_pod`] (label `app=<app>`);
+    /// in [`SvidMode::DelegatedPods`] its processes run as the app's uid
+    /// from now on (`securityContext.runAsUser`).
+    pub fn publish_pod(&mut self, name: &str, app: &str) -> Result<(), TestbedError> {
+        let run_as = match self.opts.svid_mode {
+            SvidMode::DelegatedPods => Some(self.app_uid(app)),
+            SvidMode::WorkloadApi => None,
+        };
+        self.lab.set_run_as(name, run_as)?;
+        let info = self.pod(name)?.clone();
+        let container = match run_as {
+            Some(_) if self.pods.get(name).is_some_and(|p| p.container.is_none()) => {
+                Some(self.lab.spawn(&info, "sleep", ["infinity"])?)
+            }
+            _ => None,
+        };
+        if let Some(p) = self.pods.get_mut(name) {
+            p.app = Some(app.to_owned());
+            if container.is_some() {
+                p.container = container;
+            }
+        }
+        self.write(&format!("pod-{name}.yaml"), &pod_yaml(&info, app))
     }
 
     /// Registers `identity` with SPIRE on `node` (once per pair); the
@@ -655,20 +746,44 @@ impl Testbed {
         if self.entries.contains_key(&(identity, node.to_string())) {
             return Ok(());
         }
-        let id = self.spire.add_entry(identity, node)?;
-        self.entries.insert((identity, node.to_string()), id);
+        let selectors = self.selectors_for(identity)?;
+        let id = self.spire.add_entry(identity, node, &selectors)?;
+        self.entries
+            .insert((identity, node.to_string()), (id, selectors));
         Ok(())
+    }
+
+    /// What `identity`'s entries select: the node's meshauth agent (root)
+    /// in [`SvidMode::WorkloadApi`], the uid of the identity's app in
+    /// [`SvidMode::DelegatedPods`].
+    fn selectors_for(&mut self, identity: u32) -> Result<Vec<String>, TestbedError> {
+        if self.opts.svid_mode == SvidMode::WorkloadApi {
+            return Ok(vec!["unix:uid:0".to_owned()]);
+        }
+        let pods: Vec<(String, String)> = self
+            .pods
+            .iter()
+            .filter_map(|(n, p)| Some((n.clone(), p.app.clone()?)))
+            .collect();
+        for (pod, app) in pods {
+            if self.identity_of(&pod).ok() == Some(identity) {
+                return Ok(vec![format!("unix:uid:{}", self.app_uid(&app))]);
+            }
+        }
+        Err(TestbedError::Failed(format!(
+            "no published pod has identity {identity}: its app's uid, which the entry selects, is unknown"
+        )))
     }
 
     /// Removes the SPIRE entry of `identity` on `node`; the node's SPIRE
     /// agent has dropped the SVID on return.
     pub fn unregister_identity(&mut self, identity: u32, node: &str) -> Result<(), TestbedError> {
-        let Some(id) = self.entries.remove(&(identity, node.to_string())) else {
+        let Some((id, selectors)) = self.entries.remove(&(identity, node.to_string())) else {
             return Err(TestbedError::Failed(format!(
                 "identity {identity} is not registered on {node}"
             )));
         };
-        self.spire.remove_entry(&id, identity, node)
+        self.spire.remove_entry(&id, identity, node, &selectors)
     }
 
     /// The identity the agents give the endpoint at `ip` (any published
@@ -755,8 +870,11 @@ fn node_yaml(n: &NodeInfo) -> String {
 }
 
 fn pod_yaml(p: &PodInfo, app: &str) -> String {
+    let security = p.run_as.map_or(String::new(), |u| {
+        format!("  securityContext:\n    runAsUser: {u}\n    runAsGroup: {u}\n")
+    });
     format!(
-        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {NAMESPACE}\n  uid: {uid}\n  labels:\n    app: {app}\nspec:\n  nodeName: {node}\n  serviceAccountName: {app}\nstatus:\n  phase: Running\n  podIP: {v4}\n  podIPs:\n    - ip: {v4}\n    - ip: \"{v6}\"\n",
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {NAMESPACE}\n  uid: {uid}\n  labels:\n    app: {app}\nspec:\n  nodeName: {node}\n  serviceAccountName: {app}\n{security}status:\n  phase: Running\n  podIP: {v4}\n  podIPs:\n    - ip: {v4}\n    - ip: \"{v6}\"\n",
         name = p.name,
         uid = p.uid,
         node = p.node,

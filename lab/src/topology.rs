@@ -64,6 +64,8 @@ pub struct PodInfo {
     pub cgroup: PathBuf,
     /// The node side of its veth (in the node namespace).
     pub host_veth: String,
+    /// The uid its processes run as (`None`: root, as the lab).
+    pub run_as: Option<u32>,
 }
 
 /// Where [`Lab::command`] runs a program.

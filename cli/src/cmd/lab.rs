@@ -13,6 +13,10 @@ pub struct ExecArgs {
     /// Cgroup v2 directory to join first.
     #[arg(long)]
     cgroup: Option<PathBuf>,
+    /// Run the command as this uid (and gid), with no supplementary
+    /// groups: a pod's own user.
+    #[arg(long)]
+    uid: Option<u32>,
     /// The command and its arguments.
     #[arg(last = true, required = true)]
     cmd: Vec<OsString>,
@@ -20,7 +24,7 @@ pub struct ExecArgs {
 
 /// Replaces this process with the command; returns only on failure.
 pub fn exec(args: &ExecArgs) -> ExitCode {
-    let e = meshauth_lab::exec::exec_in(&args.netns, args.cgroup.as_deref(), &args.cmd);
+    let e = meshauth_lab::exec::exec_in(&args.netns, args.cgroup.as_deref(), args.uid, &args.cmd);
     eprintln!("meshauth lab-exec: {e}");
     ExitCode::from(127)
 }
