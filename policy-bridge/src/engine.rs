@@ -95,6 +95,9 @@ struct PodEntry {
     node: String,
     ips: Vec<IpAddr>,
     uid: String,
+    /// The uids its containers run as, where the spec says
+    /// (`securityContext.runAsUser`, the container's over the pod's).
+    run_as: BTreeSet<u32>,
     running: bool,
     wants_identity: bool,
     /// Derived.

@@ -159,6 +159,12 @@ pub struct DesiredState {
     /// node's entries to it.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub node_uids: BTreeMap<String, String>,
+    /// The uids each pod's containers run as where its spec says
+    /// (`securityContext.runAsUser`), by `namespace/name`: without
+    /// Kubernetes, SPIRE's `unix` attestor tells workloads apart by uid, so
+    /// the registration reconciler selects a pod by them.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub pod_run_as: BTreeMap<String, BTreeSet<u32>>,
 }
 
 impl DesiredState {

@@ -11,6 +11,31 @@ use crate::labels::LabelSet;
 use crate::model::ObjectKey;
 use crate::state::{Endpoint, Identity};
 
+/// The uids a pod's containers run as, where the spec says: each
+/// container's `securityContext.runAsUser`, else the pod's; a pod without
+/// containers in the spec (a bare manifest), the pod's. Containers that
+/// say nothing (the image's user) are left out.
+fn run_as_users(spec: &k8s_openapi::api::core::v1::PodSpec) -> BTreeSet<u32> {
+    let pod = spec
+        .security_context
+        .as_ref()
+        .and_then(|s| s.run_as_user)
+        .and_then(|u| u32::try_from(u).ok());
+    if spec.containers.is_empty() {
+        return pod.into_iter().collect();
+    }
+    spec.containers
+        .iter()
+        .filter_map(|c| {
+            c.security_context
+                .as_ref()
+                .and_then(|s| s.run_as_user)
+                .and_then(|u| u32::try_from(u).ok())
+                .or(pod)
+        })
+        .collect()
+}
+
 impl Engine {
     pub(super) fn upsert_namespace(&mut self, ns: &Namespace) -> Result<(), EngineError> {
         let name = ns.metadata.name.clone().unwrap_or_default();
@@ -83,6 +108,7 @@ impl Engine {
             node: spec.and_then(|s| s.node_name.clone()).unwrap_or_default(),
             ips,
             uid: pod.metadata.uid.clone().unwrap_or_default(),
+            run_as: spec.map(run_as_users).unwrap_or_default(),
             running: phase == "Running",
             wants_identity: !host_network && phase != "Succeeded" && phase != "Failed",
             ..PodEntry::default()
@@ -168,10 +194,21 @@ impl Engine {
             .filter(|n| !n.endpoints.is_empty() && !n.uid.is_empty())
         {
             Some(n) => {
-                self.state.pod_uids.insert(name, n.uid.clone());
+                self.state.pod_uids.insert(name.clone(), n.uid.clone());
             }
             None => {
                 self.state.pod_uids.remove(&name);
+            }
+        }
+        match new
+            .as_ref()
+            .filter(|n| !n.endpoints.is_empty() && !n.run_as.is_empty())
+        {
+            Some(n) => {
+                self.state.pod_run_as.insert(name, n.run_as.clone());
+            }
+            None => {
+                self.state.pod_run_as.remove(&name);
             }
         }
         match new {
