@@ -1244,3 +1244,84 @@ async fn delegated_pods_a_nodes_keys_follow_its_pods() {
         .connect(pay_b.ipv4.into(), 8080, Duration::from_millis(500))
         .unwrap_or_else(|e| panic!("order-c → pay-b: {e}{}", logs(&tb)));
 }
+
+/// `meshauth spire reconcile --select pods` makes the entries the per-pod
+/// mode needs on real SPIRE from the manifests alone: each identity's pods
+/// selected by the uid they run as, on the nodes that run them; a uid two
+/// identities' pods share on a node is refused and named (SPIRE could not
+/// tell them apart). The agents then authenticate with those entries only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn delegated_pods_with_entries_from_the_reconciler() {
+    let mut tb = Testbed::start(opts_with("mndelrec", 209, true, SvidMode::DelegatedPods))
+        .await
+        .unwrap();
+    tb.add_pod("node-a", "order-a", ORDER).unwrap();
+    tb.add_pod("node-b", "pay-b", PAYMENT).unwrap();
+    let inv_uid = tb.app_uid("inventory-service");
+    tb.set_app_uid("refund-service", inv_uid);
+    tb.add_pod("node-c", "inv-c", "inventory-service").unwrap();
+    tb.add_pod("node-c", "refund-c", "refund-service").unwrap();
+    tb.write("policy.yaml", TWO_WAY_POLICY).unwrap();
+    let order = tb.identity_of("order-a").unwrap();
+    let payment = tb.identity_of("pay-b").unwrap();
+    let server = tb.spire().real().unwrap().server().socket().to_owned();
+    let manifests = tb.manifests();
+    let out = blocking(|| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_meshauth"))
+            .args(["spire", "reconcile", "--once", "--select", "pods"])
+            .args(["--trust-domain", "meshauth.local"])
+            .arg("--manifests")
+            .arg(&manifests)
+            .arg("--identity-file")
+            .arg(manifests.parent().unwrap().join("identities.json"))
+            .arg("--server-socket")
+            .arg(&server)
+            .output()
+            .unwrap()
+    });
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("{}{stderr}", String::from_utf8_lossy(&out.stdout));
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("uid {inv_uid} on node node-c")),
+        "the shared uid is named: {stderr}"
+    );
+    let entries = blocking(|| {
+        tb.spire()
+            .real()
+            .unwrap()
+            .server()
+            .cli(&["entry", "show"], &[])
+            .unwrap()
+    });
+    let ours: Vec<&str> = entries
+        .split("\n\n")
+        .filter(|e| e.contains("/identity/"))
+        .collect();
+    assert_eq!(
+        ours.len(),
+        2,
+        "order on node-a, payment on node-b:\n{entries}"
+    );
+    for (identity, node, uid) in [
+        (order, "node-a", tb.app_uid(ORDER)),
+        (payment, "node-b", tb.app_uid(PAYMENT)),
+    ] {
+        assert!(
+            ours.iter()
+                .any(|e| e.contains(&format!("/identity/{identity}\n"))
+                    && e.contains(&format!("/meshauth/node/{node}\n"))
+                    && e.contains(&format!("unix:uid:{uid}"))),
+            "identity {identity} on {node} selecting uid {uid}:\n{entries}"
+        );
+    }
+
+    tb.start_agents().await.unwrap();
+    wait_entries(&tb, "node-a", &[(order, payment, "node-b")]).await;
+    wait_entries(&tb, "node-b", &[(payment, order, "node-a")]).await;
+    let (pay_b, _server) = serve(&tb, "pay-b");
+    let mut order_a = client(&tb, "order-a");
+    all_first_packets(&tb, &mut order_a, &pay_b);
+    assert_no_drops(&tb, "entries from the reconciler").await;
+    assert_eq!(tb.status("node-c").await.unwrap().spire.svids, 0);
+}

@@ -10,7 +10,12 @@
 //!   parented to a node alias every agent matches.
 //! - Selectors: in Workload API mode the entries select meshauth's own agent
 //!   process on the node (it fetches every SVID of its node); in Delegated
-//!   Identity mode they select the pods (`k8s:ns`, `k8s:pod-label`).
+//!   Identity mode they select the pods: on Kubernetes by namespace and
+//!   labels (`k8s:ns`, `k8s:pod-label`), without it by the uid their
+//!   containers run as (`unix:uid`, from `securityContext.runAsUser`). A uid
+//!   that two identities' pods share where one entry would reach both (the
+//!   same node, or anywhere for cluster-wide entries), and root's, select
+//!   nothing: the `unix` attestor could not tell those workloads apart.
 //! - meshauth's entries carry IDs of their own (`meshauth-<hash>` of what
 //!   the entry says), so creating one twice is `ALREADY_EXISTS`, and entries
 //!   without that prefix — someone else's — are never touched.
@@ -88,6 +93,92 @@ pub enum Selection {
     /// The pods themselves (Delegated Identity mode), from the identity's
     /// labels.
     Pods,
+    /// The pods themselves by the uids they run as (Delegated Identity
+    /// mode without Kubernetes): (identity, node) → uids of its pods there.
+    PodsByUid(BTreeMap<(u32, String), BTreeSet<u32>>),
+}
+
+/// Why some (node, uid) selects nothing in [`Selection::PodsByUid`].
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum UidRefusal {
+    /// Pods of several identities run as the uid where one entry would
+    /// reach them all (`node` empty: cluster-wide entries).
+    Shared {
+        /// The node, or empty for the whole cluster.
+        node: String,
+        /// The uid.
+        uid: u32,
+        /// The identities whose pods run as it.
+        identities: BTreeSet<u32>,
+    },
+    /// Pods run as root: every root process would get the identity.
+    Root {
+        /// The node, or empty for the whole cluster.
+        node: String,
+        /// The identities whose pods run as root.
+        identities: BTreeSet<u32>,
+    },
+}
+
+impl std::fmt::Display for UidRefusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let place = |n: &str| {
+            if n.is_empty() {
+                "in the cluster".to_owned()
+            } else {
+                format!("on node {n}")
+            }
+        };
+        match self {
+            Self::Shared {
+                node,
+                uid,
+                identities,
+            } => write!(
+                f,
+                "uid {uid} {}: pods of identities {identities:?} run as it; SPIRE's unix attestor cannot tell them apart, so none gets an entry selecting it",
+                place(node)
+            ),
+            Self::Root { node, identities } => write!(
+                f,
+                "uid 0 {}: pods of identities {identities:?} run as root; an entry selecting unix:uid:0 would give every root process their identity, so none is made",
+                place(node)
+            ),
+        }
+    }
+}
+
+/// The (node, uid) pairs [`Selection::PodsByUid`] refuses to select, and
+/// why (the node is empty for cluster-wide entries).
+pub fn uid_refusals(
+    run_as: &BTreeMap<(u32, String), BTreeSet<u32>>,
+    scope: &Scope,
+) -> Vec<UidRefusal> {
+    let mut by_uid: BTreeMap<(String, u32), BTreeSet<u32>> = BTreeMap::new();
+    for ((identity, node), uids) in run_as {
+        let node = match scope {
+            Scope::ClusterWide { .. } => String::new(),
+            Scope::PerNode { .. } => node.clone(),
+        };
+        for uid in uids {
+            by_uid
+                .entry((node.clone(), *uid))
+                .or_default()
+                .insert(*identity);
+        }
+    }
+    by_uid
+        .into_iter()
+        .filter_map(|((node, uid), identities)| match uid {
+            0 => Some(UidRefusal::Root { node, identities }),
+            _ if identities.len() > 1 => Some(UidRefusal::Shared {
+                node,
+                uid,
+                identities,
+            }),
+            _ => None,
+        })
+        .collect()
 }
 
 /// The inputs: identities (number → canonical labels), where their pods
@@ -149,12 +240,16 @@ fn entry_id(spiffe_id: &str, parent_id: &str, selectors: &BTreeSet<Selector>) ->
 
 /// The entries meshauth wants.
 pub fn desired(w: &Wanted<'_>) -> BTreeMap<String, Entry> {
+    if let Selection::PodsByUid(run_as) = w.selection {
+        return desired_by_uid(w, run_as);
+    }
     let mut out = BTreeMap::new();
     for (n, labels) in w.identities {
         let spiffe_id = format!("spiffe://{}/identity/{n}", w.trust_domain);
         let selectors = match w.selection {
             Selection::Agent(s) => s.clone(),
             Selection::Pods => pod_selectors(labels),
+            Selection::PodsByUid(_) => unreachable!("handled above"),
         };
         if selectors.is_empty() {
             continue;
@@ -178,6 +273,54 @@ pub fn desired(w: &Wanted<'_>) -> BTreeMap<String, Entry> {
                     spiffe_id: spiffe_id.clone(),
                     parent_id,
                     selectors: selectors.clone(),
+                    x509_svid_ttl: w.x509_svid_ttl,
+                    extras: BTreeSet::new(),
+                },
+            );
+        }
+    }
+    out
+}
+
+/// [`desired`] for [`Selection::PodsByUid`]: one entry per (identity,
+/// parent, uid of its pods), except the uids [`uid_refusals`] names.
+fn desired_by_uid(
+    w: &Wanted<'_>,
+    run_as: &BTreeMap<(u32, String), BTreeSet<u32>>,
+) -> BTreeMap<String, Entry> {
+    let refused: BTreeSet<(String, u32)> = uid_refusals(run_as, w.scope)
+        .into_iter()
+        .flat_map(|r| match r {
+            UidRefusal::Shared { node, uid, .. } => vec![(node, uid)],
+            UidRefusal::Root { node, .. } => vec![(node, 0)],
+        })
+        .collect();
+    let mut out = BTreeMap::new();
+    for ((n, node), uids) in run_as {
+        if !w.identities.contains_key(n) {
+            continue;
+        }
+        let (parent_id, scope_node) = match w.scope {
+            Scope::ClusterWide { alias } => (alias.clone(), String::new()),
+            Scope::PerNode { agent_ids } => match agent_ids.get(node) {
+                Some(p) => (p.clone(), node.clone()),
+                None => continue,
+            },
+        };
+        let spiffe_id = format!("spiffe://{}/identity/{n}", w.trust_domain);
+        for uid in uids {
+            if refused.contains(&(scope_node.clone(), *uid)) {
+                continue;
+            }
+            let selectors = BTreeSet::from([Selector::new("unix", &format!("uid:{uid}"))]);
+            let id = entry_id(&spiffe_id, &parent_id, &selectors);
+            out.insert(
+                id.clone(),
+                Entry {
+                    id,
+                    spiffe_id: spiffe_id.clone(),
+                    parent_id: parent_id.clone(),
+                    selectors,
                     x509_svid_ttl: w.x509_svid_ttl,
                     extras: BTreeSet::new(),
                 },

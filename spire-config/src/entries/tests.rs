@@ -197,3 +197,83 @@ fn only_kubernetes_labels_become_pod_selectors() {
         .into()
     );
 }
+
+#[test]
+fn pods_by_uid_select_each_identitys_uids_and_refuse_shared_ones_and_root() {
+    let ids = ids();
+    let placements = BTreeMap::new();
+    let run_as: BTreeMap<(u32, String), BTreeSet<u32>> = [
+        ((256, "a".to_owned()), BTreeSet::from([20001])),
+        // order on a runs as 20002 and, in a second container, as 20001 —
+        // payment's uid on a: 20001 is shared there.
+        ((257, "a".to_owned()), BTreeSet::from([20001, 20002])),
+        // On b, 20001 is order's alone.
+        ((257, "b".to_owned()), BTreeSet::from([20001])),
+        // Root on c.
+        ((256, "c".to_owned()), BTreeSet::from([0])),
+    ]
+    .into();
+    let scope = Scope::PerNode {
+        agent_ids: [
+            ("a".to_owned(), "spiffe://td/agent/a".to_owned()),
+            ("b".to_owned(), "spiffe://td/agent/b".to_owned()),
+            ("c".to_owned(), "spiffe://td/agent/c".to_owned()),
+        ]
+        .into(),
+    };
+    let selection = Selection::PodsByUid(run_as.clone());
+    let d = desired(&want(&ids, &placements, &scope, &selection));
+    let got: BTreeSet<(String, String, String)> = d
+        .values()
+        .map(|e| {
+            let s = e.selectors.iter().next().unwrap();
+            assert_eq!(e.selectors.len(), 1);
+            (
+                e.spiffe_id.clone(),
+                e.parent_id.clone(),
+                format!("{}:{}", s.kind, s.value),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        BTreeSet::from([
+            (
+                "spiffe://td/identity/257".to_owned(),
+                "spiffe://td/agent/a".to_owned(),
+                "unix:uid:20002".to_owned()
+            ),
+            (
+                "spiffe://td/identity/257".to_owned(),
+                "spiffe://td/agent/b".to_owned(),
+                "unix:uid:20001".to_owned()
+            ),
+        ])
+    );
+    let refusals = uid_refusals(&run_as, &scope);
+    assert_eq!(
+        refusals,
+        vec![
+            UidRefusal::Shared {
+                node: "a".into(),
+                uid: 20001,
+                identities: BTreeSet::from([256, 257])
+            },
+            UidRefusal::Root {
+                node: "c".into(),
+                identities: BTreeSet::from([256])
+            },
+        ]
+    );
+    assert!(refusals[0].to_string().contains("cannot tell them apart"));
+
+    // Cluster-wide: one entry reaches every node, so 20001 is shared.
+    let wide = Scope::ClusterWide {
+        alias: "spiffe://td/nodes".into(),
+    };
+    let d = desired(&want(&ids, &placements, &wide, &selection));
+    assert_eq!(d.len(), 1, "{d:?}");
+    let e = d.values().next().unwrap();
+    assert_eq!(e.spiffe_id, "spiffe://td/identity/257");
+    assert!(e.selectors.contains(&Selector::new("unix", "uid:20002")));
+}

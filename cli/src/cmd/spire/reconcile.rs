@@ -16,7 +16,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use policy_bridge::state::DesiredState;
-use spire_config::entries::{Entry, Scope, Selection, Selector, Wanted, desired};
+use spire_config::entries::{Entry, Scope, Selection, Selector, Wanted, desired, uid_refusals};
 use spire_config::entry_api::{EntryClient, Report, reconcile};
 
 /// `meshauth spire reconcile`.
@@ -57,6 +57,13 @@ pub struct ReconcileArgs {
     /// `cluster-wide`: the alias every node's agent matches.
     #[arg(long, default_value = "spiffe://{trust_domain}/meshauth/nodes")]
     pub cluster_alias: String,
+    /// What the entries select: `agent` (meshauth's agent process, which
+    /// fetches its node's SVIDs on the Workload API) or `pods` (the pods
+    /// themselves, for the agent's `--identity-source delegated-pods`: on
+    /// Kubernetes by namespace and labels, standalone by the uid their
+    /// containers run as, `securityContext.runAsUser`).
+    #[arg(long, default_value = "agent", value_parser = ["agent", "pods"])]
+    pub select: String,
     /// A selector meshauth's agent process matches on its node (Workload
     /// API mode), `type:value`; repeatable.
     #[arg(long = "agent-selector", default_values_t = ["unix:uid:0".to_owned(), "unix:path:/usr/local/bin/meshauth-agent".to_owned()])]
@@ -174,7 +181,12 @@ fn check(a: &ReconcileArgs) -> Result<Plan, Vec<String>> {
     Ok(Plan {
         scope,
         node_parent,
-        selection: Selection::Agent(selectors),
+        selection: match (a.select.as_str(), a.deployment.as_str()) {
+            ("agent", _) => Selection::Agent(selectors),
+            (_, "kubernetes") => Selection::Pods,
+            // Filled from the pods' uids at each reconcile.
+            _ => Selection::PodsByUid(BTreeMap::new()),
+        },
         svid_ttl,
         resync,
     })
@@ -222,14 +234,48 @@ fn wanted(a: &ReconcileArgs, p: &Plan, state: &DesiredState) -> BTreeMap<String,
             "meshauth spire reconcile: node {n} has no metadata.uid: its SPIRE agent's ID is unknown, so it gets no entries"
         );
     }
+    let selection = match &p.selection {
+        Selection::PodsByUid(_) => {
+            let run_as = pods_run_as(state);
+            for r in uid_refusals(&run_as, &scope) {
+                eprintln!("meshauth spire reconcile: {r}");
+            }
+            Selection::PodsByUid(run_as)
+        }
+        other => other.clone(),
+    };
     desired(&Wanted {
         trust_domain: &a.trust_domain,
         identities: &identities,
         placements: &placements,
         scope: &scope,
-        selection: &p.selection,
+        selection: &selection,
         x509_svid_ttl: p.svid_ttl,
     })
+}
+
+/// (identity, node) → the uids its pods there run as; pods whose spec
+/// names no uid are named (nothing can select them).
+fn pods_run_as(state: &DesiredState) -> BTreeMap<(u32, String), BTreeSet<u32>> {
+    let mut out: BTreeMap<(u32, String), BTreeSet<u32>> = BTreeMap::new();
+    let mut unknown = BTreeSet::new();
+    for e in state.endpoints.values() {
+        match state.pod_run_as.get(&e.pod) {
+            Some(uids) => out
+                .entry((e.identity, e.node.clone()))
+                .or_default()
+                .extend(uids),
+            None => {
+                unknown.insert(e.pod.as_str());
+            }
+        }
+    }
+    for pod in unknown {
+        eprintln!(
+            "meshauth spire reconcile: pod {pod} names no uid (securityContext.runAsUser): SPIRE's unix attestor cannot select it, so it gets no entry"
+        );
+    }
+    out
 }
 
 fn print_report(r: &Report) {
