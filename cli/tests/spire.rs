@@ -429,5 +429,45 @@ fn kubernetes_entries_are_parented_to_the_nodes_k8s_psat_agents() -> anyhow::Res
         )],
         "one entry, parented to node-a's k8s_psat agent: {text}"
     );
+
+    // Delegated mode on Kubernetes: the entry selects the pods the way
+    // SPIRE's k8s attestor names them, not meshauth's agent.
+    let out = meshauth()
+        .args(["spire", "reconcile", "--trust-domain", TD, "--manifests"])
+        .arg(&manifests)
+        .arg("--server-socket")
+        .arg(server.socket())
+        .args([
+            "--deployment",
+            "kubernetes",
+            "--cluster",
+            "prod-eu",
+            "--select",
+            "pods",
+            "--once",
+        ])
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(
+        text.contains("1 created") && text.contains("1 deleted"),
+        "{text}"
+    );
+    let shown = server.cli(&["entry", "show"], &[])?;
+    let ours: Vec<&str> = shown
+        .split("\n\n")
+        .filter(|b| b.contains("meshauth-"))
+        .collect();
+    assert_eq!(ours.len(), 1, "{shown}");
+    let selectors: BTreeSet<&str> = ours[0]
+        .lines()
+        .filter_map(|l| l.strip_prefix("Selector"))
+        .map(|v| v.trim_start_matches([' ', ':']).trim())
+        .collect();
+    assert_eq!(
+        selectors,
+        BTreeSet::from(["k8s:ns:prod", "k8s:sa:default", "k8s:pod-label:app:payment"]),
+        "{shown}"
+    );
     Ok(())
 }

@@ -201,11 +201,21 @@ pub struct Wanted<'a> {
 }
 
 const NAMESPACE_LABEL: &str = "k8s:io.kubernetes.pod.namespace";
+const SERVICE_ACCOUNT_LABEL: &str = "k8s:io.cilium.k8s.policy.serviceaccount";
+/// Labels an identity carries that are not the pod's own labels and that
+/// SPIRE's k8s attestor has no selector for: the namespace's labels (the
+/// namespace itself is selected) and the cluster's name.
+const NOT_POD_LABELS: [&str; 2] = [
+    "k8s:io.cilium.k8s.namespace.labels.",
+    "k8s:io.cilium.k8s.policy.cluster",
+];
 
-/// The pods' selectors for an identity's labels: `k8s:ns:<ns>` for the
-/// namespace label, `k8s:pod-label:<key>:<value>` for the others. Labels
-/// of other sources (not `k8s:`) select nothing SPIRE can attest and are
-/// left out.
+/// The pods' selectors for an identity's labels, as SPIRE's k8s workload
+/// attestor names what it sees: `k8s:ns:<ns>` for the namespace label,
+/// `k8s:sa:<sa>` for the service account label, and
+/// `k8s:pod-label:<key>:<value>` for the pod's own labels. Namespace labels
+/// and the cluster label (no such selector) and labels of other sources
+/// (not `k8s:`) are left out.
 pub fn pod_selectors(labels: &BTreeSet<String>) -> BTreeSet<Selector> {
     labels
         .iter()
@@ -213,6 +223,12 @@ pub fn pod_selectors(labels: &BTreeSet<String>) -> BTreeSet<Selector> {
             let (k, v) = l.split_once('=')?;
             if k == NAMESPACE_LABEL {
                 return Some(Selector::new("k8s", &format!("ns:{v}")));
+            }
+            if k == SERVICE_ACCOUNT_LABEL {
+                return Some(Selector::new("k8s", &format!("sa:{v}")));
+            }
+            if NOT_POD_LABELS.iter().any(|p| k.starts_with(p)) {
+                return None;
             }
             let key = k.strip_prefix("k8s:")?;
             Some(Selector::new("k8s", &format!("pod-label:{key}:{v}")))

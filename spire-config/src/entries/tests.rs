@@ -182,19 +182,26 @@ fn batches_stay_within_spires_limit() {
 
 #[test]
 fn only_kubernetes_labels_become_pod_selectors() {
+    // The labels policy-bridge gives a pod's identity: its own, the
+    // namespace, the service account, the namespace's labels.
     let s = pod_selectors(&labels(&[
         "k8s:app=x",
         "reserved:host=",
         "any:foo=bar",
         "k8s:io.kubernetes.pod.namespace=ns1",
+        "k8s:io.cilium.k8s.policy.serviceaccount=payments",
+        "k8s:io.cilium.k8s.namespace.labels.team=blue",
+        "k8s:io.cilium.k8s.policy.cluster=default",
     ]));
     assert_eq!(
         s,
         [
             Selector::new("k8s", "ns:ns1"),
-            Selector::new("k8s", "pod-label:app:x")
+            Selector::new("k8s", "pod-label:app:x"),
+            Selector::new("k8s", "sa:payments"),
         ]
-        .into()
+        .into(),
+        "the service account is k8s:sa, not a pod label; namespace labels have no selector"
     );
 }
 
