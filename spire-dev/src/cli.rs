@@ -105,6 +105,11 @@ pub enum CtlCommand {
     },
     /// Rotate the CA (the bundle keeps the previous CA).
     RotateCa,
+    /// Prepare the next CA: it joins the bundle, SVIDs stay on the current
+    /// one until `activate-ca` (SPIRE's "prepared").
+    PrepareCa,
+    /// Sign with the prepared CA from now on (SPIRE's "activated").
+    ActivateCa,
     /// Drop previous CAs from the bundle.
     PruneCa,
     /// Add or remove a registration entry.
@@ -174,6 +179,8 @@ impl CtlCommand {
                 op: AgentOp::Up { node },
             } => ControlRequest::AgentUp { node },
             Self::RotateCa => ControlRequest::RotateCa,
+            Self::PrepareCa => ControlRequest::PrepareCa,
+            Self::ActivateCa => ControlRequest::ActivateCa,
             Self::PruneCa => ControlRequest::PruneCa,
             Self::Entry {
                 op:
@@ -275,6 +282,18 @@ pub fn format_reply(reply: &ControlReply) -> String {
             generation,
             bundle_cas,
         } => format!("CA rotated: generation {generation}, bundle holds {bundle_cas} CA(s)\n"),
+        ControlReply::CaPrepared {
+            generation,
+            bundle_cas,
+        } => format!(
+            "CA prepared: generation {generation} in the bundle (holds {bundle_cas} CA(s)), not signing yet\n"
+        ),
+        ControlReply::CaActivated {
+            generation,
+            bundle_cas,
+        } => format!(
+            "CA activated: generation {generation} signs, bundle holds {bundle_cas} CA(s)\n"
+        ),
         ControlReply::CaPruned {
             dropped,
             bundle_cas,

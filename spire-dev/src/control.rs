@@ -122,6 +122,10 @@ pub enum ControlRequest {
     },
     /// Rotate the CA.
     RotateCa,
+    /// Prepare the next CA (in the bundle, not signing).
+    PrepareCa,
+    /// Activate the prepared CA.
+    ActivateCa,
     /// Drop previous CAs from the bundle.
     PruneCa,
     /// Register an entry.
@@ -143,6 +147,8 @@ impl ControlRequest {
             Self::AgentDown { .. } => "agent_down",
             Self::AgentUp { .. } => "agent_up",
             Self::RotateCa => "rotate_ca",
+            Self::PrepareCa => "prepare_ca",
+            Self::ActivateCa => "activate_ca",
             Self::PruneCa => "prune_ca",
             Self::EntryAdd(_) => "entry_add",
             Self::EntryRemove { .. } => "entry_remove",
@@ -174,6 +180,20 @@ pub enum ControlReply {
     /// CA rotated.
     CaRotated {
         /// New generation.
+        generation: u64,
+        /// CAs in the bundle.
+        bundle_cas: usize,
+    },
+    /// Next CA prepared.
+    CaPrepared {
+        /// Its generation.
+        generation: u64,
+        /// CAs in the bundle.
+        bundle_cas: usize,
+    },
+    /// Prepared CA activated.
+    CaActivated {
+        /// Its generation.
         generation: u64,
         /// CAs in the bundle.
         bundle_cas: usize,
@@ -238,6 +258,14 @@ pub async fn execute(dev: &SpireDev, request: ControlRequest) -> Result<ControlR
         }
         ControlRequest::RotateCa => ControlReply::CaRotated {
             generation: dev.rotate_ca().map_err(|e| err(&e))?,
+            bundle_cas: dev.server().bundle().len(),
+        },
+        ControlRequest::PrepareCa => ControlReply::CaPrepared {
+            generation: dev.prepare_ca().map_err(|e| err(&e))?,
+            bundle_cas: dev.server().bundle().len(),
+        },
+        ControlRequest::ActivateCa => ControlReply::CaActivated {
+            generation: dev.activate_ca().map_err(|e| err(&e))?,
             bundle_cas: dev.server().bundle().len(),
         },
         ControlRequest::PruneCa => ControlReply::CaPruned {

@@ -181,6 +181,33 @@ async fn serve_and_ctl() {
         "{v}"
     );
 
+    // SPIRE's two steps: prepared (in the bundle, not signing), activated.
+    let before = serials_of(&ctl_json(&control, &["list"]).await, "a");
+    let v = ctl_json(&control, &["prepare-ca"]).await;
+    assert_eq!(
+        (v["generation"].as_u64(), v["bundle_cas"].as_u64()),
+        (Some(3), Some(2)),
+        "{v}"
+    );
+    // (The prune's message may come first.)
+    let mut m = next("workload message after prepare", &mut s).await;
+    if split_certs(&m.svids[0].bundle).len() == 1 {
+        m = next("workload message after prepare", &mut s).await;
+    }
+    assert_eq!(split_certs(&m.svids[0].bundle).len(), 2);
+    assert_eq!(
+        serials_of(&ctl_json(&control, &["list"]).await, "a"),
+        before,
+        "prepared: nothing re-issued"
+    );
+    let v = ctl_json(&control, &["activate-ca"]).await;
+    assert_eq!(v["generation"].as_u64(), Some(3), "{v}");
+    let after = serials_of(&ctl_json(&control, &["list"]).await, "a");
+    assert!(
+        after.iter().all(|s| !before.contains(s)),
+        "activated: every SVID re-issued ({before:?} → {after:?})"
+    );
+
     // Agent down and up.
     let v = ctl_json(&control, &["agent", "down", "b"]).await;
     assert_eq!(v["up"], false);
