@@ -43,6 +43,18 @@ pub fn main(prog: &str, args: &AgentArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if args.check_config {
+        return match serde_json::to_string_pretty(&config) {
+            Ok(text) => {
+                println!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{prog}: printing the configuration: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     init_logs("info", config.log_format == LogFormat::Json);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,

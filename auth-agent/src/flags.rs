@@ -10,6 +10,10 @@ pub struct AgentArgs {
     /// YAML configuration file (every key optional, camelCase).
     #[arg(long, env = "MESHAUTH_CONFIG")]
     pub config: Option<std::path::PathBuf>,
+    /// Only check the configuration: print the effective settings (JSON)
+    /// and exit 0, or every invalid value and exit 2. Touches nothing.
+    #[arg(long)]
+    pub check_config: bool,
     /// This node's name [env NODE_NAME].
     #[arg(long)]
     pub node_name: Option<String>,

@@ -1,7 +1,7 @@
 //! meshauth's own CRDs: MeshAuthPolicy, ClusterMeshAuthPolicy (Cilium's policy
 //! shape, for clusters without Cilium or whose Cilium CRDs dropped
 //! `authentication`) and MeshIdentity (cluster-wide identity allocation).
-//! `deploy/crds/*.yaml` are generated from these types; a test keeps them in sync.
+//! `deploy/helm/meshauth/crds/*.yaml` are generated from these types; a test keeps them in sync.
 
 use kube::CustomResource;
 use kube::core::{ApiResource, GroupVersionKind};
