@@ -82,6 +82,11 @@ pub struct KubeConfig {
     pub identity_quarantine: Duration,
     /// How often pending allocations are retried and unused identities collected.
     pub housekeeping: Duration,
+    /// Never write: identities are only read from the MeshIdentity objects
+    /// the agents allocate (a pod whose label set has none yet has no
+    /// identity), and none is freed or deleted. For readers beside the
+    /// agents, such as the registration reconciler.
+    pub read_only: bool,
 }
 
 impl Default for KubeConfig {
@@ -91,6 +96,7 @@ impl Default for KubeConfig {
             identity_grace: Duration::from_secs(15 * 60),
             identity_quarantine: crate::identity::DEFAULT_QUARANTINE,
             housekeeping: Duration::from_secs(5),
+            read_only: false,
         }
     }
 }
@@ -375,6 +381,7 @@ impl Driver {
                         self.freed.insert(o.id, o.resource_version.clone());
                         match self.engine.identity_quarantined(o.id, o.labels, at) {
                             Ok(true) => Ok(()),
+                            Ok(false) if self.cfg.read_only => Ok(()),
                             Ok(false) => {
                                 // Pods here still use it: take it back.
                                 let (ids, id) = (self.ids.clone(), o.id);
@@ -443,7 +450,7 @@ impl Driver {
     }
 
     async fn allocate_pending(&mut self) {
-        if !self.synced.contains(&Feed::Identities) {
+        if self.cfg.read_only || !self.synced.contains(&Feed::Identities) {
             return;
         }
         for labels in self.engine.pending_identities() {
@@ -464,6 +471,9 @@ impl Driver {
     }
 
     async fn collect(&mut self) {
+        if self.cfg.read_only {
+            return;
+        }
         let wall = SystemTime::now();
         let gone = self
             .engine

@@ -26,8 +26,15 @@ pub struct ReconcileArgs {
     #[arg(long)]
     pub trust_domain: String,
     /// The manifest directory the agents read (Pods, Nodes, policies).
+    #[arg(long, required_unless_present = "kubernetes", conflicts_with = "kubernetes")]
+    pub manifests: Option<PathBuf>,
+    /// Read the cluster from the Kubernetes API server instead (in-cluster
+    /// credentials, or KUBECONFIG): Pods, Nodes, Namespaces, the policy
+    /// kinds and the MeshIdentity objects the agents allocate. Read only:
+    /// a label set without a MeshIdentity yet gets no entry until an agent
+    /// allocates it.
     #[arg(long)]
-    pub manifests: PathBuf,
+    pub kubernetes: bool,
     /// The identity state file (as an agent's `identities.json`); without
     /// it identities are numbered afresh, in the order the agents number
     /// them from the same directory.
@@ -311,9 +318,33 @@ async fn connect(a: &ReconcileArgs) -> Result<EntryClient, String> {
         .map_err(|e| e.to_string())
 }
 
+/// The cluster state's subscription: the Kubernetes API (read only) or the
+/// manifest directory.
+async fn subscribe(
+    a: &ReconcileArgs,
+) -> Result<(policy_bridge::Subscription, tokio::task::JoinHandle<()>), String> {
+    if a.kubernetes {
+        let client = kube::Client::try_default()
+            .await
+            .map_err(|e| format!("Kubernetes client: {e}"))?;
+        let cfg = policy_bridge::source::kube::KubeConfig {
+            read_only: true,
+            ..Default::default()
+        };
+        return Ok(policy_bridge::source::kube::spawn(client, cfg).await);
+    }
+    let dir = a.manifests.clone().unwrap_or_default();
+    let mut cfg = policy_bridge::source::files::FilesConfig::new(dir);
+    cfg.identity_file.clone_from(&a.identity_file);
+    policy_bridge::source::files::spawn(cfg).map_err(|e| e.to_string())
+}
+
 async fn run_async(a: &ReconcileArgs, p: &Plan) -> ExitCode {
     use policy_bridge::source::files::{FilesConfig, FilesSource};
-    let mut cfg = FilesConfig::new(a.manifests.clone());
+    if a.once && a.kubernetes {
+        return run_once_kubernetes(a, p).await;
+    }
+    let mut cfg = FilesConfig::new(a.manifests.clone().unwrap_or_default());
     cfg.identity_file.clone_from(&a.identity_file);
     if a.once {
         let mut src = match FilesSource::new(cfg) {
@@ -343,7 +374,7 @@ async fn run_async(a: &ReconcileArgs, p: &Plan) -> ExitCode {
             Err(e) => super::super::fail("spire reconcile", &e),
         };
     }
-    let (mut sub, _task) = match policy_bridge::source::files::spawn(cfg) {
+    let (mut sub, _task) = match subscribe(a).await {
         Ok(s) => s,
         Err(e) => return super::super::fail("spire reconcile", &e),
     };
@@ -380,11 +411,38 @@ async fn run_async(a: &ReconcileArgs, p: &Plan) -> ExitCode {
         tokio::select! {
             next = sub.next() => match next {
                 Some((snap, _)) => state = Some(snap.state.clone()),
-                None => return super::super::fail("spire reconcile", &"the manifest source stopped"),
+                None => return super::super::fail("spire reconcile", &"the cluster state source stopped"),
             },
             () = tokio::time::sleep(p.resync) => {}
             _ = tokio::signal::ctrl_c() => return ExitCode::SUCCESS,
             _ = term.recv() => return ExitCode::SUCCESS,
         }
+    }
+}
+
+/// `--once --kubernetes`: one full read of the API server, one reconcile.
+async fn run_once_kubernetes(a: &ReconcileArgs, p: &Plan) -> ExitCode {
+    let (mut sub, _task) = match subscribe(a).await {
+        Ok(s) => s,
+        Err(e) => return super::super::fail("spire reconcile", &e),
+    };
+    let Some(snap) = sub.synced().await else {
+        return super::super::fail("spire reconcile", &"the Kubernetes source stopped");
+    };
+    let want = wanted(a, p, &snap.state);
+    let mut client = match connect(a).await {
+        Ok(c) => c,
+        Err(e) => return super::super::fail("spire reconcile", &e),
+    };
+    match reconcile(&mut client, &want).await {
+        Ok(r) => {
+            print_report(&r);
+            if r.is_clean() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => super::super::fail("spire reconcile", &e),
     }
 }
