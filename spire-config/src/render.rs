@@ -79,7 +79,7 @@ pub fn render_server(settings: &Settings) -> Result<String, SettingsError> {
             )
         }
     };
-    let plugins = Block::builder("plugins")
+    let mut plugins = Block::builder("plugins")
         .add_block(plugin(
             "DataStore",
             "sql",
@@ -93,8 +93,15 @@ pub fn render_server(settings: &Settings) -> Result<String, SettingsError> {
             "KeyManager",
             "disk",
             vec![("keys_path", s(sv.data_dir.join("keys.json").display()))],
-        ))
-        .build();
+        ));
+    if let Some((ns, name)) = &sv.bundle_config_map {
+        plugins = plugins.add_block(plugin(
+            "Notifier",
+            "k8sbundle",
+            vec![("namespace", s(ns)), ("config_map", s(name))],
+        ));
+    }
+    let plugins = plugins.build();
     let body = Body::builder()
         .add_block(server)
         .add_block(plugins)
@@ -321,6 +328,19 @@ mod tests {
             "prod-eu"
         );
         attr(&agent, &["plugins", "WorkloadAttestor", "k8s"]);
+        // The trust bundle goes to the ConfigMap the agents bootstrap from,
+        // beside the agents' service account.
+        for (key, want) in [("namespace", "spire"), ("config_map", "spire-bundle")] {
+            assert_eq!(
+                str_of(attr(
+                    &server,
+                    &["plugins", "Notifier", "k8sbundle", "plugin_data", key]
+                )),
+                want
+            );
+        }
+        let standalone = render_server(&Settings::new("x.org", Deployment::Standalone)).unwrap();
+        assert!(!standalone.contains("Notifier"), "{standalone}");
     }
 
     #[test]

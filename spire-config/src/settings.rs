@@ -61,6 +61,10 @@ pub struct ServerSettings {
     /// (a token is used once): make it longer than the longest server
     /// outage to ride out.
     pub agent_ttl: Option<Duration>,
+    /// Kubernetes: the ConfigMap (`namespace`, `name`) the server keeps the
+    /// trust bundle in (SPIRE's `k8sbundle` notifier), which the agents
+    /// mount as their bootstrap bundle. None: no notifier.
+    pub bundle_config_map: Option<(String, String)>,
 }
 
 /// The agent's settings.
@@ -132,6 +136,16 @@ impl Settings {
                 // default.
                 agent_ttl: (deployment == Deployment::Standalone)
                     .then_some(Duration::from_secs(12 * 3600)),
+                // Beside the agents' service account, as SPIRE's examples.
+                bundle_config_map: match &deployment {
+                    Deployment::Kubernetes {
+                        agent_service_account,
+                        ..
+                    } => agent_service_account
+                        .split_once(':')
+                        .map(|(ns, _)| (ns.to_owned(), "spire-bundle".to_owned())),
+                    Deployment::Standalone => None,
+                },
             },
             agent: AgentSettings {
                 server_address: "spire-server".into(),
@@ -172,6 +186,13 @@ impl Settings {
             }
         }
         let s = &self.server;
+        if let Some((ns, name)) = &s.bundle_config_map
+            && (ns.is_empty() || name.is_empty())
+        {
+            errs.push(format!(
+                "bundle ConfigMap {ns:?}/{name:?}: want namespace/name (e.g. spire/spire-bundle)"
+            ));
+        }
         if s.replicas == 0 {
             errs.push("server replicas: at least 1".into());
         }

@@ -40,6 +40,11 @@ pub struct RenderArgs {
     /// Kubernetes: the SPIRE agents' service account (namespace:name).
     #[arg(long, default_value = "spire:spire-agent")]
     pub agent_service_account: String,
+    /// Kubernetes: the ConfigMap (namespace/name) the server publishes the
+    /// trust bundle to and the agents bootstrap from. Default: spire-bundle
+    /// in the agents' namespace.
+    #[arg(long)]
+    pub bundle_configmap: Option<String>,
     /// SPIRE server replicas (more than one needs postgres).
     #[arg(long, default_value_t = 1)]
     pub server_replicas: u32,
@@ -109,6 +114,12 @@ fn render(a: &RenderArgs) -> ExitCode {
         match meshauth_duration::parse_duration(text) {
             Ok(d) => s.server.agent_ttl = Some(d),
             Err(e) => errs.push(format!("--agent-ttl {text:?}: {e}")),
+        }
+    }
+    if let Some(cm) = &a.bundle_configmap {
+        match cm.split_once('/') {
+            Some((ns, name)) => s.server.bundle_config_map = Some((ns.into(), name.into())),
+            None => errs.push(format!("--bundle-configmap {cm:?}: want namespace/name")),
         }
     }
     s.server.replicas = a.server_replicas;

@@ -26,7 +26,11 @@ pub struct ReconcileArgs {
     #[arg(long)]
     pub trust_domain: String,
     /// The manifest directory the agents read (Pods, Nodes, policies).
-    #[arg(long, required_unless_present = "kubernetes", conflicts_with = "kubernetes")]
+    #[arg(
+        long,
+        required_unless_present = "kubernetes",
+        conflicts_with = "kubernetes"
+    )]
     pub manifests: Option<PathBuf>,
     /// Read the cluster from the Kubernetes API server instead (in-cluster
     /// credentials, or KUBECONFIG): Pods, Nodes, Namespaces, the policy
