@@ -27,5 +27,5 @@ pub mod entry_api;
 mod render;
 mod settings;
 
-pub use render::{render_agent, render_server};
+pub use render::{render_agent, render_server, render_sql_plugin_data};
 pub use settings::{AgentSettings, DataStore, Deployment, ServerSettings, Settings, SettingsError};

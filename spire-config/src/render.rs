@@ -55,9 +55,27 @@ pub fn render_server(settings: &Settings) -> Result<String, SettingsError> {
         None => server,
     }
     .build();
-    let (db_type, conn) = match &sv.datastore {
-        DataStore::Sqlite3 { path } => ("sqlite3", path.display().to_string()),
-        DataStore::Postgres { connection_string } => ("postgres", connection_string.clone()),
+    let datastore = match &sv.datastore {
+        DataStore::Sqlite3 { path } => plugin(
+            "DataStore",
+            "sql",
+            vec![
+                ("database_type", s("sqlite3")),
+                ("connection_string", s(path.display())),
+            ],
+        ),
+        DataStore::Postgres { connection_string } => plugin(
+            "DataStore",
+            "sql",
+            vec![
+                ("database_type", s("postgres")),
+                ("connection_string", s(connection_string)),
+            ],
+        ),
+        DataStore::SqlFile { plugin_data_file } => Block::builder("DataStore")
+            .add_label("sql")
+            .add_attribute(("plugin_data_file", s(plugin_data_file.display())))
+            .build(),
     };
     let node_attestor = match &settings.deployment {
         Deployment::Standalone => plugin("NodeAttestor", "join_token", vec![]),
@@ -80,14 +98,7 @@ pub fn render_server(settings: &Settings) -> Result<String, SettingsError> {
         }
     };
     let mut plugins = Block::builder("plugins")
-        .add_block(plugin(
-            "DataStore",
-            "sql",
-            vec![
-                ("database_type", s(db_type)),
-                ("connection_string", s(conn)),
-            ],
-        ))
+        .add_block(datastore)
         .add_block(node_attestor)
         .add_block(plugin(
             "KeyManager",
@@ -108,6 +119,16 @@ pub fn render_server(settings: &Settings) -> Result<String, SettingsError> {
         .add_block(health(sv.health_port))
         .build();
     Ok(to_text(&body))
+}
+
+/// The plugin data file of [`DataStore::SqlFile`]: what SPIRE's sql plugin
+/// reads from it (keep it in a Secret).
+pub fn render_sql_plugin_data(database_type: &str, connection_string: &str) -> String {
+    let body = Body::builder()
+        .add_attribute(("database_type", s(database_type)))
+        .add_attribute(("connection_string", s(connection_string)))
+        .build();
+    to_text(&body)
 }
 
 /// The SPIRE agent's configuration file.

@@ -32,6 +32,14 @@ pub enum DataStore {
         /// is written 0600 by `meshauth spire render`).
         connection_string: String,
     },
+    /// The database's settings in a file of their own, which SPIRE reads
+    /// (`plugin_data_file`): `database_type` and `connection_string`
+    /// ([`crate::render_sql_plugin_data`]), kept in a Secret, so the
+    /// configuration itself (a ConfigMap) holds no password.
+    SqlFile {
+        /// The plugin data file, as the server sees it.
+        plugin_data_file: PathBuf,
+    },
 }
 
 /// The server's settings.
@@ -203,6 +211,12 @@ impl Settings {
             )),
             DataStore::Postgres { connection_string } if connection_string.trim().is_empty() => {
                 errs.push("datastore postgres: the connection string is empty".into());
+            }
+            DataStore::SqlFile { plugin_data_file } if !plugin_data_file.is_absolute() => {
+                errs.push(format!(
+                    "datastore plugin data file {}: want an absolute path",
+                    plugin_data_file.display()
+                ));
             }
             _ => {}
         }

@@ -555,3 +555,43 @@ async fn delegated_identity_serves_a_pods_svids_only_to_an_authorized_delegate()
     source.join().await;
     Ok(())
 }
+
+/// The datastore's settings in a file of their own (SPIRE's
+/// `plugin_data_file`, what the chart mounts from a Secret so the
+/// ConfigMap holds no password): a real server starts on it and serves —
+/// sqlite3 here, the same file format as postgres's.
+#[test]
+fn the_server_starts_with_its_datastore_settings_in_a_file() {
+    let bin = spire_bin();
+    let dir = spire_tempdir();
+    let mut st = settings(dir.path(), TD).unwrap_or_else(|e| panic!("{e}"));
+    let file = dir.path().join("datastore.hcl");
+    let db = dir.path().join("from-file.sqlite3");
+    std::fs::write(
+        &file,
+        spire_config::render_sql_plugin_data("sqlite3", &db.display().to_string()),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    st.server.datastore = DataStore::SqlFile {
+        plugin_data_file: file.clone(),
+    };
+    let conf = render_server(&st).unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        conf.contains(&format!("plugin_data_file = \"{}\"", file.display())),
+        "{conf}"
+    );
+    assert!(!conf.contains("connection_string"), "{conf}");
+    let server = SpireServer::start(&bin, &st).unwrap_or_else(|e| panic!("{e}"));
+    let id = server
+        .create_entry(
+            &format!("spiffe://{TD}/meshauth/node/n1"),
+            &format!("spiffe://{TD}/identity/300"),
+            &["unix:uid:1"],
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(!id.is_empty());
+    assert!(
+        std::fs::metadata(&db).is_ok_and(|m| m.len() > 0),
+        "the server keeps its entries in the database the file names"
+    );
+}

@@ -54,6 +54,13 @@ pub struct RenderArgs {
     /// The postgres connection string (libpq).
     #[arg(long, env = "MESHAUTH_SPIRE_POSTGRES", hide_env_values = true)]
     pub postgres_connection_string: Option<String>,
+    /// server.conf names this file for the datastore's settings (SPIRE's
+    /// `plugin_data_file`) instead of holding them, so server.conf can live
+    /// in a ConfigMap and the connection string in a Secret; the file is
+    /// rendered too (`datastore.hcl`), for postgres when
+    /// `--postgres-connection-string` is given.
+    #[arg(long)]
+    pub datastore_file: Option<PathBuf>,
     /// The CA's lifetime (Go duration: 24h).
     #[arg(long, default_value = "24h")]
     pub ca_ttl: String,
@@ -123,7 +130,31 @@ fn render(a: &RenderArgs) -> ExitCode {
         }
     }
     s.server.replicas = a.server_replicas;
-    if a.datastore == "postgres" {
+    // The datastore's own file, when the server reads it from one.
+    let mut datastore = None;
+    if let Some(f) = &a.datastore_file {
+        if a.datastore == "sqlite3" && a.server_replicas > 1 {
+            errs.push(format!(
+                "datastore sqlite3 with {} server replicas: each replica would keep its own database and CA; use postgres or 1 replica",
+                a.server_replicas
+            ));
+        }
+        datastore = match (a.datastore.as_str(), &a.postgres_connection_string) {
+            ("postgres", Some(c)) => Some(spire_config::render_sql_plugin_data("postgres", c)),
+            ("postgres", None) => None,
+            _ => Some(spire_config::render_sql_plugin_data(
+                "sqlite3",
+                &s.server
+                    .data_dir
+                    .join("datastore.sqlite3")
+                    .display()
+                    .to_string(),
+            )),
+        };
+        s.server.datastore = DataStore::SqlFile {
+            plugin_data_file: f.clone(),
+        };
+    } else if a.datastore == "postgres" {
         s.server.datastore = DataStore::Postgres {
             connection_string: a.postgres_connection_string.clone().unwrap_or_default(),
         };
@@ -158,10 +189,17 @@ fn render(a: &RenderArgs) -> ExitCode {
     match &a.out {
         None => {
             println!("# server.conf\n{server}\n# agent.conf\n{agent}");
+            if let Some(d) = &datastore {
+                println!("# datastore.hcl\n{d}");
+            }
             ExitCode::SUCCESS
         }
         Some(dir) => {
-            for (name, text) in [("server.conf", &server), ("agent.conf", &agent)] {
+            let mut files = vec![("server.conf", &server), ("agent.conf", &agent)];
+            if let Some(d) = &datastore {
+                files.push(("datastore.hcl", d));
+            }
+            for (name, text) in files {
                 let path = dir.join(name);
                 let r = std::fs::OpenOptions::new()
                     .write(true)
