@@ -471,3 +471,57 @@ fn kubernetes_entries_are_parented_to_the_nodes_k8s_psat_agents() -> anyhow::Res
     );
     Ok(())
 }
+
+/// `--select pods --delegate-id`: meshauth's own agents are registered as
+/// the delegate on every node — a node without pods too, since its agent
+/// must be authorized before any pod arrives.
+#[test]
+fn the_delegate_is_registered_on_every_node() -> anyhow::Result<()> {
+    let bin = spire_bin();
+    let dir = spire_tempdir();
+    let server = start_server(&bin, dir.path(), TD)?;
+    let manifests = two_nodes_two_pods(dir.path(), None);
+    write(
+        &manifests.join("node-c.yaml"),
+        &node_yaml("node-c", "192.0.2.3"),
+    );
+    let delegate = format!("spiffe://{TD}/meshauth/agent");
+    let out = meshauth()
+        .args(["spire", "reconcile", "--trust-domain", TD, "--manifests"])
+        .arg(&manifests)
+        .arg("--server-socket")
+        .arg(server.socket())
+        .args(["--select", "pods", "--delegate-id", &delegate])
+        .args(["--agent-selector", "unix:uid:0", "--once"])
+        .output()?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(
+        text.contains("pod prod/pay names no uid"),
+        "pods without runAsUser are named: {text}"
+    );
+    let got = ours(&server);
+    let want: BTreeSet<(String, String)> = ["node-a", "node-b", "node-c"]
+        .iter()
+        .map(|n| (delegate.clone(), format!("spiffe://{TD}/meshauth/node/{n}")))
+        .collect();
+    assert_eq!(got, want, "{text}");
+
+    // Only with --select pods.
+    let out = meshauth()
+        .args(["spire", "reconcile", "--trust-domain", TD, "--manifests"])
+        .arg(&manifests)
+        .args(["--delegate-id", &delegate, "--once"])
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("--delegate-id goes with --select pods"),
+        "{err}"
+    );
+    Ok(())
+}

@@ -346,6 +346,35 @@ fn desired_by_uid(
     out
 }
 
+/// The entries of meshauth's own agents in Delegated Identity mode: one per
+/// parent (each node's agent, or the cluster alias), `delegate` (the SPIFFE
+/// ID the SPIRE agents list in `authorized_delegates`) for the workloads
+/// `selectors` match (meshauth's agent pods).
+pub fn delegate_entries<'a>(
+    delegate: &str,
+    parents: impl IntoIterator<Item = &'a String>,
+    selectors: &BTreeSet<Selector>,
+    x509_svid_ttl: u32,
+) -> BTreeMap<String, Entry> {
+    parents
+        .into_iter()
+        .map(|parent_id| {
+            let id = entry_id(delegate, parent_id, selectors);
+            (
+                id.clone(),
+                Entry {
+                    id,
+                    spiffe_id: delegate.to_owned(),
+                    parent_id: parent_id.clone(),
+                    selectors: selectors.clone(),
+                    x509_svid_ttl,
+                    extras: BTreeSet::new(),
+                },
+            )
+        })
+        .collect()
+}
+
 /// What to send to the Entry API.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Plan {

@@ -16,7 +16,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use policy_bridge::state::DesiredState;
-use spire_config::entries::{Entry, Scope, Selection, Selector, Wanted, desired, uid_refusals};
+use spire_config::entries::{
+    Entry, Scope, Selection, Selector, Wanted, delegate_entries, desired, uid_refusals,
+};
 use spire_config::entry_api::{EntryClient, Report, reconcile};
 
 /// `meshauth spire reconcile`.
@@ -75,6 +77,11 @@ pub struct ReconcileArgs {
     /// containers run as, `securityContext.runAsUser`).
     #[arg(long, default_value = "agent", value_parser = ["agent", "pods"])]
     pub select: String,
+    /// With `--select pods`: also register meshauth's own agents, on every
+    /// node, as this SPIFFE ID (selected by `--agent-selector`) — the
+    /// SPIRE agents' `authorized_delegates`.
+    #[arg(long)]
+    pub delegate_id: Option<String>,
     /// A selector meshauth's agent process matches on its node (Workload
     /// API mode), `type:value`; repeatable.
     #[arg(long = "agent-selector", default_values_t = ["unix:uid:0".to_owned(), "unix:path:/usr/local/bin/meshauth-agent".to_owned()])]
@@ -100,6 +107,8 @@ struct Plan {
     scope: Scope,
     node_parent: String,
     selection: Selection,
+    /// meshauth's agents as delegates: their SPIFFE ID and selectors.
+    delegate: Option<(String, BTreeSet<Selector>)>,
     svid_ttl: u32,
     resync: Duration,
 }
@@ -165,6 +174,16 @@ fn check(a: &ReconcileArgs) -> Result<Plan, Vec<String>> {
                 Duration::ZERO
             }
         };
+    if a.delegate_id.is_some() && a.select != "pods" {
+        errs.push("--delegate-id goes with --select pods (the agents subscribe for the pods as SPIRE's delegates)".into());
+    }
+    if let Some(d) = &a.delegate_id
+        && !d.starts_with(&format!("spiffe://{td}/"))
+    {
+        errs.push(format!(
+            "--delegate-id {d:?}: want a SPIFFE ID in trust domain {td} (spiffe://{td}/…)"
+        ));
+    }
     let svid_ttl = dur("--svid-ttl", &a.svid_ttl, &mut errs);
     let resync = dur("--resync", &a.resync, &mut errs);
     if !a.once && resync.is_zero() && errs.is_empty() {
@@ -192,6 +211,7 @@ fn check(a: &ReconcileArgs) -> Result<Plan, Vec<String>> {
     Ok(Plan {
         scope,
         node_parent,
+        delegate: a.delegate_id.clone().map(|d| (d, selectors.clone())),
         selection: match (a.select.as_str(), a.deployment.as_str()) {
             ("agent", _) => Selection::Agent(selectors),
             (_, "kubernetes") => Selection::Pods,
@@ -220,9 +240,13 @@ fn wanted(a: &ReconcileArgs, p: &Plan, state: &DesiredState) -> BTreeMap<String,
     let mut skipped = BTreeSet::new();
     let scope = match &p.scope {
         Scope::PerNode { .. } => Scope::PerNode {
+            // Every node's (the delegates' entries go to nodes without pods too).
             agent_ids: placements
                 .values()
                 .flatten()
+                .chain(state.nodes.keys())
+                .collect::<BTreeSet<_>>()
+                .into_iter()
                 .filter_map(|n| {
                     let id = p.node_parent.replace("{node}", n);
                     if !id.contains("{node_uid}") {
@@ -255,14 +279,22 @@ fn wanted(a: &ReconcileArgs, p: &Plan, state: &DesiredState) -> BTreeMap<String,
         }
         other => other.clone(),
     };
-    desired(&Wanted {
+    let mut out = desired(&Wanted {
         trust_domain: &a.trust_domain,
         identities: &identities,
         placements: &placements,
         scope: &scope,
         selection: &selection,
         x509_svid_ttl: p.svid_ttl,
-    })
+    });
+    if let Some((delegate, selectors)) = &p.delegate {
+        let parents: Vec<&String> = match &scope {
+            Scope::PerNode { agent_ids } => agent_ids.values().collect(),
+            Scope::ClusterWide { alias } => vec![alias],
+        };
+        out.extend(delegate_entries(delegate, parents, selectors, p.svid_ttl));
+    }
+    out
 }
 
 /// (identity, node) → the uids its pods there run as; pods whose spec
