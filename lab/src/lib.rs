@@ -31,6 +31,7 @@ mod cgroup;
 pub mod demo;
 mod error;
 pub mod exec;
+pub mod kube_real;
 mod netlink;
 pub(crate) mod netns;
 pub mod pod;

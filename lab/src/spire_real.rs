@@ -74,7 +74,7 @@ pub enum SpireError {
     Unexpected(String),
 }
 
-fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> SpireError {
+pub(crate) fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> SpireError {
     let path = path.to_owned();
     move |source| SpireError::Io {
         action,
@@ -137,7 +137,7 @@ pub fn spire_bin(dir: Option<&Path>) -> Result<PathBuf, SpireError> {
 }
 
 /// Runs `cmd` to completion, capturing its output.
-fn run(cmd: &mut Command) -> Result<Output, SpireError> {
+pub(crate) fn run(cmd: &mut Command) -> Result<Output, SpireError> {
     cmd.output().map_err(|e| SpireError::Command {
         command: format!("{cmd:?}"),
         status: "not started".into(),
@@ -165,14 +165,14 @@ fn run_ok(cmd: &mut Command) -> Result<String, SpireError> {
 /// A child process killed (and reaped) on drop, its output appended to a
 /// log file (so a restarted process's log follows the old one).
 #[derive(Debug)]
-struct Proc {
+pub(crate) struct Proc {
     name: &'static str,
     child: Option<Child>,
     log: PathBuf,
 }
 
 impl Proc {
-    fn spawn(name: &'static str, cmd: &mut Command, log: &Path) -> Result<Self, SpireError> {
+    pub(crate) fn spawn(name: &'static str, cmd: &mut Command, log: &Path) -> Result<Self, SpireError> {
         let out = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -196,7 +196,7 @@ impl Proc {
         })
     }
 
-    fn log_text(&self) -> String {
+    pub(crate) fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_else(|e| format!("(no log: {e})"))
     }
 
@@ -211,7 +211,7 @@ impl Proc {
 
     /// Polls `ready` until it holds; an error with the log when the
     /// process exits or `timeout` passes. Returns how long it took.
-    fn wait_until(
+    pub(crate) fn wait_until(
         &mut self,
         what: &str,
         timeout: Duration,
@@ -236,8 +236,20 @@ impl Proc {
         }
     }
 
+    /// An error with the log if the process has exited (or was killed).
+    pub(crate) fn check_running(&mut self, what: &str) -> Result<(), SpireError> {
+        let exited = match self.child.as_mut() {
+            Some(c) => c.try_wait().map_err(io("waiting on", &self.log))?,
+            None => return Err(self.failed(format!("is not running, so not {what}"))),
+        };
+        match exited {
+            Some(status) => Err(self.failed(format!("exited ({status}) before {what}"))),
+            None => Ok(()),
+        }
+    }
+
     /// SIGKILL and reap (nothing if already stopped).
-    fn kill(&mut self) {
+    pub(crate) fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             // Already exited is fine; kill then fails with "invalid input".
             let _ = c.kill();
@@ -258,7 +270,7 @@ impl Drop for Proc {
 
 /// A free TCP port on 127.0.0.1 (the listener is closed before SPIRE binds
 /// it).
-fn free_port() -> Result<u16, SpireError> {
+pub(crate) fn free_port() -> Result<u16, SpireError> {
     let l = std::net::TcpListener::bind("127.0.0.1:0")
         .map_err(io("binding 127.0.0.1:0", Path::new("127.0.0.1:0")))?;
     Ok(l.local_addr()
@@ -266,12 +278,12 @@ fn free_port() -> Result<u16, SpireError> {
         .port())
 }
 
-fn mkdir(p: &Path) -> Result<(), SpireError> {
+pub(crate) fn mkdir(p: &Path) -> Result<(), SpireError> {
     std::fs::create_dir_all(p).map_err(io("creating", p))
 }
 
 /// Writes `text` to `path` with mode 0600 (SPIRE configs can hold secrets).
-fn write_private(path: &Path, text: &str) -> Result<(), SpireError> {
+pub(crate) fn write_private(path: &Path, text: &str) -> Result<(), SpireError> {
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt as _;
     let mut f = std::fs::OpenOptions::new()
