@@ -14,7 +14,9 @@ fn check(
         "# Generated from policy-bridge's Rust types (tests/crds.rs); do not edit.\n{}",
         serde_norway::to_string(&crd).unwrap()
     );
-    let path = common::manifest_dir().join("../deploy/helm/meshauth/crds").join(file);
+    let path = common::manifest_dir()
+        .join("../deploy/helm/meshauth/crds")
+        .join(file);
     if std::env::var_os("UPDATE_CRDS").is_some() {
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         std::fs::write(&path, &text).unwrap();
