@@ -192,7 +192,10 @@ impl KubeApiServer {
                 .args(["--authorization-mode", "Node,RBAC"])
                 .args(["--service-cluster-ip-range", "10.96.0.0/16"])
                 .args(["--cert-dir", &p("certs")])
-                .args(["--allow-privileged", "true"]),
+                // No Service endpoints for a loopback address (there are
+                // no other masters to reconcile with).
+                .arg("--endpoint-reconciler-type=none")
+                .arg("--allow-privileged=true"),
             &dir.join("kube-apiserver.log"),
         )
     }
