@@ -127,7 +127,11 @@ fn helm_lint_strict_passes_for_every_value_set() {
             cmd.args(["--set", s]);
         }
         let out = run(&mut cmd);
-        assert!(out.status.success(), "helm lint --strict ({what}):\n{}", text(&out));
+        assert!(
+            out.status.success(),
+            "helm lint --strict ({what}):\n{}",
+            text(&out)
+        );
     }
 }
 
@@ -137,7 +141,12 @@ fn helm_lint_strict_passes_for_every_value_set() {
 fn the_rendered_agent_config_is_the_agents() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     for (what, sets, source, socket) in [
-        ("default", vec![], "workload_api", "/run/spire/sockets/agent.sock"),
+        (
+            "default",
+            vec![],
+            "workload_api",
+            "/run/spire/sockets/agent.sock",
+        ),
         (
             "per pod",
             vec!["spire.svidMode=delegated-pods"],
@@ -198,7 +207,11 @@ fn render(args: &[&str]) -> BTreeMap<String, String> {
         .args(["spire", "render", "--deployment", "kubernetes", "--out"])
         .arg(dir.path())
         .args(args));
-    assert!(out.status.success(), "meshauth spire render: {}", text(&out));
+    assert!(
+        out.status.success(),
+        "meshauth spire render: {}",
+        text(&out)
+    );
     ["server.conf", "agent.conf"]
         .iter()
         .map(|f| {
@@ -336,7 +349,11 @@ fn promtool_checks_the_alerts_and_fires_each_on_synthetic_series() {
     let promtool = tools().join("promtool");
     let rules = chart().join("files/alerts.rules.yaml");
     let out = run(Command::new(&promtool).args(["check", "rules"]).arg(&rules));
-    assert!(out.status.success(), "promtool check rules:\n{}", text(&out));
+    assert!(
+        out.status.success(),
+        "promtool check rules:\n{}",
+        text(&out)
+    );
     let tests = chart().join("../tests/alerts.test.yaml");
     let out = run(Command::new(&promtool).args(["test", "rules"]).arg(&tests));
     println!("{}", text(&out));
@@ -368,7 +385,10 @@ fn checkov_finds_nothing_unjustified() {
         panic!("MESHAUTH_TEST_PYTHON is not set: run the README's test command (scripts/test)")
     });
     let checkov = Path::new(&python).with_file_name("checkov");
-    assert!(checkov.is_file(), "no checkov beside {python}: scripts/install-test-deps installs it");
+    assert!(
+        checkov.is_file(),
+        "no checkov beside {python}: scripts/install-test-deps installs it"
+    );
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     for (what, sets) in value_sets() {
         let mut cmd = Command::new(tools().join("helm"));
@@ -382,10 +402,19 @@ fn checkov_finds_nothing_unjustified() {
         let file = dir.path().join(format!("{}.yaml", what.replace(' ', "-")));
         std::fs::write(&file, &out.stdout).unwrap_or_else(|e| panic!("{e}"));
         let out = run(Command::new(&checkov)
-            .args(["--quiet", "--compact", "--framework", "kubernetes", "-o", "json", "-f"])
+            .args([
+                "--quiet",
+                "--compact",
+                "--framework",
+                "kubernetes",
+                "-o",
+                "json",
+                "-f",
+            ])
             .arg(&file));
-        let report: serde_json::Value = serde_json::from_slice(&out.stdout)
-            .unwrap_or_else(|e| panic!("{what}: checkov's output is not JSON ({e}): {}", text(&out)));
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!("{what}: checkov's output is not JSON ({e}): {}", text(&out))
+        });
         let failed: Vec<String> = report["results"]["failed_checks"]
             .as_array()
             .into_iter()

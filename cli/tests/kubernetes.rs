@@ -43,7 +43,8 @@ async fn start() -> (KubeApiServer, tempfile::TempDir) {
 fn helm_template(sets: &[&str], include_crds: bool) -> Vec<serde_json::Value> {
     let bin = k8s_tools_bin().unwrap_or_else(|e| panic!("{e}"));
     let mut cmd = Command::new(bin.join("helm"));
-    cmd.args(["template", "rel", "--namespace", NS]).arg(chart());
+    cmd.args(["template", "rel", "--namespace", NS])
+        .arg(chart());
     if include_crds {
         cmd.arg("--include-crds");
     }
@@ -181,7 +182,10 @@ fn monitoring_crds() -> Vec<serde_json::Value> {
         .unwrap_or_else(|e| panic!("{e}"))
         .join("../crds");
     let mut out = Vec::new();
-    for f in ["monitoring.coreos.com_servicemonitors.yaml", "monitoring.coreos.com_prometheusrules.yaml"] {
+    for f in [
+        "monitoring.coreos.com_servicemonitors.yaml",
+        "monitoring.coreos.com_prometheusrules.yaml",
+    ] {
         let p = dir.join(f);
         let text = std::fs::read_to_string(&p)
             .unwrap_or_else(|e| panic!("{}: {e} (scripts/build-k8s-tools copies it)", p.display()));
@@ -204,4 +208,267 @@ async fn wait_established(client: &kube::Client, crds: &[serde_json::Value]) {
         .unwrap_or_else(|_| panic!("CRD {name} not established in 30 s"))
         .unwrap_or_else(|e| panic!("{name}: {e}"));
     }
+}
+
+/// The chart installed for real (default values): a token of the agents'
+/// ServiceAccount, bound to an agent pod on node-a as the kubelet would
+/// mount it, may read the cluster and allocate identities, and may publish
+/// node-a's WireGuard key — and nothing else: not write pods or read
+/// secrets (RBAC), not touch another Node or any other field of its own
+/// (the chart's ValidatingAdmissionPolicy). Invalid objects of the chart's
+/// kinds are refused by their schemas.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agents_token_may_do_what_the_chart_grants_and_nothing_else() {
+    use k8s_openapi::api::authentication::v1::TokenRequest;
+    use k8s_openapi::api::core::v1::{Node, Pod, Secret, ServiceAccount};
+    let (api, dir) = start().await;
+    let admin = api.admin_client().await.unwrap_or_else(|e| panic!("{e}"));
+    create_namespace(&admin, NS).await;
+    let docs = helm_template(&[], true);
+    let discovery = Discovery::new(admin.clone())
+        .run()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let crds: Vec<_> = docs
+        .iter()
+        .filter(|d| d["kind"] == "CustomResourceDefinition")
+        .cloned()
+        .collect();
+    for crd in &crds {
+        apply(&admin, &discovery, crd, false)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    wait_established(&admin, &crds).await;
+    let discovery = Discovery::new(admin.clone())
+        .run()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    for d in docs
+        .iter()
+        .filter(|d| d["kind"] != "CustomResourceDefinition")
+    {
+        apply(&admin, &discovery, d, false)
+            .await
+            .unwrap_or_else(|e| panic!("installing the chart: {e}"));
+    }
+
+    // Two nodes, and the agent's pod on node-a (no kubelet runs it: it is
+    // what the token is bound to).
+    let nodes: Api<Node> = Api::all(admin.clone());
+    for n in ["node-a", "node-b"] {
+        let node: Node = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": n, "labels": {"kubernetes.io/os": "linux"}}
+        }))
+        .unwrap_or_else(|e| panic!("{e}"));
+        nodes
+            .create(&PostParams::default(), &node)
+            .await
+            .unwrap_or_else(|e| panic!("node {n}: {e}"));
+    }
+    let sa = "rel-meshauth-agent";
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), NS);
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "agent-node-a"},
+        "spec": {"nodeName": "node-a", "serviceAccountName": sa,
+                 "containers": [{"name": "agent", "image": "meshauth-agent"}]}
+    }))
+    .unwrap_or_else(|e| panic!("{e}"));
+    let pod = pods
+        .create(&PostParams::default(), &pod)
+        .await
+        .unwrap_or_else(|e| panic!("agent pod: {e}"));
+    let sas: Api<ServiceAccount> = Api::namespaced(admin.clone(), NS);
+    let tr: TokenRequest = serde_json::from_value(serde_json::json!({
+        "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+        "spec": {"audiences": ["https://kubernetes.default.svc"], "expirationSeconds": 3600,
+                 "boundObjectRef": {"kind": "Pod", "apiVersion": "v1", "name": "agent-node-a",
+                                    "uid": pod.metadata.uid}}
+    }))
+    .unwrap_or_else(|e| panic!("{e}"));
+    let token = sas
+        .create_token_request(sa, &PostParams::default(), &tr)
+        .await
+        .unwrap_or_else(|e| panic!("TokenRequest: {e}"))
+        .status
+        .unwrap_or_else(|| panic!("no token"))
+        .token;
+    let kc = dir.path().join("agent.kubeconfig");
+    api.token_kubeconfig(&kc, &token)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let agent = meshauth_lab::kube_real::client_from(&kc)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+
+    // Allowed: read the cluster, allocate an identity, publish its own key.
+    let agent_pods: Api<Pod> = Api::all(agent.clone());
+    agent_pods
+        .list(&Default::default())
+        .await
+        .unwrap_or_else(|e| panic!("the agent may list pods: {e}"));
+    let ids: Api<DynamicObject> = Api::all_with(
+        agent.clone(),
+        &ApiResource::from_gvk(&kube::api::GroupVersionKind::gvk(
+            "meshauth.io",
+            "v1alpha1",
+            "MeshIdentity",
+        )),
+    );
+    let id: DynamicObject = serde_json::from_value(serde_json::json!({
+        "apiVersion": "meshauth.io/v1alpha1", "kind": "MeshIdentity",
+        "metadata": {"name": "256"},
+        "spec": {"labels": ["k8s:app=payment", "k8s:io.kubernetes.pod.namespace=prod"]}
+    }))
+    .unwrap_or_else(|e| panic!("{e}"));
+    ids.create(&PostParams::default(), &id)
+        .await
+        .unwrap_or_else(|e| panic!("the agent may allocate an identity: {e}"));
+    let agent_nodes: Api<Node> = Api::all(agent.clone());
+    let key_patch = |key: &str| {
+        Patch::Merge(serde_json::json!({"metadata": {"annotations": {
+            "meshauth.io/wireguard-public-key": key}}}))
+    };
+    agent_nodes
+        .patch("node-a", &PatchParams::default(), &key_patch("a2V5LWE="))
+        .await
+        .unwrap_or_else(|e| panic!("the agent may publish its own node's key: {e}"));
+
+    // Refused, each with the API server's reason.
+    let refused = |what: &str, r: Result<(), kube::Error>, code: u16, says: &str| match r {
+        Err(kube::Error::Api(s)) if s.code == code && s.message.contains(says) => {
+            println!("refused as it must be: {what}: {}", s.message);
+        }
+        other => panic!("{what}: want {code} ({says}), got {other:?}"),
+    };
+    let new_pod: Pod = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "evil"},
+        "spec": {"containers": [{"name": "x", "image": "x"}]}
+    }))
+    .unwrap_or_else(|e| panic!("{e}"));
+    refused(
+        "creating a pod",
+        Api::<Pod>::namespaced(agent.clone(), NS)
+            .create(&PostParams::default(), &new_pod)
+            .await
+            .map(drop),
+        403,
+        "cannot create resource \"pods\"",
+    );
+    refused(
+        "reading secrets",
+        Api::<Secret>::namespaced(agent.clone(), NS)
+            .list(&Default::default())
+            .await
+            .map(drop),
+        403,
+        "cannot list resource \"secrets\"",
+    );
+    refused(
+        "publishing a key on another node",
+        agent_nodes
+            .patch("node-b", &PatchParams::default(), &key_patch("a2V5LWI="))
+            .await
+            .map(drop),
+        403,
+        "may change only the Node its pod runs on",
+    );
+    refused(
+        "labelling its own node",
+        agent_nodes
+            .patch(
+                "node-a",
+                &PatchParams::default(),
+                &Patch::Merge(serde_json::json!({"metadata": {"labels": {"role": "x"}}})),
+            )
+            .await
+            .map(drop),
+        403,
+        "may change only the meshauth.io/wireguard-public-key annotation",
+    );
+    refused(
+        "annotating its own node otherwise",
+        agent_nodes
+            .patch(
+                "node-a",
+                &PatchParams::default(),
+                &Patch::Merge(serde_json::json!({"metadata": {"annotations": {"x": "y"}}})),
+            )
+            .await
+            .map(drop),
+        403,
+        "may change only the meshauth.io/wireguard-public-key annotation",
+    );
+    refused(
+        "cordoning its own node",
+        agent_nodes
+            .patch(
+                "node-a",
+                &PatchParams::default(),
+                &Patch::Merge(serde_json::json!({"spec": {"unschedulable": true}})),
+            )
+            .await
+            .map(drop),
+        403,
+        "may change only the meshauth.io/wireguard-public-key annotation",
+    );
+    refused(
+        "deleting a node",
+        agent_nodes
+            .delete("node-b", &Default::default())
+            .await
+            .map(drop),
+        403,
+        "cannot delete resource \"nodes\"",
+    );
+
+    // The CRDs' schemas refuse invalid objects, naming the field.
+    let admin_ids: Api<DynamicObject> = Api::all_with(
+        admin.clone(),
+        &ApiResource::from_gvk(&kube::api::GroupVersionKind::gvk(
+            "meshauth.io",
+            "v1alpha1",
+            "MeshIdentity",
+        )),
+    );
+    let bad: DynamicObject = serde_json::from_value(serde_json::json!({
+        "apiVersion": "meshauth.io/v1alpha1", "kind": "MeshIdentity",
+        "metadata": {"name": "257"}, "spec": {"labels": "k8s:app=x", "freedAt": -1}
+    }))
+    .unwrap_or_else(|e| panic!("{e}"));
+    refused(
+        "a MeshIdentity whose labels are not a list",
+        admin_ids
+            .create(&PostParams::default(), &bad)
+            .await
+            .map(drop),
+        422,
+        "spec.labels",
+    );
+    let policies: Api<DynamicObject> = Api::namespaced_with(
+        admin.clone(),
+        NS,
+        &ApiResource::from_gvk(&kube::api::GroupVersionKind::gvk(
+            "meshauth.io",
+            "v1alpha1",
+            "MeshAuthPolicy",
+        )),
+    );
+    let bad: DynamicObject = serde_json::from_value(serde_json::json!({
+        "apiVersion": "meshauth.io/v1alpha1", "kind": "MeshAuthPolicy",
+        "metadata": {"name": "bad"},
+        "spec": {"endpointSelector": {"matchLabels": {"app": "x"}},
+                 "ingress": [{"authentication": {"mode": 7}}]}
+    }))
+    .unwrap_or_else(|e| panic!("{e}"));
+    refused(
+        "a MeshAuthPolicy whose authentication mode is not a string",
+        policies
+            .create(&PostParams::default(), &bad)
+            .await
+            .map(drop),
+        422,
+        "authentication.mode",
+    );
 }
