@@ -97,10 +97,9 @@ impl Pki {
     /// by the CA: (certificate PEM, key PEM).
     fn issue(&self, cn: &str, orgs: &[&str], sans: &[&str]) -> Result<(String, String), KubeError> {
         let key = rcgen::KeyPair::generate().map_err(|e| pem_err(cn, e))?;
-        let mut p = rcgen::CertificateParams::new(
-            sans.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>(),
-        )
-        .map_err(|e| pem_err(cn, e))?;
+        let mut p =
+            rcgen::CertificateParams::new(sans.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>())
+                .map_err(|e| pem_err(cn, e))?;
         p.distinguished_name.push(rcgen::DnType::CommonName, cn);
         for o in orgs {
             p.distinguished_name
@@ -170,7 +169,11 @@ impl KubeApiServer {
             apiserver,
             started_in: Duration::ZERO,
         };
-        me.write_kubeconfig(&me.admin_kubeconfig(), Some(("admin.crt", "admin.key")), None)?;
+        me.write_kubeconfig(
+            &me.admin_kubeconfig(),
+            Some(("admin.crt", "admin.key")),
+            None,
+        )?;
         me.started_in = me.wait_ready().await?;
         Ok(me)
     }
@@ -181,7 +184,12 @@ impl KubeApiServer {
             "kube-apiserver",
             Command::new(bin.join("kube-apiserver"))
                 .args(["--etcd-servers", etcd])
-                .args(["--bind-address", "127.0.0.1", "--advertise-address", "127.0.0.1"])
+                .args([
+                    "--bind-address",
+                    "127.0.0.1",
+                    "--advertise-address",
+                    "127.0.0.1",
+                ])
                 .args(["--secure-port", &port.to_string()])
                 .args(["--tls-cert-file", &p("apiserver.crt")])
                 .args(["--tls-private-key-file", &p("apiserver.key")])

@@ -172,7 +172,11 @@ pub(crate) struct Proc {
 }
 
 impl Proc {
-    pub(crate) fn spawn(name: &'static str, cmd: &mut Command, log: &Path) -> Result<Self, SpireError> {
+    pub(crate) fn spawn(
+        name: &'static str,
+        cmd: &mut Command,
+        log: &Path,
+    ) -> Result<Self, SpireError> {
         let out = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
