@@ -472,3 +472,589 @@ async fn the_agents_token_may_do_what_the_chart_grants_and_nothing_else() {
         "authentication.mode",
     );
 }
+
+/// A test cluster: the API server with the chart installed, a lab of
+/// `nodes` whose namespaces reach the API server at 127.0.0.1:6443
+/// (forwarded), spire-dev with admin sockets, and helpers to make Kubernetes
+/// objects as kubelet and the control plane would.
+struct Cluster {
+    api: KubeApiServer,
+    admin: kube::Client,
+    lab: meshauth_lab::Lab,
+    spire: spire_dev::SpireDev,
+    dir: tempfile::TempDir,
+    _forwarders: Vec<meshauth_lab::forward::Forwarder>,
+    agents: std::collections::BTreeMap<String, std::process::Child>,
+    config: PathBuf,
+}
+
+const APP_NS: &str = "production";
+
+impl Cluster {
+    async fn start(prefix: &str, nodes: &[&str]) -> Self {
+        assert!(
+            meshauth_lab::testbed::is_root(),
+            "this test needs root (network namespaces, cgroups, BPF)"
+        );
+        meshauth_lab::testbed::ensure_bpffs().unwrap_or_else(|e| panic!("{e}"));
+        let (api, dir) = start().await;
+        let admin = api.admin_client().await.unwrap_or_else(|e| panic!("{e}"));
+        create_namespace(&admin, NS).await;
+        create_namespace(&admin, APP_NS).await;
+        install_chart(&admin, &["agent.wireguard.enabled=false"]).await;
+        meshauth_lab::Lab::cleanup_stale(prefix);
+        let mut lab = meshauth_lab::Lab::with_options(
+            prefix,
+            meshauth_lab::LabOptions {
+                net: 77,
+                meshauth_bin: Some(env!("CARGO_BIN_EXE_meshauth").into()),
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let api_addr: std::net::SocketAddr = api
+            .url()
+            .trim_start_matches("https://")
+            .parse()
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut forwarders = Vec::new();
+        for n in nodes {
+            let info = lab.add_node(n).unwrap_or_else(|e| panic!("{e}"));
+            forwarders.push(
+                meshauth_lab::forward::Forwarder::start(
+                    &info.netns,
+                    "127.0.0.1:6443".parse().unwrap_or_else(|e| panic!("{e}")),
+                    api_addr,
+                )
+                .unwrap_or_else(|e| panic!("{e}")),
+            );
+        }
+        let mut cfg = spire_dev::DevConfig::new(dir.path().join("spire"));
+        cfg.nodes = nodes.iter().map(|n| (*n).to_owned()).collect();
+        cfg.control_socket = false;
+        let spire = spire_dev::SpireDev::start(cfg)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        // The agents' configuration: the chart's ConfigMap, as the
+        // DaemonSet mounts it.
+        let docs = helm_template(&["agent.wireguard.enabled=false"], false);
+        let cm = docs
+            .iter()
+            .find(|d| d["kind"] == "ConfigMap" && d["metadata"]["name"] == "rel-meshauth-agent")
+            .unwrap_or_else(|| panic!("no agent ConfigMap"));
+        let config = dir.path().join("config.yaml");
+        std::fs::write(
+            &config,
+            cm["data"]["config.yaml"].as_str().unwrap_or_default(),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let me = Self {
+            api,
+            admin,
+            lab,
+            spire,
+            dir,
+            _forwarders: forwarders,
+            agents: Default::default(),
+            config,
+        };
+        for n in nodes {
+            me.create_node(n).await;
+        }
+        me
+    }
+
+    /// A Node object with the lab node's addresses and pod CIDRs (status
+    /// through the status subresource, as kubelet reports it).
+    async fn create_node(&self, name: &str) {
+        use k8s_openapi::api::core::v1::Node;
+        let info = self
+            .lab
+            .node(name)
+            .unwrap_or_else(|| panic!("no lab node {name}"));
+        let nodes: Api<Node> = Api::all(self.admin.clone());
+        let node: Node = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": name, "labels": {"kubernetes.io/os": "linux"}},
+            "spec": {"podCIDR": info.pod_cidr_v4.to_string(),
+                     "podCIDRs": [info.pod_cidr_v4.to_string(), info.pod_cidr_v6.to_string()]}
+        }))
+        .unwrap_or_else(|e| panic!("{e}"));
+        nodes
+            .create(&PostParams::default(), &node)
+            .await
+            .unwrap_or_else(|e| panic!("node {name}: {e}"));
+        let status = serde_json::json!({"status": {"addresses": [
+            {"type": "InternalIP", "address": info.ipv4.to_string()},
+            {"type": "InternalIP", "address": info.ipv6.to_string()}]}});
+        nodes
+            .patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+            .await
+            .unwrap_or_else(|e| panic!("node {name} status: {e}"));
+    }
+
+    /// A Pod object of `app` on `node` (its ServiceAccount made if new),
+    /// the lab pod named after the uid the API server gave it, and its
+    /// addresses set through the status subresource.
+    async fn add_pod(&mut self, node: &str, name: &str, app: &str) -> meshauth_lab::PodInfo {
+        use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
+        let sas: Api<ServiceAccount> = Api::namespaced(self.admin.clone(), APP_NS);
+        let sa: ServiceAccount = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": app}
+        }))
+        .unwrap_or_else(|e| panic!("{e}"));
+        match sas.create(&PostParams::default(), &sa).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 409 => {}
+            Err(e) => panic!("service account {app}: {e}"),
+        }
+        let pods: Api<Pod> = Api::namespaced(self.admin.clone(), APP_NS);
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "labels": {"app": app}},
+            "spec": {"nodeName": node, "serviceAccountName": app,
+                     "containers": [{"name": "app", "image": app}]}
+        }))
+        .unwrap_or_else(|e| panic!("{e}"));
+        let pod = pods
+            .create(&PostParams::default(), &pod)
+            .await
+            .unwrap_or_else(|e| panic!("pod {name}: {e}"));
+        let uid = pod.metadata.uid.clone().unwrap_or_default();
+        let info = self
+            .lab
+            .add_pod_with_uid(node, name, Some(&uid))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let status = serde_json::json!({"status": {
+            "phase": "Running", "podIP": info.ipv4.to_string(),
+            "podIPs": [{"ip": info.ipv4.to_string()}, {"ip": info.ipv6.to_string()}]}});
+        pods.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+            .await
+            .unwrap_or_else(|e| panic!("pod {name} status: {e}"));
+        info
+    }
+
+    /// Starts `node`'s agent: the chart's config file, the lab's paths, and
+    /// a token of the chart's ServiceAccount bound to an agent Pod object on
+    /// the node, as kubelet would mount it.
+    async fn start_agent(&mut self, node: &str) {
+        use k8s_openapi::api::authentication::v1::TokenRequest;
+        use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
+        let sa = "rel-meshauth-agent";
+        let pods: Api<Pod> = Api::namespaced(self.admin.clone(), NS);
+        let pod_name = format!("agent-{node}");
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod", "metadata": {"name": pod_name},
+            "spec": {"nodeName": node, "serviceAccountName": sa, "hostNetwork": true,
+                     "containers": [{"name": "agent", "image": "meshauth-agent"}]}
+        }))
+        .unwrap_or_else(|e| panic!("{e}"));
+        let pod = match pods.create(&PostParams::default(), &pod).await {
+            Ok(p) => p,
+            Err(kube::Error::Api(s)) if s.code == 409 => {
+                pods.get(&pod_name).await.unwrap_or_else(|e| panic!("{e}"))
+            }
+            Err(e) => panic!("agent pod: {e}"),
+        };
+        let tr: TokenRequest = serde_json::from_value(serde_json::json!({
+            "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+            "spec": {"audiences": ["https://kubernetes.default.svc"], "expirationSeconds": 3600,
+                     "boundObjectRef": {"kind": "Pod", "apiVersion": "v1", "name": pod_name,
+                                        "uid": pod.metadata.uid}}
+        }))
+        .unwrap_or_else(|e| panic!("{e}"));
+        let token = Api::<ServiceAccount>::namespaced(self.admin.clone(), NS)
+            .create_token_request(sa, &PostParams::default(), &tr)
+            .await
+            .unwrap_or_else(|e| panic!("TokenRequest: {e}"))
+            .status
+            .unwrap_or_else(|| panic!("no token"))
+            .token;
+        // The node reaches the API server on its own loopback (forwarded).
+        let kc = self.dir.path().join(format!("{node}.kubeconfig"));
+        let ca = self.api.ca_file();
+        std::fs::write(
+            &kc,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: https://127.0.0.1:6443\n    certificate-authority: {}\nusers:\n- name: u\n  user:\n    token: {token}\ncontexts:\n- name: c\n  context:\n    cluster: c\n    user: u\ncurrent-context: c\n",
+                ca.display()
+            ),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let info = self
+            .lab
+            .node(node)
+            .unwrap_or_else(|| panic!("{node}"))
+            .clone();
+        let adir = self.dir.path().join("agents").join(node);
+        std::fs::create_dir_all(&adir).unwrap_or_else(|e| panic!("{e}"));
+        let log = std::fs::File::create(adir.join("agent.log")).unwrap_or_else(|e| panic!("{e}"));
+        let spire = self
+            .spire
+            .agent(node)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .workload_socket()
+            .to_owned();
+        let pins = PathBuf::from(format!(
+            "/sys/fs/bpf/meshauth-k8s-{}-{node}",
+            std::process::id()
+        ));
+        let mut cmd = self.lab.command(&info, env!("CARGO_BIN_EXE_meshauth"));
+        cmd.arg("agent")
+            .arg("--config")
+            .arg(&self.config)
+            .args(["--node-name", node])
+            .arg("--spire-socket")
+            .arg(&spire)
+            .arg("--bpf-pin-dir")
+            .arg(&pins)
+            .arg("--pods-cgroup")
+            .arg(&info.pods_cgroup)
+            .arg("--handshake-listen")
+            .arg(format!("{}:4250", info.ipv4))
+            .arg("--metrics-listen")
+            .arg(format!("{}:9964", info.ipv4))
+            .arg("--api-socket")
+            .arg(adir.join("agent.sock"))
+            .arg("--state-dir")
+            .arg(adir.join("state"))
+            .args(["--log-format", "plain"])
+            .env("KUBECONFIG", &kc)
+            .env("MESHAUTH_LOG", "info")
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().unwrap_or_else(|e| panic!("{e}")))
+            .stderr(log);
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("agent {node}: {e}"));
+        self.agents.insert(node.to_owned(), child);
+    }
+
+    fn agent_api(&self, node: &str) -> auth_agent::api::client::ApiClient {
+        auth_agent::api::client::ApiClient::new(
+            self.dir.path().join("agents").join(node).join("agent.sock"),
+        )
+    }
+
+    fn log(&self, node: &str) -> String {
+        let text =
+            std::fs::read_to_string(self.dir.path().join("agents").join(node).join("agent.log"))
+                .unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(25)..].join("\n")
+    }
+
+    fn logs(&self) -> String {
+        self.agents
+            .keys()
+            .map(|n| format!("\n--- agent {n} ---\n{}", self.log(n)))
+            .collect()
+    }
+
+    /// The MeshIdentity objects: (number, labels).
+    async fn identities(&self) -> Vec<(u32, Vec<String>)> {
+        let ids: Api<DynamicObject> = Api::all_with(
+            self.admin.clone(),
+            &ApiResource::from_gvk(&kube::api::GroupVersionKind::gvk(
+                "meshauth.io",
+                "v1alpha1",
+                "MeshIdentity",
+            )),
+        );
+        ids.list(&Default::default())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .items
+            .into_iter()
+            .map(|o| {
+                let n = o
+                    .metadata
+                    .name
+                    .clone()
+                    .unwrap_or_default()
+                    .parse()
+                    .unwrap_or(0);
+                let labels = o.data["spec"]["labels"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|l| l.as_str().map(str::to_owned))
+                    .collect();
+                (n, labels)
+            })
+            .collect()
+    }
+
+    /// Waits until every agent gives `app`'s pods the same identity (one
+    /// an agent allocated as a MeshIdentity); that identity.
+    async fn identity_of(&self, app: &str) -> u32 {
+        use auth_agent::api::types::IdentityEntry;
+        let want = format!("k8s:app={app}");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let mut seen = std::collections::BTreeSet::new();
+            for n in self.agents.keys() {
+                let ids: Vec<IdentityEntry> = self
+                    .agent_api(n)
+                    .get_json("/v1/identities")
+                    .await
+                    .unwrap_or_default();
+                seen.insert(
+                    ids.iter()
+                        .find(|i| i.labels.contains(&want) && !i.nodes.is_empty())
+                        .map(|i| i.id),
+                );
+            }
+            if let [Some(id)] = seen.iter().collect::<Vec<_>>()[..] {
+                return *id;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the agents do not agree on an identity for {app} in 30 s: {seen:?}{}",
+                self.logs()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until `node`'s auth map holds exactly `want` (local, remote,
+    /// remote node).
+    async fn wait_entries(&self, node: &str, want: &[(u32, u32, &str)]) {
+        use auth_agent::api::types::AuthEntry;
+        let want: std::collections::BTreeSet<(u32, u32, String)> = want
+            .iter()
+            .map(|(l, r, n)| (*l, *r, (*n).to_owned()))
+            .collect();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let got: Result<Vec<AuthEntry>, _> = self.agent_api(node).get_json("/v1/auth").await;
+            if let Ok(e) = &got {
+                let keys: std::collections::BTreeSet<_> = e
+                    .iter()
+                    .map(|e| (e.local, e.remote, e.node.clone().unwrap_or_default()))
+                    .collect();
+                if keys == want {
+                    return;
+                }
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{node} does not hold {want:?} in 30 s; last {got:?}{}",
+                self.logs()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn drops(&self, node: &str) -> u64 {
+        let s: auth_agent::api::types::AgentStatus = self
+            .agent_api(node)
+            .get_json("/v1/status")
+            .await
+            .unwrap_or_else(|e| panic!("{node} status: {e}"));
+        s.datapath.auth_required_drops
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for (n, mut c) in std::mem::take(&mut self.agents) {
+            let _ = c.kill();
+            let _ = c.wait();
+            let pins = PathBuf::from(format!(
+                "/sys/fs/bpf/meshauth-k8s-{}-{n}",
+                std::process::id()
+            ));
+            if let Some(info) = self.lab.node(&n) {
+                let _ = auth_ebpf::Datapath::detach(&pins, &info.pods_cgroup);
+            }
+            let _ = std::fs::remove_dir_all(&pins);
+        }
+    }
+}
+
+/// The chart installed for real (CRDs, then everything else).
+async fn install_chart(admin: &kube::Client, sets: &[&str]) {
+    let docs = helm_template(sets, true);
+    let discovery = Discovery::new(admin.clone())
+        .run()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let crds: Vec<_> = docs
+        .iter()
+        .filter(|d| d["kind"] == "CustomResourceDefinition")
+        .cloned()
+        .collect();
+    for crd in &crds {
+        apply(admin, &discovery, crd, false)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    wait_established(admin, &crds).await;
+    let discovery = Discovery::new(admin.clone())
+        .run()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    for d in docs
+        .iter()
+        .filter(|d| d["kind"] != "CustomResourceDefinition")
+    {
+        apply(admin, &discovery, d, false)
+            .await
+            .unwrap_or_else(|e| panic!("installing the chart: {e}"));
+    }
+}
+
+const PAYMENT_POLICY: &str = r#"{
+  "apiVersion": "meshauth.io/v1alpha1", "kind": "MeshAuthPolicy",
+  "metadata": {"name": "payment-requires-auth", "namespace": "production"},
+  "spec": {
+    "endpointSelector": {"matchLabels": {"app": "payment-service"}},
+    "ingress": [{
+      "fromEndpoints": [{"matchLabels": {"app": "order-service"}}],
+      "authentication": {"mode": "required"},
+      "toPorts": [{"ports": [{"port": "8080", "protocol": "TCP"}]}]
+    }]
+  }
+}"#;
+
+/// Three node namespaces with real agents in Kubernetes mode against a real
+/// API server, with the chart's RBAC, ServiceAccount tokens and
+/// configuration: three agents racing to allocate identities for the same
+/// labels end with one MeshIdentity per label set; the pair is
+/// pre-authenticated and the first packets pass; a covered pod SPIRE never
+/// issued is dropped; the API server killed and started again mid-run, the
+/// agents relist and converge — nothing collected wrongly, and a pod added
+/// after the restart is authenticated too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn agents_in_kubernetes_mode_against_a_real_api_server() {
+    let nodes = ["node-a", "node-b", "node-c"];
+    let mut c = Cluster::start("k8sag", &nodes).await;
+    // Pods first, then the agents: all three race to allocate the same
+    // label sets (each agent sees every pod of the cluster).
+    let order_a = c.add_pod("node-a", "order-a", "order-service").await;
+    let pay_b = c.add_pod("node-b", "pay-b", "payment-service").await;
+    let refund_a = c.add_pod("node-a", "refund-a", "refund-service").await;
+    let policy: serde_json::Value = serde_json::from_str(&PAYMENT_POLICY.replace(
+        "[{\"matchLabels\": {\"app\": \"order-service\"}}]",
+        "[{\"matchLabels\": {\"app\": \"order-service\"}}, {\"matchLabels\": {\"app\": \"refund-service\"}}]",
+    ))
+    .unwrap_or_else(|e| panic!("{e}"));
+    let discovery = Discovery::new(c.admin.clone())
+        .run()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    apply(&c.admin, &discovery, &policy, false)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    for n in nodes {
+        c.start_agent(n).await;
+    }
+    let order = c.identity_of("order-service").await;
+    let payment = c.identity_of("payment-service").await;
+    let refund = c.identity_of("refund-service").await;
+    let ids = c.identities().await;
+    let mut label_sets: Vec<&Vec<String>> = ids.iter().map(|(_, l)| l).collect();
+    label_sets.sort();
+    let before = label_sets.len();
+    label_sets.dedup();
+    assert_eq!(
+        before,
+        label_sets.len(),
+        "three racing agents: exactly one MeshIdentity per label set: {ids:?}"
+    );
+    println!(
+        "identities: order {order}, payment {payment}, refund {refund} ({} objects)",
+        ids.len()
+    );
+    // Only the label sets in use: none for a pod an agent saw before its
+    // namespace (it allocated three such, one per app, before it waited for
+    // every kind's first list).
+    assert_eq!(ids.len(), 3, "{ids:?}");
+
+    // SPIRE issues order on node-a and payment on node-b; refund never.
+    let sid = |n: u32| {
+        spire_dev::SpiffeId::parse(&format!("spiffe://meshauth.local/identity/{n}"))
+            .unwrap_or_else(|e| panic!("{e}"))
+    };
+    c.spire
+        .add_entry(spire_dev::EntrySpec::new("node-a", sid(order)))
+        .unwrap_or_else(|e| panic!("{e}"));
+    c.spire
+        .add_entry(spire_dev::EntrySpec::new("node-b", sid(payment)))
+        .unwrap_or_else(|e| panic!("{e}"));
+    // The rule selects payment (ingress): node-b, which runs it, holds
+    // the pair; node-a, whose pods the rule does not select, holds nothing.
+    c.wait_entries("node-b", &[(payment, order, "node-a")])
+        .await;
+    c.wait_entries("node-a", &[]).await;
+
+    let mut server = c
+        .lab
+        .start_pod_process(&pay_b)
+        .unwrap_or_else(|e| panic!("{e}"));
+    server.serve(8080).unwrap_or_else(|e| panic!("{e}"));
+    let mut client = c
+        .lab
+        .start_pod_process(&order_a)
+        .unwrap_or_else(|e| panic!("{e}"));
+    for addr in [std::net::IpAddr::from(pay_b.ipv4), pay_b.ipv6.into()] {
+        client
+            .connect(addr, 8080, std::time::Duration::from_millis(500))
+            .unwrap_or_else(|e| panic!("order-a → pay-b {addr}: {e}{}", c.logs()));
+    }
+    assert_eq!(c.drops("node-b").await, 0, "pre-authenticated: no drop");
+    let mut refund_p = c
+        .lab
+        .start_pod_process(&refund_a)
+        .unwrap_or_else(|e| panic!("{e}"));
+    refund_p
+        .connect(
+            pay_b.ipv4.into(),
+            8080,
+            std::time::Duration::from_millis(300),
+        )
+        .expect_err("refund-service has no SVID: dropped");
+    assert!(
+        c.drops("node-b").await > 0,
+        "refund's SYN counted as dropped"
+    );
+
+    // The API server killed and started again on the same etcd: the
+    // agents relist, keep their entries, and follow changes made after.
+    c.api.kill_apiserver();
+    let took = c.api.restart().await.unwrap_or_else(|e| panic!("{e}"));
+    println!("API server back in {took:?}");
+    c.wait_entries("node-b", &[(payment, order, "node-a")])
+        .await;
+    client
+        .connect(
+            pay_b.ipv4.into(),
+            8080,
+            std::time::Duration::from_millis(500),
+        )
+        .unwrap_or_else(|e| panic!("after the API server's restart: {e}{}", c.logs()));
+    let order_c = c.add_pod("node-c", "order-c", "order-service").await;
+    c.spire
+        .add_entry(spire_dev::EntrySpec::new("node-c", sid(order)))
+        .unwrap_or_else(|e| panic!("{e}"));
+    c.wait_entries(
+        "node-b",
+        &[(payment, order, "node-a"), (payment, order, "node-c")],
+    )
+    .await;
+    let mut client_c = c
+        .lab
+        .start_pod_process(&order_c)
+        .unwrap_or_else(|e| panic!("{e}"));
+    client_c
+        .connect(
+            pay_b.ipv4.into(),
+            8080,
+            std::time::Duration::from_millis(500),
+        )
+        .unwrap_or_else(|e| panic!("order-c → pay-b: {e}{}", c.logs()));
+    let ids_after = c.identities().await;
+    assert_eq!(
+        ids_after.len(),
+        ids.len(),
+        "no identity allocated twice across the restart: {ids_after:?}"
+    );
+}

@@ -31,6 +31,7 @@ mod cgroup;
 pub mod demo;
 mod error;
 pub mod exec;
+pub mod forward;
 pub mod kube_real;
 mod netlink;
 pub(crate) mod netns;
@@ -381,6 +382,18 @@ impl Lab {
 
     /// Adds a pod (name: 1..=32 of `[a-z0-9-]`, unique in the lab) on a node.
     pub fn add_pod(&mut self, node: &str, name: &str) -> Result<PodInfo, LabError> {
+        self.add_pod_with_uid(node, name, None)
+    }
+
+    /// [`Self::add_pod`] with the pod's `metadata.uid` given (the one an API
+    /// server assigned to its Pod object), which names its cgroup as
+    /// kubelet would; `None`: one made up.
+    pub fn add_pod_with_uid(
+        &mut self,
+        node: &str,
+        name: &str,
+        uid: Option<&str>,
+    ) -> Result<PodInfo, LabError> {
         check_name("pod", name, 32)?;
         if self.pods.contains_key(name) {
             return Err(LabError::Invalid(format!("pod {name} exists already")));
@@ -395,7 +408,7 @@ impl Lab {
             .find(|k| self.pods.values().all(|p| p.node != node || p.index != *k))
             .ok_or_else(|| LabError::Invalid(format!("node {node}: 253 pods at most")))?;
         let (net, i, k) = (self.net, n.index, index);
-        let uid = pod_uid(&self.uniq, name);
+        let uid = uid.map_or_else(|| pod_uid(&self.uniq, name), str::to_owned);
         let info = PodInfo {
             name: name.to_string(),
             node: node.to_string(),

@@ -838,7 +838,7 @@ pub fn is_root() -> bool {
 
 /// Mounts bpffs on `/sys/fs/bpf` when nothing mounted it (systemd does on a
 /// normal Debian 12; a minimal system or container may not).
-fn ensure_bpffs() -> Result<(), TestbedError> {
+pub fn ensure_bpffs() -> Result<(), TestbedError> {
     const BPF_FS_MAGIC: u64 = 0xcafe_4a11;
     let dir = Path::new("/sys/fs/bpf");
     let is_bpffs = || rustix::fs::statfs(dir).is_ok_and(|s| s.f_type as u64 == BPF_FS_MAGIC);

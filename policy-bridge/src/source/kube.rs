@@ -450,7 +450,11 @@ impl Driver {
     }
 
     async fn allocate_pending(&mut self) {
-        if self.cfg.read_only || !self.synced.contains(&Feed::Identities) {
+        // Not before every kind has been listed once: a pod seen before its
+        // namespace would get an identity for a label set without the
+        // namespace's labels, allocated cluster-wide for nothing (found
+        // against a real API server: three such objects per start).
+        if self.cfg.read_only || !self.expected.iter().all(|f| self.synced.contains(f)) {
             return;
         }
         for labels in self.engine.pending_identities() {
