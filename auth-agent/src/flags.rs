@@ -191,7 +191,7 @@ mod tests {
         let mut flags: Vec<&str> = command
             .get_arguments()
             .filter_map(|a| a.get_long())
-            .filter(|f| *f != "config")
+            .filter(|f| *f != "config" && *f != "check-config")
             .collect();
         flags.sort_unstable();
         let mut settings: Vec<&str> = keys::ALL.iter().map(|k| k.flag).collect();

@@ -1058,3 +1058,147 @@ async fn agents_in_kubernetes_mode_against_a_real_api_server() {
         "no identity allocated twice across the restart: {ids_after:?}"
     );
 }
+
+/// `meshauth spire reconcile --kubernetes`, as the bundled SPIRE server's
+/// reconciler runs it: it reads Pods, Nodes and the agents' MeshIdentity
+/// objects from a real API server (an admin kubeconfig here) and makes the
+/// entries in a real SPIRE server — a node's entries parented to its
+/// k8s_psat agent ID by the Node's uid; a pod whose label set has no
+/// MeshIdentity yet gets none (the reconciler never allocates).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reconciler_reads_the_cluster_from_a_real_api_server() {
+    use k8s_openapi::api::core::v1::{Node, Pod};
+    let (api, dir) = start().await;
+    let admin = api.admin_client().await.unwrap_or_else(|e| panic!("{e}"));
+    create_namespace(&admin, NS).await;
+    create_namespace(&admin, "production").await;
+    install_chart(&admin, &[]).await;
+    let nodes: Api<Node> = Api::all(admin.clone());
+    let mut uids = std::collections::BTreeMap::new();
+    for n in ["node-a", "node-b"] {
+        let node: Node = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Node", "metadata": {"name": n}
+        }))
+        .unwrap_or_else(|e| panic!("{e}"));
+        let node = nodes
+            .create(&PostParams::default(), &node)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        uids.insert(n, node.metadata.uid.unwrap_or_default());
+    }
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), "production");
+    for (name, app, node) in [("pay", "payment", "node-a"), ("ord", "order", "node-b")] {
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "labels": {"app": app}},
+            "spec": {"nodeName": node, "serviceAccountName": "default",
+                     "containers": [{"name": "c", "image": "x"}]}
+        }))
+        .unwrap_or_else(|e| panic!("{e}"));
+        // The namespace's default ServiceAccount (no controller-manager makes it).
+        let sas: Api<k8s_openapi::api::core::v1::ServiceAccount> =
+            Api::namespaced(admin.clone(), "production");
+        let sa = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "default"}
+        }))
+        .unwrap_or_else(|e| panic!("{e}"));
+        let _ = sas.create(&PostParams::default(), &sa).await;
+        pods.create(&PostParams::default(), &pod)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let ip = if name == "pay" {
+            "10.1.0.5"
+        } else {
+            "10.2.0.5"
+        };
+        pods.patch_status(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"status": {"phase": "Running", "podIP": ip}})),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
+    // The agents allocated payment's identity (with the label set they
+    // compute); order's not yet.
+    let ids: Api<DynamicObject> = Api::all_with(
+        admin.clone(),
+        &ApiResource::from_gvk(&kube::api::GroupVersionKind::gvk(
+            "meshauth.io",
+            "v1alpha1",
+            "MeshIdentity",
+        )),
+    );
+    let id: DynamicObject = serde_json::from_value(serde_json::json!({
+        "apiVersion": "meshauth.io/v1alpha1", "kind": "MeshIdentity",
+        "metadata": {"name": "300"},
+        "spec": {"labels": [
+            "k8s:app=payment",
+            "k8s:io.cilium.k8s.namespace.labels.kubernetes.io/metadata.name=production",
+            "k8s:io.cilium.k8s.policy.serviceaccount=default",
+            "k8s:io.kubernetes.pod.namespace=production"]}
+    }))
+    .unwrap_or_else(|e| panic!("{e}"));
+    ids.create(&PostParams::default(), &id)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+
+    let bin = meshauth_tests::real_spire::spire_bin();
+    let sdir = meshauth_tests::real_spire::spire_tempdir();
+    let server = meshauth_tests::real_spire::start_server(&bin, sdir.path(), "meshauth.local")
+        .unwrap_or_else(|e| panic!("{e}"));
+    let out = tokio::task::spawn_blocking({
+        let kc = api.admin_kubeconfig();
+        let sock = server.socket().to_owned();
+        move || {
+            Command::new(env!("CARGO_BIN_EXE_meshauth"))
+                .args(["spire", "reconcile", "--kubernetes", "--once"])
+                .args(["--trust-domain", "meshauth.local"])
+                .args(["--deployment", "kubernetes", "--cluster", "prod"])
+                .arg("--server-socket")
+                .arg(sock)
+                .env("KUBECONFIG", kc)
+                .output()
+                .unwrap_or_else(|e| panic!("{e}"))
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!("{text}");
+    assert!(out.status.success(), "{text}");
+    let shown = server
+        .cli(&["entry", "show"], &[])
+        .unwrap_or_else(|e| panic!("{e}"));
+    let ours: Vec<&str> = shown
+        .split("\n\n")
+        .filter(|b| b.contains("meshauth-"))
+        .collect();
+    assert_eq!(
+        ours.len(),
+        1,
+        "payment's entry only (order has no MeshIdentity yet):\n{shown}"
+    );
+    assert!(
+        ours[0].contains("spiffe://meshauth.local/identity/300"),
+        "{shown}"
+    );
+    assert!(
+        ours[0].contains(&format!(
+            "spiffe://meshauth.local/spire/agent/k8s_psat/prod/{}",
+            uids["node-a"]
+        )),
+        "parented to node-a's k8s_psat agent by the Node's uid:\n{shown}"
+    );
+    // Read only: the reconciler allocated nothing.
+    let after = ids
+        .list(&Default::default())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(after.items.len(), 1, "{:?}", after.items);
+    drop(dir);
+}
