@@ -189,7 +189,7 @@ fn the_rendered_agent_config_is_the_agents() {
         assert_eq!(sc["capabilities"]["drop"], serde_json::json!(["ALL"]));
         assert_eq!(
             sc["capabilities"]["add"],
-            serde_json::json!(["BPF", "NET_ADMIN", "PERFMON"])
+            serde_json::json!(["BPF", "NET_ADMIN"])
         );
         assert_eq!(pod["hostNetwork"], true);
         assert_eq!(

@@ -1325,3 +1325,82 @@ async fn delegated_pods_with_entries_from_the_reconciler() {
     assert_no_drops(&tb, "entries from the reconciler").await;
     assert_eq!(tb.status("node-c").await.unwrap().spire.svids, 0);
 }
+
+/// The capabilities the chart gives the agent container (read from the
+/// rendered DaemonSet, so chart and proof cannot drift).
+fn chart_capabilities() -> Vec<String> {
+    let tools = meshauth_lab::kube_real::k8s_tools_bin().unwrap_or_else(|e| panic!("{e}"));
+    let chart = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/helm/meshauth");
+    let out = std::process::Command::new(tools.join("helm"))
+        .args(["template", "rel", "--show-only", "templates/daemonset.yaml"])
+        .arg(&chart)
+        .output()
+        .unwrap_or_else(|e| panic!("helm: {e}"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ds: serde_json::Value =
+        serde_norway::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}"));
+    let sc = &ds["spec"]["template"]["spec"]["containers"][0]["securityContext"];
+    assert_eq!(sc["capabilities"]["drop"], serde_json::json!(["ALL"]));
+    sc["capabilities"]["add"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no capabilities in {sc}"))
+        .iter()
+        .map(|c| c.as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
+/// The agents run with only the capabilities the chart grants (every other
+/// one dropped from their bounding set, as the container runtime does) and
+/// still load, attach and pin the datapath, authenticate ahead of need, and
+/// pass the first packets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn agents_need_only_the_charts_capabilities() {
+    let caps = chart_capabilities();
+    println!("the chart's capabilities: {caps:?}");
+    let mut o = opts("mncaps", 210, false);
+    o.agent_capabilities = Some(caps.clone());
+    let mut tb = Testbed::start(o).await.unwrap();
+    tb.add_pod("node-a", "order-1", ORDER).unwrap();
+    tb.add_pod("node-b", "payment-1", PAYMENT).unwrap();
+    tb.write("policy.yaml", POLICY).unwrap();
+    let order = tb.register("order-1").unwrap();
+    let payment = tb.register("payment-1").unwrap();
+    tb.start_agents().await.unwrap();
+    // The agent really runs with those alone.
+    let pid = tb.agent_pid("node-b").unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .map(|v| u64::from_str_radix(v.trim(), 16).unwrap())
+        .unwrap();
+    let bit = |name: &str| match name {
+        "NET_ADMIN" => 1u64 << 12,
+        "SYS_ADMIN" => 1 << 21,
+        "PERFMON" => 1 << 38,
+        "BPF" => 1 << 39,
+        other => panic!("capability {other} not in this test's table"),
+    };
+    let want: u64 = caps.iter().map(|c| bit(c)).fold(0, |a, b| a | b);
+    assert_eq!(
+        eff, want,
+        "the agent's effective capabilities: {eff:#x}, want {want:#x} ({caps:?})"
+    );
+
+    wait_entries(&tb, "node-b", &[(payment, order, "node-a")]).await;
+    let pay = tb.pod("payment-1").unwrap().clone();
+    let ord = tb.pod("order-1").unwrap().clone();
+    let mut server = tb.lab().start_pod_process(&pay).unwrap();
+    server.serve(8080).unwrap();
+    let mut client = tb.lab().start_pod_process(&ord).unwrap();
+    for addr in [IpAddr::from(pay.ipv4), IpAddr::from(pay.ipv6)] {
+        client
+            .connect(addr, 8080, Duration::from_millis(500))
+            .unwrap_or_else(|e| panic!("{addr}: {e}{}", logs(&tb)));
+    }
+    assert_no_drops(&tb, "agents with the chart's capabilities only").await;
+}

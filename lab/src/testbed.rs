@@ -94,6 +94,11 @@ pub struct TestbedOptions {
     pub spire_ca_ttl: Option<Duration>,
     /// How the agents get their SVIDs.
     pub svid_mode: SvidMode,
+    /// Run the agents with only these capabilities (e.g. `BPF`,
+    /// `NET_ADMIN`): the rest dropped from their bounding set, as a
+    /// container runtime does for `capabilities: {drop: [ALL], add: …}`.
+    /// `None`: root's full set.
+    pub agent_capabilities: Option<Vec<String>>,
 }
 
 /// How the testbed's agents get their SVIDs from SPIRE.
@@ -129,6 +134,7 @@ impl Default for TestbedOptions {
             spire_bin: None,
             spire_ca_ttl: None,
             svid_mode: SvidMode::WorkloadApi,
+            agent_capabilities: None,
         }
     }
 }
@@ -470,7 +476,25 @@ impl Testbed {
             Some(b) => (b.clone(), None),
             None => (self.lab.meshauth_bin().to_path_buf(), Some("agent")),
         };
-        let mut cmd = self.lab.command(&info, &bin);
+        let mut cmd = match &self.opts.agent_capabilities {
+            None => self.lab.command(&info, &bin),
+            Some(caps) => {
+                // After lab-exec has entered the node (which needs
+                // CAP_SYS_ADMIN): setpriv drops every other capability from
+                // the bounding set, so the agent execs with these alone.
+                let list: Vec<String> = caps
+                    .iter()
+                    .map(|c| format!("+{}", c.to_ascii_lowercase()))
+                    .collect();
+                let set = format!("-all,{}", list.join(","));
+                let mut c = self.lab.command(&info, "setpriv");
+                c.arg(format!("--bounding-set={set}"))
+                    .arg(format!("--inh-caps={set}"))
+                    .arg("--")
+                    .arg(&bin);
+                c
+            }
+        };
         cmd.args(subcommand)
             .arg("--node-name")
             .arg(node)

@@ -89,7 +89,7 @@ the setting is; cli/tests/chart.rs fails on any finding not listed).
 */}}
 {{- define "meshauth.agentCheckovSkips" -}}
 checkov.io/skip1: "CKV_K8S_19=The datapath, the handshake port (4250) and WireGuard live in the node's network namespace"
-checkov.io/skip2: "CKV_K8S_25=BPF, NET_ADMIN and PERFMON load and attach the datapath and manage WireGuard; see agent.capabilities"
+checkov.io/skip2: "CKV_K8S_25=BPF and NET_ADMIN load and attach the datapath and manage WireGuard; see agent.capabilities"
 checkov.io/skip3: "CKV_K8S_23=bpffs pins, the state directory and the API socket on the host are root's; no other privilege comes with uid 0 (ALL capabilities dropped but three, no privilege escalation)"
 checkov.io/skip4: "CKV_K8S_40=Runs as root for the host's root-owned bpffs and state directory (see CKV_K8S_23)"
 checkov.io/skip5: "CKV_K8S_38=The agent watches pods, nodes and policies and allocates identities through the API server"
