@@ -410,11 +410,10 @@ async fn inside_the_vm() {
     // KVM; under TCG (an emulated CPU, some 10x slower, busy with the
     // agent's start) within 1 s — still far below WireGuard's 5 s retry,
     // so a dropped packet or a torn-down peer would still show.
-    let emulated = std::fs::read_to_string(
-        "/sys/devices/system/clocksource/clocksource0/current_clocksource",
-    )
-    .map(|c| c.trim() != "kvm-clock")
-    .unwrap_or(true);
+    let emulated =
+        std::fs::read_to_string("/sys/devices/system/clocksource/clocksource0/current_clocksource")
+            .map(|c| c.trim() != "kvm-clock")
+            .unwrap_or(true);
     let echo_within = if emulated {
         Duration::from_secs(1)
     } else {
