@@ -219,39 +219,11 @@ async fn wait_established(client: &kube::Client, crds: &[serde_json::Value]) {
 /// kinds are refused by their schemas.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_agents_token_may_do_what_the_chart_grants_and_nothing_else() {
-    use k8s_openapi::api::authentication::v1::TokenRequest;
-    use k8s_openapi::api::core::v1::{Node, Pod, Secret, ServiceAccount};
+    use k8s_openapi::api::core::v1::{Node, Pod, Secret};
     let (api, dir) = start().await;
     let admin = api.admin_client().await.unwrap_or_else(|e| panic!("{e}"));
     create_namespace(&admin, NS).await;
-    let docs = helm_template(&[], true);
-    let discovery = Discovery::new(admin.clone())
-        .run()
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    let crds: Vec<_> = docs
-        .iter()
-        .filter(|d| d["kind"] == "CustomResourceDefinition")
-        .cloned()
-        .collect();
-    for crd in &crds {
-        apply(&admin, &discovery, crd, false)
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-    }
-    wait_established(&admin, &crds).await;
-    let discovery = Discovery::new(admin.clone())
-        .run()
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    for d in docs
-        .iter()
-        .filter(|d| d["kind"] != "CustomResourceDefinition")
-    {
-        apply(&admin, &discovery, d, false)
-            .await
-            .unwrap_or_else(|e| panic!("installing the chart: {e}"));
-    }
+    install_chart(&admin, &[]).await;
 
     // Two nodes, and the agent's pod on node-a (no kubelet runs it: it is
     // what the token is bound to).
@@ -267,34 +239,7 @@ async fn the_agents_token_may_do_what_the_chart_grants_and_nothing_else() {
             .await
             .unwrap_or_else(|e| panic!("node {n}: {e}"));
     }
-    let sa = "rel-meshauth-agent";
-    let pods: Api<Pod> = Api::namespaced(admin.clone(), NS);
-    let pod: Pod = serde_json::from_value(serde_json::json!({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": "agent-node-a"},
-        "spec": {"nodeName": "node-a", "serviceAccountName": sa,
-                 "containers": [{"name": "agent", "image": "meshauth-agent"}]}
-    }))
-    .unwrap_or_else(|e| panic!("{e}"));
-    let pod = pods
-        .create(&PostParams::default(), &pod)
-        .await
-        .unwrap_or_else(|e| panic!("agent pod: {e}"));
-    let sas: Api<ServiceAccount> = Api::namespaced(admin.clone(), NS);
-    let tr: TokenRequest = serde_json::from_value(serde_json::json!({
-        "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
-        "spec": {"audiences": ["https://kubernetes.default.svc"], "expirationSeconds": 3600,
-                 "boundObjectRef": {"kind": "Pod", "apiVersion": "v1", "name": "agent-node-a",
-                                    "uid": pod.metadata.uid}}
-    }))
-    .unwrap_or_else(|e| panic!("{e}"));
-    let token = sas
-        .create_token_request(sa, &PostParams::default(), &tr)
-        .await
-        .unwrap_or_else(|e| panic!("TokenRequest: {e}"))
-        .status
-        .unwrap_or_else(|| panic!("no token"))
-        .token;
+    let token = agent_token(&admin, "node-a", false).await;
     let kc = dir.path().join("agent.kubeconfig");
     api.token_kubeconfig(&kc, &token)
         .unwrap_or_else(|e| panic!("{e}"));
@@ -637,38 +582,7 @@ impl Cluster {
     /// a token of the chart's ServiceAccount bound to an agent Pod object on
     /// the node, as kubelet would mount it.
     async fn start_agent(&mut self, node: &str) {
-        use k8s_openapi::api::authentication::v1::TokenRequest;
-        use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
-        let sa = "rel-meshauth-agent";
-        let pods: Api<Pod> = Api::namespaced(self.admin.clone(), NS);
-        let pod_name = format!("agent-{node}");
-        let pod: Pod = serde_json::from_value(serde_json::json!({
-            "apiVersion": "v1", "kind": "Pod", "metadata": {"name": pod_name},
-            "spec": {"nodeName": node, "serviceAccountName": sa, "hostNetwork": true,
-                     "containers": [{"name": "agent", "image": "meshauth-agent"}]}
-        }))
-        .unwrap_or_else(|e| panic!("{e}"));
-        let pod = match pods.create(&PostParams::default(), &pod).await {
-            Ok(p) => p,
-            Err(kube::Error::Api(s)) if s.code == 409 => {
-                pods.get(&pod_name).await.unwrap_or_else(|e| panic!("{e}"))
-            }
-            Err(e) => panic!("agent pod: {e}"),
-        };
-        let tr: TokenRequest = serde_json::from_value(serde_json::json!({
-            "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
-            "spec": {"audiences": ["https://kubernetes.default.svc"], "expirationSeconds": 3600,
-                     "boundObjectRef": {"kind": "Pod", "apiVersion": "v1", "name": pod_name,
-                                        "uid": pod.metadata.uid}}
-        }))
-        .unwrap_or_else(|e| panic!("{e}"));
-        let token = Api::<ServiceAccount>::namespaced(self.admin.clone(), NS)
-            .create_token_request(sa, &PostParams::default(), &tr)
-            .await
-            .unwrap_or_else(|e| panic!("TokenRequest: {e}"))
-            .status
-            .unwrap_or_else(|| panic!("no token"))
-            .token;
+        let token = agent_token(&self.admin, node, true).await;
         // The node reaches the API server on its own loopback (forwarded).
         let kc = self.dir.path().join(format!("{node}.kubeconfig"));
         let ca = self.api.ca_file();
@@ -868,6 +782,44 @@ impl Drop for Cluster {
             let _ = std::fs::remove_dir_all(&pins);
         }
     }
+}
+
+/// A token of the chart's agent ServiceAccount bound to an agent Pod object
+/// on `node` (made if missing), as kubelet mounts it: the API server puts
+/// the node's name into it.
+async fn agent_token(admin: &kube::Client, node: &str, host_network: bool) -> String {
+    use k8s_openapi::api::authentication::v1::TokenRequest;
+    use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
+    let sa = "rel-meshauth-agent";
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), NS);
+    let pod_name = format!("agent-{node}");
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": pod_name},
+        "spec": {"nodeName": node, "serviceAccountName": sa, "hostNetwork": host_network,
+                 "containers": [{"name": "agent", "image": "meshauth-agent"}]}
+    }))
+    .unwrap_or_else(|e| panic!("{e}"));
+    let pod = match pods.create(&PostParams::default(), &pod).await {
+        Ok(p) => p,
+        Err(kube::Error::Api(s)) if s.code == 409 => {
+            pods.get(&pod_name).await.unwrap_or_else(|e| panic!("{e}"))
+        }
+        Err(e) => panic!("agent pod: {e}"),
+    };
+    let tr: TokenRequest = serde_json::from_value(serde_json::json!({
+        "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+        "spec": {"audiences": ["https://kubernetes.default.svc"], "expirationSeconds": 3600,
+                 "boundObjectRef": {"kind": "Pod", "apiVersion": "v1", "name": pod_name,
+                                    "uid": pod.metadata.uid}}
+    }))
+    .unwrap_or_else(|e| panic!("{e}"));
+    Api::<ServiceAccount>::namespaced(admin.clone(), NS)
+        .create_token_request(sa, &PostParams::default(), &tr)
+        .await
+        .unwrap_or_else(|e| panic!("TokenRequest: {e}"))
+        .status
+        .unwrap_or_else(|| panic!("no token"))
+        .token
 }
 
 /// The chart installed for real (CRDs, then everything else).

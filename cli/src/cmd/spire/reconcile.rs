@@ -393,22 +393,7 @@ async fn run_async(a: &ReconcileArgs, p: &Plan) -> ExitCode {
         for e in src.errors() {
             eprintln!("meshauth spire reconcile: {e}");
         }
-        let want = wanted(a, p, src.engine().state());
-        let mut client = match connect(a).await {
-            Ok(c) => c,
-            Err(e) => return super::super::fail("spire reconcile", &e),
-        };
-        return match reconcile(&mut client, &want).await {
-            Ok(r) => {
-                print_report(&r);
-                if r.is_clean() {
-                    ExitCode::SUCCESS
-                } else {
-                    ExitCode::from(1)
-                }
-            }
-            Err(e) => super::super::fail("spire reconcile", &e),
-        };
+        return reconcile_once(a, &wanted(a, p, src.engine().state())).await;
     }
     let (mut sub, _task) = match subscribe(a).await {
         Ok(s) => s,
@@ -465,12 +450,17 @@ async fn run_once_kubernetes(a: &ReconcileArgs, p: &Plan) -> ExitCode {
     let Some(snap) = sub.synced().await else {
         return super::super::fail("spire reconcile", &"the Kubernetes source stopped");
     };
-    let want = wanted(a, p, &snap.state);
+    reconcile_once(a, &wanted(a, p, &snap.state)).await
+}
+
+/// `--once`: connect, reconcile `want`, print the report; exit 0 clean, 1
+/// some entries refused, 2 failed.
+async fn reconcile_once(a: &ReconcileArgs, want: &BTreeMap<String, Entry>) -> ExitCode {
     let mut client = match connect(a).await {
         Ok(c) => c,
         Err(e) => return super::super::fail("spire reconcile", &e),
     };
-    match reconcile(&mut client, &want).await {
+    match reconcile(&mut client, want).await {
         Ok(r) => {
             print_report(&r);
             if r.is_clean() {
