@@ -157,6 +157,12 @@ pub struct Config {
     /// cgroup, found by pod UID, owns them); a spoofed source is dropped
     /// with 132 "Invalid source ip".
     pub source_check: bool,
+    /// Kubernetes: the Lease (namespace, name) electing the one agent
+    /// that writes policy status; `None`: no agent writes it.
+    pub policy_status_lease: Option<(String, String)>,
+    /// How long a leader that stopped renewing keeps that Lease.
+    #[serde(with = "meshauth_duration::serde")]
+    pub policy_status_lease_duration: Duration,
     /// Log format.
     pub log_format: LogFormat,
 }
@@ -447,6 +453,28 @@ pub fn build(layers: &Layers) -> Result<Config, ConfigErrors> {
         "false" => Ok(false),
         _ => Err("true (each pod may send only from its own addresses) or false".into()),
     });
+    let policy_status_lease = r.get(&keys::POLICY_STATUS_LEASE, None, |v| {
+        if v == "off" {
+            return Ok(None);
+        }
+        match v.split_once('/') {
+            Some((ns, name)) if is_dns_label(ns) && is_dns_name(name) => {
+                Ok(Some((ns.to_owned(), name.to_owned())))
+            }
+            _ => Err("off, or NAMESPACE/NAME of a Lease (lowercase DNS names)".into()),
+        }
+    });
+    let policy_status_lease_duration = r.get(
+        &keys::POLICY_STATUS_LEASE_DURATION,
+        Duration::from_secs(15),
+        |v| {
+            duration_in(
+                v,
+                Duration::from_secs(2)..=Duration::from_secs(300),
+                "a duration from 2s to 5m",
+            )
+        },
+    );
 
     r.finish()?;
     Ok(Config {
@@ -479,6 +507,8 @@ pub fn build(layers: &Layers) -> Result<Config, ConfigErrors> {
         wireguard_refresh,
         drop_unknown_pods,
         source_check,
+        policy_status_lease,
+        policy_status_lease_duration,
         log_format,
     })
 }
@@ -494,6 +524,10 @@ fn is_dns_name(s: &str) -> bool {
                 && !l.starts_with('-')
                 && !l.ends_with('-')
         })
+}
+
+fn is_dns_label(s: &str) -> bool {
+    !s.contains('.') && s.len() <= 63 && is_dns_name(s)
 }
 
 fn absolute_path(v: &str) -> Result<PathBuf, String> {

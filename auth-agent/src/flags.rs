@@ -104,6 +104,14 @@ pub struct AgentArgs {
     /// How often the WireGuard interface is read back [default 10s].
     #[arg(long)]
     pub wireguard_refresh: Option<String>,
+    /// Kubernetes: the Lease (NAMESPACE/NAME) electing the one agent that
+    /// writes policy status, or off [default off].
+    #[arg(long)]
+    pub policy_status_lease: Option<String>,
+    /// How long a leader that stopped renewing keeps the policy status
+    /// Lease [default 15s].
+    #[arg(long)]
+    pub policy_status_lease_duration: Option<String>,
     /// Traffic of pod addresses not known yet: `pass` (not enforced) or
     /// `drop` (strict: 133 "Policy denied" until the agent knows the pod).
     #[arg(long)]
@@ -156,6 +164,11 @@ impl AgentArgs {
         put("wireguard-refresh", &self.wireguard_refresh);
         put("unknown-pods", &self.unknown_pods);
         put("source-check", &self.source_check);
+        put("policy-status-lease", &self.policy_status_lease);
+        put(
+            "policy-status-lease-duration",
+            &self.policy_status_lease_duration,
+        );
         put("log-format", &self.log_format);
         if !self.spire_selector.is_empty() {
             flags.push(("spire-selector", self.spire_selector.join(",")));

@@ -1154,3 +1154,236 @@ async fn the_reconciler_reads_the_cluster_from_a_real_api_server() {
     assert_eq!(after.items.len(), 1, "{:?}", after.items);
     drop(dir);
 }
+
+/// The policy status Lease against a real API server, with three agents'
+/// ServiceAccount tokens: of three candidates racing, exactly one leads; a
+/// leader that stops renewing is replaced only after the lease duration,
+/// and had stopped counting itself leader before that (never two writers);
+/// a released Lease is taken at the next round. The tokens may write
+/// policy status and nothing of the policies themselves or of other Leases.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exactly_one_agent_holds_the_policy_status_lease() {
+    use k8s_openapi::api::coordination::v1::Lease;
+    use policy_bridge::source::kube::{Elector, LeaseConfig};
+    use std::time::{Duration, Instant};
+    let (api, dir) = start().await;
+    let admin = api.admin_client().await.unwrap_or_else(|e| panic!("{e}"));
+    create_namespace(&admin, NS).await;
+    create_namespace(&admin, APP_NS).await;
+    install_chart(&admin, &[]).await;
+    let lease_name = "rel-meshauth-policy-status";
+    let duration = Duration::from_secs(3);
+    let mut electors = Vec::new();
+    let mut clients = Vec::new();
+    for node in ["node-a", "node-b", "node-c"] {
+        let token = agent_token(&admin, node, true).await;
+        let kc = dir.path().join(format!("{node}.kubeconfig"));
+        api.token_kubeconfig(&kc, &token)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let client = meshauth_lab::kube_real::client_from(&kc)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        clients.push(client.clone());
+        electors.push(Elector::new(
+            client,
+            LeaseConfig {
+                namespace: NS.into(),
+                name: lease_name.into(),
+                holder: node.into(),
+                duration,
+            },
+        ));
+    }
+    let leases: Api<Lease> = Api::namespaced(admin.clone(), NS);
+    let holder = || async {
+        let l = leases
+            .get(lease_name)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let s = l.spec.unwrap_or_default();
+        (s.holder_identity, s.lease_transitions.unwrap_or(0))
+    };
+    let [a, b, c] = &mut electors[..] else {
+        unreachable!()
+    };
+    // All three race for the Lease that does not exist yet.
+    let (ra, rb, rc) = tokio::join!(a.round(), b.round(), c.round());
+    let won: Vec<bool> = [ra, rb, rc]
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|e| panic!("a round: {e}")))
+        .collect();
+    assert_eq!(won.iter().filter(|w| **w).count(), 1, "one winner: {won:?}");
+    let first = ["node-a", "node-b", "node-c"][won.iter().position(|w| *w).unwrap_or(0)];
+    assert_eq!(holder().await, (Some(first.to_owned()), 0));
+    // Rounds go on: the leader renews, the others stay out.
+    for _ in 0..4 {
+        for e in electors.iter_mut() {
+            e.round().await.unwrap_or_else(|e| panic!("{e}"));
+        }
+        let leading: Vec<bool> = electors.iter().map(Elector::leading).collect();
+        assert_eq!(leading.iter().filter(|l| **l).count(), 1, "{leading:?}");
+    }
+    assert_eq!(holder().await, (Some(first.to_owned()), 0));
+
+    // The leader stops renewing (a crashed agent: no release).
+    let li = ["node-a", "node-b", "node-c"]
+        .iter()
+        .position(|n| *n == first)
+        .unwrap_or(0);
+    let mut old = electors.remove(li);
+    let stopped = Instant::now();
+    let took = loop {
+        let mut leaders = 0;
+        for e in electors.iter_mut() {
+            if e.round().await.unwrap_or_else(|e| panic!("{e}")) {
+                leaders += 1;
+            }
+        }
+        assert!(leaders <= 1, "two leaders at once");
+        if leaders == 1 {
+            break stopped.elapsed();
+        }
+        assert!(
+            stopped.elapsed() < duration * 3,
+            "no follower took the abandoned Lease"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    println!("a crashed leader's Lease was taken after {took:?} (duration {duration:?})");
+    assert!(
+        took >= duration,
+        "taken before the lease duration: {took:?}"
+    );
+    assert!(
+        !old.leading(),
+        "the old leader still counted itself leader when another took over"
+    );
+    let (second, transitions) = holder().await;
+    let second = second.unwrap_or_default();
+    assert_ne!(second, first);
+    assert_eq!(transitions, 1);
+    // The old leader comes back: it does not take the Lease back.
+    assert!(!old.round().await.unwrap_or_else(|e| panic!("{e}")));
+
+    // The new leader releases it (shutdown): the other takes it at once.
+    let si = electors
+        .iter()
+        .position(Elector::leading)
+        .unwrap_or_else(|| panic!("no leader"));
+    let mut leaving = electors.remove(si);
+    leaving
+        .release()
+        .await
+        .unwrap_or_else(|e| panic!("release: {e}"));
+    let released = Instant::now();
+    let mut last = electors.remove(0);
+    let mut rounds = 0;
+    while !last.round().await.unwrap_or_else(|e| panic!("{e}")) {
+        rounds += 1;
+        assert!(rounds < 20, "a released Lease was not taken");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!("a released Lease was taken after {:?}", released.elapsed());
+    assert!(released.elapsed() < duration, "{:?}", released.elapsed());
+    let (third, transitions) = holder().await;
+    assert!(third.as_deref() != Some(second.as_str()) && third.as_deref() != Some(first));
+    assert_eq!(transitions, 2);
+
+    // What a token may write for policy status, and what it may not.
+    let refused = |what: &str, r: Result<(), kube::Error>| match r {
+        Err(kube::Error::Api(s)) if s.code == 403 => {
+            println!("refused as it must be: {what}: {}", s.message);
+        }
+        other => panic!("{what}: want 403, got {other:?}"),
+    };
+    let agent = clients[0].clone();
+    refused(
+        "reading a Lease of the control plane",
+        Api::<Lease>::namespaced(agent.clone(), "kube-system")
+            .get("kube-controller-manager")
+            .await
+            .map(drop),
+    );
+    let mut other = leases
+        .get(lease_name)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    other.metadata.name = Some("another-lease".into());
+    other.metadata.resource_version = None;
+    leases
+        .create(&PostParams::default(), &other)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut taken = Api::<Lease>::namespaced(admin.clone(), NS)
+        .get("another-lease")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    taken
+        .spec
+        .get_or_insert_with(Default::default)
+        .holder_identity = Some("node-a".into());
+    refused(
+        "taking another Lease in the release namespace",
+        Api::<Lease>::namespaced(agent.clone(), NS)
+            .replace("another-lease", &PostParams::default(), &taken)
+            .await
+            .map(drop),
+    );
+    let map = ApiResource::from_gvk(&kube::api::GroupVersionKind::gvk(
+        "meshauth.io",
+        "v1alpha1",
+        "MeshAuthPolicy",
+    ));
+    let policy: serde_json::Value =
+        serde_json::from_str(PAYMENT_POLICY).unwrap_or_else(|e| panic!("{e}"));
+    let discovery = Discovery::new(admin.clone())
+        .run()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    apply(&admin, &discovery, &policy, false)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let as_agent: Api<DynamicObject> = Api::namespaced_with(agent.clone(), APP_NS, &map);
+    as_agent
+        .patch_status(
+            "payment-requires-auth",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"status": {"verdict": "accepted"}})),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("the agent may write a policy's status: {e}"));
+    refused(
+        "changing a policy's spec",
+        as_agent
+            .patch(
+                "payment-requires-auth",
+                &PatchParams::default(),
+                &Patch::Merge(serde_json::json!({"spec": {"ingress": []}})),
+            )
+            .await
+            .map(drop),
+    );
+    refused(
+        "deleting a policy",
+        as_agent
+            .delete("payment-requires-auth", &Default::default())
+            .await
+            .map(drop),
+    );
+    let cnp = ApiResource::from_gvk(&kube::api::GroupVersionKind::gvk(
+        "cilium.io",
+        "v2",
+        "CiliumNetworkPolicy",
+    ));
+    refused(
+        "writing a Cilium policy's status",
+        Api::<DynamicObject>::namespaced_with(agent.clone(), APP_NS, &cnp)
+            .patch_status(
+                "any",
+                &PatchParams::default(),
+                &Patch::Merge(serde_json::json!({"status": {}})),
+            )
+            .await
+            .map(drop),
+    );
+}

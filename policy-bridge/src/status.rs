@@ -17,7 +17,18 @@ pub enum StatusError {
 }
 
 /// What meshauth made of a policy.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Serialize,
+    serde::Deserialize,
+    schemars::JsonSchema,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum Verdict {
     /// Everything meshauth is responsible for is enforced (possibly nothing:
@@ -141,7 +152,7 @@ pub fn render_text(statuses: &[PolicyStatus]) -> String {
 
 /// What a policy enforces, in words that do not overstate it: the compiled
 /// rules and what they cover now, or plainly that nothing is enforced.
-fn enforcement(s: &PolicyStatus) -> String {
+pub(crate) fn enforcement(s: &PolicyStatus) -> String {
     let c = &s.coverage;
     let rules = match c.compiled_rules {
         1 => "1 compiled rule requiring authentication".to_string(),

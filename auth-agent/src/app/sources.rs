@@ -62,7 +62,7 @@ pub(super) async fn start(s: &mut Start<'_>) -> Result<Sources, AgentError> {
     );
 
     // Cluster state.
-    let subscription = start_policy_source(config, s.tasks).await?;
+    let subscription = start_policy_source(config, s.tasks, s.token).await?;
     let nodes = NodeTable::open(&config.state_dir.join("nodes.json"), &config.node_name)?;
     Ok(Sources {
         cache,
@@ -129,6 +129,7 @@ fn start_identity_source(
 async fn start_policy_source(
     config: &Config,
     tasks: &mut Tasks,
+    token: &CancellationToken,
 ) -> Result<Subscription, AgentError> {
     match &config.policy_source {
         PolicySource::Directory { path } => {
@@ -144,15 +145,28 @@ async fn start_policy_source(
             let client = kube::Client::try_default()
                 .await
                 .map_err(|e| AgentError::Kube(e.to_string()))?;
-            let (sub, task) = policy_bridge::source::kube::spawn(
-                client,
-                policy_bridge::source::kube::KubeConfig {
-                    identity_quarantine: config.identity_quarantine,
-                    ..Default::default()
-                },
-            )
-            .await;
+            let cfg = policy_bridge::source::kube::KubeConfig {
+                identity_quarantine: config.identity_quarantine,
+                ..Default::default()
+            };
+            let Some((ns, name)) = &config.policy_status_lease else {
+                let (sub, task) = policy_bridge::source::kube::spawn(client, cfg).await;
+                tasks.adopt("policy_source", Stop::Abort, task);
+                return Ok(sub);
+            };
+            let mut status =
+                policy_bridge::source::kube::StatusConfig::new(ns, name, &config.node_name);
+            status.lease.duration = config.policy_status_lease_duration;
+            let (sub, task, writer) =
+                policy_bridge::source::kube::spawn_with_status(client, cfg, status).await;
             tasks.adopt("policy_source", Stop::Abort, task);
+            // At shutdown the Lease is released, so another agent writes
+            // status at once (a rolling update hands over without a gap).
+            let token = token.clone();
+            tasks.spawn("policy_status", Stop::Token, async move {
+                token.cancelled().await;
+                writer.shutdown(std::time::Duration::from_secs(2)).await;
+            });
             Ok(sub)
         }
     }

@@ -124,6 +124,18 @@ pub const WIREGUARD_REFRESH: Key = Key::new(
 pub const UNKNOWN_PODS: Key = Key::new("unknown-pods", "MESHAUTH_UNKNOWN_PODS", "unknownPods");
 /// [`super::Config::source_check`].
 pub const SOURCE_CHECK: Key = Key::new("source-check", "MESHAUTH_SOURCE_CHECK", "sourceCheck");
+/// `NAMESPACE/NAME` or `off`: [`super::Config::policy_status_lease`].
+pub const POLICY_STATUS_LEASE: Key = Key::new(
+    "policy-status-lease",
+    "MESHAUTH_POLICY_STATUS_LEASE",
+    "policyStatusLease",
+);
+/// [`super::Config::policy_status_lease_duration`].
+pub const POLICY_STATUS_LEASE_DURATION: Key = Key::new(
+    "policy-status-lease-duration",
+    "MESHAUTH_POLICY_STATUS_LEASE_DURATION",
+    "policyStatusLeaseDuration",
+);
 /// `plain` or `json`.
 pub const LOG_FORMAT: Key = Key::new("log-format", "MESHAUTH_LOG_FORMAT", "logFormat");
 
@@ -160,5 +172,7 @@ pub const ALL: &[Key] = &[
     WIREGUARD_REFRESH,
     UNKNOWN_PODS,
     SOURCE_CHECK,
+    POLICY_STATUS_LEASE,
+    POLICY_STATUS_LEASE_DURATION,
     LOG_FORMAT,
 ];

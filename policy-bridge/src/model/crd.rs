@@ -19,6 +19,11 @@ use super::policy::PolicySpec;
     plural = "meshauthpolicies",
     shortname = "map",
     namespaced,
+    status = "PolicyStatusBody",
+    printcolumn = r#"{"name":"Verdict","type":"string","jsonPath":".status.verdict"}"#,
+    printcolumn = r#"{"name":"Rules","type":"integer","jsonPath":".status.coverage.compiledRules"}"#,
+    printcolumn = r#"{"name":"Pairs","type":"integer","jsonPath":".status.coverage.pairs"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
     doc = "Which flows between workloads must be mutually authenticated (namespaced; Cilium's policy shape)."
 )]
 #[serde(transparent)]
@@ -32,6 +37,11 @@ pub struct MeshAuthPolicySpec(pub PolicySpec);
     kind = "ClusterMeshAuthPolicy",
     plural = "clustermeshauthpolicies",
     shortname = "cmap",
+    status = "PolicyStatusBody",
+    printcolumn = r#"{"name":"Verdict","type":"string","jsonPath":".status.verdict"}"#,
+    printcolumn = r#"{"name":"Rules","type":"integer","jsonPath":".status.coverage.compiledRules"}"#,
+    printcolumn = r#"{"name":"Pairs","type":"integer","jsonPath":".status.coverage.pairs"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
     doc = "Which flows between workloads must be mutually authenticated (cluster-wide; Cilium's policy shape)."
 )]
 #[serde(transparent)]
@@ -149,4 +159,82 @@ impl std::fmt::Display for PolicyKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
     }
+}
+
+/// `.status` of [`MeshAuthPolicy`] and [`ClusterMeshAuthPolicy`], written
+/// through the status subresource by the one agent holding the policy status
+/// Lease: what `meshauth policy status` reports, for `kubectl get` and
+/// `kubectl describe`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyStatusBody {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// accepted, partially-enforced or rejected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verdict: Option<crate::status::Verdict>,
+    /// Rule entries with `authentication.mode: required` that compiled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub required_rules: Option<u64>,
+    /// What those rules cover in the cluster now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub coverage: Option<StatusCoverage>,
+    /// Errors (rejected rules, invalid fields), each with its field path.
+    #[serde(default)]
+    pub errors: Vec<StatusProblem>,
+    /// Accepted parts meshauth does not enforce.
+    #[serde(default)]
+    pub notes: Vec<StatusProblem>,
+    /// The node whose agent wrote this status (the Lease holder).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reported_by: Option<String>,
+    /// `Enforced`: True when everything meshauth is responsible for in the
+    /// policy is enforced.
+    #[serde(default)]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<StatusCondition>,
+}
+
+/// [`crate::status::Coverage`] in the object's status.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StatusCoverage {
+    /// Compiled rules requiring authentication.
+    pub compiled_rules: u64,
+    /// Running pods with an address on either end of a covered pair.
+    pub pods: u64,
+    /// Identity pairs the rules require authentication for.
+    pub pairs: u64,
+    /// Auth rules in the datapath (pairs × ports).
+    pub datapath_rules: u64,
+}
+
+/// One error or note, with its field path.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct StatusProblem {
+    /// Field path (`spec.ingress[0]`).
+    pub path: String,
+    /// What and why.
+    pub message: String,
+}
+
+/// A condition in the shape of `metav1.Condition`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StatusCondition {
+    /// The condition's type (`Enforced`).
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// "True", "False" or "Unknown".
+    pub status: String,
+    /// CamelCase reason: Accepted, PartiallyEnforced or Rejected.
+    pub reason: String,
+    /// In words.
+    pub message: String,
+    /// The generation the condition was set for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// When the status last changed (RFC 3339).
+    pub last_transition_time: String,
 }

@@ -29,6 +29,15 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::pin::Pin;
 use std::time::{Duration, Instant, SystemTime};
 
+mod lease;
+mod status;
+
+pub use lease::{Elector, LeaseConfig};
+use status::{PolicyRef, Refs};
+pub use status::{StatusConfig, StatusWriter};
+
+use std::sync::Arc;
+
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use kube::Client;
@@ -124,14 +133,19 @@ struct IdObject {
 #[derive(Debug)]
 enum Item {
     Object(Result<Object, (ObjectKey, crate::model::ModelError)>),
+    /// A policy, with what the status writer needs of its object.
+    Policy(
+        Result<Object, (ObjectKey, crate::model::ModelError)>,
+        PolicyRef,
+    ),
     Identity(Option<IdObject>, String),
 }
 
 impl Item {
     fn key(&self) -> Option<ObjectKey> {
         match self {
-            Self::Object(Ok(o)) => Some(o.key()),
-            Self::Object(Err((k, _))) => Some(k.clone()),
+            Self::Object(Ok(o)) | Self::Policy(Ok(o), _) => Some(o.key()),
+            Self::Object(Err((k, _))) | Self::Policy(Err((k, _)), _) => Some(k.clone()),
             Self::Identity(..) => None,
         }
     }
@@ -181,7 +195,17 @@ fn policy_item(kind: PolicyKind, o: DynamicObject) -> Item {
         namespace: o.metadata.namespace.clone(),
         name: o.metadata.name.clone().unwrap_or_default(),
     });
-    Item::Object(parse_value(v, "kubernetes").map_err(|e| (key, e)))
+    let r = PolicyRef {
+        uid: o.metadata.uid.clone().unwrap_or_default(),
+        generation: o.metadata.generation,
+        status: match kind {
+            PolicyKind::MeshAuthPolicy | PolicyKind::ClusterMeshAuthPolicy => {
+                v.get("status").cloned()
+            }
+            _ => None,
+        },
+    };
+    Item::Policy(parse_value(v, "kubernetes").map_err(|e| (key, e)), r)
 }
 
 fn identity_item(o: MeshIdentity) -> Item {
@@ -224,6 +248,31 @@ async fn installed(client: &Client, kind: PolicyKind) -> bool {
 /// Starts the Kubernetes source. The returned subscription reports
 /// `synced` once every watched kind has been listed once.
 pub async fn spawn(client: Client, cfg: KubeConfig) -> (Subscription, JoinHandle<()>) {
+    let (sub, task, _) = start(client, cfg).await;
+    (sub, task)
+}
+
+/// [`spawn`], and the policy status writer beside it: it competes for the
+/// Lease and, while it holds it, writes every policy's status
+/// ([`status`]).
+pub async fn spawn_with_status(
+    client: Client,
+    cfg: KubeConfig,
+    status: StatusConfig,
+) -> (Subscription, JoinHandle<()>, StatusWriter) {
+    let (sub, task, refs) = start(client.clone(), cfg).await;
+    let writer = status::spawn(client, status, sub.clone(), refs);
+    (sub, task, writer)
+}
+
+async fn start(
+    client: Client,
+    cfg: KubeConfig,
+) -> (
+    Subscription,
+    JoinHandle<()>,
+    tokio::sync::watch::Receiver<Arc<Refs>>,
+) {
     let mut feeds: Vec<Feeds> = vec![
         feed(Api::<Pod>::all(client.clone()), Feed::Pods, |p| {
             Item::Object(Ok(Object::Pod(Box::new(p))))
@@ -265,8 +314,11 @@ pub async fn spawn(client: Client, cfg: KubeConfig) -> (Subscription, JoinHandle
         identity_objects: BTreeMap::new(),
         freed: BTreeMap::new(),
         errors: Vec::new(),
+        policy_refs: Refs::new(),
+        refs_dirty: false,
         cfg,
     };
+    let (refs_tx, refs_rx) = tokio::sync::watch::channel(Arc::new(Refs::new()));
     let task = tokio::spawn(async move {
         let mut all = futures::stream::select_all(feeds);
         let mut tick = tokio::time::interval(driver.cfg.housekeeping);
@@ -282,13 +334,16 @@ pub async fn spawn(client: Client, cfg: KubeConfig) -> (Subscription, JoinHandle
             driver.allocate_pending().await;
             let synced = driver.expected.iter().all(|f| driver.synced.contains(f));
             let diff = driver.engine.commit();
+            if std::mem::take(&mut driver.refs_dirty) {
+                refs_tx.send_replace(Arc::new(driver.policy_refs.clone()));
+            }
             publisher.publish(&driver.engine, diff, driver.errors.clone(), synced);
             if publisher.is_closed() {
                 return;
             }
         }
     });
-    (sub, task)
+    (sub, task, refs_rx)
 }
 
 struct Driver {
@@ -303,6 +358,9 @@ struct Driver {
     /// Freed (quarantined) objects with the resource version seen.
     freed: BTreeMap<u32, Option<String>>,
     errors: Vec<String>,
+    /// Every policy object's uid, generation and stored status.
+    policy_refs: Refs,
+    refs_dirty: bool,
 }
 
 impl Driver {
@@ -369,6 +427,20 @@ impl Driver {
     }
 
     fn apply(&mut self, which: Feed, item: Item) {
+        let item = match item {
+            Item::Policy(o, r) => {
+                let key = match &o {
+                    Ok(o) => o.key(),
+                    Err((k, _)) => k.clone(),
+                };
+                if self.policy_refs.get(&key) != Some(&r) {
+                    self.policy_refs.insert(key, r);
+                    self.refs_dirty = true;
+                }
+                Item::Object(o)
+            }
+            other => other,
+        };
         let result = match item {
             Item::Identity(Some(o), _) => {
                 self.identity_objects.insert(o.id, o.labels.clone());
@@ -412,6 +484,7 @@ impl Driver {
                 tracing::warn!(object = %k, error = %e, "invalid object");
                 self.engine.apply(Change::Invalid(k, e))
             }
+            Item::Policy(..) => Ok(()),
         };
         if let Err(e) = result {
             tracing::warn!(error = %e, "applying a change failed");
@@ -421,6 +494,9 @@ impl Driver {
     fn delete(&mut self, which: Feed, key: ObjectKey) {
         if let Some(set) = self.known.get_mut(&which) {
             set.remove(&key);
+        }
+        if self.policy_refs.remove(&key).is_some() {
+            self.refs_dirty = true;
         }
         if let Err(e) = self.engine.apply(Change::Delete(key)) {
             tracing::warn!(error = %e, "applying a deletion failed");
