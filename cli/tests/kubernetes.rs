@@ -446,6 +446,7 @@ impl Cluster {
         let admin = api.admin_client().await.unwrap_or_else(|e| panic!("{e}"));
         create_namespace(&admin, NS).await;
         create_namespace(&admin, APP_NS).await;
+        install_cilium_crds(&admin).await;
         install_chart(&admin, &["agent.wireguard.enabled=false"]).await;
         meshauth_lab::Lab::cleanup_stale(prefix);
         let mut lab = meshauth_lab::Lab::with_options(
@@ -655,6 +656,12 @@ impl Cluster {
         lines[lines.len().saturating_sub(25)..].join("\n")
     }
 
+    /// `node`'s whole agent log.
+    fn log_all(&self, node: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join("agents").join(node).join("agent.log"))
+            .unwrap_or_default()
+    }
+
     fn logs(&self) -> String {
         self.agents
             .keys()
@@ -757,6 +764,123 @@ impl Cluster {
         }
     }
 
+    /// SIGTERM to `node`'s agent (as kubelet stops a pod), waited for.
+    fn stop_agent(&mut self, node: &str) {
+        let mut child = self
+            .agents
+            .remove(node)
+            .unwrap_or_else(|| panic!("no agent on {node}"));
+        let pid = rustix::process::Pid::from_raw(child.id() as i32)
+            .unwrap_or_else(|| panic!("agent pid"));
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM)
+            .unwrap_or_else(|e| panic!("SIGTERM: {e}"));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(40);
+        loop {
+            if let Some(st) = child.try_wait().unwrap_or_else(|e| panic!("{e}")) {
+                println!("agent {node} stopped: {st}");
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "agent {node} did not stop within 40 s of SIGTERM"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
+    /// The policy status Lease's holder, once `pred` holds for it.
+    async fn wait_lease_holder(&self, pred: impl Fn(Option<&str>) -> bool) -> String {
+        use k8s_openapi::api::coordination::v1::Lease;
+        let leases: Api<Lease> = Api::namespaced(self.admin.clone(), NS);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(40);
+        loop {
+            let holder = leases
+                .get_opt("rel-meshauth-policy-status")
+                .await
+                .unwrap_or_else(|e| panic!("{e}"))
+                .and_then(|l| l.spec)
+                .and_then(|s| s.holder_identity)
+                .filter(|h| !h.is_empty());
+            if pred(holder.as_deref())
+                && let Some(h) = holder.clone()
+            {
+                return h;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the policy status Lease: holder {holder:?}{}",
+                self.logs()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until the policy `kind`/`name` (in production when namespaced)
+    /// satisfies `pred`; the object.
+    async fn wait_policy(
+        &self,
+        kind: &str,
+        name: &str,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let (group, version) = if kind.starts_with("Cilium") {
+            ("cilium.io", "v2")
+        } else {
+            ("meshauth.io", "v1alpha1")
+        };
+        let ar = ApiResource::from_gvk(&kube::api::GroupVersionKind::gvk(group, version, kind));
+        let api: Api<DynamicObject> = if kind.contains("Cluster") {
+            Api::all_with(self.admin.clone(), &ar)
+        } else {
+            Api::namespaced_with(self.admin.clone(), APP_NS, &ar)
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(40);
+        loop {
+            let o = api.get(name).await.unwrap_or_else(|e| panic!("{e}"));
+            let v = serde_json::to_value(&o).unwrap_or_default();
+            if pred(&v) {
+                return v;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{kind} {name}: never as expected; last {v:#}{}",
+                self.logs()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits for Events in `ns` about `name` (by meshauth) satisfying `pred`.
+    async fn wait_events(
+        &self,
+        ns: &str,
+        name: &str,
+        pred: impl Fn(&[k8s_openapi::api::core::v1::Event]) -> bool,
+    ) -> Vec<k8s_openapi::api::core::v1::Event> {
+        use k8s_openapi::api::core::v1::Event;
+        let events: Api<Event> = Api::namespaced(self.admin.clone(), ns);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(40);
+        loop {
+            let got: Vec<Event> = events
+                .list(
+                    &kube::api::ListParams::default()
+                        .fields(&format!("involvedObject.name={name}")),
+                )
+                .await
+                .unwrap_or_else(|e| panic!("{e}"))
+                .items;
+            if pred(&got) {
+                return got;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "events about {name}: {got:#?}{}",
+                self.logs()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+
     async fn drops(&self, node: &str) -> u64 {
         let s: auth_agent::api::types::AgentStatus = self
             .agent_api(node)
@@ -782,6 +906,33 @@ impl Drop for Cluster {
             let _ = std::fs::remove_dir_all(&pins);
         }
     }
+}
+
+/// Successful writes by the agents' ServiceAccount in `audit` whose
+/// objectRef satisfies `pred`, counted by the node in the token.
+fn agent_writers(
+    audit: &[serde_json::Value],
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> std::collections::BTreeMap<String, usize> {
+    let mut by_node = std::collections::BTreeMap::new();
+    for e in audit {
+        let ok = e["responseStatus"]["code"]
+            .as_u64()
+            .is_some_and(|c| (200..300).contains(&c));
+        if e["stage"] == "ResponseComplete"
+            && ok
+            && e["user"]["username"] == format!("system:serviceaccount:{NS}:rel-meshauth-agent")
+            && ["create", "update", "patch"].contains(&e["verb"].as_str().unwrap_or_default())
+            && pred(&e["objectRef"])
+        {
+            let node = e["user"]["extra"]["authentication.kubernetes.io/node-name"][0]
+                .as_str()
+                .unwrap_or("(no node in the token)")
+                .to_owned();
+            *by_node.entry(node).or_insert(0) += 1;
+        }
+    }
+    by_node
 }
 
 /// A token of the chart's agent ServiceAccount bound to an agent Pod object
@@ -820,6 +971,25 @@ async fn agent_token(admin: &kube::Client, node: &str, host_network: bool) -> St
         .status
         .unwrap_or_else(|| panic!("no token"))
         .token
+}
+
+/// Stand-ins for Cilium's two policy CRDs (tests/fixtures/cilium-crds.yaml).
+async fn install_cilium_crds(admin: &kube::Client) {
+    let text = include_str!("fixtures/cilium-crds.yaml");
+    let crds: Vec<serde_json::Value> = text
+        .split("\n---")
+        .map(|d| serde_norway::from_str(d).unwrap_or_else(|e| panic!("{e}")))
+        .collect();
+    let discovery = Discovery::new(admin.clone())
+        .run()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    for crd in &crds {
+        apply(admin, &discovery, crd, false)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    wait_established(admin, &crds).await;
 }
 
 /// The chart installed for real (CRDs, then everything else).
@@ -864,6 +1034,36 @@ const PAYMENT_POLICY: &str = r#"{
       "authentication": {"mode": "required"},
       "toPorts": [{"ports": [{"port": "8080", "protocol": "TCP"}]}]
     }]
+  }
+}"#;
+
+const LEDGER_CNP: &str = r#"{
+  "apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
+  "metadata": {"name": "ledger-requires-auth", "namespace": "production"},
+  "spec": {
+    "endpointSelector": {"matchLabels": {"app": "ledger"}},
+    "ingress": [{
+      "fromEndpoints": [{"matchLabels": {"app": "order-service"}}],
+      "authentication": {"mode": "required"}
+    }]
+  }
+}"#;
+
+const WORLD_CNP: &str = r#"{
+  "apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
+  "metadata": {"name": "world-with-auth", "namespace": "production"},
+  "spec": {
+    "endpointSelector": {"matchLabels": {"app": "public-api"}},
+    "ingress": [{"fromEntities": ["world"], "authentication": {"mode": "required"}}]
+  }
+}"#;
+
+const WORLD_MAP: &str = r#"{
+  "apiVersion": "meshauth.io/v1alpha1", "kind": "MeshAuthPolicy",
+  "metadata": {"name": "world-with-auth", "namespace": "production"},
+  "spec": {
+    "endpointSelector": {"matchLabels": {"app": "public-api"}},
+    "ingress": [{"fromEntities": ["world"], "authentication": {"mode": "required"}}]
   }
 }"#;
 
@@ -969,6 +1169,173 @@ async fn agents_in_kubernetes_mode_against_a_real_api_server() {
         "refund's SYN counted as dropped"
     );
 
+    // Policy status, written by exactly one agent: the Lease holder.
+    for doc in [LEDGER_CNP, WORLD_CNP, WORLD_MAP] {
+        let v: serde_json::Value = serde_json::from_str(doc).unwrap_or_else(|e| panic!("{e}"));
+        apply(&c.admin, &discovery, &v, false)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let holder = c.wait_lease_holder(|h| h.is_some()).await;
+    println!("policy status Lease held by {holder}");
+    let status_managers = |v: &serde_json::Value| -> Vec<String> {
+        v["metadata"]["managedFields"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|m| m["subresource"] == "status")
+            .filter_map(|m| m["manager"].as_str().map(str::to_owned))
+            .collect()
+    };
+    let payment_policy = c
+        .wait_policy("MeshAuthPolicy", "payment-requires-auth", |v| {
+            v["status"]["verdict"] == "accepted"
+                && v["status"]["coverage"]["pairs"].as_u64() >= Some(2)
+        })
+        .await;
+    let st = &payment_policy["status"];
+    assert_eq!(st["reportedBy"], holder.as_str(), "{st:#}");
+    assert_eq!(
+        st["observedGeneration"],
+        payment_policy["metadata"]["generation"]
+    );
+    assert_eq!(st["conditions"][0]["type"], "Enforced");
+    assert_eq!(st["conditions"][0]["status"], "True");
+    assert_eq!(st["conditions"][0]["reason"], "Accepted");
+    assert!(
+        st["conditions"][0]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("enforced for") && m.contains("identity pair")),
+        "{st:#}"
+    );
+    assert_eq!(
+        status_managers(&payment_policy),
+        ["meshauth-agent"],
+        "the status has one manager"
+    );
+    let rejected = c
+        .wait_policy("MeshAuthPolicy", "world-with-auth", |v| {
+            v["status"]["verdict"] == "rejected"
+        })
+        .await;
+    let st = &rejected["status"];
+    assert_eq!(st["conditions"][0]["status"], "False", "{st:#}");
+    assert_eq!(st["conditions"][0]["reason"], "Rejected");
+    assert!(
+        st["errors"][0]["path"]
+            .as_str()
+            .is_some_and(|p| p.contains("ingress[0]")),
+        "the error names the rule: {st:#}"
+    );
+    // `kubectl get map` shows the verdict (the API server's Table, as
+    // kubectl asks for it).
+    let req =
+        http::Request::get("/apis/meshauth.io/v1alpha1/namespaces/production/meshauthpolicies")
+            .header("Accept", "application/json;as=Table;v=v1;g=meta.k8s.io")
+            .body(Vec::new())
+            .unwrap_or_else(|e| panic!("{e}"));
+    let table: serde_json::Value = c.admin.request(req).await.unwrap_or_else(|e| panic!("{e}"));
+    let columns: Vec<&str> = table["columnDefinitions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c["name"].as_str())
+        .collect();
+    assert_eq!(
+        columns,
+        ["Name", "Verdict", "Rules", "Pairs", "Age"],
+        "{table:#}"
+    );
+    let rows: Vec<(String, String)> = table["rows"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| (r["cells"][0].to_string(), r["cells"][1].to_string()))
+        .collect();
+    println!("kubectl get meshauthpolicies: {rows:?}");
+    assert!(rows.contains(&("\"payment-requires-auth\"".into(), "\"accepted\"".into())));
+    assert!(rows.contains(&("\"world-with-auth\"".into(), "\"rejected\"".into())));
+    // Cilium's policies: never written; an Event each instead (what
+    // `kubectl describe cnp` lists), by the holder.
+    let cnp_uid = |name: &'static str| {
+        let c = &c;
+        async move {
+            c.wait_policy("CiliumNetworkPolicy", name, |_| true).await["metadata"]["uid"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned()
+        }
+    };
+    let world_uid = cnp_uid("world-with-auth").await;
+    let ledger_uid = cnp_uid("ledger-requires-auth").await;
+    let ev = c
+        .wait_events(APP_NS, "world-with-auth", |evs| {
+            evs.iter().any(|e| {
+                e.involved_object.kind.as_deref() == Some("CiliumNetworkPolicy")
+                    && e.reason.as_deref() == Some("Rejected")
+            })
+        })
+        .await;
+    let ev = ev
+        .iter()
+        .find(|e| e.involved_object.kind.as_deref() == Some("CiliumNetworkPolicy"))
+        .unwrap_or_else(|| panic!("no event"));
+    assert_eq!(ev.involved_object.uid.as_deref(), Some(world_uid.as_str()));
+    assert_eq!(ev.type_.as_deref(), Some("Warning"));
+    assert!(
+        ev.message
+            .as_deref()
+            .is_some_and(|m| m.contains("rejected") && m.contains("ingress[0]")),
+        "{ev:?}"
+    );
+    let ev = c
+        .wait_events(APP_NS, "ledger-requires-auth", |evs| !evs.is_empty())
+        .await;
+    assert_eq!(
+        ev[0].involved_object.uid.as_deref(),
+        Some(ledger_uid.as_str())
+    );
+    assert_eq!(ev[0].reason.as_deref(), Some("Accepted"));
+    assert_eq!(ev[0].type_.as_deref(), Some("Normal"));
+    assert!(
+        ev[0]
+            .message
+            .as_deref()
+            .is_some_and(|m| m.contains("selects no pod")),
+        "{ev:?}"
+    );
+    let cilium_policy = c
+        .wait_policy("CiliumNetworkPolicy", "world-with-auth", |_| true)
+        .await;
+    assert!(
+        cilium_policy.get("status").is_none() && status_managers(&cilium_policy).is_empty(),
+        "meshauth wrote into a Cilium policy: {cilium_policy:#}"
+    );
+    let all_events: Vec<k8s_openapi::api::core::v1::Event> =
+        Api::namespaced(c.admin.clone(), APP_NS)
+            .list(&Default::default())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .items;
+    let hosts: std::collections::BTreeSet<Option<String>> = all_events
+        .iter()
+        .filter(|e| e.reporting_component.as_deref() == Some("meshauth.io/agent"))
+        .map(|e| e.source.as_ref().and_then(|s| s.host.clone()))
+        .collect();
+    assert_eq!(hosts, [Some(holder.clone())].into(), "events by one agent");
+    // The API server's audit log: every status and Event write by an agent
+    // token came from the holder's node.
+    let audit = c.api.audit();
+    let status_writers = agent_writers(&audit, |r| r["subresource"] == "status");
+    let event_writers = agent_writers(&audit, |r| r["resource"] == "events");
+    println!("status writes by node: {status_writers:?}; event writes: {event_writers:?}");
+    assert_eq!(
+        status_writers.keys().collect::<Vec<_>>(),
+        [&holder],
+        "policy status written by exactly one agent"
+    );
+    assert_eq!(event_writers.keys().collect::<Vec<_>>(), [&holder]);
+
     // The API server killed and started again on the same etcd: the
     // agents relist, keep their entries, and follow changes made after.
     c.api.kill_apiserver();
@@ -1008,6 +1375,49 @@ async fn agents_in_kubernetes_mode_against_a_real_api_server() {
         ids_after.len(),
         ids.len(),
         "no identity allocated twice across the restart: {ids_after:?}"
+    );
+
+    // Exactly one agent ever led until now.
+    let leaders: Vec<&str> = nodes
+        .iter()
+        .copied()
+        .filter(|n| {
+            c.log_all(n)
+                .contains("leading: this agent writes policy status")
+        })
+        .collect();
+    assert_eq!(leaders, [holder.as_str()], "{}", c.logs());
+    // The leader stops (SIGTERM, as a rolling update does): it releases
+    // the Lease, another agent takes it and writes the status from then on.
+    c.stop_agent(&holder);
+    let audited_before = c.api.audit().len();
+    let next = c
+        .wait_lease_holder(|h| h.is_some_and(|h| h != holder))
+        .await;
+    println!("policy status Lease handed from {holder} to {next}");
+    apply(
+        &c.admin,
+        &discovery,
+        &serde_json::from_str(&PAYMENT_POLICY.replace("\"8080\"", "\"8081\""))
+            .unwrap_or_else(|e| panic!("{e}")),
+        false,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let updated = c
+        .wait_policy("MeshAuthPolicy", "payment-requires-auth", |v| {
+            v["status"]["observedGeneration"] == v["metadata"]["generation"]
+                && v["metadata"]["generation"].as_i64()
+                    > payment_policy["metadata"]["generation"].as_i64()
+        })
+        .await;
+    assert_eq!(updated["status"]["reportedBy"], next.as_str());
+    let audit = c.api.audit();
+    let after = agent_writers(&audit[audited_before..], |r| r["subresource"] == "status");
+    assert_eq!(
+        after.keys().collect::<Vec<_>>(),
+        [&next],
+        "one writer of the status after the hand-over"
     );
 }
 

@@ -26,6 +26,26 @@ pub type KubeError = SpireError;
 /// How long etcd and the API server get to come up.
 const START_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// Audit policy: writes to Leases, Events and the policy kinds (and their
+/// status), at Metadata level (who, what, answer); nothing else.
+const AUDIT_POLICY: &str = r#"apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [RequestReceived]
+rules:
+  - level: Metadata
+    verbs: [create, update, patch, delete]
+    resources:
+      - group: coordination.k8s.io
+        resources: [leases]
+      - group: ""
+        resources: [events]
+      - group: meshauth.io
+        resources: [meshauthpolicies, meshauthpolicies/status, clustermeshauthpolicies, clustermeshauthpolicies/status]
+      - group: cilium.io
+        resources: [ciliumnetworkpolicies, ciliumnetworkpolicies/status, ciliumclusterwidenetworkpolicies, ciliumclusterwidenetworkpolicies/status]
+  - level: None
+"#;
+
 /// The directory holding `kube-apiserver`, `etcd`, `helm` and `promtool`:
 /// `MESHAUTH_K8S_TOOLS_BIN`, else the stable path scripts/build-k8s-tools
 /// maintains (`${MESHAUTH_TOOLS_CACHE:-/var/cache/meshauth-tools}/k8s-tools-current/bin`).
@@ -140,6 +160,7 @@ impl KubeApiServer {
         ] {
             write_private(&dir.join(name), &text)?;
         }
+        write_private(&dir.join("audit-policy.yaml"), AUDIT_POLICY)?;
         let (client, peer, port) = (free_port()?, free_port()?, free_port()?);
         let etcd_url = format!("http://127.0.0.1:{client}");
         let peer_url = format!("http://127.0.0.1:{peer}");
@@ -203,7 +224,12 @@ impl KubeApiServer {
                 // No Service endpoints for a loopback address (there are
                 // no other masters to reconcile with).
                 .arg("--endpoint-reconciler-type=none")
-                .arg("--allow-privileged=true"),
+                .arg("--allow-privileged=true")
+                // Who wrote what (tests count the writers of status,
+                // Events and Leases).
+                .args(["--audit-policy-file", &p("audit-policy.yaml")])
+                .args(["--audit-log-path", &p("audit.log")])
+                .arg("--audit-log-format=json"),
             &dir.join("kube-apiserver.log"),
         )
     }
@@ -293,6 +319,16 @@ impl KubeApiServer {
         self.apiserver = Self::spawn_apiserver(&self.bin, &self.dir, &self.etcd_url, self.port)?;
         self.started_in = self.wait_ready().await?;
         Ok(self.started_in)
+    }
+
+    /// The audit log so far: one JSON object (audit.k8s.io/v1 Event, level
+    /// Metadata) per write to a Lease, an Event, a policy or its status.
+    pub fn audit(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.dir.join("audit.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
     }
 
     /// The API server's log so far.

@@ -29,6 +29,7 @@ pub struct AgentCollector {
     pub(crate) source: watch::Receiver<SourceStatus>,
     pub(crate) nodes: NodeTable,
     pub(crate) ready: Arc<Readiness>,
+    pub(crate) status_leader: Option<watch::Receiver<bool>>,
 }
 
 fn secs(t: SystemTime) -> f64 {
@@ -206,6 +207,15 @@ impl Collector for AgentCollector {
             None,
             g.metric_type(),
         )?)?;
+        if let Some(l) = &self.status_leader {
+            let g = ConstGauge::new(i64::from(*l.borrow()));
+            g.encode(enc.encode_descriptor(
+                "policy_status_leader",
+                "1 while this agent holds the policy status Lease and writes policy status",
+                None,
+                g.metric_type(),
+            )?)?;
+        }
         Ok(())
     }
 }

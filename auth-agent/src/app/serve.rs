@@ -33,6 +33,7 @@ pub(super) async fn start(
         source: sources.status.clone(),
         nodes: sources.nodes.clone(),
         ready: s.ready.clone(),
+        status_leader: sources.status_leader.clone(),
     }));
     let registry = Arc::new(Mutex::new(registry));
     let listener = tokio::net::TcpListener::bind(config.metrics_listen)

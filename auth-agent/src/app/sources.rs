@@ -32,6 +32,9 @@ pub(super) struct Sources {
     pub(super) nodes: NodeTable,
     /// The per-pod source's pods (`delegated-pods` only).
     pub(super) pod_svids: Option<PodSvids>,
+    /// True while this agent holds the policy status Lease (Kubernetes
+    /// with `policy-status-lease` set).
+    pub(super) status_leader: Option<watch::Receiver<bool>>,
 }
 
 /// Starts the SVID source (with the cache's expiry task and the watch that
@@ -62,13 +65,14 @@ pub(super) async fn start(s: &mut Start<'_>) -> Result<Sources, AgentError> {
     );
 
     // Cluster state.
-    let subscription = start_policy_source(config, s.tasks, s.token).await?;
+    let (subscription, status_leader) = start_policy_source(config, s.tasks, s.token).await?;
     let nodes = NodeTable::open(&config.state_dir.join("nodes.json"), &config.node_name)?;
     Ok(Sources {
         cache,
         status,
         subscription,
         nodes,
+        status_leader,
         pod_svids,
     })
 }
@@ -130,7 +134,7 @@ async fn start_policy_source(
     config: &Config,
     tasks: &mut Tasks,
     token: &CancellationToken,
-) -> Result<Subscription, AgentError> {
+) -> Result<(Subscription, Option<watch::Receiver<bool>>), AgentError> {
     match &config.policy_source {
         PolicySource::Directory { path } => {
             let mut cfg = policy_bridge::source::files::FilesConfig::new(path.clone());
@@ -139,7 +143,7 @@ async fn start_policy_source(
             cfg.identity_quarantine = config.identity_quarantine;
             let (sub, task) = policy_bridge::source::files::spawn(cfg)?;
             tasks.adopt("policy_source", Stop::Abort, task);
-            Ok(sub)
+            Ok((sub, None))
         }
         PolicySource::Kubernetes => {
             let client = kube::Client::try_default()
@@ -152,7 +156,7 @@ async fn start_policy_source(
             let Some((ns, name)) = &config.policy_status_lease else {
                 let (sub, task) = policy_bridge::source::kube::spawn(client, cfg).await;
                 tasks.adopt("policy_source", Stop::Abort, task);
-                return Ok(sub);
+                return Ok((sub, None));
             };
             let mut status =
                 policy_bridge::source::kube::StatusConfig::new(ns, name, &config.node_name);
@@ -160,6 +164,7 @@ async fn start_policy_source(
             let (sub, task, writer) =
                 policy_bridge::source::kube::spawn_with_status(client, cfg, status).await;
             tasks.adopt("policy_source", Stop::Abort, task);
+            let leading = writer.leading();
             // At shutdown the Lease is released, so another agent writes
             // status at once (a rolling update hands over without a gap).
             let token = token.clone();
@@ -167,7 +172,7 @@ async fn start_policy_source(
                 token.cancelled().await;
                 writer.shutdown(std::time::Duration::from_secs(2)).await;
             });
-            Ok(sub)
+            Ok((sub, Some(leading)))
         }
     }
 }

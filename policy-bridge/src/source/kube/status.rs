@@ -2,8 +2,8 @@
 //! holder of a Lease ([`super::lease`]).
 //!
 //! - meshauth's own kinds get `.status` through the status subresource
-//!   (server-side apply, field manager `meshauth-agent/<node>`, so
-//!   `managedFields` names the agent that wrote it): the verdict, what the
+//!   (server-side apply, field manager `meshauth-agent`; `reportedBy`
+//!   names the node whose agent wrote it): the verdict, what the
 //!   rules cover, errors and notes, and an `Enforced` condition. A status
 //!   already equal to the one computed is not written again, so a new
 //!   leader writes only what changed (and `reportedBy`).
@@ -110,7 +110,7 @@ pub(crate) fn spawn(
     let task = tokio::spawn(async move {
         let mut w = Writer {
             elector: Elector::new(client.clone(), cfg.lease.clone()),
-            field_manager: format!("meshauth-agent/{}", cfg.lease.holder),
+            field_manager: "meshauth-agent".to_owned(),
             client,
             cfg,
             written: HashMap::new(),
@@ -448,5 +448,103 @@ impl Writer {
                 tracing::warn!(policy = %s.name, kind = %kind, error = %e, "writing policy event")
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::compile::Problem;
+    use crate::status::Coverage;
+
+    fn status(verdict: Verdict, errors: usize) -> PolicyStatus {
+        PolicyStatus {
+            kind: "MeshAuthPolicy".into(),
+            namespace: Some("production".into()),
+            name: "p".into(),
+            verdict,
+            required_rules: 1,
+            coverage: Coverage {
+                compiled_rules: 1,
+                pods: 2,
+                pairs: 1,
+                datapath_rules: 1,
+            },
+            errors: (0..errors)
+                .map(|i| Problem {
+                    path: format!("spec.ingress[{i}]"),
+                    message: "x".repeat(100),
+                })
+                .collect(),
+            notes: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn the_condition_keeps_its_transition_time_while_its_status_holds() {
+        let first = status_body(&status(Verdict::Accepted, 0), Some(3), "node-a", None);
+        let mut stored = first.clone();
+        stored["conditions"][0]["lastTransitionTime"] = "2020-01-01T00:00:00Z".into();
+        let again = status_body(
+            &status(Verdict::Accepted, 0),
+            Some(4),
+            "node-b",
+            Some(&stored),
+        );
+        assert_eq!(
+            again["conditions"][0]["lastTransitionTime"],
+            "2020-01-01T00:00:00Z"
+        );
+        assert_eq!(again["conditions"][0]["observedGeneration"], 4);
+        assert_eq!(again["observedGeneration"], 4);
+        assert_eq!(again["reportedBy"], "node-b");
+        let flipped = status_body(
+            &status(Verdict::Rejected, 1),
+            Some(5),
+            "node-b",
+            Some(&stored),
+        );
+        assert_ne!(
+            flipped["conditions"][0]["lastTransitionTime"],
+            "2020-01-01T00:00:00Z"
+        );
+        assert_eq!(flipped["conditions"][0]["status"], "False");
+        assert_eq!(flipped["conditions"][0]["reason"], "Rejected");
+        assert_eq!(flipped["verdict"], "rejected");
+        assert_eq!(flipped["errors"][0]["path"], "spec.ingress[0]");
+        // The same input gives the same body: an unchanged status is not
+        // written again.
+        assert_eq!(
+            status_body(
+                &status(Verdict::Accepted, 0),
+                Some(4),
+                "node-b",
+                Some(&again)
+            ),
+            again
+        );
+    }
+
+    #[test]
+    fn messages_are_bounded_and_name_the_first_errors() {
+        let m = message(&status(Verdict::PartiallyEnforced, 50));
+        assert!(m.len() <= 1024 && m.ends_with("..."), "{}", m.len());
+        assert!(m.starts_with("partially enforced: 1 compiled rule"), "{m}");
+        assert!(m.contains("error: spec.ingress[0]"), "{m}");
+    }
+
+    #[test]
+    fn event_names_are_stable_dns_subdomains_per_policy_uid_and_reason() {
+        let long = "a".repeat(253);
+        let n = event_name(&long, "uid-1", "Accepted");
+        assert!(n.len() <= 253, "{}", n.len());
+        assert!(
+            n.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-')
+        );
+        assert_eq!(n, event_name(&long, "uid-1", "Accepted"));
+        assert_ne!(n, event_name(&long, "uid-2", "Accepted"));
+        assert_ne!(n, event_name(&long, "uid-1", "Rejected"));
+        assert!(event_name("p", "u", "Accepted").starts_with("p.meshauth."));
     }
 }
