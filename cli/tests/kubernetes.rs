@@ -1797,3 +1797,488 @@ async fn exactly_one_agent_holds_the_policy_status_lease() {
             .map(drop),
     );
 }
+
+/// A process run the way a container of the chart's pods would see the
+/// machine: in a private mount namespace where `/run` and `/var/lib` are
+/// empty and only the pod's volumes are mounted (host directory or file →
+/// path in the container), with the env and uid the manifest gives.
+struct PodProcess {
+    name: String,
+    child: std::process::Child,
+    log: PathBuf,
+}
+
+impl PodProcess {
+    fn start(
+        name: &str,
+        dir: &Path,
+        mounts: &[(PathBuf, &str)],
+        env: &[(&str, String)],
+        uid: Option<u32>,
+        argv: &[String],
+    ) -> Self {
+        let q = |s: &str| format!("'{}'", s.replace('\'', r"'\''"));
+        let mut script =
+            String::from("set -e\nmount -t tmpfs tmpfs /run\nmount -t tmpfs tmpfs /var/lib\n");
+        for (src, dst) in mounts {
+            if src.is_dir() {
+                script.push_str(&format!("mkdir -p {}\n", q(dst)));
+            } else {
+                script.push_str(&format!(
+                    "mkdir -p {} && touch {}\n",
+                    q(Path::new(dst)
+                        .parent()
+                        .map_or("/", |p| p.to_str().unwrap_or("/"))),
+                    q(dst)
+                ));
+            }
+            script.push_str(&format!(
+                "mount --bind {} {}\n",
+                q(&src.display().to_string()),
+                q(dst)
+            ));
+        }
+        script.push_str("exec ");
+        if let Some(u) = uid {
+            script.push_str(&format!(
+                "setpriv --reuid {u} --regid {u} --clear-groups --inh-caps=-all -- "
+            ));
+        }
+        let argv: Vec<String> = argv.iter().map(|a| q(a)).collect();
+        script.push_str(&argv.join(" "));
+        script.push('\n');
+        let path = dir.join(format!("{name}.sh"));
+        std::fs::write(&path, script).unwrap_or_else(|e| panic!("{e}"));
+        let log = dir.join(format!("{name}.log"));
+        let out = std::fs::File::create(&log).unwrap_or_else(|e| panic!("{e}"));
+        let mut cmd = Command::new("unshare");
+        cmd.args(["--mount", "--propagation", "private", "sh"])
+            .arg(&path)
+            .env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .stdin(std::process::Stdio::null())
+            .stdout(out.try_clone().unwrap_or_else(|e| panic!("{e}")))
+            .stderr(out);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("{name}: {e}"));
+        Self {
+            name: name.to_owned(),
+            child,
+            log,
+        }
+    }
+
+    fn log(&self) -> String {
+        format!(
+            "\n--- {} ---\n{}",
+            self.name,
+            std::fs::read_to_string(&self.log).unwrap_or_default()
+        )
+    }
+
+    fn running(&mut self) -> bool {
+        self.child.try_wait().ok().flatten().is_none()
+    }
+}
+
+impl Drop for PodProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A ServiceAccount token for `sa` bound to a Pod object `pod` on `node`
+/// (made if missing), for `audience`: what kubelet projects into a pod.
+async fn pod_token(
+    admin: &kube::Client,
+    sa: &str,
+    pod: &str,
+    node: &str,
+    audience: &str,
+) -> String {
+    use k8s_openapi::api::authentication::v1::TokenRequest;
+    use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), NS);
+    let p: Pod = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": pod},
+        "spec": {"nodeName": node, "serviceAccountName": sa,
+                 "containers": [{"name": "c", "image": "x"}]}
+    }))
+    .unwrap_or_else(|e| panic!("{e}"));
+    let p = match pods.create(&PostParams::default(), &p).await {
+        Ok(p) => p,
+        Err(kube::Error::Api(s)) if s.code == 409 => {
+            pods.get(pod).await.unwrap_or_else(|e| panic!("{e}"))
+        }
+        Err(e) => panic!("pod {pod}: {e}"),
+    };
+    let tr: TokenRequest = serde_json::from_value(serde_json::json!({
+        "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+        "spec": {"audiences": [audience], "expirationSeconds": 7200,
+                 "boundObjectRef": {"kind": "Pod", "apiVersion": "v1", "name": pod,
+                                    "uid": p.metadata.uid}}
+    }))
+    .unwrap_or_else(|e| panic!("{e}"));
+    Api::<ServiceAccount>::namespaced(admin.clone(), NS)
+        .create_token_request(sa, &PostParams::default(), &tr)
+        .await
+        .unwrap_or_else(|e| panic!("TokenRequest for {sa}: {e}"))
+        .status
+        .unwrap_or_else(|| panic!("no token"))
+        .token
+}
+
+/// The bundled SPIRE (`spire.mode=bundled`) run from the chart's own
+/// objects against a real API server — everything a kubelet would do but
+/// run containers: the server with the rendered server.conf, as uid 10001,
+/// with its ServiceAccount's token in-cluster; the reconciler container's
+/// exact args beside it on the shared admin socket; a SPIRE agent with the
+/// rendered agent.conf and a projected `spire-server` token. Shows: the
+/// k8sbundle notifier fills the chart's bundle ConfigMap (its Role), the
+/// agent trusts that bundle and attests by k8s_psat (the server's
+/// TokenReview and pod/node reads, its ClusterRole), and the reconciler,
+/// with only the server's token, parents the pods' entries to that agent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bundled_spire_runs_from_the_charts_objects() {
+    use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod};
+    assert!(
+        meshauth_lab::testbed::is_root(),
+        "this test needs root (mount namespaces)"
+    );
+    let (api, dir) = start().await;
+    let admin = api.admin_client().await.unwrap_or_else(|e| panic!("{e}"));
+    create_namespace(&admin, NS).await;
+    create_namespace(&admin, "production").await;
+    let sets = ["spire.mode=bundled"];
+    install_chart(&admin, &sets).await;
+    let docs = helm_template(&sets, false);
+    let find = |kind: &str, name: &str| {
+        docs.iter()
+            .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+            .unwrap_or_else(|| panic!("no {kind} {name} rendered"))
+            .clone()
+    };
+    let server_conf = find("ConfigMap", "rel-meshauth-spire-server")["data"]["server.conf"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let agent_conf = find("ConfigMap", "rel-meshauth-spire-agent")["data"]["agent.conf"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let sts = find("StatefulSet", "rel-meshauth-spire-server");
+    let containers = sts["spec"]["template"]["spec"]["containers"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let reconciler = containers
+        .iter()
+        .find(|c| c["name"] == "reconciler")
+        .unwrap_or_else(|| panic!("no reconciler container"));
+    let server_uid = sts["spec"]["template"]["spec"]["securityContext"]["runAsUser"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("the server pod sets runAsUser")) as u32;
+
+    // The node, and a pod of an app whose identity an agent allocated.
+    let node: Node = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-a"}
+    }))
+    .unwrap_or_else(|e| panic!("{e}"));
+    let node_uid = Api::<Node>::all(admin.clone())
+        .create(&PostParams::default(), &node)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .metadata
+        .uid
+        .unwrap_or_default();
+    let sa = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "default"}
+    }))
+    .unwrap_or_else(|e| panic!("{e}"));
+    Api::<k8s_openapi::api::core::v1::ServiceAccount>::namespaced(admin.clone(), "production")
+        .create(&PostParams::default(), &sa)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), "production");
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "pay", "labels": {"app": "payment"}},
+        "spec": {"nodeName": "node-a", "serviceAccountName": "default",
+                 "containers": [{"name": "c", "image": "x"}]}
+    }))
+    .unwrap_or_else(|e| panic!("{e}"));
+    pods.create(&PostParams::default(), &pod)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    pods.patch_status(
+        "pay",
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({"status": {"phase": "Running", "podIP": "10.1.0.5"}})),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let id: DynamicObject = serde_json::from_value(serde_json::json!({
+        "apiVersion": "meshauth.io/v1alpha1", "kind": "MeshIdentity",
+        "metadata": {"name": "300"},
+        "spec": {"labels": [
+            "k8s:app=payment",
+            "k8s:io.cilium.k8s.namespace.labels.kubernetes.io/metadata.name=production",
+            "k8s:io.cilium.k8s.policy.serviceaccount=default",
+            "k8s:io.kubernetes.pod.namespace=production"]}
+    }))
+    .unwrap_or_else(|e| panic!("{e}"));
+    Api::<DynamicObject>::all_with(
+        admin.clone(),
+        &ApiResource::from_gvk(&kube::api::GroupVersionKind::gvk(
+            "meshauth.io",
+            "v1alpha1",
+            "MeshIdentity",
+        )),
+    )
+    .create(&PostParams::default(), &id)
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+
+    // The server pod's volumes: config, data, the admin socket (shared
+    // with the reconciler) and the ServiceAccount token kubelet mounts.
+    let root = dir.path().join("pods");
+    let mk = |p: &str| {
+        let d = root.join(p);
+        std::fs::create_dir_all(&d).unwrap_or_else(|e| panic!("{e}"));
+        d
+    };
+    let (s_config, s_data, s_admin, s_sa) = (
+        mk("server/config"),
+        mk("server/data"),
+        mk("server/admin-socket"),
+        mk("server/serviceaccount"),
+    );
+    std::fs::write(s_config.join("server.conf"), &server_conf).unwrap_or_else(|e| panic!("{e}"));
+    let server_token = pod_token(
+        &admin,
+        "rel-meshauth-spire-server",
+        "rel-meshauth-spire-server-0",
+        "node-a",
+        "https://kubernetes.default.svc",
+    )
+    .await;
+    std::fs::write(s_sa.join("token"), &server_token).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::copy(api.ca_file(), s_sa.join("ca.crt")).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(s_sa.join("namespace"), NS).unwrap_or_else(|e| panic!("{e}"));
+    for d in [&s_data, &s_admin, &s_sa] {
+        Command::new("chown")
+            .args(["-R", &format!("{server_uid}:{server_uid}")])
+            .arg(d)
+            .status()
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let (host, port) = api
+        .url()
+        .trim_start_matches("https://")
+        .rsplit_once(':')
+        .map(|(h, p)| (h.to_owned(), p.to_owned()))
+        .unwrap_or_else(|| panic!("API server URL"));
+    let in_cluster = [
+        ("KUBERNETES_SERVICE_HOST", host),
+        ("KUBERNETES_SERVICE_PORT", port),
+    ];
+    let spire = meshauth_lab::spire_real::spire_bin(None).unwrap_or_else(|e| panic!("{e}"));
+    let server_mounts = [
+        (s_config.clone(), "/run/spire/config"),
+        (s_data.clone(), "/var/lib/spire/server"),
+        (s_admin.clone(), "/run/spire/server/private"),
+        (
+            s_sa.clone(),
+            "/var/run/secrets/kubernetes.io/serviceaccount",
+        ),
+    ];
+    let mut server_args = vec![
+        spire.join("spire-server").display().to_string(),
+        "run".into(),
+    ];
+    server_args.extend(
+        containers
+            .iter()
+            .find(|c| c["name"] == "spire-server")
+            .and_then(|c| c["args"].as_array())
+            .into_iter()
+            .flatten()
+            .filter_map(|a| a.as_str().map(str::to_owned)),
+    );
+    let mut server = PodProcess::start(
+        "spire-server",
+        dir.path(),
+        &server_mounts,
+        &in_cluster,
+        Some(server_uid),
+        &server_args,
+    );
+    // The k8sbundle notifier publishes the bundle into the chart's ConfigMap.
+    let cms: Api<ConfigMap> = Api::namespaced(admin.clone(), NS);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let bundle = loop {
+        let cm = cms
+            .get("rel-meshauth-spire-bundle")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        if let Some(b) = cm.data.and_then(|d| d.get("bundle.crt").cloned())
+            && b.contains("BEGIN CERTIFICATE")
+        {
+            break b;
+        }
+        assert!(server.running(), "spire-server exited{}", server.log());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the bundle ConfigMap was not filled in 60 s{}",
+            server.log()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    println!("k8sbundle wrote {} bytes of bundle", bundle.len());
+
+    // The reconciler container: the chart's command and args, the
+    // server's token, the shared admin socket.
+    let mut rec_args = vec![env!("CARGO_BIN_EXE_meshauth").to_owned()];
+    rec_args.extend(
+        reconciler["args"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|a| a.as_str().map(str::to_owned)),
+    );
+    let mut rec = PodProcess::start(
+        "reconciler",
+        dir.path(),
+        &[
+            (s_admin.clone(), "/run/spire/server/private"),
+            (
+                s_sa.clone(),
+                "/var/run/secrets/kubernetes.io/serviceaccount",
+            ),
+        ],
+        &[
+            in_cluster[0].clone(),
+            in_cluster[1].clone(),
+            ("MESHAUTH_LOG", "info".into()),
+        ],
+        Some(server_uid),
+        &rec_args,
+    );
+
+    // The agent pod: its config, the bundle ConfigMap as kubelet mounts
+    // it, a projected token for audience spire-server, a hosts entry for
+    // the server's Service (no cluster DNS here).
+    let (a_config, a_bundle, a_sockets, a_tokens, a_data, a_sa) = (
+        mk("agent/config"),
+        mk("agent/bundle"),
+        mk("agent/sockets"),
+        mk("agent/tokens"),
+        mk("agent/data"),
+        mk("agent/serviceaccount"),
+    );
+    std::fs::write(a_config.join("agent.conf"), &agent_conf).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(a_bundle.join("bundle.crt"), &bundle).unwrap_or_else(|e| panic!("{e}"));
+    let agent_token = pod_token(
+        &admin,
+        "rel-meshauth-spire-agent",
+        "rel-meshauth-spire-agent-x1",
+        "node-a",
+        "spire-server",
+    )
+    .await;
+    std::fs::write(a_tokens.join("spire-agent"), &agent_token).unwrap_or_else(|e| panic!("{e}"));
+    // automountServiceAccountToken: the agent's own token and the CA.
+    let own = pod_token(
+        &admin,
+        "rel-meshauth-spire-agent",
+        "rel-meshauth-spire-agent-x1",
+        "node-a",
+        "https://kubernetes.default.svc",
+    )
+    .await;
+    std::fs::write(a_sa.join("token"), own).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::copy(api.ca_file(), a_sa.join("ca.crt")).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(a_sa.join("namespace"), NS).unwrap_or_else(|e| panic!("{e}"));
+    let hosts = root.join("agent/hosts");
+    std::fs::write(
+        &hosts,
+        "127.0.0.1 localhost\n127.0.0.1 rel-meshauth-spire-server.meshauth-system.svc\n",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let mut agent_args = vec![
+        spire.join("spire-agent").display().to_string(),
+        "run".into(),
+    ];
+    agent_args.extend(
+        find("DaemonSet", "rel-meshauth-spire-agent")["spec"]["template"]["spec"]["containers"][0]
+            ["args"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|a| a.as_str().map(str::to_owned)),
+    );
+    let mut agent = PodProcess::start(
+        "spire-agent",
+        dir.path(),
+        &[
+            (a_config, "/run/spire/config"),
+            (a_bundle, "/run/spire/bundle"),
+            (a_sockets, "/run/spire/sockets"),
+            (a_tokens, "/var/run/secrets/tokens"),
+            (a_data, "/var/lib/spire/agent"),
+            (a_sa, "/var/run/secrets/kubernetes.io/serviceaccount"),
+            (hosts, "/etc/hosts"),
+        ],
+        &[("MY_NODE_NAME", "node-a".into())],
+        None,
+        &agent_args,
+    );
+
+    // The server lists the agent, attested by k8s_psat as node-a's (the
+    // Node's uid), and holds payment's entry parented to it — written by
+    // the reconciler with the server's token alone.
+    let agent_id = format!("spiffe://meshauth.local/spire/agent/k8s_psat/meshauth/{node_uid}");
+    let sock = s_admin.join("api.sock");
+    let cli = |args: &[&str]| {
+        let out = Command::new(spire.join("spire-server"))
+            .args(args)
+            .arg("-socketPath")
+            .arg(&sock)
+            .output()
+            .unwrap_or_else(|e| panic!("{e}"));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+    loop {
+        let agents = cli(&["agent", "list"]);
+        let entries = cli(&["entry", "show", "-parentID", &agent_id]);
+        if agents.contains(&agent_id) && entries.contains("spiffe://meshauth.local/identity/300") {
+            println!("agents:\n{agents}\nentries under node-a's agent:\n{entries}");
+            assert!(
+                agents.contains("k8s_psat:agent_node_name:node-a")
+                    || cli(&["agent", "show", "-spiffeID", &agent_id])
+                        .contains("k8s_psat:agent_node_name:node-a"),
+                "{agents}"
+            );
+            break;
+        }
+        let logs = format!("{}{}{}", server.log(), rec.log(), agent.log());
+        for p in [&mut server, &mut rec, &mut agent] {
+            assert!(p.running(), "{} exited{logs}", p.name);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no attested agent with payment's entry in 90 s\nagents: {agents}\nentries: {entries}{}{}{}",
+            server.log(),
+            rec.log(),
+            agent.log()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
+    drop(agent);
+    drop(rec);
+    drop(server);
+}
