@@ -1389,12 +1389,19 @@ async fn agents_in_kubernetes_mode_against_a_real_api_server() {
     assert_eq!(leaders, [holder.as_str()], "{}", c.logs());
     // The leader stops (SIGTERM, as a rolling update does): it releases
     // the Lease, another agent takes it and writes the status from then on.
+    let stopping = std::time::Instant::now();
     c.stop_agent(&holder);
     let audited_before = c.api.audit().len();
     let next = c
         .wait_lease_holder(|h| h.is_some_and(|h| h != holder))
         .await;
-    println!("policy status Lease handed from {holder} to {next}");
+    let handed = stopping.elapsed();
+    println!("policy status Lease handed from {holder} to {next} in {handed:?}");
+    // Released, not expired: well within the 15 s lease duration.
+    assert!(
+        handed < std::time::Duration::from_secs(8),
+        "the stopping leader did not release the Lease: {handed:?}"
+    );
     apply(
         &c.admin,
         &discovery,

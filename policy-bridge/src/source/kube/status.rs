@@ -119,13 +119,24 @@ pub(crate) fn spawn(
         let mut tick = tokio::time::interval(w.cfg.lease.retry_period());
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut was_leading = false;
+        let mut failing = false;
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
                 _ = stop_rx.changed() => break,
             }
-            if let Err(e) = w.elector.round().await {
-                tracing::warn!(error = %e, "policy status lease");
+            // One line per outage, not one per round.
+            match w.elector.round().await {
+                Ok(_) if failing => {
+                    failing = false;
+                    tracing::info!("policy status lease: the API server answers again");
+                }
+                Ok(_) => {}
+                Err(e) if !failing => {
+                    failing = true;
+                    tracing::warn!(error = %e, "policy status lease: retrying every round");
+                }
+                Err(e) => tracing::debug!(error = %e, "policy status lease"),
             }
             let leading = w.elector.leading();
             if leading != was_leading {
@@ -154,6 +165,7 @@ pub(crate) fn spawn(
 }
 
 struct EventMemo {
+    policy: ObjectKey,
     message: String,
     at: Instant,
 }
@@ -295,11 +307,12 @@ impl Writer {
                     self.write_status(kind, &key, s, r, &holder).await;
                 }
                 PolicyKind::CiliumNetworkPolicy | PolicyKind::CiliumClusterwideNetworkPolicy => {
-                    self.write_event(kind, s, r, &holder).await;
+                    self.write_event(kind, &key, s, r, &holder).await;
                 }
             }
         }
         self.written.retain(|k, _| refs.contains_key(k));
+        self.events.retain(|_, m| refs.contains_key(&m.policy));
     }
 
     async fn write_status(
@@ -341,6 +354,7 @@ impl Writer {
     async fn write_event(
         &mut self,
         kind: PolicyKind,
+        key: &ObjectKey,
         s: &PolicyStatus,
         r: &PolicyRef,
         holder: &str,
@@ -439,6 +453,7 @@ impl Writer {
                 self.events.insert(
                     memo_key,
                     EventMemo {
+                        policy: key.clone(),
                         message: msg,
                         at: Instant::now(),
                     },
