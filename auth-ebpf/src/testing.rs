@@ -5,6 +5,8 @@
 
 use std::net::IpAddr;
 
+pub mod model;
+
 /// IP protocol numbers.
 pub mod proto {
     /// ICMP.
