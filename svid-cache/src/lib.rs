@@ -49,6 +49,7 @@
 pub mod bundle;
 pub mod cache;
 pub mod clock;
+pub mod fuzzing;
 pub mod identity;
 pub mod source;
 pub mod svid;

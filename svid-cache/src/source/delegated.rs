@@ -202,7 +202,7 @@ fn malformed(call: &'static str, path: &Path, reason: String) -> SourceError {
     }
 }
 
-pub(super) fn parse_svids(
+pub(crate) fn parse_svids(
     m: SubscribeToX509sviDsResponse,
     path: &Path,
 ) -> Result<Vec<SvidInput>, SourceError> {
@@ -264,7 +264,7 @@ pub(super) fn parse_svids(
 
 /// The bundle of the configured trust domain; `None` when the message has none
 /// (bundles of other trust domains are ignored).
-pub(super) fn parse_bundle(
+pub(crate) fn parse_bundle(
     m: SubscribeToX509BundlesResponse,
     td: &TrustDomain,
     path: &Path,

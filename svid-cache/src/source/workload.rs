@@ -155,7 +155,7 @@ fn malformed(path: &Path, reason: String) -> SourceError {
 /// Converts one `X509SVIDResponse` into a full-state update for the cache.
 /// Structure only (fields present, DER framing sound); the cache checks
 /// each certificate, key and chain.
-fn update_from_response(
+pub(crate) fn update_from_response(
     m: X509svidResponse,
     td: &TrustDomain,
     path: &Path,

@@ -1,0 +1,3 @@
+#![no_main]
+//! See meshauth_fuzz_targets::workload_api.
+libfuzzer_sys::fuzz_target!(|data: &[u8]| meshauth_fuzz_targets::workload_api(data));
