@@ -112,6 +112,8 @@ pub struct Config {
     pub handshake_tls_timeout: Duration,
     /// Handshakes served at once.
     pub max_concurrent_handshakes: usize,
+    /// Authenticated pairs the auth map holds.
+    pub auth_map_capacity: u32,
     /// Connections the responder holds from one source address at once.
     pub max_handshakes_per_source: usize,
     /// On shutdown, how long handshakes in flight and the agent's tasks may
@@ -174,6 +176,9 @@ pub const DEFAULT_IDENTITY_QUARANTINE: Duration = policy_bridge::identity::DEFAU
 pub const MIN_IDENTITY_QUARANTINE: Duration = Duration::from_secs(75 * 60);
 /// The longest quarantine accepted (30 days).
 pub const MAX_IDENTITY_QUARANTINE: Duration = Duration::from_secs(720 * 3600);
+
+/// The auth map's capacity when not set: the datapath object's (131,072 pairs).
+pub const DEFAULT_AUTH_MAP_CAPACITY: u32 = 131_072;
 
 /// Default Workload API socket (SPIRE's default agent socket).
 pub const DEFAULT_SPIRE_SOCKET: &str = "/run/spire/sockets/agent.sock";
@@ -368,6 +373,14 @@ pub fn build(layers: &Layers) -> Result<Config, ConfigErrors> {
         crate::handshake::DEFAULT_MAX_PER_SOURCE,
         handshakes,
     );
+    let auth_map_capacity = r.get(
+        &keys::AUTH_MAP_CAPACITY,
+        DEFAULT_AUTH_MAP_CAPACITY,
+        |v| match v.parse::<u32>() {
+            Ok(n) if (2..=4 * 1024 * 1024).contains(&n) => Ok(n),
+            _ => Err("a number of pairs from 2 to 4194304".into()),
+        },
+    );
     let reauth_fraction = r.get(&keys::REAUTH_FRACTION, 2.0 / 3.0, |v| {
         match v.parse::<f64>() {
             Ok(f) if (0.1..=0.95).contains(&f) => Ok(f),
@@ -490,6 +503,7 @@ pub fn build(layers: &Layers) -> Result<Config, ConfigErrors> {
         handshake_timeout,
         handshake_tls_timeout,
         max_concurrent_handshakes,
+        auth_map_capacity,
         max_handshakes_per_source,
         shutdown_grace,
         policy_poll_interval,

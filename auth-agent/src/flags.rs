@@ -64,6 +64,10 @@ pub struct AgentArgs {
     /// Connections the responder holds from one source address at once.
     #[arg(long)]
     pub max_handshakes_per_source: Option<String>,
+    /// Authenticated pairs the auth map holds [default 131072]; changing
+    /// it migrates the pinned entries.
+    #[arg(long)]
+    pub auth_map_capacity: Option<String>,
     /// On shutdown, how long in-flight handshakes and tasks may take (e.g. 5s).
     #[arg(long)]
     pub shutdown_grace: Option<String>,
@@ -149,6 +153,7 @@ impl AgentArgs {
         put("max-concurrent-handshakes", &self.max_concurrent_handshakes);
         put("handshake-tls-timeout", &self.handshake_tls_timeout);
         put("max-handshakes-per-source", &self.max_handshakes_per_source);
+        put("auth-map-capacity", &self.auth_map_capacity);
         put("shutdown-grace", &self.shutdown_grace);
         put("metrics-listen", &self.metrics_listen);
         put("api-socket", &self.api_socket);

@@ -1024,3 +1024,107 @@ async fn failed_handshakes_are_logged_once_per_node_and_interval_and_all_counted
     assert!(suppressed >= 1, "{}", lines[1]);
     h.stop().await;
 }
+
+/// A store of `cap` entries that refuses a new pair when full, as the
+/// kernel's hash map does (the existing entries stay).
+#[derive(Debug)]
+struct Bounded {
+    inner: MemoryAuthStore,
+    cap: usize,
+}
+
+impl AuthStore for Bounded {
+    fn upsert(&self, pair: Pair, expiry: SystemTime) -> Result<(), StoreError> {
+        let now = self.inner.snapshot();
+        if now.len() >= self.cap && !now.contains_key(&pair) {
+            return Err(StoreError::Datapath(auth_ebpf::DatapathError::MapFull {
+                name: "meshauth_auth",
+                max_entries: self.cap as u32,
+            }));
+        }
+        self.inner.upsert(pair, expiry)
+    }
+    fn remove(&self, pair: Pair) -> Result<bool, StoreError> {
+        self.inner.remove(pair)
+    }
+    fn entries(&self) -> Result<Vec<(Pair, SystemTime)>, StoreError> {
+        self.inner.entries()
+    }
+}
+
+/// A full auth map: the pairs that fit are written and kept, the one that
+/// does not is counted (`entry_writes_failed{reason="full"}`) and written
+/// as soon as an entry leaves — not at the end of its (here one minute)
+/// backoff.
+#[tokio::test(start_paused = true)]
+async fn a_full_map_keeps_its_entries_and_the_waiting_pair_goes_in_once_there_is_room() {
+    let clock = clock();
+    let fake = Fake::new(clock.clone());
+    let store = Arc::new(Bounded {
+        inner: MemoryAuthStore::default(),
+        cap: 3,
+    });
+    let config = ManagerConfig {
+        backoff_initial: Duration::from_secs(60),
+        backoff_max: Duration::from_secs(60),
+        ..ManagerConfig::default()
+    };
+    let d = state_with_node_c(259..261);
+    let h = start(
+        fake.clone(),
+        store.clone(),
+        clock.clone(),
+        config,
+        NodeTable::in_memory("a"),
+        d.clone(),
+    );
+    settle().await;
+    let wanted: BTreeSet<Pair> = [
+        h.pair(256, 257, "b"),
+        h.pair(256, 258, "b"),
+        h.pair(256, 259, "c"),
+        h.pair(256, 260, "c"),
+    ]
+    .into();
+    let written: BTreeSet<Pair> = store.inner.snapshot().keys().copied().collect();
+    assert_eq!(written.len(), 3, "three fit: {written:?}");
+    assert!(written.is_subset(&wanted));
+    let left_out = *wanted
+        .difference(&written)
+        .next()
+        .unwrap_or_else(|| panic!("one pair left out"));
+    assert!(h.metrics.store_failures("full") >= 1);
+    // Later rounds keep the three (nothing stored is lost).
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        store
+            .inner
+            .snapshot()
+            .keys()
+            .copied()
+            .collect::<BTreeSet<_>>(),
+        written
+    );
+
+    // One written pair stops being required: its entry goes, and the pair
+    // left out goes in at once.
+    let gone = *written
+        .iter()
+        .find(|p| **p != left_out)
+        .unwrap_or_else(|| panic!("a written pair"));
+    let mut smaller = d.clone();
+    smaller
+        .rules
+        .retain(|r| r.remote != Remote::Identity(gone.remote));
+    let removed_at = Instant::now();
+    h.desired.send_replace(Arc::new(smaller));
+    settle().await;
+    let now: BTreeSet<Pair> = store.inner.snapshot().keys().copied().collect();
+    assert!(
+        now.contains(&left_out) && !now.contains(&gone),
+        "after {:?}: {now:?} (left out {left_out}, gone {gone})",
+        removed_at.elapsed()
+    );
+    assert!(removed_at.elapsed() < Duration::from_secs(1));
+    h.stop().await;
+}

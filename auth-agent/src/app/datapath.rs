@@ -18,7 +18,7 @@ pub(super) fn load_and_attach(s: &Start<'_>) -> Result<(Datapath, PathBuf), Agen
     let mut datapath = Datapath::load(&LoadOptions {
         pin_dir: config.bpf_pin_dir.clone(),
         config: datapath_config(config),
-        auth_capacity: None,
+        auth_capacity: Some(config.auth_map_capacity),
     })?;
     tracing::info!(layout = ?datapath.layout_report(), pin_dir = %config.bpf_pin_dir.display(), "datapath loaded");
     let cgroup = match &config.pods_cgroup {

@@ -135,6 +135,9 @@ pub struct AuthManager<A: Authenticator, S: AuthStore> {
     /// dropped and the pair tried again.
     superseded: HashSet<Pair>,
     waiting: VecDeque<Pair>,
+    /// Authenticated pairs that did not fit in a full auth map: tried again
+    /// as soon as an entry is removed (and on their backoff meanwhile).
+    waiting_for_room: BTreeSet<Pair>,
     tasks: JoinSet<(Pair, Result<Authenticated, AuthFailure>)>,
     /// Failed handshakes logged per (peer node, check).
     failure_log: LogThrottle<(u16, &'static str)>,
@@ -173,6 +176,7 @@ impl<A: Authenticator, S: AuthStore> AuthManager<A, S> {
             entries: BTreeMap::new(),
             due: BTreeSet::new(),
             due_at: HashMap::new(),
+            waiting_for_room: BTreeSet::new(),
             backoff: HashMap::new(),
             node_backoff: HashMap::new(),
             parked: HashMap::new(),
@@ -597,9 +601,27 @@ impl<A: Authenticator, S: AuthStore> AuthManager<A, S> {
                             );
                             self.metrics.set_entries(self.entries.len());
                             self.schedule_reauth(pair, auth.expiry);
+                            if self.waiting_for_room.remove(&pair)
+                                && self.waiting_for_room.is_empty()
+                            {
+                                tracing::info!(
+                                    "the auth map had room again: every pair that waited for it is written"
+                                );
+                            }
                             tracing::info!(%pair, peer.node = %auth.peer_node, "authenticated");
                         }
+                        Err(e) if e.is_full() => {
+                            // Nothing stored is lost; the pair waits for
+                            // room (an entry removed) or its backoff.
+                            self.metrics.store_failure("full");
+                            if self.waiting_for_room.is_empty() {
+                                tracing::error!(%pair, error = %e, waiting = 1, "the auth map is full: the pair is authenticated but cannot be written; it is written as soon as an entry is removed (raise auth-map-capacity)");
+                            }
+                            self.waiting_for_room.insert(pair);
+                            self.fail(pair, "store");
+                        }
                         Err(e) => {
+                            self.metrics.store_failure("error");
                             tracing::error!(%pair, error = %e, "writing the auth entry failed");
                             self.fail(pair, "store");
                         }
@@ -673,17 +695,41 @@ impl<A: Authenticator, S: AuthStore> AuthManager<A, S> {
     }
 
     fn remove_entry(&mut self, pair: Pair, reason: &str) {
-        match self.store.remove(pair) {
-            Ok(_) => {
+        let removed = match self.store.remove(pair) {
+            Ok(removed) => {
                 self.metrics.remove(reason);
                 tracing::info!(%pair, reason, "auth entry removed");
+                removed
             }
-            Err(e) => tracing::error!(%pair, error = %e, "removing the auth entry failed"),
-        }
+            Err(e) => {
+                tracing::error!(%pair, error = %e, "removing the auth entry failed");
+                false
+            }
+        };
         self.entries.remove(&pair);
         self.unschedule(pair);
         self.backoff.remove(&pair);
+        self.waiting_for_room.remove(&pair);
         self.metrics.set_entries(self.entries.len());
+        if removed {
+            self.room_made();
+        }
+    }
+
+    /// An entry left the map: the pairs that did not fit are tried again
+    /// now, not at the end of their backoff.
+    fn room_made(&mut self) {
+        let waiting: Vec<Pair> = self
+            .waiting_for_room
+            .iter()
+            .copied()
+            .filter(|p| self.wanted.contains(p))
+            .collect();
+        self.waiting_for_room.retain(|p| self.wanted.contains(p));
+        for p in waiting {
+            self.backoff.remove(&p);
+            self.request(p, false);
+        }
     }
 }
 

@@ -29,6 +29,7 @@ pub struct ManagerMetrics {
     handshakes: Family<ResultLabel, Counter>,
     signals: Family<OutcomeLabel, Counter>,
     removed: Family<ReasonLabel, Counter>,
+    store_failures: Family<ReasonLabel, Counter>,
     entries: Gauge,
     in_flight: Gauge,
 }
@@ -51,6 +52,11 @@ impl ManagerMetrics {
             "entries_removed",
             "Auth entries removed, by reason",
             m.removed.clone(),
+        );
+        registry.register(
+            "entry_writes_failed",
+            "Authenticated pairs that could not be written to the auth map, by reason (full: no room; error)",
+            m.store_failures.clone(),
         );
         registry.register(
             "entries",
@@ -120,6 +126,23 @@ impl ManagerMetrics {
     }
 
     /// Sets the number of entries held.
+    pub(super) fn store_failure(&self, reason: &str) {
+        self.store_failures
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+
+    /// Failed auth entry writes counted with `reason` so far.
+    pub fn store_failures(&self, reason: &str) -> u64 {
+        self.store_failures
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_string(),
+            })
+            .get()
+    }
+
     pub(super) fn set_entries(&self, n: usize) {
         self.entries.set(n as i64);
     }

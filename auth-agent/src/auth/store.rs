@@ -46,6 +46,16 @@ pub enum StoreError {
     Datapath(#[from] auth_ebpf::DatapathError),
 }
 
+impl StoreError {
+    /// True when the map is full (nothing was lost; room must be made).
+    pub fn is_full(&self) -> bool {
+        matches!(
+            self,
+            Self::Datapath(auth_ebpf::DatapathError::MapFull { .. })
+        )
+    }
+}
+
 /// The auth map as the manager and the handshake server use it.
 pub trait AuthStore: Send + Sync + 'static {
     /// Writes or replaces a pair's entry.

@@ -65,6 +65,12 @@ pub const MAX_CONCURRENT_HANDSHAKES: Key = Key::new(
     "MESHAUTH_MAX_CONCURRENT_HANDSHAKES",
     "maxConcurrentHandshakes",
 );
+/// [`super::Config::auth_map_capacity`].
+pub const AUTH_MAP_CAPACITY: Key = Key::new(
+    "auth-map-capacity",
+    "MESHAUTH_AUTH_MAP_CAPACITY",
+    "authMapCapacity",
+);
 /// [`super::Config::max_handshakes_per_source`].
 pub const MAX_HANDSHAKES_PER_SOURCE: Key = Key::new(
     "max-handshakes-per-source",
@@ -157,6 +163,7 @@ pub const ALL: &[Key] = &[
     HANDSHAKE_TLS_TIMEOUT,
     MAX_CONCURRENT_HANDSHAKES,
     MAX_HANDSHAKES_PER_SOURCE,
+    AUTH_MAP_CAPACITY,
     SHUTDOWN_GRACE,
     METRICS_LISTEN,
     API_SOCKET,
