@@ -7,7 +7,7 @@
 //! reference-counted, so a new identity only touches the selectors that
 //! match it and the rules that use those selectors.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 
 use crate::compile::{CompiledPolicy, Peer};
@@ -129,6 +129,12 @@ pub struct Engine {
     policies: BTreeMap<ObjectKey, CompiledPolicy>,
     invalid: BTreeMap<ObjectKey, String>,
     selectors: HashMap<Selector, SelEntry>,
+    /// The selectors in use by a `(key, value)` every identity they select
+    /// must carry ([`Selector::index_hint`]), and those without one: a new
+    /// identity is matched against the selectors its labels can satisfy,
+    /// not against every selector.
+    sel_by_hint: HashMap<(String, String), HashSet<Selector>>,
+    sel_unhinted: HashSet<Selector>,
     rule_counts: HashMap<AuthRule, u32>,
     state: DesiredState,
     tracker: Tracker,
@@ -155,6 +161,8 @@ impl Engine {
             policies: BTreeMap::new(),
             invalid: BTreeMap::new(),
             selectors: HashMap::new(),
+            sel_by_hint: HashMap::new(),
+            sel_unhinted: HashSet::new(),
             rule_counts: HashMap::new(),
             state: DesiredState::default(),
             tracker: Tracker::default(),

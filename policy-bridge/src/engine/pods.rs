@@ -400,8 +400,8 @@ impl Engine {
                 .insert(id);
         }
         let mut users = BTreeSet::new();
-        for (sel, entry) in self.selectors.iter_mut() {
-            if sel.matches(&labels) {
+        for sel in self.candidate_selectors(&labels) {
+            if let Some(entry) = self.selectors.get_mut(&sel) {
                 entry.ids.insert(id);
                 users.extend(entry.users.iter().cloned());
             }
@@ -416,17 +416,21 @@ impl Engine {
         let Some(labels) = self.present.get(&id).cloned() else {
             return;
         };
-        let users: BTreeSet<(ObjectKey, usize)> = self
-            .selectors
-            .values()
+        // Only selectors its labels satisfy can hold it.
+        let candidates = self.candidate_selectors(&labels);
+        let users: BTreeSet<(ObjectKey, usize)> = candidates
+            .iter()
+            .filter_map(|s| self.selectors.get(s))
             .filter(|e| e.ids.contains(&id))
             .flat_map(|e| e.users.iter().cloned())
             .collect();
         for (pk, idx) in users {
             self.pairs_with(&pk, idx, id, -1);
         }
-        for e in self.selectors.values_mut() {
-            e.ids.remove(&id);
+        for s in &candidates {
+            if let Some(e) = self.selectors.get_mut(s) {
+                e.ids.remove(&id);
+            }
         }
         for (k, v) in labels.iter() {
             let key = (k.to_string(), v.to_string());
@@ -440,6 +444,23 @@ impl Engine {
         self.present.remove(&id);
         self.tracker.identity(&self.state, id);
         self.state.identities.remove(&id);
+    }
+}
+
+impl Engine {
+    /// The selectors in use that match `labels`, found among those whose
+    /// index hint is one of its labels and those without a hint (never a
+    /// scan of every selector).
+    fn candidate_selectors(&self, labels: &LabelSet) -> Vec<crate::selector::Selector> {
+        let hinted = labels
+            .iter()
+            .filter_map(|(k, v)| self.sel_by_hint.get(&(k.to_string(), v.to_string())));
+        self.sel_unhinted
+            .iter()
+            .chain(hinted.flatten())
+            .filter(|s| s.matches(labels))
+            .cloned()
+            .collect()
     }
 }
 

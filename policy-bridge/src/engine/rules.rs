@@ -67,6 +67,17 @@ impl Engine {
                     users: BTreeSet::new(),
                 },
             );
+            match sel.index_hint() {
+                Some((k, v)) => {
+                    self.sel_by_hint
+                        .entry((k.to_string(), v.to_string()))
+                        .or_default()
+                        .insert(sel.clone());
+                }
+                None => {
+                    self.sel_unhinted.insert(sel.clone());
+                }
+            }
         }
         let e = self.selectors.get_mut(sel).expect("inserted above");
         e.users.insert((key.clone(), idx));
@@ -77,6 +88,20 @@ impl Engine {
             e.users.remove(&(key.clone(), idx));
             if e.users.is_empty() {
                 self.selectors.remove(sel);
+                match sel.index_hint() {
+                    Some((k, v)) => {
+                        let hk = (k.to_string(), v.to_string());
+                        if let Some(set) = self.sel_by_hint.get_mut(&hk) {
+                            set.remove(sel);
+                            if set.is_empty() {
+                                self.sel_by_hint.remove(&hk);
+                            }
+                        }
+                    }
+                    None => {
+                        self.sel_unhinted.remove(sel);
+                    }
+                }
             }
         }
     }
