@@ -57,6 +57,7 @@ fn run(name: &'static str, config: DatapathConfig, many_flows: bool, rate: u64, 
         pin_dir: pins.path().to_path_buf(),
         config,
         auth_capacity: None,
+        ipcache_capacity: None,
     })
     .expect("loading the datapath (root)");
     let mut ipc = Ipcache::open(pins.path()).unwrap();

@@ -114,6 +114,8 @@ pub struct Config {
     pub max_concurrent_handshakes: usize,
     /// Authenticated pairs the auth map holds.
     pub auth_map_capacity: u32,
+    /// Addresses (pods and nodes of the whole cluster) the ipcache holds.
+    pub ipcache_capacity: u32,
     /// Connections the responder holds from one source address at once.
     pub max_handshakes_per_source: usize,
     /// On shutdown, how long handshakes in flight and the agent's tasks may
@@ -179,6 +181,10 @@ pub const MAX_IDENTITY_QUARANTINE: Duration = Duration::from_secs(720 * 3600);
 
 /// The auth map's capacity when not set: the datapath object's (131,072 pairs).
 pub const DEFAULT_AUTH_MAP_CAPACITY: u32 = 131_072;
+
+/// The ipcache's capacity when not set: the datapath object's (65,536
+/// addresses: every pod and node of the cluster).
+pub const DEFAULT_IPCACHE_CAPACITY: u32 = 65_536;
 
 /// Default Workload API socket (SPIRE's default agent socket).
 pub const DEFAULT_SPIRE_SOCKET: &str = "/run/spire/sockets/agent.sock";
@@ -381,6 +387,14 @@ pub fn build(layers: &Layers) -> Result<Config, ConfigErrors> {
             _ => Err("a number of pairs from 2 to 4194304".into()),
         },
     );
+    let ipcache_capacity = r.get(
+        &keys::IPCACHE_CAPACITY,
+        DEFAULT_IPCACHE_CAPACITY,
+        |v| match v.parse::<u32>() {
+            Ok(n) if (1024..=16 * 1024 * 1024).contains(&n) => Ok(n),
+            _ => Err("a number of addresses from 1024 to 16777216".into()),
+        },
+    );
     let reauth_fraction = r.get(&keys::REAUTH_FRACTION, 2.0 / 3.0, |v| {
         match v.parse::<f64>() {
             Ok(f) if (0.1..=0.95).contains(&f) => Ok(f),
@@ -504,6 +518,7 @@ pub fn build(layers: &Layers) -> Result<Config, ConfigErrors> {
         handshake_tls_timeout,
         max_concurrent_handshakes,
         auth_map_capacity,
+        ipcache_capacity,
         max_handshakes_per_source,
         shutdown_grace,
         policy_poll_interval,

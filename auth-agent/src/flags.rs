@@ -68,6 +68,10 @@ pub struct AgentArgs {
     /// it migrates the pinned entries.
     #[arg(long)]
     pub auth_map_capacity: Option<String>,
+    /// Pod and node addresses the ipcache holds [default 65536]; changing
+    /// it recreates the ipcache, rewritten from desired state at start.
+    #[arg(long)]
+    pub ipcache_capacity: Option<String>,
     /// On shutdown, how long in-flight handshakes and tasks may take (e.g. 5s).
     #[arg(long)]
     pub shutdown_grace: Option<String>,
@@ -154,6 +158,7 @@ impl AgentArgs {
         put("handshake-tls-timeout", &self.handshake_tls_timeout);
         put("max-handshakes-per-source", &self.max_handshakes_per_source);
         put("auth-map-capacity", &self.auth_map_capacity);
+        put("ipcache-capacity", &self.ipcache_capacity);
         put("shutdown-grace", &self.shutdown_grace);
         put("metrics-listen", &self.metrics_listen);
         put("api-socket", &self.api_socket);

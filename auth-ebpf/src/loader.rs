@@ -35,6 +35,11 @@ pub struct LoadOptions {
     /// Capacity of the auth map; `None` keeps the object's default
     /// (131,072 pairs). Changing it migrates the pinned entries.
     pub auth_capacity: Option<u32>,
+    /// Capacity of the ipcache (pod and node addresses); `None` keeps the
+    /// object's default (65,536). The map allocates per entry, so a larger
+    /// capacity costs nothing until used. Changing it recreates the pinned
+    /// ipcache empty; the agent rewrites it from desired state at start.
+    pub ipcache_capacity: Option<u32>,
 }
 
 impl Default for LoadOptions {
@@ -43,6 +48,7 @@ impl Default for LoadOptions {
             pin_dir: PathBuf::from(DEFAULT_PIN_DIR),
             config: DatapathConfig::default(),
             auth_capacity: None,
+            ipcache_capacity: None,
         }
     }
 }
@@ -82,6 +88,18 @@ impl Datapath {
                 def.set_max_entries(n);
             }
             loader.map_max_entries(names::AUTH, n);
+        }
+        if let Some(n) = opts.ipcache_capacity {
+            if n == 0 {
+                return Err(DatapathError::Invalid {
+                    what: "ipcache capacity",
+                    value: n.to_string(),
+                });
+            }
+            if let Some(def) = obj.maps.get_mut(names::IPCACHE) {
+                def.set_max_entries(n);
+            }
+            loader.map_max_entries(names::IPCACHE, n);
         }
         let prepared = layout::prepare(pin_dir, &obj)?;
         let mut ebpf = match loader.load(OBJECT) {

@@ -71,10 +71,13 @@ pub(crate) fn max_entries(data: &MapData, name: &'static str) -> Result<u32, Dat
     Ok(data.info().map_err(DatapathError::map(name))?.max_entries())
 }
 
-/// Maps aya's error for a failed insert: E2BIG means the map is full.
+/// Maps aya's error for a failed insert: E2BIG (hash maps) or ENOSPC (the
+/// ipcache's LPM trie) means the map is full.
 pub(crate) fn insert_error(name: &'static str, max_entries: u32, e: MapError) -> DatapathError {
     if let MapError::SyscallError(s) = &e
-        && s.io_error.raw_os_error() == Some(rustix::io::Errno::TOOBIG.raw_os_error())
+        && [rustix::io::Errno::TOOBIG, rustix::io::Errno::NOSPC]
+            .iter()
+            .any(|full| s.io_error.raw_os_error() == Some(full.raw_os_error()))
     {
         return DatapathError::MapFull { name, max_entries };
     }

@@ -681,6 +681,7 @@ fn round(
         pin_dir: pins.path().to_path_buf(),
         config: DatapathConfig::default(),
         auth_capacity: None,
+        ipcache_capacity: None,
     })
     .unwrap_or_else(|e| panic!("loading the datapath: {e}"));
     let (mut model, desc, targets) = setup(&mut rng, &pins, ancestors);

@@ -246,3 +246,45 @@ fn bpftool_reads_what_the_rust_api_wrote() {
     assert!(ipc.remove(Prefix::host(IpAddr::V4(REMOTE_V4))).unwrap());
     assert_eq!(dump(names::IPCACHE).as_array().unwrap().len(), 3);
 }
+
+#[test]
+fn the_ipcache_capacity_is_set_at_load_and_a_change_recreates_it() {
+    let pins = TestPinDir::new("ipcap");
+    let opts = |n: Option<u32>| LoadOptions {
+        pin_dir: pins.path().to_path_buf(),
+        ipcache_capacity: n,
+        ..LoadOptions::default()
+    };
+    let dp = Datapath::load(&opts(Some(4))).unwrap_or_else(|e| panic!("{e}"));
+    let mut ipc = Ipcache::open(pins.path()).unwrap();
+    let host = |i: u8| Prefix::host(IpAddr::from([10, 9, 0, i]));
+    for i in 0..4 {
+        ipc.insert(host(i), 256, 0).unwrap();
+    }
+    let err = ipc
+        .insert(host(4), 256, 0)
+        .expect_err("a fifth address cannot fit");
+    assert!(
+        err.to_string()
+            .contains("meshauth_ipcache is full (4 entries)"),
+        "{err}"
+    );
+    drop((ipc, dp));
+    // Reloaded with room for more: recreated (empty, rewritten by the
+    // agent from desired state), and now holding more than the default.
+    let dp = Datapath::load(&opts(Some(100_000))).unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        dp.layout_report()
+            .maps
+            .iter()
+            .any(|(n, f)| n == "meshauth_ipcache" && matches!(f, MapFate::Recreated { .. })),
+        "{:?}",
+        dp.layout_report()
+    );
+    let mut ipc = Ipcache::open(pins.path()).unwrap();
+    for i in 0..70_000u32 {
+        let b = i.to_be_bytes();
+        ipc.insert(Prefix::host(IpAddr::from([10, b[1], b[2], b[3]])), 256, 0)
+            .unwrap_or_else(|e| panic!("address {i}: {e}"));
+    }
+}

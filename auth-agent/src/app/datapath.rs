@@ -19,6 +19,7 @@ pub(super) fn load_and_attach(s: &Start<'_>) -> Result<(Datapath, PathBuf), Agen
         pin_dir: config.bpf_pin_dir.clone(),
         config: datapath_config(config),
         auth_capacity: Some(config.auth_map_capacity),
+        ipcache_capacity: Some(config.ipcache_capacity),
     })?;
     tracing::info!(layout = ?datapath.layout_report(), pin_dir = %config.bpf_pin_dir.display(), "datapath loaded");
     let cgroup = match &config.pods_cgroup {

@@ -71,6 +71,12 @@ pub const AUTH_MAP_CAPACITY: Key = Key::new(
     "MESHAUTH_AUTH_MAP_CAPACITY",
     "authMapCapacity",
 );
+/// [`super::Config::ipcache_capacity`].
+pub const IPCACHE_CAPACITY: Key = Key::new(
+    "ipcache-capacity",
+    "MESHAUTH_IPCACHE_CAPACITY",
+    "ipcacheCapacity",
+);
 /// [`super::Config::max_handshakes_per_source`].
 pub const MAX_HANDSHAKES_PER_SOURCE: Key = Key::new(
     "max-handshakes-per-source",
@@ -164,6 +170,7 @@ pub const ALL: &[Key] = &[
     MAX_CONCURRENT_HANDSHAKES,
     MAX_HANDSHAKES_PER_SOURCE,
     AUTH_MAP_CAPACITY,
+    IPCACHE_CAPACITY,
     SHUTDOWN_GRACE,
     METRICS_LISTEN,
     API_SOCKET,

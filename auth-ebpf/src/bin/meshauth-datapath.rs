@@ -64,6 +64,7 @@ fn run(
                 pin_dir,
                 config,
                 auth_capacity: None,
+                ipcache_capacity: None,
             })?;
             for (map, fate) in &dp.layout_report().maps {
                 println!("map {map}: {fate:?}");

@@ -38,6 +38,7 @@ impl Fixture {
             pin_dir: pins.path().to_path_buf(),
             config,
             auth_capacity: None,
+            ipcache_capacity: None,
         })
         .unwrap_or_else(|e| panic!("loading the datapath: {e}"));
         let mut ipc = Ipcache::open(pins.path()).expect("open ipcache");
