@@ -199,14 +199,24 @@ impl Selector {
         self.reqs.iter().all(|r| r.matches(labels))
     }
 
-    /// A `(key, value)` every selected identity must carry, for index lookups.
+    /// A `(key, value)` every selected identity must carry, for index
+    /// lookups: one other than the namespace when there is one (a
+    /// namespace is shared by many identities; an app label by few).
     pub fn index_hint(&self) -> Option<(&str, &str)> {
-        self.reqs.iter().find_map(|r| match &r.op {
-            Op::In(vs) if vs.len() == 1 && r.key.matches_pods() => {
-                vs.iter().next().map(|v| (r.key.key.as_str(), v.as_str()))
+        fn hint(r: &Requirement) -> Option<(&str, &str)> {
+            match &r.op {
+                Op::In(vs) if vs.len() == 1 && r.key.matches_pods() => {
+                    vs.iter().next().map(|v| (r.key.key.as_str(), v.as_str()))
+                }
+                _ => None,
             }
-            _ => None,
-        })
+        }
+        let ns = ns_key();
+        self.reqs
+            .iter()
+            .filter(|r| r.key != ns)
+            .find_map(hint)
+            .or_else(|| self.reqs.iter().find_map(hint))
     }
 }
 
