@@ -1404,3 +1404,144 @@ async fn agents_need_only_the_charts_capabilities() {
     }
     assert_no_drops(&tb, "agents with the chart's capabilities only").await;
 }
+
+const THREE_CLIENTS_POLICY: &str = r#"apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata:
+  name: payment-ingress
+  namespace: production
+spec:
+  endpointSelector:
+    matchLabels:
+      app: payment-service
+  ingress:
+    - fromEndpoints:
+        - matchLabels:
+            app: order-service
+        - matchLabels:
+            app: refund-service
+        - matchLabels:
+            app: billing-service
+      authentication:
+        mode: required
+      toPorts:
+        - ports:
+            - port: "8080"
+              protocol: TCP
+"#;
+
+/// Chaos: node-b's auth map holds two pairs (`--auth-map-capacity 2`) and
+/// needs three. The agent keeps running, keeps both entries it wrote (their
+/// traffic passes), counts and logs the pair that did not fit (its traffic
+/// drops, "Authentication required"), and writes that pair as soon as room
+/// is made — a client pod leaving frees one entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn chaos_a_full_auth_map_keeps_its_entries_and_takes_the_next_pair_when_room_is_made() {
+    let mut tb = Testbed::start(opts("mnfull", 61, false)).await.unwrap();
+    tb.add_pod("node-b", "pay-b", PAYMENT).unwrap();
+    for (pod, app) in [
+        ("order-a", ORDER),
+        ("refund-a", "refund-service"),
+        ("billing-a", "billing-service"),
+    ] {
+        tb.add_pod("node-a", pod, app).unwrap();
+    }
+    tb.write("policy.yaml", THREE_CLIENTS_POLICY).unwrap();
+    let payment = tb.register("pay-b").unwrap();
+    let clients: Vec<(String, u32)> = ["order-a", "refund-a", "billing-a"]
+        .iter()
+        .map(|p| ((*p).to_string(), tb.register(p).unwrap()))
+        .collect();
+    tb.set_agent_args("node-b", vec!["--auth-map-capacity".into(), "2".into()]);
+    tb.start_agents().await.unwrap();
+
+    // Two pairs written, the third counted as not fitting.
+    let full = tb
+        .wait_for(
+            "node-b's auth map full",
+            Duration::from_secs(20),
+            || async {
+                let e = tb.auth_entries("node-b").await.ok()?;
+                let (_, metrics) = tb.http_get("node-b", "/metrics").ok()?;
+                let failed = metrics
+                    .lines()
+                    .find(|l| {
+                        l.starts_with("meshauth_auth_entry_writes_failed_total")
+                            && l.contains("reason=\"full\"")
+                    })
+                    .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                    .unwrap_or(0.0);
+                (e.len() == 2 && failed >= 1.0).then_some(e)
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}{}", logs(&tb)));
+    assert!(tb.agent_running("node-b"), "{}", logs(&tb));
+    assert!(
+        std::fs::read_to_string(tb.paths("node-b").log)
+            .unwrap_or_default()
+            .contains("the auth map is full"),
+        "{}",
+        logs(&tb)
+    );
+    let written: BTreeSet<u32> = full.iter().map(|e| e.remote).collect();
+    let (left_out, _) = clients
+        .iter()
+        .find(|(_, id)| !written.contains(id))
+        .cloned()
+        .unwrap_or_else(|| panic!("a client left out: {full:?}"));
+    let (pay_info, _server) = serve(&tb, "pay-b");
+    for (pod, id) in &clients {
+        let mut c = client(&tb, pod);
+        let r = c.connect(pay_info.ipv4.into(), 8080, T);
+        if written.contains(id) {
+            r.unwrap_or_else(|e| panic!("{pod} (written) → pay-b: {e}{}", logs(&tb)));
+        } else {
+            r.expect_err("the pair that did not fit is dropped");
+        }
+    }
+    assert!(drops(&tb, "node-b").await > 0);
+    // Some time later the two entries are still there (nothing lost).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let still: BTreeSet<u32> = tb
+        .auth_entries("node-b")
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.remote)
+        .collect();
+    assert_eq!(still, written);
+
+    // Room: a written client leaves; the pair left out goes in at once.
+    let (gone, _) = clients
+        .iter()
+        .find(|(p, _)| *p != left_out)
+        .cloned()
+        .unwrap_or_else(|| panic!("a written client"));
+    let removed = Instant::now();
+    tb.remove_pod(&gone).unwrap();
+    let left_id = clients
+        .iter()
+        .find(|(p, _)| *p == left_out)
+        .map(|(_, id)| *id)
+        .unwrap_or(0);
+    tb.wait_for(
+        "the left-out pair written once there is room",
+        Duration::from_secs(10),
+        || async {
+            let e = tb.auth_entries("node-b").await.ok()?;
+            e.iter()
+                .any(|e| e.remote == left_id && e.local == payment)
+                .then_some(())
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}{}", logs(&tb)));
+    println!(
+        "the pair left out was written {:?} after a client pod left",
+        removed.elapsed()
+    );
+    let mut c = client(&tb, &left_out);
+    c.connect(pay_info.ipv4.into(), 8080, T)
+        .unwrap_or_else(|e| panic!("{left_out} → pay-b after room was made: {e}{}", logs(&tb)));
+}
