@@ -1545,3 +1545,126 @@ async fn chaos_a_full_auth_map_keeps_its_entries_and_takes_the_next_pair_when_ro
     c.connect(pay_info.ipv4.into(), 8080, T)
         .unwrap_or_else(|e| panic!("{left_out} → pay-b after room was made: {e}{}", logs(&tb)));
 }
+
+/// Chaos: the policy source becomes unreadable — a policy file half
+/// written (a writer that does not rename into place), then the whole
+/// manifest directory gone. Each time the agents say so in their status,
+/// keep the last good desired state (the entries stay, nothing is
+/// collected, traffic passes), and converge when the source returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn chaos_an_unreadable_policy_source_keeps_the_last_good_state() {
+    let (tb, order, payment, _) = order_and_payment(opts("mnsrc", 62, false)).await;
+    let (pay_b, _server) = serve(&tb, "pay-b");
+    let mut c = client(&tb, "order-a");
+    c.connect(pay_b.ipv4.into(), 8080, T)
+        .unwrap_or_else(|e| panic!("{e}{}", logs(&tb)));
+    let errors_say = |what: &'static str| {
+        let tb = &tb;
+        async move {
+            for n in ["node-a", "node-b"] {
+                tb.wait_for(
+                    &format!("{n}'s status names the {what}"),
+                    Duration::from_secs(10),
+                    || async {
+                        let s = tb.status(n).await.ok()?;
+                        s.policy
+                            .errors
+                            .iter()
+                            .any(|e| e.contains(what))
+                            .then_some(())
+                    },
+                )
+                .await
+                .unwrap_or_else(|e| panic!("{e}{}", logs(tb)));
+            }
+        }
+    };
+    let unchanged = |when: &'static str| {
+        let tb = &tb;
+        async move {
+            let a: BTreeSet<_> = tb
+                .auth_entries("node-a")
+                .await
+                .unwrap()
+                .iter()
+                .map(key)
+                .collect();
+            let b: BTreeSet<_> = tb
+                .auth_entries("node-b")
+                .await
+                .unwrap()
+                .iter()
+                .map(key)
+                .collect();
+            assert_eq!(
+                a,
+                [(order, payment, "node-b".to_string())].into(),
+                "node-a {when}{}",
+                logs(tb)
+            );
+            assert_eq!(
+                b,
+                [(payment, order, "node-a".to_string())].into(),
+                "node-b {when}{}",
+                logs(tb)
+            );
+        }
+    };
+
+    // Half a file, written in place: cut inside a quoted port.
+    let half = &TWO_WAY_POLICY[..TWO_WAY_POLICY
+        .find("\"8080\"")
+        .map_or(TWO_WAY_POLICY.len() / 3, |i| i + 3)];
+    std::fs::write(tb.manifests().join("policy.yaml"), half).unwrap();
+    errors_say("policy.yaml").await;
+    unchanged("with policy.yaml half written").await;
+    c.connect(pay_b.ipv4.into(), 8080, T)
+        .unwrap_or_else(|e| panic!("with policy.yaml half written: {e}{}", logs(&tb)));
+
+    // The whole directory gone.
+    let away = tb.manifests().with_extension("away");
+    std::fs::rename(tb.manifests(), &away).unwrap();
+    errors_say("manifests").await;
+    unchanged("with the manifest directory gone").await;
+    c.connect(pay_b.ipv4.into(), 8080, T)
+        .unwrap_or_else(|e| panic!("with the directory gone: {e}{}", logs(&tb)));
+    assert_no_drops(&tb, "while the source was unreadable").await;
+    for n in ["node-a", "node-b"] {
+        let log = std::fs::read_to_string(tb.paths(n).log).unwrap_or_default();
+        assert!(
+            !log.contains("auth entry removed"),
+            "{n} collected an entry while its source was unreadable:\n{log}"
+        );
+    }
+
+    // Back, and a change made meanwhile is followed: only the ingress
+    // policy now, so node-a (egress) no longer holds its pair.
+    std::fs::rename(&away, tb.manifests()).unwrap();
+    let ingress_only = TWO_WAY_POLICY
+        .split("\n---\n")
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    tb.write("policy.yaml", &ingress_only).unwrap();
+    wait_entries(&tb, "node-a", &[]).await;
+    wait_entries(&tb, "node-b", &[(payment, order, "node-a")]).await;
+    for n in ["node-a", "node-b"] {
+        tb.wait_for(
+            &format!("{n}'s source errors cleared"),
+            Duration::from_secs(10),
+            || async {
+                tb.status(n)
+                    .await
+                    .ok()?
+                    .policy
+                    .errors
+                    .is_empty()
+                    .then_some(())
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}{}", logs(&tb)));
+    }
+    c.connect(pay_b.ipv4.into(), 8080, T)
+        .unwrap_or_else(|e| panic!("after the source returned: {e}{}", logs(&tb)));
+}
