@@ -1668,3 +1668,52 @@ async fn chaos_an_unreadable_policy_source_keeps_the_last_good_state() {
     c.connect(pay_b.ipv4.into(), 8080, T)
         .unwrap_or_else(|e| panic!("after the source returned: {e}{}", logs(&tb)));
 }
+
+/// Chaos: a policy file rewritten in place by a slow writer. Its first
+/// half is valid YAML meaning something else (the ingress rule without its
+/// `authentication`, the egress policy missing); read then, it would
+/// collect both pairs. The agents read a file only once it has not changed
+/// for half a second: nothing is collected, no packet dropped, and the
+/// finished file (a second port) is followed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn chaos_a_policy_file_written_in_place_is_not_taken_half_written() {
+    let (tb, order, payment, _) = order_and_payment(opts("mnslow", 63, false)).await;
+    let (pay_b, _server) = serve(&tb, "pay-b");
+    let mut c = client(&tb, "order-a");
+    c.connect(pay_b.ipv4.into(), 8080, T)
+        .unwrap_or_else(|e| panic!("{e}{}", logs(&tb)));
+    let path = tb.manifests().join("policy.yaml");
+    let prefix = &TWO_WAY_POLICY[..TWO_WAY_POLICY.find("authentication").unwrap_or(0)];
+    let gen_a = tb.status("node-a").await.unwrap().policy.generation;
+    let gen_b = tb.status("node-b").await.unwrap().policy.generation;
+    std::fs::write(&path, prefix).unwrap();
+    // The writer takes 300 ms (three of the agents' 100 ms polls).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let finished = TWO_WAY_POLICY.replace("port: \"5353\"", "port: \"5354\"");
+    std::fs::write(&path, &finished).unwrap();
+    // Followed once settled: the desired state moves on.
+    for (n, before) in [("node-a", gen_a), ("node-b", gen_b)] {
+        tb.wait_for(
+            &format!("{n} reads the finished file"),
+            Duration::from_secs(10),
+            || async {
+                let s = tb.status(n).await.ok()?;
+                (s.policy.generation > before && s.policy.rules > 0).then_some(())
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}{}", logs(&tb)));
+    }
+    wait_entries(&tb, "node-a", &[(order, payment, "node-b")]).await;
+    wait_entries(&tb, "node-b", &[(payment, order, "node-a")]).await;
+    for n in ["node-a", "node-b"] {
+        let log = std::fs::read_to_string(tb.paths(n).log).unwrap_or_default();
+        assert!(
+            !log.contains("auth entry removed"),
+            "{n} took the half-written file:\n{log}"
+        );
+    }
+    c.connect(pay_b.ipv4.into(), 8080, T)
+        .unwrap_or_else(|e| panic!("after the rewrite: {e}{}", logs(&tb)));
+    assert_no_drops(&tb, "while the file was being written").await;
+}

@@ -397,3 +397,57 @@ fn a_duplicate_falls_back_to_the_earlier_file_and_a_same_length_edit_is_seen() {
     assert!(ip(&src, "10.0.0.1"), "a is unchanged");
     assert!(src.errors().is_empty(), "{:?}", src.errors());
 }
+
+/// A file written in place is not taken half written: a change is read
+/// only once the file was last modified `settle` ago. The prefix here is
+/// valid YAML meaning something else (the rule without its
+/// `authentication`): taken, it would collect the pair.
+#[test]
+fn a_file_being_written_in_place_is_read_once_it_settled() {
+    let policy = read("../deploy/examples/payment-requires-auth.yaml");
+    let dir = dir_with_cluster(&[("policy.yaml", policy.clone())]);
+    let path = dir.path().join("policy.yaml");
+    let mut cfg = FilesConfig::new(dir.path());
+    cfg.settle = Duration::from_millis(500);
+    let mut src = FilesSource::new(cfg).unwrap();
+    src.sync().unwrap();
+    assert_eq!(src.engine().state().rules.len(), 1, "read at once at start");
+
+    let prefix = &policy[..policy.find("authentication").unwrap()];
+    std::fs::write(&path, prefix).unwrap();
+    let mtime = std::fs::metadata(&path).unwrap().modified().unwrap();
+    let now = std::time::Instant::now();
+    let d = src
+        .sync_at(now, mtime + Duration::from_millis(100))
+        .unwrap();
+    assert!(
+        d.is_empty(),
+        "a file modified 100 ms ago is not read: {d:?}"
+    );
+    assert_eq!(src.engine().state().rules.len(), 1);
+
+    // The writer finishes (another port); read once it settled.
+    std::fs::write(&path, policy.replace("8080", "9090")).unwrap();
+    let mtime = std::fs::metadata(&path).unwrap().modified().unwrap();
+    let d = src
+        .sync_at(now, mtime + Duration::from_millis(100))
+        .unwrap();
+    assert!(d.is_empty(), "{d:?}");
+    let d = src
+        .sync_at(now, mtime + Duration::from_millis(600))
+        .unwrap();
+    assert_eq!(
+        (d.rules_added.len(), d.rules_removed.len()),
+        (1, 1),
+        "{d:?}"
+    );
+    assert!(
+        src.engine()
+            .state()
+            .rules
+            .iter()
+            .all(|r| format!("{r:?}").contains("9090")),
+        "{:?}",
+        src.engine().state().rules
+    );
+}

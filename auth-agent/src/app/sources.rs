@@ -141,6 +141,9 @@ async fn start_policy_source(
             cfg.interval = config.policy_poll_interval;
             cfg.identity_file = Some(config.state_dir.join("identities.json"));
             cfg.identity_quarantine = config.identity_quarantine;
+            // A manifest written in place is read once it has not changed
+            // for half a second, not half written.
+            cfg.settle = std::time::Duration::from_millis(500);
             let (sub, task) = policy_bridge::source::files::spawn(cfg)?;
             tasks.adopt("policy_source", Stop::Abort, task);
             Ok((sub, None))

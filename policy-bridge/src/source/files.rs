@@ -58,6 +58,12 @@ pub struct FilesConfig {
     pub identity_quarantine: Duration,
     /// Engine settings.
     pub engine: EngineConfig,
+    /// A file is read only once it was last modified at least this long
+    /// ago (zero: at once), so a file being written in place is not taken
+    /// half written — a prefix of a manifest can be valid YAML that means
+    /// something else (a rule without its `authentication`, a policy
+    /// missing). The first read at start takes every file as it is.
+    pub settle: Duration,
 }
 
 impl FilesConfig {
@@ -71,6 +77,7 @@ impl FilesConfig {
             identity_grace: Duration::from_secs(15 * 60),
             identity_quarantine: crate::identity::DEFAULT_QUARANTINE,
             engine: EngineConfig::default(),
+            settle: Duration::ZERO,
         }
     }
 }
@@ -96,6 +103,8 @@ pub struct FilesSource {
     applied: BTreeMap<ObjectKey, u64>,
     engine: Engine,
     errors: Vec<String>,
+    /// The first sync is done (later ones honour `settle`).
+    started: bool,
 }
 
 impl FilesSource {
@@ -113,6 +122,7 @@ impl FilesSource {
             files: BTreeMap::new(),
             applied: BTreeMap::new(),
             errors: Vec::new(),
+            started: false,
         })
     }
 
@@ -150,8 +160,25 @@ impl FilesSource {
         paths.sort();
         let mut next = BTreeMap::new();
         let mut parsed = BTreeMap::new();
+        let settle = self.cfg.settle;
+        let started = std::mem::replace(&mut self.started, true);
         for p in paths {
             let old = self.files.remove(&p);
+            // Modified within the settle time: possibly still being
+            // written. What the file gave before stays; it is read on a
+            // later round.
+            let recent = started
+                && !settle.is_zero()
+                && std::fs::metadata(&p)
+                    .and_then(|m| m.modified())
+                    .is_ok_and(|m| wall.duration_since(m).is_ok_and(|age| age < settle));
+            if recent {
+                tracing::debug!(path = %p.display(), "modified within the settle time; read later");
+                if let Some(old) = old {
+                    next.insert(p, old);
+                }
+                continue;
+            }
             let (entry, objects) = read_file(&p, old, false);
             if let Some(objects) = objects {
                 parsed.insert(p.clone(), objects);
