@@ -1,6 +1,11 @@
-//! The `meshauth/1` handshake: mutual TLS 1.3 between two nodes' agents,
-//! each presenting the X.509-SVID of its own workload identity, then one
-//! small versioned message each way ([`protocol`]).
+//! The handshake: mutual TLS 1.3 between two nodes' agents, each presenting
+//! the X.509-SVID of its own workload identity, then one small versioned
+//! message each way ([`protocol`]). ALPN picks the version: `meshauth/2`
+//! keeps the connection open as a session over which further pairs are
+//! proved with SVID signatures bound to the session ([`proof`]);
+//! `meshauth/1` (what agents before sessions speak, and the fallback) ends
+//! after one pair. Both sides offer both, so old and new agents interoperate
+//! through a rolling upgrade.
 //!
 //! - [`server`]: the responder. Listens on TCP 4250, refuses peers whose
 //!   source address is no known node (before TLS), serves identity `R`'s SVID
@@ -14,11 +19,12 @@
 //!   is the metric label. [`Metrics`] are `meshauth_handshake_*`.
 //!
 //! TLS session resumption is off on both sides: every handshake verifies
-//! both certificates afresh.
+//! both certificates afresh, and every proof verifies the signer's chain.
 
 pub mod client;
 mod error;
 pub mod metrics;
+pub mod proof;
 pub mod protocol;
 pub mod server;
 mod stated_key;
@@ -35,8 +41,11 @@ pub use metrics::{Limit, Metrics, Role};
 pub use server::{Accepted, HandshakeServer, Outcome, ServerOptions};
 pub use stated_key::StatedKey;
 
-/// The handshake's ALPN protocol id.
+/// The ALPN protocol id of the one-pair handshake (`meshauth/1`).
 pub const ALPN: &[u8] = b"meshauth/1";
+
+/// The ALPN protocol id of sessions (`meshauth/2`).
+pub const ALPN_V2: &[u8] = b"meshauth/2";
 
 /// Default TCP port of the handshake server.
 pub const DEFAULT_PORT: u16 = 4250;
@@ -56,6 +65,19 @@ pub const DEFAULT_MAX_PER_SOURCE: usize = 16;
 /// Finished), shorter than [`DEFAULT_TIMEOUT`] so that a peer sending
 /// nothing or one byte at a time frees its slot quickly.
 pub const DEFAULT_TLS_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Default time after which the responder closes a session that proved
+/// nothing (short: an idle session holds one of the connection slots).
+pub const DEFAULT_SESSION_IDLE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Default time after which the initiator stops sending proofs over a
+/// session that has been quiet, and opens a new one instead (shorter than
+/// the responder's idle timeout, so it does not race the responder's close).
+pub const DEFAULT_SESSION_REUSE_WINDOW: Duration = Duration::from_secs(1);
+
+/// Default longest life of a session (the responder closes it then; the
+/// initiator stops using it a minute earlier).
+pub const DEFAULT_SESSION_MAX_AGE: Duration = Duration::from_secs(600);
 
 /// Default interval in which a refusal is logged at most once per peer.
 pub const DEFAULT_REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(60);

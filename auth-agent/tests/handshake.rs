@@ -11,6 +11,8 @@ mod flood;
 mod manager;
 #[path = "handshake/refusals.rs"]
 mod refusals;
+#[path = "handshake/sessions.rs"]
+mod sessions;
 #[path = "handshake/shutdown.rs"]
 mod shutdown;
 #[path = "handshake/spire.rs"]

@@ -45,12 +45,36 @@ thread_local! {
         .unwrap_or_else(|e| panic!("tokio runtime: {e}"));
 }
 
-/// A meshauth/1 frame read as the handshake reads it.
+/// A handshake frame read as each version reads it; a `meshauth/2` proof
+/// is decoded (chain, signature) and checked against a fixed statement as
+/// the responder and the initiator check one.
 pub fn handshake_message(data: &[u8]) {
+    use auth_agent::handshake::proof::{self, Signer, Statement};
+    use auth_agent::handshake::protocol::{self, Message, Version};
     RT.with(|rt| {
         rt.block_on(async {
             let mut r = data;
-            let _ = auth_agent::handshake::protocol::read(&mut r).await;
+            let _ = protocol::read(&mut r).await;
+            let mut r = data;
+            let Ok(Message::Prove(p) | Message::Proven(p)) =
+                protocol::read_as(&mut r, Version::V2).await
+            else {
+                return;
+            };
+            let Ok(decoded) = proof::decode(&p) else {
+                return;
+            };
+            let exporter = [7u8; 32];
+            let statement = Statement {
+                exporter: &exporter,
+                id: p.id,
+                initiator: p.local,
+                responder: p.remote,
+                initiator_node: &p.node,
+                responder_node: "node-b",
+            };
+            let _ = proof::check(Signer::Initiator, &statement, &p, &decoded, None);
+            let _ = proof::check(Signer::Responder, &statement, &p, &decoded, Some(b"sig"));
         });
     });
 }

@@ -3,13 +3,15 @@
 //! example policies, SPIRE responses carrying real certificate chains and
 //! keys made for the corpus, API requests) for the fuzzers to start from.
 //! `UPDATE_FUZZ_SEEDS=1 cargo test -p meshauth-fuzz-targets --test seeds`
-//! writes them again; otherwise the test checks they are there and that
-//! each still takes the path it was made for.
+//! writes them again (`UPDATE_FUZZ_SEEDS=<name>`: only that seed);
+//! otherwise the test checks they are there and that each still takes the
+//! path it was made for.
 
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
-use auth_agent::handshake::protocol::{Hello, Message, encode};
+use auth_agent::handshake::proof::{self, Signer, Statement};
+use auth_agent::handshake::protocol::{Hello, Message, Version, encode, encode_as};
 use meshauth_test_support::certs::Ca;
 use prost::Message as _;
 use spire_proto::delegatedidentity::{
@@ -40,6 +42,7 @@ fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
         (
             "refused",
             Message::Refused {
+                id: None,
                 label: "identity_mismatch".into(),
                 message: "the certificate proves 258".into(),
             },
@@ -59,6 +62,33 @@ fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
         "handshake_message",
         "too-long".into(),
         vec![0xff, 0xff, 0xff, 0xff],
+    ));
+    // A meshauth/2 proof with a real chain, signed over the statement the
+    // fuzz target checks it against (so it verifies: the deep path).
+    let ca = Ca::root("fuzz seed CA");
+    let leaf = ca.svid(256, SystemTime::now(), Duration::from_secs(3600));
+    let svid = svid_cache::Svid::build(
+        &leaf.input(),
+        &meshauth_test_support::certs::td(),
+        None,
+        SystemTime::now(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let exporter = [7u8; 32];
+    let statement = Statement {
+        exporter: &exporter,
+        id: 1,
+        initiator: 256,
+        responder: 257,
+        initiator_node: "node-a",
+        responder_node: "node-b",
+    };
+    let (p, _) = proof::make(Signer::Initiator, &statement, &svid, None, None)
+        .unwrap_or_else(|e| panic!("{e}"));
+    out.push((
+        "handshake_message",
+        "prove-v2".into(),
+        encode_as(Version::V2, &Message::Prove(p)).unwrap_or_else(|e| panic!("{e}")),
     ));
 
     let examples = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples");
@@ -182,9 +212,12 @@ fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
 
 #[test]
 fn every_target_has_its_seeds() {
-    let update = std::env::var_os("UPDATE_FUZZ_SEEDS").is_some();
-    if update {
+    let update = std::env::var("UPDATE_FUZZ_SEEDS").ok();
+    if let Some(only) = update {
         for (target, name, bytes) in seeds() {
+            if only != "1" && only != name {
+                continue;
+            }
             let dir = corpus(target);
             std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
             std::fs::write(dir.join(format!("seed-{name}")), bytes)
@@ -204,6 +237,27 @@ fn every_target_has_its_seeds() {
             "fuzz/seeds/{target} has {n} seeds; run UPDATE_FUZZ_SEEDS=1 cargo test -p meshauth-fuzz-targets --test seeds"
         );
     }
+    // The proof seed decodes and its signature verifies as the target checks it.
+    let prove =
+        std::fs::read(corpus("handshake_message").join("seed-prove-v2")).unwrap_or_default();
+    let Some(Message::Prove(p)) = prove
+        .get(4..)
+        .and_then(|b| auth_agent::handshake::protocol::decode_as(Version::V2, b).ok())
+    else {
+        panic!("seed-prove-v2 is not a meshauth/2 proof");
+    };
+    let exporter = [7u8; 32];
+    let statement = Statement {
+        exporter: &exporter,
+        id: p.id,
+        initiator: p.local,
+        responder: p.remote,
+        initiator_node: &p.node,
+        responder_node: "node-b",
+    };
+    let decoded = proof::decode(&p).unwrap_or_else(|e| panic!("seed-prove-v2: {e}"));
+    proof::check(Signer::Initiator, &statement, &p, &decoded, None)
+        .unwrap_or_else(|e| panic!("seed-prove-v2 does not verify: {e}"));
     // The SPIRE seeds carry chains the cache accepts (not just bytes that
     // decode): the fuzzers start from the deep end.
     let one = std::fs::read(corpus("workload_api").join("seed-one")).unwrap_or_default();

@@ -51,6 +51,7 @@ pub mod cache;
 pub mod clock;
 pub mod fuzzing;
 pub mod identity;
+pub mod proof;
 pub mod source;
 pub mod svid;
 pub mod tls;

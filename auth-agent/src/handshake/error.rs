@@ -1,4 +1,4 @@
-//! What can go wrong in a `meshauth/1` handshake, one variant per check.
+//! What can go wrong in a handshake or a pair proof, one variant per check.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
@@ -188,6 +188,39 @@ pub enum HandshakeError {
     /// Building a TLS configuration failed.
     #[error("TLS config: {0}")]
     Config(#[source] svid_cache::tls::TlsError),
+    /// A `meshauth/2` proof could not be signed, or its signature did not verify.
+    #[error("pair proof: {0}")]
+    Proof(#[source] svid_cache::proof::ProofError),
+    /// A `meshauth/2` proof is not well formed (chain, encoding, id).
+    #[error("pair proof malformed: {reason}")]
+    ProofMalformed {
+        /// What is wrong.
+        reason: String,
+    },
+    /// A `meshauth/2` proof reused or went back on a request number.
+    #[error("pair proof number {id} after {last}: numbers must increase within a session")]
+    ProofReplayed {
+        /// The number sent.
+        id: u64,
+        /// The last number seen.
+        last: u64,
+    },
+    /// A message that has no place at this point of the exchange.
+    #[error("unexpected {got} message {during}")]
+    UnexpectedMessage {
+        /// The message's type.
+        got: &'static str,
+        /// Where in the exchange.
+        during: &'static str,
+    },
+    /// The session ended before the answer to a proof arrived.
+    #[error("the meshauth/2 session with {peer} closed before answering: {reason}")]
+    SessionClosed {
+        /// The peer's address.
+        peer: SocketAddr,
+        /// Why, as far as known.
+        reason: String,
+    },
 }
 
 impl HandshakeError {
@@ -219,6 +252,17 @@ impl HandshakeError {
             Self::ShuttingDown { .. } => "shutting_down",
             Self::Store(_) => "store",
             Self::Config(_) => "config",
+            Self::Proof(p) => match p {
+                svid_cache::proof::ProofError::BadSignature { .. } => "proof_signature_invalid",
+                svid_cache::proof::ProofError::UnsupportedScheme { .. } => "proof_scheme",
+                svid_cache::proof::ProofError::Certificate(_) => "proof_malformed",
+                svid_cache::proof::ProofError::NoScheme
+                | svid_cache::proof::ProofError::Sign(_) => "proof_sign",
+            },
+            Self::ProofMalformed { .. } => "proof_malformed",
+            Self::ProofReplayed { .. } => "proof_replayed",
+            Self::UnexpectedMessage { .. } => "message_unexpected",
+            Self::SessionClosed { .. } => "session_closed",
         }
     }
 

@@ -38,11 +38,12 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument as _, debug, info, info_span, warn};
 
 use super::metrics::{Limit, Metrics, Role};
-use super::protocol::{self, Hello, Message, ProtocolError};
+use super::proof::{self, Signer, Statement};
+use super::protocol::{self, Hello, Message, Proof, ProtocolError, Version};
 use super::throttle::{DEFAULT_MAX_PEERS, LogThrottle};
 use super::{
-    ALPN, DEFAULT_MAX_CONCURRENT, DEFAULT_MAX_PER_SOURCE, DEFAULT_REFUSAL_LOG_INTERVAL,
-    DEFAULT_TIMEOUT, DEFAULT_TLS_TIMEOUT, HandshakeError,
+    DEFAULT_MAX_CONCURRENT, DEFAULT_MAX_PER_SOURCE, DEFAULT_REFUSAL_LOG_INTERVAL, DEFAULT_TIMEOUT,
+    DEFAULT_TLS_TIMEOUT, HandshakeError,
 };
 use crate::auth::store::{AuthStore, Pair};
 use crate::nodes::NodeTable;
@@ -78,6 +79,12 @@ pub struct ServerOptions {
     pub drain_timeout: Duration,
     /// This node's WireGuard public key, when WireGuard is on.
     pub wireguard_key: super::StatedKey,
+    /// Whether `meshauth/2` sessions are offered (else only `meshauth/1`).
+    pub sessions: bool,
+    /// A session with no proof for this long is closed.
+    pub session_idle_timeout: Duration,
+    /// A session is closed this long after it opened, even if busy.
+    pub session_max_age: Duration,
 }
 
 impl std::fmt::Debug for ServerOptions {
@@ -92,6 +99,9 @@ impl std::fmt::Debug for ServerOptions {
             .field("refusal_log_interval", &self.refusal_log_interval)
             .field("drain_timeout", &self.drain_timeout)
             .field("wireguard", &self.wireguard_key.current().is_some())
+            .field("sessions", &self.sessions)
+            .field("session_idle_timeout", &self.session_idle_timeout)
+            .field("session_max_age", &self.session_max_age)
             .finish_non_exhaustive()
     }
 }
@@ -99,7 +109,8 @@ impl std::fmt::Debug for ServerOptions {
 impl ServerOptions {
     /// Options with the default timeouts (5 s overall, 1 s for TLS, 5 s of
     /// drain), limits (256 at once, 16 per source address) and refusal log
-    /// interval (60 s), WireGuard off.
+    /// interval (60 s), WireGuard off, sessions on (closed after 2 s idle or
+    /// 10 min).
     pub fn new(
         listen: SocketAddr,
         cache: SvidCache,
@@ -120,6 +131,9 @@ impl ServerOptions {
             refusal_log_interval: DEFAULT_REFUSAL_LOG_INTERVAL,
             drain_timeout: DEFAULT_TIMEOUT,
             wireguard_key: super::StatedKey::default(),
+            sessions: true,
+            session_idle_timeout: super::DEFAULT_SESSION_IDLE_TIMEOUT,
+            session_max_age: super::DEFAULT_SESSION_MAX_AGE,
         }
     }
 }
@@ -312,7 +326,11 @@ impl HandshakeServer {
             }),
         )
         .map_err(HandshakeError::Config)?;
-        template.alpn_protocols = vec![ALPN.to_vec()];
+        template.alpn_protocols = if opts.sessions {
+            vec![Version::V2.alpn().to_vec(), Version::V1.alpn().to_vec()]
+        } else {
+            vec![Version::V1.alpn().to_vec()]
+        };
         template.send_tls13_tickets = 0;
         template.session_storage = Arc::new(NoServerSessionStorage {});
         let mut refuse = template.clone();
@@ -384,9 +402,9 @@ impl HandshakeServer {
                     continue;
                 }
             };
-            let (shared, cancel) = (shared.clone(), cancel.clone());
+            let (shared, cancel, stopping) = (shared.clone(), cancel.clone(), shutdown.clone());
             tasks.spawn(async move {
-                shared.serve(tcp, peer, cancel).await;
+                shared.serve(tcp, peer, cancel, stopping).await;
                 drop(ticket);
             });
         }
@@ -442,9 +460,17 @@ impl Shared {
         });
     }
 
-    async fn serve(&self, tcp: TcpStream, peer: SocketAddr, cancel: CancellationToken) {
+    /// Serves one connection: the handshake, then its session if it opened
+    /// one. `stopping` ends an idle session; `cancel` ends work in flight.
+    async fn serve(
+        &self,
+        tcp: TcpStream,
+        peer: SocketAddr,
+        cancel: CancellationToken,
+        stopping: CancellationToken,
+    ) {
         let started = Instant::now();
-        let _in_flight = self.metrics.in_flight(Role::Responder);
+        let in_flight = self.metrics.in_flight(Role::Responder);
         let span = info_span!("handshake", role = "responder", peer.addr = %peer);
         let result = async {
             let Some((node_id, node)) = self.opts.nodes.by_address(peer.ip()) else {
@@ -462,7 +488,28 @@ impl Shared {
         }
         .instrument(span.clone())
         .await;
-        let took = started.elapsed();
+        let (result, session) = match result {
+            Ok((accepted, session)) => (Ok(accepted), session),
+            Err(e) => (Err(e), None),
+        };
+        self.finish(peer, &span, started.elapsed(), result);
+        drop(in_flight);
+        if let Some(session) = session {
+            let span = info_span!("session", role = "responder", peer.addr = %peer, node = %session.node.name);
+            self.session(session, cancel, stopping)
+                .instrument(span)
+                .await;
+        }
+    }
+
+    /// Records, logs and publishes one handshake's or proof's outcome.
+    fn finish(
+        &self,
+        peer: SocketAddr,
+        span: &tracing::Span,
+        took: Duration,
+        result: Result<Accepted, HandshakeError>,
+    ) {
         let _enter = span.enter();
         match &result {
             Ok(a) => debug!(
@@ -500,7 +547,8 @@ impl Shared {
             });
         };
         let offered: Vec<&[u8]> = hello.alpn().map(|a| a.collect()).unwrap_or_default();
-        if !offered.contains(&ALPN) {
+        let served = &self.template.alpn_protocols;
+        if !offered.iter().any(|o| served.iter().any(|s| s == o)) {
             return Err(HandshakeError::AlpnMismatch {
                 got: offered
                     .iter()
@@ -526,7 +574,7 @@ impl Shared {
         peer: SocketAddr,
         node_id: u16,
         node: NodeInfo,
-    ) -> Result<Accepted, HandshakeError> {
+    ) -> Result<(Accepted, Option<Session>), HandshakeError> {
         let tls_after = self.opts.tls_timeout;
         let tls_deadline = tokio::time::Instant::now() + tls_after;
         let tls_timeout = |_| HandshakeError::TlsTimeout {
@@ -558,14 +606,14 @@ impl Shared {
             .map_err(tls_timeout)?
             .map_err(|e| HandshakeError::from_io("TLS handshake", e))?;
         let conn = tls.get_ref().1;
-        if conn.alpn_protocol() != Some(ALPN) {
+        let Some(version) = conn.alpn_protocol().and_then(Version::from_alpn) else {
             return Err(HandshakeError::AlpnMismatch {
                 got: conn
                     .alpn_protocol()
                     .map(|p| vec![String::from_utf8_lossy(p).into_owned()])
                     .unwrap_or_default(),
             });
-        }
+        };
         let td = self.opts.cache.trust_domain();
         let (l, peer_not_after) = conn
             .peer_certificates()
@@ -574,10 +622,16 @@ impl Shared {
             .ok_or(HandshakeError::NoClientCertificate)?;
 
         let checked = async {
-            let hello = match protocol::read(&mut tls).await {
+            let hello = match protocol::read_as(&mut tls, version).await {
                 Ok(Message::Hello(h)) => h,
-                Ok(Message::Refused { label, message }) => {
+                Ok(Message::Refused { label, message, .. }) => {
                     return Err(HandshakeError::PeerRefused { label, message });
+                }
+                Ok(other) => {
+                    return Err(HandshakeError::UnexpectedMessage {
+                        got: kind(&other),
+                        during: "as the opening hello",
+                    });
                 }
                 Err(e) => return Err(from_protocol(e)),
             };
@@ -592,14 +646,7 @@ impl Shared {
                     | HandshakeError::Tls { .. }
                     | HandshakeError::PeerAlert { .. }
             ) {
-                let _ = protocol::write(
-                    &mut tls,
-                    &Message::Refused {
-                        label: e.label().to_owned(),
-                        message: e.to_string(),
-                    },
-                )
-                .await;
+                let _ = protocol::write_as(&mut tls, version, &refused(None, &e)).await;
                 let _ = tls.shutdown().await;
             }
             return Err(e);
@@ -611,29 +658,16 @@ impl Shared {
             remote: l,
             node: node_id,
         };
-        let required = self
-            .view
-            .current()
-            .required
-            .contains(&(r, l, node.name.clone()));
-        if required {
-            if let Err(e) = self.opts.store.upsert(pair, expiry) {
-                let e = HandshakeError::Store(e);
-                let _ = protocol::write(
-                    &mut tls,
-                    &Message::Refused {
-                        label: e.label().to_owned(),
-                        message: e.to_string(),
-                    },
-                )
-                .await;
+        let stored = match self.store_if_required(pair, &node, expiry) {
+            Ok(stored) => stored,
+            Err(e) => {
+                let _ = protocol::write_as(&mut tls, version, &refused(None, &e)).await;
                 return Err(e);
             }
-        } else {
-            debug!(%pair, node = %node.name, "pair not required by the desired state; not written");
-        }
-        protocol::write(
+        };
+        protocol::write_as(
             &mut tls,
+            version,
             &Message::Hello(Hello {
                 node: self.local_name.clone(),
                 local: r,
@@ -643,13 +677,260 @@ impl Shared {
         )
         .await
         .map_err(from_protocol)?;
-        let _ = tls.shutdown().await;
+        let session = match version {
+            Version::V1 => {
+                let _ = tls.shutdown().await;
+                None
+            }
+            Version::V2 => {
+                let exporter = tls
+                    .get_ref()
+                    .1
+                    .export_keying_material([0u8; 32], proof::EXPORTER_LABEL, None)
+                    .map_err(|source| HandshakeError::Tls {
+                        stage: "exporting the session's proof value",
+                        source,
+                    })?;
+                Some(Session {
+                    tls,
+                    peer,
+                    node_id,
+                    node: node.clone(),
+                    exporter,
+                })
+            }
+        };
+        Ok((
+            Accepted {
+                pair,
+                peer_node: node.name,
+                expiry,
+                stored,
+            },
+            session,
+        ))
+    }
+
+    /// Writes `pair` if the desired state requires it; says whether it did.
+    fn store_if_required(
+        &self,
+        pair: Pair,
+        node: &NodeInfo,
+        expiry: SystemTime,
+    ) -> Result<bool, HandshakeError> {
+        let required =
+            self.view
+                .current()
+                .required
+                .contains(&(pair.local, pair.remote, node.name.clone()));
+        if required {
+            self.opts
+                .store
+                .upsert(pair, expiry)
+                .map_err(HandshakeError::Store)?;
+        } else {
+            debug!(%pair, node = %node.name, "pair not required by the desired state; not written");
+        }
+        Ok(required)
+    }
+
+    /// Serves a `meshauth/2` session's proofs until the peer closes it, it
+    /// idles past the idle timeout, it reaches its maximum age, a proof
+    /// breaks the protocol, or the server shuts down.
+    async fn session(
+        &self,
+        mut s: Session,
+        cancel: CancellationToken,
+        stopping: CancellationToken,
+    ) {
+        let opened = Instant::now();
+        let idle = self.opts.session_idle_timeout;
+        let mut last_id = 0u64;
+        let why = loop {
+            let Some(age_left) = self.opts.session_max_age.checked_sub(opened.elapsed()) else {
+                break "maximum age reached";
+            };
+            let read = tokio::select! {
+                _ = stopping.cancelled() => break "shutting down",
+                r = tokio::time::timeout(idle.min(age_left), protocol::read_as(&mut s.tls, Version::V2)) => r,
+            };
+            let proof = match read {
+                Err(_) => break "idle or maximum age reached",
+                Ok(Err(ProtocolError::Truncated {
+                    got: 0,
+                    part: "length prefix",
+                    ..
+                })) => {
+                    break "closed by the peer";
+                }
+                Ok(Err(e)) => {
+                    let e = from_protocol(e);
+                    let _ = protocol::write_as(&mut s.tls, Version::V2, &refused(None, &e)).await;
+                    self.finish(s.peer, &tracing::Span::current(), Duration::ZERO, Err(e));
+                    break "unreadable message";
+                }
+                Ok(Ok(Message::Prove(p))) => p,
+                Ok(Ok(other)) => {
+                    let e = HandshakeError::UnexpectedMessage {
+                        got: kind(&other),
+                        during: "in a session (only proofs are expected)",
+                    };
+                    let _ = protocol::write_as(&mut s.tls, Version::V2, &refused(None, &e)).await;
+                    self.finish(s.peer, &tracing::Span::current(), Duration::ZERO, Err(e));
+                    break "unexpected message";
+                }
+            };
+            let started = Instant::now();
+            let in_flight = self.metrics.in_flight(Role::Responder);
+            let id = proof.id;
+            let after = self.opts.handshake_timeout;
+            let answered = tokio::select! {
+                _ = cancel.cancelled() => Err((HandshakeError::ShuttingDown { peer: s.peer }, true)),
+                r = tokio::time::timeout(after, self.prove(&mut s, &mut last_id, proof)) => {
+                    r.unwrap_or(Err((HandshakeError::Timeout { peer: s.peer, after }, true)))
+                }
+            };
+            drop(in_flight);
+            let (result, fatal) = match answered {
+                Ok(accepted) => (Ok(accepted), false),
+                Err((e, fatal)) => {
+                    if !matches!(
+                        e,
+                        HandshakeError::Io { .. } | HandshakeError::Timeout { .. }
+                    ) {
+                        let _ = protocol::write_as(&mut s.tls, Version::V2, &refused(Some(id), &e))
+                            .await;
+                    }
+                    (Err(e), fatal)
+                }
+            };
+            self.finish(s.peer, &tracing::Span::current(), started.elapsed(), result);
+            if fatal {
+                break "a proof broke the protocol";
+            }
+        };
+        debug!(why, "session closed");
+        let _ = tokio::time::timeout(Duration::from_millis(100), s.tls.shutdown()).await;
+    }
+
+    /// Checks one proof, writes its pair when required and answers with ours.
+    /// An error says whether it ends the session.
+    async fn prove(
+        &self,
+        s: &mut Session,
+        last_id: &mut u64,
+        p: Proof,
+    ) -> Result<Accepted, (HandshakeError, bool)> {
+        let fatal = |e| (e, true);
+        let refuse = |e| (e, false);
+        if p.id <= *last_id {
+            return Err(fatal(HandshakeError::ProofReplayed {
+                id: p.id,
+                last: *last_id,
+            }));
+        }
+        *last_id = p.id;
+        // The node behind the address must still be the one the session opened with.
+        let node = match self.opts.nodes.by_address(s.peer.ip()) {
+            Some((id, n)) if id == s.node_id && n.name == s.node.name => n,
+            _ => {
+                return Err(fatal(HandshakeError::UnknownPeerAddress {
+                    addr: s.peer.ip(),
+                }));
+            }
+        };
+        let (l, r) = (p.local, p.remote);
+        let view = self.view.current();
+        if !view.local_ids.contains(&r) {
+            return Err(refuse(HandshakeError::NoLocalEndpoint {
+                identity: r,
+                node: self.local_name.clone(),
+            }));
+        }
+        let svid = self
+            .opts
+            .cache
+            .get(r)
+            .ok_or(HandshakeError::NoSvid { identity: r })
+            .map_err(refuse)?;
+        let decoded = proof::decode(&p).map_err(refuse)?;
+        let known = view.clone();
+        let verified = SpiffeClientVerifier::known(self.opts.cache.clone(), move |id| {
+            known.known.contains(&id)
+        })
+        .verify(&decoded.chain)
+        .map_err(|e| refuse(HandshakeError::PeerCertificate(e)))?;
+        if verified.identity != l {
+            return Err(refuse(HandshakeError::IdentityMismatch {
+                field: "local",
+                stated: l,
+                expected: verified.identity,
+            }));
+        }
+        let statement = Statement {
+            exporter: &s.exporter,
+            id: p.id,
+            initiator: l,
+            responder: r,
+            initiator_node: &node.name,
+            responder_node: &self.local_name,
+        };
+        proof::check(Signer::Initiator, &statement, &p, &decoded, None).map_err(refuse)?;
+        super::check_wireguard_key(&node, &p.wireguard_key).map_err(refuse)?;
+        let expiry = svid.not_after().min(verified.not_after);
+        let pair = Pair {
+            local: r,
+            remote: l,
+            node: s.node_id,
+        };
+        let stored = self
+            .store_if_required(pair, &node, expiry)
+            .map_err(refuse)?;
+        let (answer, _) = proof::make(
+            Signer::Responder,
+            &statement,
+            &svid,
+            self.opts.wireguard_key.current(),
+            Some(&decoded.signature),
+        )
+        .map_err(refuse)?;
+        protocol::write_as(&mut s.tls, Version::V2, &Message::Proven(answer))
+            .await
+            .map_err(|e| fatal(from_protocol(e)))?;
         Ok(Accepted {
             pair,
             peer_node: node.name,
             expiry,
-            stored: required,
+            stored,
         })
+    }
+}
+
+/// An open `meshauth/2` session on the responder.
+struct Session {
+    tls: tokio_rustls::server::TlsStream<TcpStream>,
+    peer: SocketAddr,
+    node_id: u16,
+    node: NodeInfo,
+    exporter: [u8; 32],
+}
+
+/// A refusal message for `e` (for proof `id` in a session).
+fn refused(id: Option<u64>, e: &HandshakeError) -> Message {
+    Message::Refused {
+        id,
+        label: e.label().to_owned(),
+        message: e.to_string(),
+    }
+}
+
+/// A message's type, for errors.
+pub(crate) fn kind(m: &Message) -> &'static str {
+    match m {
+        Message::Hello(_) => "hello",
+        Message::Refused { .. } => "refused",
+        Message::Prove(_) => "prove",
+        Message::Proven(_) => "proven",
     }
 }
 

@@ -378,7 +378,9 @@ async fn garbage_and_bad_messages_get_clear_errors_and_the_server_keeps_serving(
         assert_eq!(e.label(), label, "{case}: {e}");
         assert!(e.to_string().contains(text), "{case}: {e}");
         match reply {
-            Some(Message::Refused { label: l2, message }) => {
+            Some(Message::Refused {
+                label: l2, message, ..
+            }) => {
                 assert_eq!(l2, label, "{case}: refusal sent to the client: {message}")
             }
             other => panic!("{case}: the client got {other:?}, not a refusal"),
