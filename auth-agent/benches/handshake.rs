@@ -8,7 +8,8 @@
 //! `openssl speed -seconds 3 ecdsap256` from the same run as the ceiling.
 //!
 //! `cargo bench -p auth-agent --bench handshake` (`HANDSHAKES=n` per run,
-//! default 3000; `LATENCIES=path` also writes every latency as CSV).
+//! default 3000; `PLOT=path.svg` draws the latency distributions,
+//! `LATENCIES=path` writes every latency as CSV).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -27,6 +28,8 @@ use tokio_util::sync::CancellationToken;
 
 #[path = "common/handshake_fixture.rs"]
 mod fixture;
+#[path = "common/plot.rs"]
+mod plot;
 use fixture::*;
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -57,6 +60,7 @@ fn openssl_speed() -> Option<(f64, f64)> {
 /// One run's latencies (sorted) and wall time.
 struct Run {
     name: String,
+    short: String,
     lat: Vec<Duration>,
     took: Duration,
 }
@@ -178,10 +182,13 @@ fn main() {
             copts.sessions = sessions;
             let client = HandshakeClient::new(copts, Metrics::default());
             let peer = d.nodes["node-b"].clone();
-            let name = if sessions {
-                "meshauth/2 (session, pair proofs)"
+            let (name, short) = if sessions {
+                ("meshauth/2 (session, pair proofs)", "meshauth/2")
             } else {
-                "baseline: meshauth/1 (full handshake per pair)"
+                (
+                    "baseline: meshauth/1 (full handshake per pair)",
+                    "meshauth/1 (baseline)",
+                )
             };
 
             for _ in 0..200 {
@@ -193,18 +200,21 @@ fn main() {
             let (lat, took) = sequential(&client, &peer, n).await;
             runs.push(Run {
                 name: format!("{name}, sequential"),
+                short: format!("{short}, sequential"),
                 lat,
                 took,
             });
             let (lat, took) = in_flight(&client, &peer, n, 16).await;
             runs.push(Run {
                 name: format!("{name}, 16 in flight"),
+                short: format!("{short}, 16 in flight"),
                 lat,
                 took,
             });
             let (lat, took) = paced(&client, &peer, n, 3000.0).await;
             runs.push(Run {
                 name: format!("{name}, paced at 3,000/s"),
+                short: format!("{short}, paced at 3,000/s"),
                 lat,
                 took,
             });
@@ -233,6 +243,17 @@ fn main() {
             us(percentile(&lat, 0.99)),
             us(*lat.last().expect("latencies")),
         );
+    }
+    if let Ok(path) = std::env::var("PLOT") {
+        let series: Vec<_> = runs
+            .iter()
+            .map(|r| (r.short.clone(), r.lat.clone()))
+            .collect();
+        let svg = plot::cdf_svg(
+            "Pairs authenticated on one core: latency distribution",
+            &series,
+        );
+        std::fs::write(&path, svg).unwrap_or_else(|e| panic!("writing {path}: {e}"));
     }
     if let Ok(path) = std::env::var("LATENCIES") {
         let mut csv = String::from("run,latency_us\n");
