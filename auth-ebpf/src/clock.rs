@@ -1,11 +1,64 @@
-//! Conversions between wall-clock `SystemTime` (certificate expiry) and
-//! `CLOCK_BOOTTIME` nanoseconds (what the datapath compares against with
-//! `bpf_ktime_get_boot_ns`). BOOTTIME keeps counting through suspend, so an
-//! entry never outlives its certificate because the node slept.
+//! The agent's wall-clock time, and conversions between it (certificate
+//! expiry) and `CLOCK_BOOTTIME` nanoseconds (what the datapath compares
+//! against with `bpf_ktime_get_boot_ns`). BOOTTIME keeps counting through
+//! suspend, so an entry never outlives its certificate because the node slept.
+//!
+//! The agent's wall-clock time is BOOTTIME plus the offset between the wall
+//! clock and BOOTTIME sampled once, when the process first asks
+//! ([`agent_now`]). A step of the system's wall clock after that (an NTP
+//! step, a mistaken `date -s`) does not move it: certificates do not all
+//! look expired after a jump forward, nor a peer's fresh one not yet valid
+//! after a jump back, auth entries keep the expiry their certificates give
+//! them, and re-authentication stays on schedule. [`wall_clock_step`] says
+//! how far the system's wall clock now is from the agent's (the agent
+//! reports it); restarting the agent adopts the system's time.
 
+use std::sync::OnceLock;
 use std::time::{Duration, SystemTime};
 
 use rustix::time::{ClockId, clock_gettime};
+
+/// Nanoseconds since the Unix epoch of `t` (negative before it).
+fn unix_ns(t: SystemTime) -> i128 {
+    match t.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(d) => d.as_nanos() as i128,
+        Err(e) => -(e.duration().as_nanos() as i128),
+    }
+}
+
+fn from_unix_ns(ns: i128) -> SystemTime {
+    if ns >= 0 {
+        SystemTime::UNIX_EPOCH + Duration::from_nanos(ns.min(u64::MAX as i128) as u64)
+    } else {
+        SystemTime::UNIX_EPOCH - Duration::from_nanos((-ns).min(u64::MAX as i128) as u64)
+    }
+}
+
+/// Wall-clock nanoseconds minus BOOTTIME nanoseconds, sampled at first use.
+fn offset_ns() -> i128 {
+    static OFFSET: OnceLock<i128> = OnceLock::new();
+    *OFFSET.get_or_init(|| {
+        let boot = boottime_now_ns() as i128;
+        unix_ns(SystemTime::now()) - boot
+    })
+}
+
+/// The agent's wall-clock time: BOOTTIME plus the offset sampled at first
+/// use. Steps of the system clock after that do not move it.
+pub fn agent_now() -> SystemTime {
+    from_unix_ns(boottime_now_ns() as i128 + offset_ns())
+}
+
+/// How far the system's wall clock is ahead of the agent's (negative:
+/// behind), in seconds: the steps it took since the agent sampled it.
+pub fn wall_clock_step() -> f64 {
+    let agent = agent_now();
+    let wall = SystemTime::now();
+    match wall.duration_since(agent) {
+        Ok(d) => d.as_secs_f64(),
+        Err(e) => -e.duration().as_secs_f64(),
+    }
+}
 
 /// Now on `CLOCK_BOOTTIME`, in nanoseconds.
 pub fn boottime_now_ns() -> u64 {
@@ -13,26 +66,15 @@ pub fn boottime_now_ns() -> u64 {
     (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-/// The `CLOCK_BOOTTIME` instant of a wall-clock time, relative to now. A
-/// time in the past maps below now (saturating at 0).
+/// The `CLOCK_BOOTTIME` instant of an agent wall-clock time ([`agent_now`]'s
+/// scale). A time before boot saturates at 0.
 pub fn system_to_boottime_ns(t: SystemTime) -> u64 {
-    let wall_now = SystemTime::now();
-    let boot_now = boottime_now_ns();
-    match t.duration_since(wall_now) {
-        Ok(ahead) => boot_now.saturating_add(ahead.as_nanos().min(u64::MAX as u128) as u64),
-        Err(e) => boot_now.saturating_sub(e.duration().as_nanos().min(u64::MAX as u128) as u64),
-    }
+    (unix_ns(t) - offset_ns()).clamp(0, u64::MAX as i128) as u64
 }
 
-/// The wall-clock time of a `CLOCK_BOOTTIME` instant, relative to now.
+/// The agent wall-clock time of a `CLOCK_BOOTTIME` instant.
 pub fn boottime_to_system(ns: u64) -> SystemTime {
-    let wall_now = SystemTime::now();
-    let boot_now = boottime_now_ns();
-    if ns >= boot_now {
-        wall_now + Duration::from_nanos(ns - boot_now)
-    } else {
-        wall_now - Duration::from_nanos(boot_now - ns)
-    }
+    from_unix_ns(ns as i128 + offset_ns())
 }
 
 #[cfg(test)]
@@ -67,6 +109,19 @@ mod tests {
         let up = boottime_now_ns() / 1_000_000_000;
         let t = SystemTime::now() - Duration::from_secs(up + 60);
         assert_eq!(system_to_boottime_ns(t), 0);
+    }
+
+    #[test]
+    fn agent_time_is_boottime_plus_a_fixed_offset() {
+        let a = (agent_now(), boottime_now_ns());
+        std::thread::sleep(Duration::from_millis(20));
+        let b = (agent_now(), boottime_now_ns());
+        let agent = b.0.duration_since(a.0).expect("agent time goes forward");
+        let boot = Duration::from_nanos(b.1 - a.1);
+        let diff = agent.abs_diff(boot);
+        assert!(diff < Duration::from_millis(1), "{agent:?} vs {boot:?}");
+        // Nobody stepped this machine's clock during the test.
+        assert!(wall_clock_step().abs() < 0.5, "{}", wall_clock_step());
     }
 
     #[test]

@@ -1717,3 +1717,120 @@ async fn chaos_a_policy_file_written_in_place_is_not_taken_half_written() {
         .unwrap_or_else(|e| panic!("after the rewrite: {e}{}", logs(&tb)));
     assert_no_drops(&tb, "while the file was being written").await;
 }
+
+/// A gauge or counter of `node`'s agent, from its metrics.
+fn metric(tb: &Testbed, node: &str, name: &str) -> Option<f64> {
+    let (_, metrics) = tb.http_get(node, "/metrics").ok()?;
+    metrics
+        .lines()
+        .find(|l| l.split([' ', '{']).next() == Some(name))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+}
+
+/// node-b's agent runs with its wall clock under libfaketime (LD_PRELOAD;
+/// its monotonic and boot clocks, and the kernel's, are real). While a
+/// stream of round trips crosses node-b's enforcement with 10 s SVIDs
+/// (rotated every 5 s, re-authenticated at 2/3 of their life), the clock
+/// is stepped 1 h ahead, then 1 h behind where it started: the agent
+/// reports each step, the stream loses nothing, and node-b's entry keeps
+/// being renewed with expiries inside the SVIDs' real lifetime. Before the
+/// agent kept its own time, the step ahead made every 10 s SVID look
+/// expired and the pair was dropped within seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn chaos_a_wall_clock_stepped_an_hour_changes_nothing() {
+    let faketime = std::path::Path::new("/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1");
+    assert!(
+        faketime.exists(),
+        "{} is missing: scripts/install-test-deps installs libfaketime",
+        faketime.display()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let clock = dir.path().join("node-b-clock");
+    std::fs::write(&clock, "+0\n").unwrap();
+    let mut o = opts("chclock", 166, true);
+    o.nodes = vec!["node-a".into(), "node-b".into()];
+    o.svid_ttl = Duration::from_secs(10);
+    let mut tb = Testbed::start(o).await.unwrap();
+    tb.set_agent_env(
+        "node-b",
+        vec![
+            ("LD_PRELOAD".into(), faketime.display().to_string()),
+            (
+                "FAKETIME_TIMESTAMP_FILE".into(),
+                clock.display().to_string(),
+            ),
+            ("FAKETIME_CACHE_DURATION".into(), "1".into()),
+            ("DONT_FAKE_MONOTONIC".into(), "1".into()),
+        ],
+    );
+    tb.add_pod("node-a", "order-a", ORDER).unwrap();
+    tb.add_pod("node-b", "pay-b", PAYMENT).unwrap();
+    tb.write("policy.yaml", POLICY).unwrap();
+    let order = blocking(|| tb.register("order-a")).unwrap();
+    let payment = blocking(|| tb.register("pay-b")).unwrap();
+    tb.start_agents().await.unwrap();
+    wait_entries(&tb, "node-b", &[(payment, order, "node-a")]).await;
+    let (pay, _server) = serve(&tb, "pay-b");
+    let mut c = client(&tb, "order-a");
+    c.stream(
+        "s",
+        pay.ipv4.into(),
+        8080,
+        Duration::from_millis(20),
+        Duration::from_millis(500),
+    )
+    .unwrap();
+    stream_until(&mut c, "the stream started", |s| s.ok > 0);
+    for (step, seconds) in [("+1h", 3600.0), ("-1h", -3600.0)] {
+        std::fs::write(&clock, format!("{step}\n")).unwrap();
+        // The agent sees the step (so its wall clock really moved).
+        let seen = tb
+            .wait_for(
+                "node-b reports the step",
+                Duration::from_secs(10),
+                || async {
+                    let s = metric(&tb, "node-b", "meshauth_wall_clock_step_seconds")?;
+                    ((s - seconds).abs() < 5.0).then_some(s)
+                },
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{e}{}", logs(&tb)));
+        let at = SystemTime::now();
+        let before = c.stream_stats("s").unwrap();
+        // 8 s of round trips: SVID rotations (every 5 s) and the
+        // re-authentications they cause, on the stepped clock.
+        let after = stream_until(&mut c, "8 s of round trips after the step", |s| {
+            s.ok >= before.ok + 400 || s.failed > before.failed
+        });
+        assert_eq!(after.failed, 0, "step {step}: {after:?}{}", logs(&tb));
+        let expiry = pair_expiry(&tb)
+            .await
+            .unwrap_or_else(|| panic!("step {step}: no entry on node-b{}", logs(&tb)));
+        let now = SystemTime::now();
+        println!(
+            "step {step}: reported {seen:.1} s; entry expires {:.1} s after the step, {:.1} s from now; {after:?}",
+            secs(expiry, at),
+            secs(expiry, now)
+        );
+        // Renewed after the step by SVIDs issued after it (10 s lives, 5 s
+        // rotation), and never beyond a real SVID lifetime from now.
+        assert!(
+            secs(expiry, at) > 6.0,
+            "step {step}: the entry was not renewed after the step{}",
+            logs(&tb)
+        );
+        assert!(
+            secs(expiry, now) <= 11.0,
+            "step {step}: the entry outlives its SVIDs{}",
+            logs(&tb)
+        );
+    }
+    let s = c.stream_stop("s").unwrap();
+    assert_eq!(s.failed, 0, "{s:?}{}", logs(&tb));
+    assert_no_drops(&tb, "wall clock steps of ±1 h").await;
+    let log = tb.log_tail("node-b", 400);
+    assert!(
+        log.contains("the system clock stepped since the agent started"),
+        "{log}"
+    );
+}

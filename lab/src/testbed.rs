@@ -162,6 +162,7 @@ pub struct Testbed {
     agents: BTreeMap<String, Child>,
     /// Per-node agent flags ([`Testbed::set_agent_args`]).
     node_args: BTreeMap<String, Vec<String>>,
+    node_env: BTreeMap<String, Vec<(String, String)>>,
     pods: BTreeMap<String, PodRecord>,
     /// SPIRE entries by (identity, node): their ID and selectors.
     entries: BTreeMap<(u32, String), (String, Vec<String>)>,
@@ -252,6 +253,7 @@ impl Testbed {
             pin_root,
             agents: BTreeMap::new(),
             node_args: BTreeMap::new(),
+            node_env: BTreeMap::new(),
             pods: BTreeMap::new(),
             entries: BTreeMap::new(),
             app_uids: BTreeMap::new(),
@@ -524,6 +526,13 @@ impl Testbed {
             .arg("*/5 * * * * *")
             .args(&self.opts.agent_args)
             .args(self.node_args.get(node).into_iter().flatten())
+            .envs(
+                self.node_env
+                    .get(node)
+                    .into_iter()
+                    .flatten()
+                    .map(|(k, v)| (k, v)),
+            )
             .env("MESHAUTH_LOG", &self.opts.log)
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
@@ -538,6 +547,12 @@ impl Testbed {
     /// [`TestbedOptions::agent_args`]; a flag must not be in both).
     pub fn set_agent_args(&mut self, node: &str, args: Vec<String>) {
         self.node_args.insert(node.to_owned(), args);
+    }
+
+    /// Environment variables for `node`'s agent only, from its next start on
+    /// (e.g. `LD_PRELOAD` of libfaketime to step its wall clock).
+    pub fn set_agent_env(&mut self, node: &str, env: Vec<(String, String)>) {
+        self.node_env.insert(node.to_owned(), env);
     }
 
     /// `kill -9` of `node`'s agent.

@@ -7,7 +7,6 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use policy_bridge::{DesiredState, NodeInfo};
-use svid_cache::SystemClock;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -77,7 +76,7 @@ pub(super) async fn start(
         Arc::new(client),
         store,
         sources.nodes.clone(),
-        Arc::new(SystemClock),
+        Arc::new(crate::clock::AgentClock),
         mgr_metrics,
     );
     Ok(Manager { manager, inputs })
@@ -194,6 +193,11 @@ fn client_options(s: &Start<'_>, sources: &Sources) -> ClientOptions {
 fn spawn_suspend_watch(s: &mut Start<'_>) {
     let pin_dir = s.config.bpf_pin_dir.clone();
     let token = s.token.clone();
+    s.tasks.spawn(
+        "clock_watch",
+        Stop::Token,
+        crate::clock::watch(Duration::from_secs(5), token.clone()),
+    );
     s.tasks.spawn("suspend_watch", Stop::Token, async move {
         tokio::select! {
             _ = token.cancelled() => {}

@@ -68,7 +68,7 @@ fn spire(
         svids: cache.len(),
         next_expiry: cache.next_expiry().map(rfc3339),
         reconnects: s.reconnects,
-        overdue_svids: overdue(cache, SystemTime::now()),
+        overdue_svids: overdue(cache, auth_ebpf::clock::agent_now()),
         pods: pods.map(|p| p.status()).unwrap_or_default(),
     }
 }
@@ -209,7 +209,7 @@ impl Backend for AgentBackend {
     }
 
     fn auth(&self) -> Result<Vec<AuthEntry>, String> {
-        let now = SystemTime::now();
+        let now = auth_ebpf::clock::agent_now();
         let mut out: Vec<AuthEntry> = self
             .auth_entries()?
             .into_iter()

@@ -179,7 +179,16 @@ impl Collector for AgentCollector {
         )?)?;
         let g = ConstGauge::new(self.cache.len() as i64);
         g.encode(enc.encode_descriptor("svids", "SVIDs held", None, g.metric_type())?)?;
-        let g = ConstGauge::new(super::backend::overdue(&self.cache, SystemTime::now()) as i64);
+        let g = ConstGauge::new(auth_ebpf::clock::wall_clock_step());
+        g.encode(enc.encode_descriptor(
+            "wall_clock_step_seconds",
+            "How far the system clock is ahead of the agent's (negative: behind): steps taken since the agent started, which the agent does not follow",
+            None,
+            g.metric_type(),
+        )?)?;
+        let g = ConstGauge::new(
+            super::backend::overdue(&self.cache, auth_ebpf::clock::agent_now()) as i64,
+        );
         g.encode(enc.encode_descriptor(
             "svids_rotation_overdue",
             "SVIDs past 3/4 of their lifetime and not rotated (SPIRE server unreachable?)",

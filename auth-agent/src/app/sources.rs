@@ -44,10 +44,13 @@ pub(super) async fn start(s: &mut Start<'_>) -> Result<Sources, AgentError> {
     // Identities.
     let td = TrustDomain::new(&config.trust_domain)
         .map_err(|e| AgentError::TrustDomain(config.trust_domain.clone(), e))?;
-    let cache = SvidCache::new(CacheConfig {
-        trust_domain: td,
-        ..CacheConfig::default()
-    });
+    let cache = SvidCache::with_clock(
+        CacheConfig {
+            trust_domain: td,
+            ..CacheConfig::default()
+        },
+        std::sync::Arc::new(crate::clock::AgentClock),
+    );
     s.tasks.adopt(
         "svid_expiry",
         Stop::Token,
