@@ -1834,3 +1834,142 @@ async fn chaos_a_wall_clock_stepped_an_hour_changes_nothing() {
         "{log}"
     );
 }
+
+/// Payment requires authentication from order on UDP 8080.
+const UDP_POLICY: &str = r#"apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata:
+  name: require-mutual-auth-udp
+  namespace: production
+spec:
+  endpointSelector:
+    matchLabels:
+      app: payment-service
+  ingress:
+    - fromEndpoints:
+        - matchLabels:
+            app: order-service
+      authentication:
+        mode: required
+      toPorts:
+        - ports:
+            - port: "8080"
+              protocol: UDP
+"#;
+
+/// CPU time (user + system, every thread) of process `pid`.
+fn process_cpu(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .unwrap_or_else(|e| panic!("/proc/{pid}/stat: {e}"));
+    // The fields after the command name, which is in parentheses.
+    let rest = &stat[stat.rfind(')').expect("comm") + 2..];
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 here.
+    let ticks = f[11] + f[12];
+    let hz = rustix::param::clock_ticks_per_second();
+    Duration::from_secs_f64(ticks as f64 / hz as f64)
+}
+
+/// The sum of every series of `name` in `node`'s metrics.
+fn metric_sum(tb: &Testbed, node: &str, name: &str) -> f64 {
+    let (_, metrics) = tb
+        .http_get(node, "/metrics")
+        .unwrap_or_else(|e| panic!("metrics of {node}: {e}"));
+    metrics
+        .lines()
+        .filter(|l| l.split([' ', '{']).next() == Some(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// node-a's agent never runs (its handshake port refuses), and order-a
+/// floods pay-b with 100,000 UDP datagrams a second for 10 s on a port
+/// that requires authentication: node-b's datapath drops and counts every
+/// datagram that reached it, its agent keeps backing off the handshake to
+/// node-a (1, 2, 4, 8 s: at most five attempts in the window), and the
+/// agent spends under 5 % of a core on all of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn chaos_a_flood_toward_an_unreachable_peer_costs_the_agent_little() {
+    let mut o = opts("chflood", 167, false);
+    o.nodes = vec!["node-a".into(), "node-b".into()];
+    let mut tb = Testbed::start(o).await.unwrap();
+    tb.add_pod("node-a", "order-a", ORDER).unwrap();
+    tb.add_pod("node-b", "pay-b", PAYMENT).unwrap();
+    tb.write("policy.yaml", UDP_POLICY).unwrap();
+    blocking(|| tb.register("order-a")).unwrap();
+    blocking(|| tb.register("pay-b")).unwrap();
+    tb.start_agent("node-b").unwrap();
+    let (pay, mut server) = serve(&tb, "pay-b");
+    let mut c = client(&tb, "order-a");
+    // Ready, and the pre-authentication toward node-a has failed.
+    tb.wait_for(
+        "node-b's first handshake toward node-a fails",
+        Duration::from_secs(20),
+        || async {
+            let failed: f64 = {
+                let (_, m) = tb.http_get("node-b", "/metrics").ok()?;
+                m.lines()
+                    .filter(|l| {
+                        l.starts_with("meshauth_auth_handshakes_initiated_total")
+                            && !l.contains("result=\"ok\"")
+                    })
+                    .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                    .sum()
+            };
+            (failed >= 1.0).then_some(())
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}{}", logs(&tb)));
+    let pid = tb.agent_pid("node-b").expect("node-b's agent runs");
+    let (cpu0, hs0, drops0) = (
+        process_cpu(pid),
+        metric_sum(&tb, "node-b", "meshauth_auth_handshakes_initiated_total"),
+        drops(&tb, "node-b").await,
+    );
+    let window = Duration::from_secs(10);
+    let started = Instant::now();
+    let sent = blocking(|| c.flood(pay.ipv4.into(), 8080, 100_000, window)).unwrap();
+    let took = started.elapsed();
+    // Every datagram the kernel took is dropped and counted (the last
+    // ones may still be on their way).
+    let dropped = tb
+        .wait_for("every datagram counted", Duration::from_secs(5), || async {
+            let d = drops(&tb, "node-b").await - drops0;
+            (d == sent).then_some(d)
+        })
+        .await;
+    let (cpu1, hs1) = (
+        process_cpu(pid),
+        metric_sum(&tb, "node-b", "meshauth_auth_handshakes_initiated_total"),
+    );
+    let cpu = (cpu1 - cpu0).as_secs_f64() / took.as_secs_f64();
+    let (_, udp_served) = blocking(|| server.served(8080)).unwrap();
+    println!(
+        "flood: {sent} datagrams in {took:?} ({:.0}/s); node-b dropped {dropped:?}; \
+         handshake attempts in the window {}; agent CPU {:.2} % of a core; served {udp_served}",
+        sent as f64 / took.as_secs_f64(),
+        hs1 - hs0,
+        cpu * 100.0
+    );
+    assert!(
+        sent as f64 >= 0.9 * 100_000.0 * window.as_secs_f64(),
+        "the flood fell short: {sent}"
+    );
+    dropped.unwrap_or_else(|e| panic!("{sent} sent: {e}{}", logs(&tb)));
+    assert_eq!(udp_served, 0, "a datagram got through");
+    assert!(
+        hs1 - hs0 <= 5.0,
+        "{} handshake attempts toward the unreachable node in 10 s{}",
+        hs1 - hs0,
+        logs(&tb)
+    );
+    assert!(
+        cpu < 0.05,
+        "node-b's agent used {:.1} % of a core",
+        cpu * 100.0
+    );
+}

@@ -172,6 +172,7 @@ impl Workload {
                 Ok(start.elapsed().as_nanos().to_string())
             }
             "rr" => rr(w),
+            "flood" => flood(target(w, 1)?, arg(w, 3, "rate")?, ms(w, 4, "duration")?),
             "bulk" => bulk(target(w, 1)?, arg(w, 3, "bytes")?, ms(w, 4, "timeout")?),
             "open" => {
                 let id = arg::<String>(w, 1, "id")?;
@@ -407,6 +408,28 @@ fn retry(to: SocketAddr, deadline: Duration, attempt: Duration, interval: Durati
         }
         std::thread::sleep((begun + interval).saturating_duration_since(Instant::now()));
     }
+}
+
+/// Sends 16-byte UDP datagrams to `to` at `rate` per second (in batches
+/// every millisecond) for `duration`; answers how many the kernel took.
+fn flood(to: SocketAddr, rate: u64, duration: Duration) -> Result<String, String> {
+    let u = udp_socket(to, Duration::from_millis(100))?;
+    let start = Instant::now();
+    let mut sent = 0u64;
+    let payload = [0x5au8; 16];
+    while start.elapsed() < duration {
+        // Packets due by now, sent at once; then wait for the next millisecond.
+        let due = (start.elapsed().as_secs_f64() * rate as f64) as u64;
+        while sent < due {
+            match u.send(&payload) {
+                Ok(_) => sent += 1,
+                // ENOBUFS and friends: the datagram was not taken; try on.
+                Err(_) => break,
+            }
+        }
+        std::thread::sleep(Duration::from_micros(500));
+    }
+    Ok(sent.to_string())
 }
 
 fn udp_socket(to: SocketAddr, timeout: Duration) -> Result<UdpSocket, String> {

@@ -298,6 +298,22 @@ impl PodProcess {
         self.cmd(&format!("close {id}"), Duration::ZERO).map(drop)
     }
 
+    /// Sends UDP datagrams to `to:port` at `rate`/s for `duration`; how many
+    /// the kernel took.
+    pub fn flood(
+        &mut self,
+        to: IpAddr,
+        port: u16,
+        rate: u64,
+        duration: Duration,
+    ) -> Result<u64, LabError> {
+        let line = format!("flood {to} {port} {rate} {}", duration.as_millis());
+        let out = self.cmd(&line, duration + Duration::from_secs(10))?;
+        out.trim()
+            .parse()
+            .map_err(|_| self.err(&line, format!("bad count {out:?}")))
+    }
+
     /// Starts stream `id`: one connection, a round trip every `interval`
     /// (each waiting `timeout` at most), counted in the background.
     pub fn stream(
