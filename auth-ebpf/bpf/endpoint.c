@@ -95,22 +95,26 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 	remote = ipcache_lookup(&f.remote, f.family);
 	cgroup = bpf_skb_cgroup_id(skb);
 	now = bpf_ktime_get_boot_ns();
-	if (ct_is_reply(&f, cgroup, now))
-		return pass_and_cache(skb, &f, &cfg, local.identity, remote.identity,
-				      remote.node_id, 0, REASON_PASS_REPLY, SKCACHE_NO_EXPIRY,
-				      now);
 
 	port = dir == DIR_INGRESS ? f.local_port : f.remote_port;
 	if (f.fragment)
 		port = 0;
 	auth_type = policy_auth_type(local.identity, remote.identity, port, f.proto, dir);
 	if (!auth_type) {
+		if (ct_is_reply(&f, cgroup, now))
+			return pass_and_cache(skb, &f, &cfg, local.identity, remote.identity,
+					      remote.node_id, 0, REASON_PASS_REPLY,
+					      SKCACHE_NO_EXPIRY, now);
 		ct_track(&f, cgroup, now);
 		return pass_and_cache(skb, &f, &cfg, local.identity, remote.identity,
 				      remote.node_id, 0, REASON_PASS_NO_POLICY,
 				      SKCACHE_NO_EXPIRY, now);
 	}
 
+	/* Authenticated before the reply check: a live entry passes the packet
+	 * whether or not it answers a tracked flow, so the hit path skips the
+	 * tracked-flow lookup; only a packet the policy would drop is checked
+	 * as a reply. */
 	key.local_id = local.identity;
 	key.remote_id = remote.identity;
 	key.remote_node_id = remote.node_id;
@@ -122,6 +126,10 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 				      remote.node_id, auth_type, REASON_PASS_AUTHENTICATED, expiry,
 				      now);
 	}
+	if (ct_is_reply(&f, cgroup, now))
+		return pass_and_cache(skb, &f, &cfg, local.identity, remote.identity,
+				      remote.node_id, 0, REASON_PASS_REPLY, SKCACHE_NO_EXPIRY,
+				      now);
 
 	signal_auth_required(&key, now, &cfg, dir);
 	if (cfg.mode == MODE_AUDIT) {

@@ -446,9 +446,6 @@ impl Model {
             return pass(reason::PASS_NOT_ENFORCED);
         }
         let (remote, node) = self.lookup(f.remote);
-        if self.is_reply(&f, direction) {
-            return pass(reason::PASS_REPLY);
-        }
         let port = match (f.fragment, direction) {
             (true, _) => 0,
             (false, Direction::Ingress) => f.local_port,
@@ -456,6 +453,9 @@ impl Model {
         };
         let auth_type = self.auth_type(local, remote, port, f.proto, direction);
         if auth_type == 0 {
+            if self.is_reply(&f, direction) {
+                return pass(reason::PASS_REPLY);
+            }
             self.track(&f, direction);
             return pass(reason::PASS_NO_POLICY);
         }
@@ -465,9 +465,13 @@ impl Model {
             node,
             auth_type,
         };
+        // Authenticated before the reply check (a live entry passes either way).
         if self.auth.get(&key).copied().unwrap_or(false) {
             self.track(&f, direction);
             return pass(reason::PASS_AUTHENTICATED);
+        }
+        if self.is_reply(&f, direction) {
+            return pass(reason::PASS_REPLY);
         }
         if self.config.audit {
             self.track(&f, direction);
