@@ -43,6 +43,8 @@ struct Fake {
     delay: Duration,
     calls: Mutex<Vec<Call>>,
     failures: Mutex<HashMap<(u32, u32), u32>>,
+    /// Refusals by the peer's agent still to answer, per pair.
+    refusals: Mutex<HashMap<(u32, u32), u32>>,
     in_flight: Mutex<(usize, usize)>,
     down: Mutex<HashSet<String>>,
     /// Nodes whose agents state another WireGuard key than published.
@@ -61,6 +63,7 @@ impl Fake {
             delay,
             calls: Mutex::new(Vec::new()),
             failures: Mutex::new(HashMap::new()),
+            refusals: Mutex::new(HashMap::new()),
             in_flight: Mutex::new((0, 0)),
             down: Mutex::new(HashSet::new()),
             key_mismatch: Mutex::new(HashSet::new()),
@@ -69,6 +72,10 @@ impl Fake {
 
     fn fail(&self, local: u32, remote: u32, times: u32) {
         self.failures.lock().unwrap().insert((local, remote), times);
+    }
+
+    fn refuse(&self, local: u32, remote: u32, times: u32) {
+        self.refusals.lock().unwrap().insert((local, remote), times);
     }
 
     fn calls(&self) -> Vec<Call> {
@@ -125,6 +132,22 @@ impl Authenticator for FakeAuth {
                 return Err(AuthFailure {
                     label: "connect",
                     message: "connection refused (scripted)".into(),
+                });
+            }
+            let refused = {
+                let mut f = me.refusals.lock().unwrap();
+                match f.get_mut(&(local, remote)) {
+                    Some(n) if *n > 0 => {
+                        *n -= 1;
+                        true
+                    }
+                    _ => false,
+                }
+            };
+            if refused {
+                return Err(AuthFailure {
+                    label: "peer_refused",
+                    message: "responder refused: no local endpoint (scripted)".into(),
                 });
             }
             if me.key_mismatch.lock().unwrap().contains(&node.name) {
@@ -371,6 +394,56 @@ async fn signals_are_deduplicated_and_unrequired_pairs_ignored() {
     h.signals.send(p).await.unwrap();
     settle().await;
     assert_eq!(fake.calls().iter().filter(|c| c.remote == 257).count(), 1);
+    h.stop().await;
+}
+
+/// A refusal by the peer's agent (most often: it has not yet learned the
+/// pod the pair is for) is retried after 10, 20, 40, 80, 160 and 320 ms,
+/// then with the usual backoff from 1 s: a new pod's pair is not held a second
+/// behind a watch that is a few milliseconds late.
+#[tokio::test(start_paused = true)]
+async fn a_peer_refusal_is_retried_fast_then_backs_off() {
+    let clock = clock();
+    let fake = Fake::new(clock.clone());
+    fake.refuse(256, 257, 8);
+    let store = Arc::new(MemoryAuthStore::default());
+    let h = start(
+        fake.clone(),
+        store.clone(),
+        clock.clone(),
+        ManagerConfig::default(),
+        NodeTable::in_memory("a"),
+        state(),
+    );
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let at: Vec<Instant> = fake
+        .calls()
+        .iter()
+        .filter(|c| c.remote == 257)
+        .map(|c| c.at)
+        .collect();
+    assert_eq!(at.len(), 9, "8 refusals then success");
+    let gaps: Vec<Duration> = at.windows(2).map(|w| w[1] - w[0]).collect();
+    // Each gap is the delay plus the fake's 10 ms handshake.
+    for (i, ms) in [10u64, 20, 40, 80, 160, 320].into_iter().enumerate() {
+        let want = Duration::from_millis(ms + 10);
+        assert!(
+            gaps[i] >= want && gaps[i] <= want + Duration::from_millis(5),
+            "fast retry {i}: {:?}, want {want:?}",
+            gaps[i]
+        );
+    }
+    // Then the usual backoff, jittered in [base/2, base]: 1 s, 2 s.
+    for (i, base) in [(6, 1u64), (7, 2)] {
+        let base = Duration::from_secs(base);
+        assert!(
+            gaps[i] >= base / 2 && gaps[i] <= base + Duration::from_millis(100),
+            "gap {i} = {:?} for base {base:?}",
+            gaps[i]
+        );
+    }
+    assert!(store.snapshot().contains_key(&h.pair(256, 257, "b")));
+    assert_eq!(h.metrics.handshakes("peer_refused"), 8);
     h.stop().await;
 }
 

@@ -37,6 +37,12 @@ use super::{AuthFailure, Authenticated, Authenticator};
 use crate::handshake::throttle::{DEFAULT_MAX_PEERS, LogThrottle};
 use crate::nodes::{NodeTable, NodeTableError};
 
+/// Retries after a peer's refusal that come before the usual backoff.
+const PEER_REFUSED_FAST_RETRIES: u32 = 6;
+
+/// The first of them; each next one doubles.
+const PEER_REFUSED_FIRST_RETRY: Duration = Duration::from_millis(10);
+
 /// How the manager behaves.
 #[derive(Debug, Clone)]
 pub struct ManagerConfig {
@@ -652,13 +658,25 @@ impl<A: Authenticator, S: AuthStore> AuthManager<A, S> {
         }
     }
 
-    fn fail(&mut self, pair: Pair, _label: &str) {
+    fn fail(&mut self, pair: Pair, label: &str) {
         if !self.wanted.contains(&pair) {
             self.backoff.remove(&pair);
             return;
         }
         let failures = self.backoff.get(&pair).map_or(0, |b| b.failures) + 1;
-        let next = Instant::now() + self.backoff_delay(failures);
+        // The peer's agent answered and refused: most often it has not yet
+        // learned the pod this pair is for (both agents watch the same
+        // change, a few milliseconds apart). The first retries come fast (10,
+        // 20, 40, 80, 160, 320 ms), then
+        // the usual backoff.
+        let delay = if label == "peer_refused" && failures <= PEER_REFUSED_FAST_RETRIES {
+            PEER_REFUSED_FIRST_RETRY.saturating_mul(1 << (failures - 1))
+        } else if label == "peer_refused" {
+            self.backoff_delay(failures - PEER_REFUSED_FAST_RETRIES)
+        } else {
+            self.backoff_delay(failures)
+        };
+        let next = Instant::now() + delay;
         self.backoff.insert(pair, Backoff { failures, next });
         self.schedule(pair, next);
     }
