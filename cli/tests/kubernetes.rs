@@ -431,6 +431,8 @@ struct Cluster {
     _forwarders: Vec<meshauth_lab::forward::Forwarder>,
     agents: std::collections::BTreeMap<String, std::process::Child>,
     config: PathBuf,
+    /// Flags every agent gets after the chart's config file.
+    agent_flags: Vec<String>,
 }
 
 const APP_NS: &str = "production";
@@ -508,6 +510,7 @@ impl Cluster {
             _forwarders: forwarders,
             agents: Default::default(),
             config,
+            agent_flags: Vec::new(),
         };
         for n in nodes {
             me.create_node(n).await;
@@ -639,6 +642,7 @@ impl Cluster {
             .arg("--state-dir")
             .arg(adir.join("state"))
             .args(["--log-format", "plain"])
+            .args(&self.agent_flags)
             .env("KUBECONFIG", &kc)
             .env("MESHAUTH_LOG", "info")
             .stdin(std::process::Stdio::null())
@@ -2496,4 +2500,235 @@ async fn node_churn_leaves_no_stale_peers_or_entries_and_nothing_grows() {
             std::time::Duration::from_millis(500),
         )
         .unwrap_or_else(|e| panic!("order-a → pay-b after the churn: {e}{}", c.logs()));
+}
+
+/// One sample of [`first_connection_bench`]: publication → first success;
+/// when `entry` is given, publication → that pair in node-b's auth map, and
+/// the first success is a connection made after that (before node-b knows
+/// the pod, its packets are a stranger's, which no rule covers).
+async fn first_connection(
+    c: &mut Cluster,
+    node: &str,
+    name: &str,
+    app: &str,
+    to: std::net::IpAddr,
+    entry: Option<(u32, u32)>,
+) -> (std::time::Duration, Option<std::time::Duration>) {
+    use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
+    let sas: Api<ServiceAccount> = Api::namespaced(c.admin.clone(), APP_NS);
+    let sa: ServiceAccount = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": app}
+    }))
+    .unwrap_or_else(|e| panic!("{e}"));
+    match sas.create(&PostParams::default(), &sa).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(s)) if s.code == 409 => {}
+        Err(e) => panic!("service account {app}: {e}"),
+    }
+    let pods: Api<Pod> = Api::namespaced(c.admin.clone(), APP_NS);
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "labels": {"app": app}},
+        "spec": {"nodeName": node, "serviceAccountName": app,
+                 "containers": [{"name": "app", "image": app}]}
+    }))
+    .unwrap_or_else(|e| panic!("{e}"));
+    let pod = pods
+        .create(&PostParams::default(), &pod)
+        .await
+        .unwrap_or_else(|e| panic!("pod {name}: {e}"));
+    let uid = pod.metadata.uid.clone().unwrap_or_default();
+    // The pod's cgroup and network exist before the API server says so,
+    // as a container runtime has them before kubelet reports the IP.
+    let info = c
+        .lab
+        .add_pod_with_uid(node, name, Some(&uid))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut client = c
+        .lab
+        .start_pod_process(&info)
+        .unwrap_or_else(|e| panic!("{e}"));
+    // Attempts of 5 ms, one every 2 ms, from just before the publication.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let worker = std::thread::spawn(move || {
+        let r = client.connect_retry_with(
+            to,
+            8080,
+            std::time::Duration::from_secs(10),
+            std::time::Duration::from_millis(5),
+            std::time::Duration::from_millis(2),
+        );
+        let _ = tx.send(std::time::Instant::now());
+        (r, client)
+    });
+    let status = serde_json::json!({"status": {
+        "phase": "Running", "podIP": info.ipv4.to_string(),
+        "podIPs": [{"ip": info.ipv4.to_string()}, {"ip": info.ipv6.to_string()}]}});
+    let published = std::time::Instant::now();
+    pods.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .unwrap_or_else(|e| panic!("pod {name} status: {e}"));
+    let mut entered = None;
+    if let Some((local, remote)) = entry {
+        let api = c.agent_api("node-b");
+        let deadline = published + std::time::Duration::from_secs(10);
+        while entered.is_none() {
+            let got: Vec<auth_agent::api::types::AuthEntry> =
+                api.get_json("/v1/auth").await.unwrap_or_default();
+            if got
+                .iter()
+                .any(|e| e.local == local && e.remote == remote && e.node.as_deref() == Some(node))
+            {
+                entered = Some(published.elapsed());
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "node-b never held ({local}, {remote}, {node}){}",
+                c.logs()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+    }
+    let done = tokio::task::spawn_blocking(move || rx.recv())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (r, mut client) = worker.join().unwrap_or_else(|_| panic!("client thread"));
+    r.unwrap_or_else(|e| panic!("{name} never connected: {e}{}", c.logs()));
+    let connected = done.saturating_duration_since(published);
+    if entered.is_none() {
+        return (connected, None);
+    }
+    // A connection made with the pair in node-b's map: the first
+    // authenticated one (the retries may have got through earlier as a
+    // stranger's).
+    client
+        .connect(to, 8080, std::time::Duration::from_millis(100))
+        .unwrap_or_else(|e| panic!("{name} with its pair authenticated: {e}{}", c.logs()));
+    (published.elapsed(), entered)
+}
+
+/// `cargo bench -p meshauth-cli --bench k8s_connect` (benches/k8s_connect.rs
+/// includes this file): time from a new pod's publication (its status, with
+/// its IP, patched on the real API server) to its first successful
+/// connection, agents in Kubernetes mode (watch-driven) with unknown pods
+/// dropped (strict), each pod on a node where its app never ran. Same run,
+/// same nodes: the baseline is an app no policy covers (the node's agent
+/// must only learn the pod); then order-service, whose connection to
+/// payment needs the pair (payment, order, that node) authenticated, its
+/// SVID already on the node. Returns the table.
+#[allow(dead_code)]
+pub(crate) async fn first_connection_bench(repeats: usize) -> String {
+    let spares: Vec<String> = (0..repeats).map(|i| format!("new-{i}")).collect();
+    let mut names = vec!["node-a".to_owned(), "node-b".to_owned()];
+    names.extend(spares.iter().cloned());
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let mut c = Cluster::start_on("k8sfc", 79, &refs).await;
+    c.agent_flags = vec!["--unknown-pods".into(), "drop".into()];
+    let _order_a = c.add_pod("node-a", "order-a", "order-service").await;
+    let pay_b = c.add_pod("node-b", "pay-b", "payment-service").await;
+    let discovery = Discovery::new(c.admin.clone())
+        .run()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let policy: serde_json::Value =
+        serde_json::from_str(PAYMENT_POLICY).unwrap_or_else(|e| panic!("{e}"));
+    apply(&c.admin, &discovery, &policy, false)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    for n in &names {
+        c.start_agent(n).await;
+    }
+    let order = c.identity_of("order-service").await;
+    let payment = c.identity_of("payment-service").await;
+    let sid = |n: u32| {
+        spire_dev::SpiffeId::parse(&format!("spiffe://meshauth.local/identity/{n}"))
+            .unwrap_or_else(|e| panic!("{e}"))
+    };
+    c.spire
+        .add_entry(spire_dev::EntrySpec::new("node-a", sid(order)))
+        .unwrap_or_else(|e| panic!("{e}"));
+    c.spire
+        .add_entry(spire_dev::EntrySpec::new("node-b", sid(payment)))
+        .unwrap_or_else(|e| panic!("{e}"));
+    c.wait_entries("node-b", &[(payment, order, "node-a")])
+        .await;
+    let mut server = c
+        .lab
+        .start_pod_process(&pay_b)
+        .unwrap_or_else(|e| panic!("{e}"));
+    server.serve(8080).unwrap_or_else(|e| panic!("{e}"));
+    let to = std::net::IpAddr::from(pay_b.ipv4);
+    let (mut base, mut auth, mut entries) = (Vec::new(), Vec::new(), Vec::new());
+    for (i, node) in spares.iter().enumerate() {
+        // order's SVID on the new node, before anything else happens there.
+        c.spire
+            .add_entry(spire_dev::EntrySpec::new(node, sid(order)))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let api = c.agent_api(node);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let s: Option<auth_agent::api::types::AgentStatus> =
+                api.get_json("/v1/status").await.ok();
+            if s.is_some_and(|s| s.ready.all() && s.spire.svids >= 1) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{node}: not ready with order's SVID in 20 s{}",
+                c.logs()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let (b, _) = first_connection(
+            &mut c,
+            node,
+            &format!("refund-{i}"),
+            "refund-service",
+            to,
+            None,
+        )
+        .await;
+        base.push(b);
+        let (a, e) = first_connection(
+            &mut c,
+            node,
+            &format!("order-{i}"),
+            "order-service",
+            to,
+            Some((payment, order)),
+        )
+        .await;
+        auth.push(a);
+        entries.push(e.unwrap_or_default());
+    }
+    let ms = |d: &std::time::Duration| d.as_secs_f64() * 1000.0;
+    let row = |name: &str, v: &[std::time::Duration]| {
+        let mut s: Vec<f64> = v.iter().map(ms).collect();
+        s.sort_by(f64::total_cmp);
+        format!(
+            "| {name} | {} | {:.1} | {:.1} | {:.1} | {} |",
+            s.len(),
+            s[s.len() / 2],
+            s[0],
+            s[s.len() - 1],
+            s.iter()
+                .map(|x| format!("{x:.1}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    };
+    [
+        "New pod → first successful connection, agents in Kubernetes mode on a real kube-apiserver (ms from the pod status patch returning)".to_owned(),
+        String::new(),
+        "| case | pods | median | min | max | each |".into(),
+        "| --- | ---: | ---: | ---: | ---: | --- |".into(),
+        row("baseline: app without policy (the node's agent learns the pod)", &base),
+        row(
+            "order-service → payment, authentication required: first connection with the pair in node-b's map",
+            &auth,
+        ),
+        row("  of which: publication → the pair in node-b's auth map", &entries),
+    ]
+    .join("\n")
 }
