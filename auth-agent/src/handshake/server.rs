@@ -519,7 +519,10 @@ impl Shared {
             ),
             Err(e) => {
                 if let Some(suppressed) = self.log_throttle.allow(peer.ip()) {
+                    // The peer in the line itself, not only in the span: a
+                    // subscriber that drops spans still says who it was.
                     info!(
+                        peer.addr = %peer,
                         reason = e.label(),
                         error = %e,
                         suppressed,
