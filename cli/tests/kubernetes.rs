@@ -2732,3 +2732,143 @@ pub(crate) async fn first_connection_bench(repeats: usize) -> String {
     ]
     .join("\n")
 }
+
+/// The API server down for 45 s under traffic (chaos: the policy source
+/// unavailable for longer than a restart): the agents keep their last good
+/// desired state — the stream order-a → pay-b loses nothing, node-b keeps
+/// exactly its entry, nothing is collected — and say the watch failed; once
+/// the API server is back they relist (within the watchers' backoff, at
+/// most 30 s) and follow a change made after it (a new order pod on node-c
+/// gets its pair and connects).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_long_api_server_outage_keeps_the_last_good_state() {
+    let nodes = ["node-a", "node-b", "node-c"];
+    let mut c = Cluster::start_on("k8sout", 80, &nodes).await;
+    let order_a = c.add_pod("node-a", "order-a", "order-service").await;
+    let pay_b = c.add_pod("node-b", "pay-b", "payment-service").await;
+    let discovery = Discovery::new(c.admin.clone())
+        .run()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let policy: serde_json::Value =
+        serde_json::from_str(PAYMENT_POLICY).unwrap_or_else(|e| panic!("{e}"));
+    apply(&c.admin, &discovery, &policy, false)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    for n in nodes {
+        c.start_agent(n).await;
+    }
+    let order = c.identity_of("order-service").await;
+    let payment = c.identity_of("payment-service").await;
+    let sid = |n: u32| {
+        spire_dev::SpiffeId::parse(&format!("spiffe://meshauth.local/identity/{n}"))
+            .unwrap_or_else(|e| panic!("{e}"))
+    };
+    for (node, id) in [("node-a", order), ("node-b", payment), ("node-c", order)] {
+        c.spire
+            .add_entry(spire_dev::EntrySpec::new(node, sid(id)))
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    c.wait_entries("node-b", &[(payment, order, "node-a")])
+        .await;
+    let mut server = c
+        .lab
+        .start_pod_process(&pay_b)
+        .unwrap_or_else(|e| panic!("{e}"));
+    server.serve(8080).unwrap_or_else(|e| panic!("{e}"));
+    let mut client = c
+        .lab
+        .start_pod_process(&order_a)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let to = std::net::IpAddr::from(pay_b.ipv4);
+    client
+        .stream(
+            "s",
+            to,
+            8080,
+            std::time::Duration::from_millis(50),
+            std::time::Duration::from_millis(500),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+
+    c.api.kill_apiserver();
+    let down = std::time::Instant::now();
+    // The agents notice: their watches fail and retry.
+    let deadline = down + std::time::Duration::from_secs(30);
+    while !c.log_all("node-b").contains("watch failed; retrying") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "node-b never reported its watches failing{}",
+            c.logs()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    // 45 s down in all, checking along the way that nothing moves.
+    while down.elapsed() < std::time::Duration::from_secs(45) {
+        tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+        c.wait_entries("node-b", &[(payment, order, "node-a")])
+            .await;
+        for n in nodes {
+            assert!(
+                c.agents
+                    .get_mut(n)
+                    .is_some_and(|ch| ch.try_wait().ok().flatten().is_none()),
+                "agent {n} exited during the outage{}",
+                c.logs()
+            );
+        }
+    }
+    let during = client.stream_stats("s").unwrap_or_else(|e| panic!("{e}"));
+    let took = c.api.restart().await.unwrap_or_else(|e| panic!("{e}"));
+    println!(
+        "API server down {:?} (back in {took:?}); stream during the outage: {during:?}",
+        down.elapsed()
+    );
+    assert!(during.ok > 500, "{during:?}");
+    assert_eq!(during.failed, 0, "{during:?}{}", c.logs());
+    assert_eq!(c.drops("node-b").await, 0, "drops during the outage");
+
+    // Back: a change made now is followed, once each watch's backoff
+    // (kube-runtime's default: up to 30 s after a long outage, so that
+    // thousands of agents do not all return at once) lets it relist.
+    let order_c = c.add_pod("node-c", "order-c", "order-service").await;
+    let back = std::time::Instant::now();
+    let want = [
+        (payment, order, "node-a".to_owned()),
+        (payment, order, "node-c".to_owned()),
+    ];
+    loop {
+        let got: Vec<auth_agent::api::types::AuthEntry> = c
+            .agent_api("node-b")
+            .get_json("/v1/auth")
+            .await
+            .unwrap_or_default();
+        let keys: Vec<(u32, u32, String)> = got
+            .iter()
+            .map(|e| (e.local, e.remote, e.node.clone().unwrap_or_default()))
+            .collect();
+        if want.iter().all(|w| keys.contains(w)) && keys.len() == want.len() {
+            break;
+        }
+        assert!(
+            back.elapsed() < std::time::Duration::from_secs(45),
+            "node-b did not follow the change within 45 s of the API server's return: {keys:?}{}",
+            c.logs()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    println!(
+        "the change made after the return followed in {:?}",
+        back.elapsed()
+    );
+    let mut client_c = c
+        .lab
+        .start_pod_process(&order_c)
+        .unwrap_or_else(|e| panic!("{e}"));
+    client_c
+        .connect(to, 8080, std::time::Duration::from_millis(500))
+        .unwrap_or_else(|e| panic!("order-c → pay-b after the outage: {e}{}", c.logs()));
+    let after = client.stream_stop("s").unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(after.failed, 0, "{after:?}{}", c.logs());
+    assert_eq!(c.drops("node-b").await, 0);
+}

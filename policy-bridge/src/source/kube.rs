@@ -168,8 +168,20 @@ where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
     F: Fn(K) -> Item + Send + Sync + 'static,
 {
+    let backoff = WatchBackoff::default();
+    let failures = backoff.failures.clone();
     watcher::watcher(api, watcher::Config::default())
-        .default_backoff()
+        .inspect(move |ev| {
+            // "Too old resource version": the API server is up and wants a
+            // relist (it restarted, or the watch fell behind): at once,
+            // not after the backoff an outage built up.
+            if let Err(watcher::Error::WatchError(e)) = ev
+                && e.code == 410
+            {
+                failures.store(0, std::sync::atomic::Ordering::Relaxed);
+            }
+        })
+        .backoff(backoff)
         .map(move |ev| {
             let msg = match ev {
                 Ok(Event::Init) => Msg::Init,
@@ -182,6 +194,44 @@ where
             (which, msg)
         })
         .boxed()
+}
+
+/// Delays between a watch's retries: 0.8 s doubling to 30 s, each
+/// jittered between half and all of it, so thousands of agents do not all
+/// return at once after an outage. Back to 0.8 s as soon as the watch
+/// delivers anything or the API server answers "too old resource version"
+/// (kube-runtime's default backoff resets only after 120 s without an
+/// error, so that answer, which a restarted API server gives to every
+/// watch, waited out the backoff the outage had built up).
+#[derive(Debug, Default)]
+struct WatchBackoff {
+    /// Failures since the last success (shared: a 410 resets it).
+    failures: Arc<std::sync::atomic::AtomicU32>,
+}
+
+/// The first delay of [`WatchBackoff`].
+const WATCH_BACKOFF_FIRST: Duration = Duration::from_millis(800);
+
+/// The largest delay of [`WatchBackoff`].
+const WATCH_BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+impl Iterator for WatchBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let failures = self.failures.fetch_add(1, Relaxed);
+        let base = WATCH_BACKOFF_FIRST
+            .saturating_mul(1u32 << failures.min(16))
+            .min(WATCH_BACKOFF_MAX);
+        Some(base.mul_f64(rand::random_range(0.5..=1.0)))
+    }
+}
+
+impl kube::runtime::utils::Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        self.failures.store(0, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 fn policy_item(kind: PolicyKind, o: DynamicObject) -> Item {
@@ -719,4 +769,29 @@ async fn allocate(
         }
     }
     Err(KubeError::Conflicts(labels.clone()))
+}
+
+#[cfg(test)]
+mod watch_backoff_tests {
+    use kube::runtime::utils::Backoff as _;
+
+    use super::*;
+
+    #[test]
+    fn doubles_to_thirty_seconds_jittered_and_starts_over_after_a_success() {
+        let mut b = WatchBackoff::default();
+        let delays: Vec<Duration> = (0..8).map(|_| b.next().unwrap_or_default()).collect();
+        for (i, d) in delays.iter().enumerate() {
+            let base = WATCH_BACKOFF_FIRST
+                .saturating_mul(1 << i)
+                .min(WATCH_BACKOFF_MAX);
+            assert!(
+                *d >= base / 2 && *d <= base,
+                "delay {i}: {d:?} for {base:?}"
+            );
+        }
+        b.reset();
+        let d = b.next().unwrap_or_default();
+        assert!(d <= WATCH_BACKOFF_FIRST, "after a success: {d:?}");
+    }
 }
