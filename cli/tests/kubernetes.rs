@@ -122,6 +122,7 @@ async fn create_namespace(client: &kube::Client, name: &str) {
 /// admission, RBAC objects and the admission policy's CEL compiled).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_rendered_object_is_accepted_by_a_real_api_server() {
+    let _one_at_a_time = API_SERVERS.lock().await;
     let (api, _dir) = start().await;
     let client = api.admin_client().await.unwrap_or_else(|e| panic!("{e}"));
     create_namespace(&client, NS).await;
@@ -219,6 +220,7 @@ async fn wait_established(client: &kube::Client, crds: &[serde_json::Value]) {
 /// kinds are refused by their schemas.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_agents_token_may_do_what_the_chart_grants_and_nothing_else() {
+    let _one_at_a_time = API_SERVERS.lock().await;
     use k8s_openapi::api::core::v1::{Node, Pod, Secret};
     let (api, dir) = start().await;
     let admin = api.admin_client().await.unwrap_or_else(|e| panic!("{e}"));
@@ -433,9 +435,19 @@ struct Cluster {
     config: PathBuf,
     /// Flags every agent gets after the chart's config file.
     agent_flags: Vec<String>,
+    /// The lab's prefix: part of every path the cluster's agents own, so
+    /// clusters of tests running at once share nothing.
+    prefix: String,
 }
 
 const APP_NS: &str = "production";
+
+/// The tests here run one at a time, each with its own API server: run
+/// together on two cores (three of them with agents on every node and
+/// SPIRE), a `spire reconcile --once` intermittently read the cluster
+/// without a Node it had just created (not explained; see the closing notes
+/// of 2026-12-01).
+static API_SERVERS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 impl Cluster {
     async fn start(prefix: &str, nodes: &[&str]) -> Self {
@@ -511,6 +523,7 @@ impl Cluster {
             agents: Default::default(),
             config,
             agent_flags: Vec::new(),
+            prefix: prefix.to_owned(),
         };
         for n in nodes {
             me.create_node(n).await;
@@ -619,7 +632,8 @@ impl Cluster {
             .workload_socket()
             .to_owned();
         let pins = PathBuf::from(format!(
-            "/sys/fs/bpf/meshauth-k8s-{}-{node}",
+            "/sys/fs/bpf/meshauth-k8s-{}-{}-{node}",
+            self.prefix,
             std::process::id()
         ));
         let mut cmd = self.lab.command(&info, env!("CARGO_BIN_EXE_meshauth"));
@@ -907,7 +921,8 @@ impl Drop for Cluster {
             let _ = c.kill();
             let _ = c.wait();
             let pins = PathBuf::from(format!(
-                "/sys/fs/bpf/meshauth-k8s-{}-{n}",
+                "/sys/fs/bpf/meshauth-k8s-{}-{}-{n}",
+                self.prefix,
                 std::process::id()
             ));
             if let Some(info) = self.lab.node(&n) {
@@ -1087,6 +1102,7 @@ const WORLD_MAP: &str = r#"{
 /// after the restart is authenticated too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn agents_in_kubernetes_mode_against_a_real_api_server() {
+    let _one_at_a_time = API_SERVERS.lock().await;
     let nodes = ["node-a", "node-b", "node-c"];
     let mut c = Cluster::start("k8sag", &nodes).await;
     // Pods first, then the agents: all three race to allocate the same
@@ -1446,6 +1462,7 @@ async fn agents_in_kubernetes_mode_against_a_real_api_server() {
 /// MeshIdentity yet gets none (the reconciler never allocates).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_reconciler_reads_the_cluster_from_a_real_api_server() {
+    let _one_at_a_time = API_SERVERS.lock().await;
     use k8s_openapi::api::core::v1::{Node, Pod};
     let (api, dir) = start().await;
     let admin = api.admin_client().await.unwrap_or_else(|e| panic!("{e}"));
@@ -1590,6 +1607,7 @@ async fn the_reconciler_reads_the_cluster_from_a_real_api_server() {
 /// policy status and nothing of the policies themselves or of other Leases.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exactly_one_agent_holds_the_policy_status_lease() {
+    let _one_at_a_time = API_SERVERS.lock().await;
     use k8s_openapi::api::coordination::v1::Lease;
     use policy_bridge::source::kube::{Elector, LeaseConfig};
     use std::time::{Duration, Instant};
@@ -1960,6 +1978,7 @@ async fn pod_token(
 /// with only the server's token, parents the pods' entries to that agent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bundled_spire_runs_from_the_charts_objects() {
+    let _one_at_a_time = API_SERVERS.lock().await;
     use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod};
     assert!(
         meshauth_lab::testbed::is_root(),
@@ -2329,6 +2348,7 @@ fn rss_and_fds(pid: u32) -> (u64, usize) {
 /// cover peer removal.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn node_churn_leaves_no_stale_peers_or_entries_and_nothing_grows() {
+    let _one_at_a_time = API_SERVERS.lock().await;
     use k8s_openapi::api::core::v1::{Node, Pod};
     let nodes = ["node-a", "node-b"];
     let mut c = Cluster::start_on("k8schurn", 78, &nodes).await;
@@ -2742,6 +2762,7 @@ pub(crate) async fn first_connection_bench(repeats: usize) -> String {
 /// gets its pair and connects).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_long_api_server_outage_keeps_the_last_good_state() {
+    let _one_at_a_time = API_SERVERS.lock().await;
     let nodes = ["node-a", "node-b", "node-c"];
     let mut c = Cluster::start_on("k8sout", 80, &nodes).await;
     let order_a = c.add_pod("node-a", "order-a", "order-service").await;
