@@ -349,14 +349,7 @@ impl HandshakeClient {
                     None
                 }
                 Version::V2 => {
-                    let exporter = tls
-                        .get_ref()
-                        .1
-                        .export_keying_material([0u8; 32], proof::EXPORTER_LABEL, None)
-                        .map_err(|source| HandshakeError::Tls {
-                            stage: "exporting the session's proof value",
-                            source,
-                        })?;
+                    let exporter = proof::exporter(tls.get_ref().1)?;
                     Some(Session::start(
                         tls,
                         addr,

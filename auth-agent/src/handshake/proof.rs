@@ -40,6 +40,16 @@ pub const EXPORTER_LABEL: &[u8] = b"EXPORTER-meshauth/2-pair-proof";
 /// Most certificates in a proof's chain.
 pub const MAX_CHAIN: usize = 4;
 
+/// The session's exported value ([`EXPORTER_LABEL`], 32 bytes), the same
+/// on both ends of one TLS session.
+pub fn exporter<Data>(conn: &rustls::ConnectionCommon<Data>) -> Result<[u8; 32], HandshakeError> {
+    conn.export_keying_material([0u8; 32], EXPORTER_LABEL, None)
+        .map_err(|source| HandshakeError::Tls {
+            stage: "exporting the session's proof value",
+            source,
+        })
+}
+
 /// Which side signs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Signer {

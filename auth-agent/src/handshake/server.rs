@@ -686,14 +686,7 @@ impl Shared {
                 None
             }
             Version::V2 => {
-                let exporter = tls
-                    .get_ref()
-                    .1
-                    .export_keying_material([0u8; 32], proof::EXPORTER_LABEL, None)
-                    .map_err(|source| HandshakeError::Tls {
-                        stage: "exporting the session's proof value",
-                        source,
-                    })?;
+                let exporter = proof::exporter(tls.get_ref().1)?;
                 Some(Session {
                     tls,
                     peer,
