@@ -242,9 +242,12 @@ async fn run_inner(
     );
 
     let mut sources = sources::start(&mut s).await?;
-    let (datapath, cgroup) = datapath::load_and_attach(&s)?;
+    let (mut datapath, cgroup, attach_waits) = datapath::load_and_attach(&s)?;
     serve::start(&mut s, api, registry, &sources, &cgroup).await?;
     let desired = policy::first_sync(&mut s, &mut sources, &cgroup).await?;
+    if attach_waits {
+        datapath::attach(&s, &mut datapath, &cgroup)?;
+    }
     if let Some(pods) = &sources.pod_svids {
         pod_svids::spawn_tracker(
             s.tasks,

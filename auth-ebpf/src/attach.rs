@@ -5,8 +5,10 @@
 //! so they outlive the agent: a restart (or a crash) leaves enforcement in
 //! place. Re-attaching attaches the new program first, pins it as the next
 //! generation, then releases the older links: cgroup bpf_links are
-//! multi-attach, so for a moment both run against the same maps and no
-//! packet meets an unenforced or half-configured cgroup.
+//! multi-attach, so for a moment both run (a packet passes only if both
+//! pass it) and no packet meets an unenforced cgroup. The new programs must
+//! not be attached before their maps hold the node's state: an agent that
+//! finds links pinned attaches only after its first policy sync.
 
 use std::fs::File;
 use std::os::unix::fs::MetadataExt as _;
@@ -114,11 +116,20 @@ fn check_cgroup2(path: &Path) -> Result<File, DatapathError> {
 
 impl Datapath {
     /// Attaches both programs to `cgroup` (its whole subtree) as pinned
-    /// links, replacing links an earlier agent left pinned for it.
+    /// links, replacing links an earlier agent left pinned for it: both new
+    /// links first, then the old ones are released. When the load set aside
+    /// a tracked-flow map of another layout, its flows are copied into the
+    /// new map before the new programs run, and once more (those opened in
+    /// between) before the old programs stop.
     pub fn attach(&mut self, cgroup: &Path) -> Result<(), DatapathError> {
         let file = check_cgroup2(cgroup)?;
         let dir = links_dir(self.pin_dir(), cgroup)?;
         std::fs::create_dir_all(&dir).map_err(DatapathError::io("mkdir", &dir))?;
+        if let Some(ct) = &self.previous_ct {
+            let n = ct.copy_into(self.pin_dir(), true)?;
+            tracing::info!(flows = n, "tracked flows copied from the replaced map");
+        }
+        let mut replaced = Vec::new();
         for direction in [Direction::Ingress, Direction::Egress] {
             let name = program_name(direction);
             let attach_type = match direction {
@@ -141,10 +152,18 @@ impl Datapath {
                 path: path.clone(),
                 source,
             })?;
-            for (_, p) in old {
-                release_link(&p)?;
-            }
+            replaced.extend(old.into_iter().map(|(_, p)| p));
             tracing::info!(cgroup = %cgroup.display(), direction = direction.as_str(), pin = %path.display(), "attached");
+        }
+        if let Some(ct) = self.previous_ct.take() {
+            let n = ct.copy_into(self.pin_dir(), false)?;
+            tracing::info!(
+                flows = n,
+                "tracked flows opened meanwhile copied from the replaced map"
+            );
+        }
+        for p in replaced {
+            release_link(&p)?;
         }
         Ok(())
     }

@@ -8,6 +8,11 @@
 //! - the auth map with a changed capacity or flags, or a newer layout version
 //!   that left the auth key and value unchanged: migrated (its entries are
 //!   read out and written into the new map, so no authentication is lost);
+//! - the tracked-flow map with an unchanged key and value under another
+//!   layout version or shape: carried, its entries copied into the new map
+//!   when the new programs are attached ([`crate::Datapath::attach`]: once
+//!   before, and once more before the old programs are released), so the
+//!   replies of flows opened under the old programs still pass;
 //! - anything else: recreated, with a log line saying why. The agent rewrites
 //!   the ipcache, policy and config maps from desired state on start, and an
 //!   auth entry that cannot be carried over is re-authenticated.
@@ -18,7 +23,7 @@ use aya::maps::{Array, HashMap, Map, MapData};
 
 use crate::error::DatapathError;
 use crate::maps::names;
-use crate::types::{AuthKey, AuthValue, LayoutValue};
+use crate::types::{AuthKey, AuthValue, CtKey, CtValue, LayoutValue};
 
 /// The layout version of this build's maps (`MESHAUTH_LAYOUT_VERSION`).
 pub const LAYOUT_VERSION: u32 = 2;
@@ -37,6 +42,9 @@ pub enum MapFate {
         /// How many entries were carried over.
         entries: usize,
     },
+    /// The pinned tracked-flow map differed; it is kept open and its entries
+    /// are copied into the new map when the programs are attached.
+    Carried,
     /// The pinned map differed and could not be migrated; a new, empty one
     /// replaced it.
     Recreated {
@@ -74,7 +82,46 @@ pub(crate) struct Prepared {
     pub report: LayoutReport,
     set_aside: Vec<SetAside>,
     auth_entries: Option<Vec<(AuthKey, AuthValue)>>,
+    previous_ct: Option<PreviousCt>,
 }
+
+/// The tracked-flow map a load set aside, to copy into the new one when the
+/// new programs are attached. The old programs still use it until then.
+#[derive(Debug)]
+pub(crate) struct PreviousCt(Map);
+
+impl PreviousCt {
+    /// Copies every entry into the pinned tracked-flow map under `pin_dir`:
+    /// overwriting (`BPF_ANY`) or keeping what is there (`BPF_NOEXIST`).
+    /// How many were written.
+    pub(crate) fn copy_into(
+        &self,
+        pin_dir: &Path,
+        overwrite: bool,
+    ) -> Result<usize, DatapathError> {
+        let from: HashMap<&MapData, CtKey, CtValue> =
+            HashMap::try_from(&self.0).map_err(DatapathError::map(names::CT))?;
+        let to_data = crate::maps::open_pinned(pin_dir, names::CT)?;
+        let mut to: HashMap<MapData, CtKey, CtValue> =
+            HashMap::try_from(Map::LruHashMap(to_data)).map_err(DatapathError::map(names::CT))?;
+        let flags = if overwrite { 0 } else { BPF_NOEXIST };
+        let mut n = 0;
+        for entry in from.iter() {
+            // An entry the old programs evicted while we walked: skipped.
+            let Ok((k, v)) = entry else { continue };
+            match to.insert(k, v, flags) {
+                Ok(()) => n += 1,
+                Err(aya::maps::MapError::SyscallError(e))
+                    if e.io_error.raw_os_error()
+                        == Some(rustix::io::Errno::EXIST.raw_os_error()) => {}
+                Err(e) => return Err(DatapathError::map(names::CT)(e)),
+            }
+        }
+        Ok(n)
+    }
+}
+
+const BPF_NOEXIST: u64 = 1;
 
 /// Compares each pinned map with the object's definition and sets aside
 /// (unpins, keeping it open) every one that cannot be reused.
@@ -86,6 +133,7 @@ pub(crate) fn prepare(pin_dir: &Path, obj: &aya_obj::Object) -> Result<Prepared,
     };
     let mut set_aside = Vec::new();
     let mut auth_entries = None;
+    let mut previous_ct = None;
 
     for &name in names::ALL {
         let def = obj
@@ -151,6 +199,14 @@ pub(crate) fn prepare(pin_dir: &Path, obj: &aya_obj::Object) -> Result<Prepared,
             auth_entries = Some(entries);
             tracing::warn!(map = name, %reason, entries = n, "migrating pinned auth map");
             MapFate::Migrated { entries: n }
+        } else if name == names::CT
+            && ty == def.map_type()
+            && auth_layout_compatible(pinned_version, &info, def)
+        {
+            let old = MapData::from_pin(&path).map_err(DatapathError::map(name))?;
+            previous_ct = Some(PreviousCt(Map::LruHashMap(old)));
+            tracing::warn!(map = name, %reason, "pinned tracked-flow map differs from this build's; its flows are carried over when the programs are attached");
+            MapFate::Carried
         } else {
             tracing::warn!(map = name, %reason, "pinned map differs from this build's; recreating it empty");
             MapFate::Recreated { reason }
@@ -163,6 +219,7 @@ pub(crate) fn prepare(pin_dir: &Path, obj: &aya_obj::Object) -> Result<Prepared,
         report,
         set_aside,
         auth_entries,
+        previous_ct,
     })
 }
 
@@ -178,7 +235,11 @@ impl Prepared {
 
     /// Writes the carried-over auth entries and the layout version into the
     /// freshly loaded maps.
-    pub(crate) fn finish(self, ebpf: &mut aya::Ebpf) -> Result<LayoutReport, DatapathError> {
+    /// Returns the report and the tracked-flow map to carry over, if any.
+    pub(crate) fn finish(
+        self,
+        ebpf: &mut aya::Ebpf,
+    ) -> Result<(LayoutReport, Option<PreviousCt>), DatapathError> {
         if let Some(entries) = self.auth_entries {
             let map = ebpf.map_mut(names::AUTH).ok_or(DatapathError::Missing {
                 kind: "map",
@@ -192,7 +253,7 @@ impl Prepared {
             }
         }
         write_version(ebpf)?;
-        Ok(self.report)
+        Ok((self.report, self.previous_ct))
     }
 }
 
@@ -215,7 +276,7 @@ fn read_auth_entries(path: &Path) -> Result<Vec<(AuthKey, AuthValue)>, DatapathE
         .map_err(DatapathError::map(names::AUTH))
 }
 
-fn read_pinned_version(pin_dir: &Path) -> Option<u32> {
+pub(crate) fn read_pinned_version(pin_dir: &Path) -> Option<u32> {
     let map = MapData::from_pin(pin_dir.join(names::LAYOUT)).ok()?;
     let arr: Array<MapData, LayoutValue> = Array::try_from(Map::Array(map)).ok()?;
     arr.get(&0, 0).ok().map(|v| v.version).filter(|&v| v != 0)

@@ -59,6 +59,9 @@ pub struct Datapath {
     pub(crate) ebpf: Ebpf,
     pin_dir: PathBuf,
     report: LayoutReport,
+    /// The tracked-flow map of the programs this load replaces, when its
+    /// layout changed: copied into the new one by [`Datapath::attach`].
+    pub(crate) previous_ct: Option<layout::PreviousCt>,
 }
 
 impl Datapath {
@@ -109,7 +112,7 @@ impl Datapath {
                 return Err(e.into());
             }
         };
-        let report = prepared.finish(&mut ebpf)?;
+        let (report, previous_ct) = prepared.finish(&mut ebpf)?;
         for (name, fate) in &report.maps {
             tracing::debug!(map = %name, ?fate, "datapath map");
         }
@@ -124,6 +127,7 @@ impl Datapath {
             ebpf,
             pin_dir: pin_dir.clone(),
             report,
+            previous_ct,
         })
     }
 

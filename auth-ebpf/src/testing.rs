@@ -243,3 +243,24 @@ pub fn ensure_bpffs() {
         "this test needs root and bpffs: `mount -t bpf bpf /sys/fs/bpf` failed ({status:?})"
     );
 }
+
+/// Overwrites the layout version pinned under `pin_dir`, as an agent of
+/// another version would have left it (upgrade and rollback tests: the
+/// next load sees a layout other than its own).
+pub fn set_pinned_layout_version(
+    pin_dir: &std::path::Path,
+    version: u32,
+) -> Result<(), crate::DatapathError> {
+    use crate::maps::names;
+    let data = crate::maps::open_pinned(pin_dir, names::LAYOUT)?;
+    let mut arr: aya::maps::Array<aya::maps::MapData, crate::types::LayoutValue> =
+        aya::maps::Array::try_from(aya::maps::Map::Array(data))
+            .map_err(crate::DatapathError::map(names::LAYOUT))?;
+    arr.set(0, crate::types::LayoutValue { version, pad: 0 }, 0)
+        .map_err(crate::DatapathError::map(names::LAYOUT))
+}
+
+/// The layout version pinned under `pin_dir`, if any.
+pub fn pinned_layout_version(pin_dir: &std::path::Path) -> Option<u32> {
+    crate::layout::read_pinned_version(pin_dir)
+}

@@ -288,3 +288,100 @@ fn the_ipcache_capacity_is_set_at_load_and_a_change_recreates_it() {
             .unwrap_or_else(|e| panic!("address {i}: {e}"));
     }
 }
+
+fn ct_flow(n: u16) -> (auth_ebpf::types::CtKey, auth_ebpf::types::CtValue) {
+    let (saddr, family) = auth_ebpf::types::RawAddr::from_ip("10.9.0.1".parse().unwrap());
+    let (daddr, _) = auth_ebpf::types::RawAddr::from_ip("10.9.0.2".parse().unwrap());
+    (
+        auth_ebpf::types::CtKey {
+            cgroup: 42,
+            saddr,
+            daddr,
+            sport: 40_000 + n,
+            dport: 8080,
+            proto: 6,
+            family,
+            direction: 1,
+            pad: 0,
+        },
+        auth_ebpf::types::CtValue {
+            last_seen: 1_000 + u64::from(n),
+            flags: 0,
+            pad: 0,
+        },
+    )
+}
+
+fn pinned_ct(
+    pins: &TestPinDir,
+) -> aya::maps::HashMap<aya::maps::MapData, auth_ebpf::types::CtKey, auth_ebpf::types::CtValue> {
+    let data = aya::maps::MapData::from_pin(pins.path().join(names::CT)).unwrap();
+    aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(data)).unwrap()
+}
+
+/// A build of another layout version finds tracked flows pinned: the map is
+/// carried, not emptied, and nothing is copied before the new programs are
+/// attached, so flows the old programs track meanwhile are carried too. The
+/// copy made before the new programs run overwrites: until then the old map
+/// is the one in use.
+#[test]
+fn tracked_flows_are_carried_into_another_layout_when_attached() {
+    let pins = TestPinDir::new("ctcarry");
+    let cg = meshauth_test_support::netns::TestCgroup::new("ctcarry");
+    let mut old = load(&pins, None);
+    old.attach(&cg.path).unwrap();
+    let mut ct = pinned_ct(&pins);
+    for n in 0..10 {
+        let (k, v) = ct_flow(n);
+        ct.insert(k, v, 0).unwrap();
+    }
+    // The old map, as the old programs keep using it after it is unpinned.
+    let old_ct = ct;
+    drop(old);
+    auth_ebpf::testing::set_pinned_layout_version(
+        pins.path(),
+        auth_ebpf::layout::LAYOUT_VERSION - 1,
+    )
+    .unwrap();
+
+    let mut new = load(&pins, None);
+    assert_eq!(
+        new.layout_report().fate(names::CT),
+        Some(&MapFate::Carried),
+        "{:?}",
+        new.layout_report()
+    );
+    assert_eq!(
+        new.layout_report()
+            .fate(names::POLICY)
+            .map(|f| matches!(f, MapFate::Recreated { .. })),
+        Some(true)
+    );
+    assert_eq!(
+        pinned_ct(&pins).iter().count(),
+        0,
+        "nothing copied before attaching"
+    );
+    // Tracked by the old programs after the load: flow 10; flow 3 refreshed
+    // in the new map already (as if the new programs had seen it).
+    let mut old_ct = old_ct;
+    let (k, v) = ct_flow(10);
+    old_ct.insert(k, v, 0).unwrap();
+    let (k3, mut v3) = ct_flow(3);
+    v3.last_seen = 9_999;
+    pinned_ct(&pins).insert(k3, v3, 0).unwrap();
+
+    new.attach(&cg.path).unwrap();
+    let carried: std::collections::BTreeMap<u16, u64> = pinned_ct(&pins)
+        .iter()
+        .map(|e| e.unwrap())
+        .map(|(k, v)| (k.sport - 40_000, v.last_seen))
+        .collect();
+    let want: std::collections::BTreeMap<u16, u64> =
+        (0..=10).map(|n| (n, 1_000 + u64::from(n))).collect();
+    // The copy made before the new programs run overwrites (the old map is
+    // the fresher one until then).
+    assert_eq!(carried, want);
+    assert_eq!(Datapath::pinned_links(pins.path(), &cg.path).unwrap(), 2);
+    Datapath::detach(pins.path(), &cg.path).unwrap();
+}

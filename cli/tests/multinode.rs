@@ -1973,3 +1973,226 @@ async fn chaos_a_flood_toward_an_unreachable_peer_costs_the_agent_little() {
         cpu * 100.0
     );
 }
+
+/// Chaos 1: node-b's agent upgraded under traffic to a build whose maps are
+/// laid out otherwise, then rolled back. The build that starts finds the
+/// maps pinned by another layout version (the marker set as that agent
+/// leaves it: an older version on the upgrade, a newer one on the
+/// rollback) and other capacities (the auth map and the ipcache resized):
+/// the auth map is migrated, the other maps are recreated empty. Through
+/// both, order-a's established connection to pay-b keeps its round trips
+/// (none fails), new connections pass at once, node-b's entry is carried
+/// over (not authenticated again), and refund-a — covered by the rule,
+/// never given an SVID — floods pay-b the whole time without one datagram
+/// getting through. The rollback also puts node-b in strict mode, where a
+/// program running on an empty ipcache would drop every pod's packets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn chaos_an_upgrade_to_another_map_layout_and_its_rollback_drop_nothing() {
+    let mut o = opts("chupgr", 168, false);
+    o.nodes = vec!["node-a".into(), "node-b".into()];
+    let mut tb = Testbed::start(o).await.unwrap();
+    tb.add_pod("node-a", "order-a", ORDER).unwrap();
+    tb.add_pod("node-a", "refund-a", "refund-service").unwrap();
+    tb.add_pod("node-b", "pay-b", PAYMENT).unwrap();
+    tb.write("policy.yaml", TWO_WAY_POLICY).unwrap();
+    let order = tb.register("order-a").unwrap();
+    let payment = tb.register("pay-b").unwrap();
+    tb.start_agents().await.unwrap();
+    let before = wait_entries(&tb, "node-b", &[(payment, order, "node-a")]).await;
+    let (pay_b, mut server) = serve(&tb, "pay-b");
+    server.serve(5353).unwrap();
+    let mut c = client(&tb, "order-a");
+    c.stream(
+        "s",
+        pay_b.ipv4.into(),
+        8080,
+        Duration::from_millis(20),
+        Duration::from_millis(500),
+    )
+    .unwrap();
+    let mut last = stream_until(&mut c, "the stream started", |s| s.ok > 0);
+
+    // The attacker: UDP to payment's port 5353 at 10,000/s, in bursts of 250 ms
+    // until told to stop.
+    let mut refund = client(&tb, "refund-a");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flood = {
+        let stop = stop.clone();
+        let to = IpAddr::from(pay_b.ipv4);
+        std::thread::spawn(move || {
+            let mut sent = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                sent += refund
+                    .flood(to, 5353, 10_000, Duration::from_millis(250))
+                    .unwrap();
+            }
+            sent
+        })
+    };
+
+    let pin_dir = tb.paths("node-b").pin_dir;
+    // UDP datagrams pay-b may receive on 5353: order-a's own requests.
+    let mut order_udp = 0;
+    // Before anything changes: a second of the flood dropped, none through.
+    tb.wait_for("the flood dropped", Duration::from_secs(10), || {
+        let pin_dir = &pin_dir;
+        async move { (pinned_auth_required_drops(pin_dir) >= 2_000).then_some(()) }
+    })
+    .await
+    .unwrap();
+    let (_, udp) = server.served(5353).unwrap();
+    assert_eq!(
+        udp - order_udp,
+        0,
+        "refund-a's datagrams got through before the upgrade"
+    );
+    let now = auth_ebpf::layout::LAYOUT_VERSION;
+    let steps: [(&str, u32, Vec<String>, u32); 2] = [
+        (
+            "upgrade",
+            now - 1,
+            vec![
+                "--auth-map-capacity".into(),
+                "65536".into(),
+                "--ipcache-capacity".into(),
+                "32768".into(),
+            ],
+            65536,
+        ),
+        (
+            "rollback",
+            now + 1,
+            vec!["--unknown-pods".into(), "drop".into()],
+            131072,
+        ),
+    ];
+    for (step, pinned, args, auth_capacity) in steps {
+        let drops_before = drops(&tb, "node-b").await;
+        let (_, udp) = server.served(5353).unwrap();
+        assert_eq!(
+            udp - order_udp,
+            0,
+            "before the {step}: refund-a's datagrams got through"
+        );
+        assert!(
+            tb.terminate_agent("node-b", Duration::from_secs(10))
+                .is_some_and(|st| st.success()),
+            "{step}: node-b's agent did not stop cleanly{}",
+            logs(&tb)
+        );
+        // With no agent running, the programs left attached keep enforcing:
+        // at least 200 more of the flood's datagrams dropped, none through.
+        let stopped = pinned_auth_required_drops(&pin_dir);
+        tb.wait_for(
+            "the flood dropped with no agent",
+            Duration::from_secs(10),
+            || {
+                let pin_dir = &pin_dir;
+                async move { (pinned_auth_required_drops(pin_dir) >= stopped + 200).then_some(()) }
+            },
+        )
+        .await
+        .unwrap();
+        let (_, udp) = server.served(5353).unwrap();
+        assert_eq!(
+            udp - order_udp,
+            0,
+            "{step}: refund-a's datagrams got through with no agent"
+        );
+        auth_ebpf::testing::set_pinned_layout_version(&pin_dir, pinned).unwrap();
+        let log_len = std::fs::metadata(tb.paths("node-b").log).unwrap().len() as usize;
+        tb.set_agent_args("node-b", args);
+        tb.start_agent("node-b").unwrap();
+        let st = tb
+            .wait_ready("node-b", Duration::from_secs(30))
+            .await
+            .unwrap_or_else(|e| panic!("{step}: {e}{}", logs(&tb)));
+        let log = std::fs::read_to_string(tb.paths("node-b").log).unwrap();
+        let log = &log[log_len..];
+        assert!(
+            log.contains("migrating pinned auth map")
+                && log.contains(&format!("layout version {pinned} != {now}")),
+            "{step}: the maps of layout {pinned} were not migrated:\n{log}"
+        );
+        assert_eq!(st.datapath.links, 2, "{step}: {:?}\n{log}", st.datapath);
+        assert_eq!(st.datapath.auth_capacity, auth_capacity, "{step}");
+        assert_eq!(
+            auth_ebpf::testing::pinned_layout_version(&pin_dir),
+            Some(now),
+            "{step}"
+        );
+        // 50 round trips on the established connection after the new agent
+        // is ready, none failed.
+        let ready = c.stream_stats("s").unwrap();
+        let s = stream_until(&mut c, step, |s| s.ok >= ready.ok + 50 || s.failed > 0);
+        println!("{step}: pinned layout {pinned} → {now}; stream {last:?} → {s:?}");
+        assert_eq!(s.failed, 0, "{step}: {s:?}{}", logs(&tb));
+        last = s;
+        all_first_packets(&tb, &mut c, &pay_b);
+        // order-a's two UDP requests (IPv4, IPv6) on 5353.
+        order_udp += 2;
+        let after = wait_entries(&tb, "node-b", &[(payment, order, "node-a")]).await;
+        assert_eq!(
+            after[0].expiry, before[0].expiry,
+            "{step}: the entry was carried over, not authenticated again"
+        );
+        // The flood reaches the new datapath and is dropped there.
+        let d = drops(&tb, "node-b").await;
+        println!("{step}: node-b's drops {drops_before} before, {d} since the new agent loaded");
+        let (_, udp) = server.served(5353).unwrap();
+        assert_eq!(
+            udp - order_udp,
+            0,
+            "{step}: refund-a's datagrams got through\n{log}"
+        );
+        let other = drops_other_than_auth_required(&tb, "node-b");
+        assert!(
+            other.is_empty(),
+            "{step}: node-b dropped {other:?}{}",
+            logs(&tb)
+        );
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let sent = flood.join().unwrap();
+    let s = c.stream_stop("s").unwrap();
+    let (_, udp) = server.served(5353).unwrap();
+    println!(
+        "refund-a sent {sent} datagrams; pay-b received {} of them; stream {s:?}",
+        udp - order_udp
+    );
+    assert!(sent > 0);
+    assert_eq!(udp - order_udp, 0, "refund-a's datagrams got through");
+    assert_eq!(s.failed, 0, "{s:?}{}", logs(&tb));
+    assert!(
+        drops(&tb, "node-b").await > 0,
+        "the flood was not dropped by node-b's datapath"
+    );
+}
+
+/// `node`'s drop counters other than "Authentication required"'s, as
+/// `reason/direction: packets` (empty when there are none).
+fn drops_other_than_auth_required(tb: &Testbed, node: &str) -> Vec<String> {
+    let auth_required = auth_ebpf::reason::label(auth_ebpf::reason::DROP_AUTH_REQUIRED);
+    let (_, metrics) = tb
+        .http_get(node, "/metrics")
+        .unwrap_or_else(|e| panic!("metrics of {node}: {e}"));
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("meshauth_drops_total{"))
+        .filter(|l| !l.contains(&format!("reason=\"{auth_required}\"")))
+        .filter(|l| l.rsplit(' ').next().is_some_and(|n| n != "0"))
+        .map(str::to_string)
+        .collect()
+}
+
+/// "Authentication required" drops counted in the metrics map pinned under
+/// `pin_dir` (read without the agent).
+fn pinned_auth_required_drops(pin_dir: &std::path::Path) -> u64 {
+    auth_ebpf::metrics::MetricsReader::open(pin_dir)
+        .and_then(|m| m.read())
+        .unwrap_or_else(|e| panic!("metrics pinned under {}: {e}", pin_dir.display()))
+        .iter()
+        .filter(|c| c.reason == auth_ebpf::reason::DROP_AUTH_REQUIRED)
+        .map(|c| c.packets)
+        .sum()
+}
