@@ -655,3 +655,60 @@ async fn the_initiator_refuses_answers_that_do_not_hold() {
         server.abort();
     }
 }
+
+/// A session is bound to the address it was opened to: once node-b's
+/// handshake address changes, the next pair opens a connection to the new
+/// address (where another responder answers) instead of being proved over
+/// the session to the old one.
+#[tokio::test]
+async fn a_session_is_not_reused_once_the_nodes_address_changed() {
+    let ca = Ca::root("meshauth test CA");
+    let (l, l2, r) = (
+        ca.svid(L, base_time(), HOUR),
+        ca.svid(L2, base_time(), 2 * HOUR),
+        ca.svid(R, base_time(), 3 * HOUR),
+    );
+    let mut old = Responder::start(cache_with(&ca, &[&r]), desired_two(), |_| {}).await;
+    let moved_ip: IpAddr = "127.0.0.4".parse().expect("ip");
+    let store = Arc::new(MemoryAuthStore::default());
+    let mut moved = Responder::start_with(
+        "node-b",
+        cache_with(&ca, &[&r]),
+        desired_two(),
+        store.clone(),
+        store,
+        SocketAddr::new(moved_ip, old.addr.port()),
+        |_| {},
+    )
+    .await;
+    let client = initiator(
+        cache_with(&ca, &[&l, &l2]),
+        old.addr.port(),
+        Metrics::default(),
+    );
+    client.handshake(L, R, &node_b()).await.expect("first pair");
+    assert_eq!(client.open_sessions(), 1);
+    // Within the reuse window, at the same address: proved over the session.
+    client
+        .handshake(L2, R, &node_b())
+        .await
+        .expect("second pair");
+    assert_eq!(old.metrics.accepted.get(), 1);
+
+    let node_b_moved = node_info("node-b", moved_ip, None);
+    client
+        .handshake(L2, R, &node_b_moved)
+        .await
+        .expect("the pair at node-b's new address");
+    assert_eq!(
+        moved.metrics.accepted.get(),
+        1,
+        "a connection to the new address"
+    );
+    assert_eq!(old.metrics.accepted.get(), 1, "nothing more to the old one");
+    assert_eq!(old.metrics.count(Role::Responder, "ok"), 2);
+    assert_eq!(moved.metrics.count(Role::Responder, "ok"), 1);
+    assert_eq!(stored(&moved), BTreeSet::from([(R, L2)]));
+    old.stop().await;
+    moved.stop().await;
+}
