@@ -712,3 +712,50 @@ async fn a_session_is_not_reused_once_the_nodes_address_changed() {
     old.stop().await;
     moved.stop().await;
 }
+
+/// The responder re-checks, for every proof, that the session's source
+/// address still belongs to the node it opened with: once node-a has left
+/// node-b's table, a proof over node-a's open session ends the session
+/// (`unknown_peer_address`), the initiator's one retry on a fresh
+/// connection is refused at accept, and nothing is stored for the pair.
+#[tokio::test]
+async fn a_session_whose_node_left_is_closed_at_its_next_proof() {
+    let ca = Ca::root("meshauth test CA");
+    let (l, l2, r) = (
+        ca.svid(L, base_time(), HOUR),
+        ca.svid(L2, base_time(), 2 * HOUR),
+        ca.svid(R, base_time(), 3 * HOUR),
+    );
+    let mut resp = Responder::start(cache_with(&ca, &[&r]), desired_two(), |_| {}).await;
+    let client = initiator(
+        cache_with(&ca, &[&l, &l2]),
+        resp.addr.port(),
+        Metrics::default(),
+    );
+    client.handshake(L, R, &node_b()).await.expect("first pair");
+    let o = resp.next_outcome("opening pair").await;
+    assert!(o.result.is_ok(), "{:?}", o.result);
+    assert_eq!(client.open_sessions(), 1);
+
+    // node-a leaves node-b's view of the cluster.
+    let mut left = desired_two();
+    left.nodes.remove("node-a");
+    resp.nodes.sync(&left.nodes).expect("node table sync");
+
+    let err = client
+        .handshake(L2, R, &node_b())
+        .await
+        .expect_err("a pair from a node that left");
+    let o = resp.next_outcome("the proof over the session").await;
+    match &o.result {
+        Err(e) => assert_eq!(e.label(), "unknown_peer_address", "{e}"),
+        Ok(a) => panic!("the proof was accepted: {a:?}"),
+    }
+    println!("initiator: {err}");
+    assert_eq!(stored(&resp), BTreeSet::from([(R, L)]), "nothing for L2");
+    assert!(
+        resp.metrics.count(Role::Responder, "unknown_peer_address") >= 1,
+        "counted"
+    );
+    resp.stop().await;
+}
