@@ -19,7 +19,9 @@
 //!    published key, and peers drop the node;
 //! 6. a node publishing a key it does not hold: handshakes toward it fail
 //!    as `wireguard_key_mismatch` and are counted;
-//! 7. a node removed: its peer is gone on the others.
+//! 7. a node removed: its peer is gone on the others;
+//! 8. Nodes with keys joining and leaving (200 changes, 100 ms apart): the
+//!    interface follows, and no stale peer is left.
 //!
 //! Run alone: `scripts/vm-test` or `cargo test -p meshauth-cli --test
 //! wireguard_vm`. Needs root, qemu, busybox-static, linux-image-amd64 and
@@ -599,4 +601,63 @@ async fn inside_the_vm() {
     wait_peers(&tb, "node-b", &["node-a"]).await;
     assert_eq!(wg_dump(&tb, "node-b").unwrap().peers.len(), 1);
     assert_eq!(wg_dump(&tb, "node-a").unwrap().peers.len(), 1);
+
+    // 8. Node churn: 200 joins and leaves of Nodes publishing WireGuard
+    //    keys, one every 100 ms plus the time a manifest write takes (up to
+    //    eight Nodes at a time, each with its own key and an unused address
+    //    on the lab's underlay; an emulated CPU stretches the run). node-a's
+    //    interface follows them, and once they are gone it holds node-b
+    //    alone — no stale peer — and traffic still flows.
+    let churn = |k: u8| {
+        use base64::Engine as _;
+        let key = base64::engine::general_purpose::STANDARD.encode([k + 1; 32]);
+        format!(
+            "apiVersion: v1\nkind: Node\nmetadata:\n  name: churn-{k}\n  annotations:\n    meshauth.io/wireguard-public-key: \"{key}\"\nspec:\n  podCIDR: 10.61.{}.0/24\n  podCIDRs:\n    - 10.61.{}.0/24\nstatus:\n  addresses:\n    - type: InternalIP\n      address: 10.61.0.{}\n",
+            100 + k,
+            100 + k,
+            100 + k
+        )
+    };
+    let start = Instant::now();
+    let (mut joins, mut most) = (0, 0);
+    let mut present = BTreeSet::new();
+    for i in 0..200u32 {
+        let k = (i % 8) as u8;
+        let file = format!("node-churn-{k}.yaml");
+        if present.remove(&k) {
+            tb.unlink(&file).unwrap();
+        } else {
+            tb.write(&file, &churn(k)).unwrap();
+            present.insert(k);
+            joins += 1;
+        }
+        if i % 20 == 0 {
+            most = most.max(wg_dump(&tb, "node-a").map_or(0, |d| d.peers.len()));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for k in std::mem::take(&mut present) {
+        tb.unlink(&format!("node-churn-{k}.yaml")).unwrap();
+    }
+    eprintln!(
+        "churn: {joins} joins and as many leaves in {:?}; node-a held up to {most} peers",
+        start.elapsed()
+    );
+    assert!(
+        most > 1,
+        "node-a never followed a churning node ({most} peers)"
+    );
+    let s = wait_peers(&tb, "node-a", &["node-b"]).await;
+    assert_eq!(s.wireguard.unwrap().peers.len(), 1);
+    let d = wg_dump(&tb, "node-a").unwrap();
+    assert_eq!(
+        d.peers.len(),
+        1,
+        "node-a's interface after the churn: {:?}",
+        d.peers
+    );
+    // And traffic between the remaining nodes still flows.
+    client
+        .connect_retry(IpAddr::V4(pay_b.ipv4), 8080, Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("order-a → pay-b after the churn: {e}"));
 }
