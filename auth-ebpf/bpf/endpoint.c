@@ -121,7 +121,13 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 	key.auth_type = auth_type;
 	expiry = auth_expiry(&key);
 	if (expiry > now) {
-		ct_track(&f, cgroup, now);
+		/* Only a packet that opens a flow is tracked here; the rest of an
+		 * authenticated flow does not refresh its entry (the socket cache
+		 * never did), which saves a lookup per packet. A TCP flow tracked
+		 * this way lives CT_LIFETIME_TCP_NS from its SYN; its replies need
+		 * the entry only once its pair's authentication has lapsed. */
+		if (f.opens)
+			ct_track(&f, cgroup, now);
 		return pass_and_cache(skb, &f, &cfg, local.identity, remote.identity,
 				      remote.node_id, auth_type, REASON_PASS_AUTHENTICATED, expiry,
 				      now);

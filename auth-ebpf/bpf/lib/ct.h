@@ -12,7 +12,9 @@
  *   A forged SYN-ACK or ACK creates nothing.
  * - A TCP SYN without ACK is never a reply.
  * - Entries live CT_LIFETIME_TCP_NS (TCP) or CT_LIFETIME_NONTCP_NS after
- *   their last use in the slow path (Cilium's lifetimes). */
+ *   their last use in the slow path (Cilium's lifetimes): an opening packet,
+ *   a reply, or a packet of a flow that needed no authentication. The other
+ *   packets of an authenticated flow do not refresh it (endpoint.c). */
 #ifndef __MESHAUTH_CT_H
 #define __MESHAUTH_CT_H
 
