@@ -668,10 +668,10 @@ async fn a_session_is_not_reused_once_the_nodes_address_changed() {
         ca.svid(L2, base_time(), 2 * HOUR),
         ca.svid(R, base_time(), 3 * HOUR),
     );
-    let mut old = Responder::start(cache_with(&ca, &[&r]), desired_two(), |_| {}).await;
+    let old = Responder::start(cache_with(&ca, &[&r]), desired_two(), |_| {}).await;
     let moved_ip: IpAddr = "127.0.0.4".parse().expect("ip");
     let store = Arc::new(MemoryAuthStore::default());
-    let mut moved = Responder::start_with(
+    let moved = Responder::start_with(
         "node-b",
         cache_with(&ca, &[&r]),
         desired_two(),
