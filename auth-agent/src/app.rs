@@ -269,7 +269,8 @@ async fn run_inner(
     )
     .await?;
 
-    tracing::info!(node = %config.node_name, "meshauth agent running");
+    let released = crate::daemon::release_free_heap();
+    tracing::info!(node = %config.node_name, released, "meshauth agent running");
     let r = manager.run(token).await;
     if let Err(e) = &r {
         s.live.fail(format!("auth manager: {e}"));

@@ -31,6 +31,19 @@ pub fn limit_malloc_arenas() {
     }
 }
 
+/// Gives the heap's free pages back to the kernel (glibc `malloc_trim`).
+/// Called once the agent has started: loading the datapath parses the
+/// kernel's BTF (aya's loader does it on construction, even when told not
+/// to use it: several MiB on a 6.x kernel) and the first policy compile
+/// builds its temporaries; both are freed by then, but their pages would
+/// stay resident. Returns whether memory was released.
+#[allow(unsafe_code)]
+pub fn release_free_heap() -> bool {
+    // SAFETY: malloc_trim only returns free memory of the allocator's own
+    // arenas to the kernel; no pointer is touched.
+    unsafe { libc::malloc_trim(0) == 1 }
+}
+
 /// Runs the agent until SIGTERM or SIGINT: builds the configuration from
 /// `args`, the environment and the file (exit 2 with every invalid value),
 /// then [`crate::app::run`]. `prog` names the binary in error messages.
