@@ -63,6 +63,15 @@ fn node_b() -> NodeInfo {
     node_info("node-b", B_IP, None)
 }
 
+/// SVIDs of L and L2 (node-a) and R (node-b), of different lifetimes.
+fn leaves(ca: &Ca) -> (Leaf, Leaf, Leaf) {
+    (
+        ca.svid(L, base_time(), HOUR),
+        ca.svid(L2, base_time(), 2 * HOUR),
+        ca.svid(R, base_time(), 3 * HOUR),
+    )
+}
+
 /// The pairs the responder's store holds, as (local, remote).
 fn stored(resp: &Responder) -> BTreeSet<(u32, u32)> {
     resp.store
@@ -87,11 +96,7 @@ async fn until(what: &str, mut cond: impl FnMut() -> bool) {
 #[tokio::test]
 async fn pairs_after_the_first_are_proved_over_one_pipelined_session() {
     let ca = Ca::root("meshauth test CA");
-    let (l, l2, r) = (
-        ca.svid(L, base_time(), HOUR),
-        ca.svid(L2, base_time(), 2 * HOUR),
-        ca.svid(R, base_time(), 3 * HOUR),
-    );
+    let (l, l2, r) = leaves(&ca);
     let mut resp = Responder::start(cache_with(&ca, &[&r]), desired_two(), |_| {}).await;
     let client = initiator(
         cache_with(&ca, &[&l, &l2]),
@@ -663,11 +668,7 @@ async fn the_initiator_refuses_answers_that_do_not_hold() {
 #[tokio::test]
 async fn a_session_is_not_reused_once_the_nodes_address_changed() {
     let ca = Ca::root("meshauth test CA");
-    let (l, l2, r) = (
-        ca.svid(L, base_time(), HOUR),
-        ca.svid(L2, base_time(), 2 * HOUR),
-        ca.svid(R, base_time(), 3 * HOUR),
-    );
+    let (l, l2, r) = leaves(&ca);
     let old = Responder::start(cache_with(&ca, &[&r]), desired_two(), |_| {}).await;
     let moved_ip: IpAddr = "127.0.0.4".parse().expect("ip");
     let store = Arc::new(MemoryAuthStore::default());
@@ -721,11 +722,7 @@ async fn a_session_is_not_reused_once_the_nodes_address_changed() {
 #[tokio::test]
 async fn a_session_whose_node_left_is_closed_at_its_next_proof() {
     let ca = Ca::root("meshauth test CA");
-    let (l, l2, r) = (
-        ca.svid(L, base_time(), HOUR),
-        ca.svid(L2, base_time(), 2 * HOUR),
-        ca.svid(R, base_time(), 3 * HOUR),
-    );
+    let (l, l2, r) = leaves(&ca);
     let mut resp = Responder::start(cache_with(&ca, &[&r]), desired_two(), |_| {}).await;
     let client = initiator(
         cache_with(&ca, &[&l, &l2]),

@@ -265,8 +265,16 @@ fn wanted(a: &ReconcileArgs, p: &Plan, state: &DesiredState) -> BTreeMap<String,
         other => other.clone(),
     };
     for n in &skipped {
+        // Whether the Node object itself was seen tells a Node without a
+        // uid from a node only named by its pods' spec.nodeName.
+        let seen = if state.nodes.contains_key(n) {
+            "its Node object is known"
+        } else {
+            "no Node object of that name is known, only pods placed on it"
+        };
         eprintln!(
-            "meshauth spire reconcile: node {n} has no metadata.uid: its SPIRE agent's ID is unknown, so it gets no entries"
+            "meshauth spire reconcile: node {n} has no metadata.uid ({seen}; {} Nodes with a uid): its SPIRE agent's ID is unknown, so it gets no entries",
+            state.node_uids.len()
         );
     }
     let selection = match &p.selection {
