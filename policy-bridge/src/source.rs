@@ -54,17 +54,25 @@ impl Publisher {
     ) {
         let policies = engine.status();
         let cur = self.tx.borrow().clone();
+        // What the diff does not carry: a Node or Pod recreated under the
+        // same name with a new uid, a Node without addresses (no table
+        // entry, but its uid names its SPIRE agent), a pod's run-as uids.
+        let new = engine.state();
+        let untracked = cur.state.node_uids != new.node_uids
+            || cur.state.pod_uids != new.pod_uids
+            || cur.state.pod_run_as != new.pod_run_as;
         if diff.is_empty()
+            && !untracked
             && *cur.policies == policies
             && *cur.errors == errors
             && cur.synced == synced
         {
             return;
         }
-        let state = if diff.is_empty() {
+        let state = if diff.is_empty() && !untracked {
             cur.state.clone()
         } else {
-            Arc::new(engine.state().clone())
+            Arc::new(new.clone())
         };
         self.tx.send_replace(Arc::new(Snapshot {
             generation: cur.generation + 1,
@@ -118,5 +126,70 @@ impl Subscription {
     pub async fn synced(&mut self) -> Option<Arc<Snapshot>> {
         let s = self.rx.wait_for(|s| s.synced).await.ok()?.clone();
         Some(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::core::v1::Node;
+
+    use super::*;
+    use crate::engine::{Change, EngineConfig};
+    use crate::model::Object;
+
+    fn node(name: &str, uid: &str) -> Object {
+        let n: Node = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": name, "uid": uid}
+        }))
+        .expect("node");
+        Object::Node(Box::new(n))
+    }
+
+    /// A change the diff does not carry is still published: a Node without
+    /// addresses (no node table entry) brings only its uid, and a Node
+    /// recreated under its name only a new uid. Before, the snapshot kept
+    /// the old state: a reconciler read no uid for node-a (no entries for
+    /// its SPIRE agent) until some other change came.
+    #[test]
+    fn a_change_only_of_uids_is_published() {
+        let (publisher, sub) = Publisher::new();
+        let mut engine = Engine::new(
+            EngineConfig::default(),
+            crate::identity::IdentityTable::new(),
+        );
+        let diff = engine.commit();
+        publisher.publish(&engine, diff, Vec::new(), true);
+        let first = sub.current().generation;
+
+        engine
+            .apply(Change::Upsert(node("node-a", "uid-1")))
+            .expect("apply");
+        let diff = engine.commit();
+        assert!(
+            diff.is_empty(),
+            "a Node without addresses changes no table entry"
+        );
+        publisher.publish(&engine, diff, Vec::new(), true);
+        let snap = sub.current();
+        assert!(snap.generation > first);
+        assert_eq!(
+            snap.state.node_uids.get("node-a").map(String::as_str),
+            Some("uid-1")
+        );
+
+        engine
+            .apply(Change::Upsert(node("node-a", "uid-2")))
+            .expect("apply");
+        let diff = engine.commit();
+        publisher.publish(&engine, diff, Vec::new(), true);
+        assert_eq!(
+            sub.current()
+                .state
+                .node_uids
+                .get("node-a")
+                .map(String::as_str),
+            Some("uid-2")
+        );
     }
 }
