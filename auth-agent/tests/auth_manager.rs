@@ -416,12 +416,7 @@ async fn a_peer_refusal_is_retried_fast_then_backs_off() {
         state(),
     );
     tokio::time::sleep(Duration::from_secs(10)).await;
-    let at: Vec<Instant> = fake
-        .calls()
-        .iter()
-        .filter(|c| c.remote == 257)
-        .map(|c| c.at)
-        .collect();
+    let at = call_times(&fake, 257);
     assert_eq!(at.len(), 9, "8 refusals then success");
     let gaps: Vec<Duration> = at.windows(2).map(|w| w[1] - w[0]).collect();
     // Each gap is the delay plus the fake's 10 ms handshake.
@@ -467,12 +462,7 @@ async fn failures_back_off_exponentially_per_pair() {
         state(),
     );
     tokio::time::sleep(Duration::from_secs(30)).await;
-    let at: Vec<Instant> = fake
-        .calls()
-        .iter()
-        .filter(|c| c.remote == 257)
-        .map(|c| c.at)
-        .collect();
+    let at = call_times(&fake, 257);
     assert_eq!(at.len(), 5, "4 failures then success");
     let gaps: Vec<Duration> = at.windows(2).map(|w| w[1] - w[0]).collect();
     // Jittered in [base/2, base] plus the 10 ms handshake: 1 s, 2 s, 4 s, 8 s bases.
@@ -1200,4 +1190,13 @@ async fn a_full_map_keeps_its_entries_and_the_waiting_pair_goes_in_once_there_is
     );
     assert!(removed_at.elapsed() < Duration::from_secs(1));
     h.stop().await;
+}
+
+/// When the fake handshaker was called toward `remote`, in order.
+fn call_times(fake: &Fake, remote: u32) -> Vec<Instant> {
+    fake.calls()
+        .iter()
+        .filter(|c| c.remote == remote)
+        .map(|c| c.at)
+        .collect()
 }

@@ -72,6 +72,21 @@ fn leaves(ca: &Ca) -> (Leaf, Leaf, Leaf) {
     )
 }
 
+/// node-b's responder holding R's SVID, and node-a's initiator holding L's
+/// and L2's, toward it.
+async fn responder_and_initiator(
+    ca: &Ca,
+    (l, l2, r): (&Leaf, &Leaf, &Leaf),
+) -> (Responder, HandshakeClient) {
+    let resp = Responder::start(cache_with(ca, &[r]), desired_two(), |_| {}).await;
+    let client = initiator(
+        cache_with(ca, &[l, l2]),
+        resp.addr.port(),
+        Metrics::default(),
+    );
+    (resp, client)
+}
+
 /// The pairs the responder's store holds, as (local, remote).
 fn stored(resp: &Responder) -> BTreeSet<(u32, u32)> {
     resp.store
@@ -97,12 +112,7 @@ async fn until(what: &str, mut cond: impl FnMut() -> bool) {
 async fn pairs_after_the_first_are_proved_over_one_pipelined_session() {
     let ca = Ca::root("meshauth test CA");
     let (l, l2, r) = leaves(&ca);
-    let mut resp = Responder::start(cache_with(&ca, &[&r]), desired_two(), |_| {}).await;
-    let client = initiator(
-        cache_with(&ca, &[&l, &l2]),
-        resp.addr.port(),
-        Metrics::default(),
-    );
+    let (mut resp, client) = responder_and_initiator(&ca, (&l, &l2, &r)).await;
 
     let first = client.handshake(L, R, &node_b()).await.expect("first pair");
     let second = client
@@ -723,12 +733,7 @@ async fn a_session_is_not_reused_once_the_nodes_address_changed() {
 async fn a_session_whose_node_left_is_closed_at_its_next_proof() {
     let ca = Ca::root("meshauth test CA");
     let (l, l2, r) = leaves(&ca);
-    let mut resp = Responder::start(cache_with(&ca, &[&r]), desired_two(), |_| {}).await;
-    let client = initiator(
-        cache_with(&ca, &[&l, &l2]),
-        resp.addr.port(),
-        Metrics::default(),
-    );
+    let (mut resp, client) = responder_and_initiator(&ca, (&l, &l2, &r)).await;
     client.handshake(L, R, &node_b()).await.expect("first pair");
     let o = resp.next_outcome("opening pair").await;
     assert!(o.result.is_ok(), "{:?}", o.result);
