@@ -193,7 +193,7 @@ pub(crate) fn prepare(pin_dir: &Path, obj: &aya_obj::Object) -> Result<Prepared,
         }
         let reason = diffs.join(", ");
 
-        let fate = if name == names::AUTH && auth_layout_compatible(pinned_version, &info, def) {
+        let fate = if name == names::AUTH && entries_carry_over(pinned_version, &info, def) {
             let entries = read_auth_entries(&path)?;
             let n = entries.len();
             auth_entries = Some(entries);
@@ -201,7 +201,7 @@ pub(crate) fn prepare(pin_dir: &Path, obj: &aya_obj::Object) -> Result<Prepared,
             MapFate::Migrated { entries: n }
         } else if name == names::CT
             && ty == def.map_type()
-            && auth_layout_compatible(pinned_version, &info, def)
+            && entries_carry_over(pinned_version, &info, def)
         {
             let old = MapData::from_pin(&path).map_err(DatapathError::map(name))?;
             previous_ct = Some(PreviousCt(Map::LruHashMap(old)));
@@ -257,11 +257,10 @@ impl Prepared {
     }
 }
 
-fn auth_layout_compatible(
-    pinned: Option<u32>,
-    info: &aya::maps::MapInfo,
-    def: &aya_obj::Map,
-) -> bool {
+/// Whether a pinned map's entries can be read as this build's: a layout
+/// version since [`AUTH_LAYOUT_SINCE`] (the auth and tracked-flow entries
+/// have not changed since) and the same key and value sizes.
+fn entries_carry_over(pinned: Option<u32>, info: &aya::maps::MapInfo, def: &aya_obj::Map) -> bool {
     pinned.is_some_and(|v| v >= AUTH_LAYOUT_SINCE)
         && info.key_size() == def.key_size()
         && info.value_size() == def.value_size()
