@@ -21,6 +21,7 @@ static BASELINE: &[u8] = aya::include_bytes_aligned!("../bpf/test/baseline.o");
 
 const LOCAL: Ipv4Addr = Ipv4Addr::new(10, 210, 0, 1);
 const REMOTE: Ipv4Addr = Ipv4Addr::new(10, 210, 1, 1);
+const WILDCARD_PEER: Ipv4Addr = Ipv4Addr::new(10, 210, 1, 2);
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
@@ -84,14 +85,73 @@ fn main() {
         ipc.insert(Prefix::host(ip.into()), 1000 + i, (i % 50) as u16)
             .unwrap();
     }
-    let run_dp = || {
-        dp.test_run(Direction::Ingress, &pkt, repeat)
+    let run_on = |pkt: &[u8]| {
+        dp.test_run(Direction::Ingress, pkt, repeat)
             .expect("datapath test run")
             .duration
     };
+    let run_dp = || run_on(&pkt);
     let no_policy = measure(&run_dp);
 
+    // Unrelated rules and authenticated pairs, so the policy and auth
+    // lookups are not into near-empty maps either: 100 other local
+    // identities with 20 rules each (exact port, any port of a protocol,
+    // any port; named and any remote), 10 more rules of the local identity
+    // itself, and 10,000 authenticated pairs.
     let mut pol = PolicyMap::open(pins.path()).unwrap();
+    let direction = |i: u32| {
+        if i.is_multiple_of(2) {
+            Direction::Ingress
+        } else {
+            Direction::Egress
+        }
+    };
+    for local in 2000..2100u32 {
+        for i in 0..20u32 {
+            let (port, proto) = match i % 4 {
+                0 | 1 => (8000 + i as u16, 6),
+                2 => (0, 17),
+                _ => (0, 0),
+            };
+            let remote = if i % 5 == 0 { 0 } else { 3000 + i };
+            pol.insert(
+                PolicyRule {
+                    local,
+                    remote,
+                    port,
+                    proto,
+                    direction: direction(i),
+                },
+                AUTH_TYPE_MTLS,
+            )
+            .unwrap();
+        }
+    }
+    for i in 0..10u32 {
+        pol.insert(
+            PolicyRule {
+                local: 256,
+                remote: 300 + i,
+                port: 9000 + i as u16,
+                proto: 6,
+                direction: direction(i),
+            },
+            AUTH_TYPE_MTLS,
+        )
+        .unwrap();
+    }
+    let mut auth = AuthMap::open(pins.path()).unwrap();
+    let later = SystemTime::now() + Duration::from_secs(3600);
+    for i in 0..10_000u32 {
+        let key = AuthKey {
+            local_id: 2000 + i % 100,
+            remote_id: 3000 + i / 100,
+            remote_node_id: (i % 50) as u16,
+            auth_type: AUTH_TYPE_MTLS,
+            pad: 0,
+        };
+        auth.insert(key, later).unwrap();
+    }
     pol.insert(
         PolicyRule {
             local: 256,
@@ -105,7 +165,6 @@ fn main() {
     .unwrap();
     let miss = measure(&run_dp);
 
-    let mut auth = AuthMap::open(pins.path()).unwrap();
     auth.insert(
         AuthKey {
             local_id: 256,
@@ -126,6 +185,44 @@ fn main() {
     .unwrap();
     let hit_uncached = measure(&run_dp);
 
+    // The least specific rule: any cluster identity, any port and protocol
+    // (the policy's last probe), for another peer on the same node.
+    ipc.insert(Prefix::host(WILDCARD_PEER.into()), 258, 4)
+        .unwrap();
+    pol.insert(
+        PolicyRule {
+            local: 256,
+            remote: 0,
+            port: 0,
+            proto: 0,
+            direction: Direction::Ingress,
+        },
+        AUTH_TYPE_MTLS,
+    )
+    .unwrap();
+    auth.insert(
+        AuthKey {
+            local_id: 256,
+            remote_id: 258,
+            remote_node_id: 4,
+            auth_type: AUTH_TYPE_MTLS,
+            pad: 0,
+        },
+        later,
+    )
+    .unwrap();
+    let wildcard_pkt = frame(
+        IpAddr::V4(WILDCARD_PEER),
+        IpAddr::V4(LOCAL),
+        L4::Tcp {
+            sport: 40000,
+            dport: 7000,
+            flags: 0x10,
+        },
+        64,
+    );
+    let wildcard_uncached = measure(&|| run_on(&wildcard_pkt));
+
     println!(
         "datapath ns/packet (BPF_PROG_TEST_RUN, cgroup_skb ingress, IPv4 TCP, repeat {repeat}, median of {runs})"
     );
@@ -141,6 +238,10 @@ fn main() {
         (
             "meshauth, auth required + hit, socket cache off (every lookup)",
             hit_uncached,
+        ),
+        (
+            "meshauth, auth required by an any-remote any-port rule + hit, socket cache off",
+            wildcard_uncached,
         ),
         ("meshauth, auth required + miss (drop 189)", miss),
     ] {
