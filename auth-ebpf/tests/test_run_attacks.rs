@@ -71,6 +71,97 @@ fn walkable_extension_header_chains_are_judged_by_their_transport_header() {
     assert_eq!(count(&f, reason::DROP_INVALID_EXTHDR, Ingress), 0);
 }
 
+/// A SYN behind one destination-options header of `units` 8-byte units
+/// beyond its first 8 (PadN filling it), so its TCP header starts at
+/// 40 + 8 × (units + 1) bytes into the packet.
+fn syn6_behind_long_options(units: u8, dport: u16) -> Vec<u8> {
+    let short = syn6(&[60], dport);
+    let (head, rest) = short.split_at(14 + 40);
+    let (opts, tcp) = rest.split_at(8);
+    let mut out = head.to_vec();
+    let len = 8 * (usize::from(units) + 1);
+    // PadN covering the header after its two bytes: type 1, length, zeros
+    // (at most 255 data bytes each, so as many as it takes).
+    let mut body = Vec::new();
+    let mut left = len - 2;
+    while left > 0 {
+        let n = left.min(257);
+        body.push(1);
+        body.push((n - 2) as u8);
+        body.resize(body.len() + n - 2, 0);
+        left -= n;
+    }
+    out.extend_from_slice(&[opts[0], units]);
+    out.extend_from_slice(&body);
+    out.extend_from_slice(tcp);
+    let payload_len = (out.len() - 14 - 40) as u16;
+    out[14 + 4..14 + 6].copy_from_slice(&payload_len.to_be_bytes());
+    out
+}
+
+/// A TCP SYN over IPv4 whose header carries `words` 4-byte words of
+/// options (NOPs), so its TCP header starts at 20 + 4 × `words`.
+fn syn4_with_options(words: u8, dport: u16) -> Vec<u8> {
+    let plain = frame(
+        IpAddr::V4(REMOTE_V4),
+        IpAddr::V4(LOCAL_V4),
+        L4::Tcp {
+            sport: 40000,
+            dport,
+            flags: SYN,
+        },
+        0,
+    );
+    let (head, tcp) = plain.split_at(14 + 20);
+    let mut out = head.to_vec();
+    out.resize(out.len() + 4 * usize::from(words), 1);
+    out.extend_from_slice(tcp);
+    out[14] = 0x40 | (5 + words);
+    let total = (out.len() - 14) as u16;
+    out[14 + 2..14 + 4].copy_from_slice(&total.to_be_bytes());
+    out
+}
+
+/// Headers where nearly every packet has them (the transport header right
+/// after a 20-byte IPv4 or 40-byte IPv6 header) are read in place; any
+/// other offset is copied with `bpf_skb_load_bytes` (`pkt_load` in
+/// parse.h). A TCP header behind IPv4 options, or behind a 1,128-byte
+/// IPv6 destination-options header, is still read: its port decides. Under
+/// test_run every packet is linear, so this is the copying path's test.
+#[test]
+fn a_transport_header_at_any_offset_is_judged_by_its_port() {
+    let f = Fixture::new("xh-far");
+    f.require(Ingress, 8080, proto::TCP);
+    let mut cases = Vec::new();
+    for words in [0u8, 1, 10] {
+        cases.push((
+            format!("IPv4, TCP at {}", 20 + 4 * words as usize),
+            syn4_with_options(words, 8080),
+            syn4_with_options(words, 9090),
+        ));
+    }
+    for units in [0u8, 2, 140] {
+        cases.push((
+            format!("IPv6, TCP at {}", 40 + 8 * (units as usize + 1)),
+            syn6_behind_long_options(units, 8080),
+            syn6_behind_long_options(units, 9090),
+        ));
+    }
+    for (what, to_8080, to_9090) in &cases {
+        assert!(
+            !f.run(Ingress, to_8080),
+            "{what}: a SYN to 8080 must be dropped"
+        );
+        assert!(f.run(Ingress, to_9090), "{what}: a SYN to 9090 has no rule");
+    }
+    assert_eq!(syn6_behind_long_options(140, 80).len(), 14 + 40 + 1128 + 20);
+    assert_eq!(
+        count(&f, reason::DROP_AUTH_REQUIRED, Ingress),
+        cases.len() as u64
+    );
+    assert_eq!(count(&f, reason::DROP_INVALID, Ingress), 0);
+}
+
 /// Before the fix a chain of 5 or more headers was judged as protocol 60
 /// with ports 0 and passed.
 #[test]

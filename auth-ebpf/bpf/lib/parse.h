@@ -33,6 +33,40 @@
 #define NEXTHDR_HIP 139
 #define NEXTHDR_SHIM6 140
 
+/* Headers where nearly every packet has them (the IP header at 0, the
+ * transport header right after a 20-byte IPv4 or a 40-byte IPv6 header) are
+ * read straight from the packet's linear data (cgroup_skb may read
+ * skb->data), which costs no helper call; the stack keeps those headers in
+ * the linear part. Only constant offsets: adding a variable offset to a
+ * packet pointer needs CAP_PERFMON (the verifier's Spectre v1 hardening),
+ * which the agent does not hold. Any other offset (IPv4 options, IPv6
+ * extension headers) or a header outside the linear data is copied with
+ * bpf_skb_load_bytes, so the result is the same either way. */
+#define PKT_DIRECT(at)                                                   \
+	case at:                                                         \
+		if (data + (at) + len <= end) {                          \
+			__builtin_memcpy(to, data + (at), len);          \
+			return 0;                                        \
+		}                                                        \
+		break
+
+/* Copies `len` (a constant) bytes at `off` into `to`; < 0 when the packet
+ * has fewer. */
+static __always_inline int pkt_load(struct __sk_buff *skb, __u32 off, void *to, __u32 len)
+{
+	__u8 *data = (__u8 *)(long)skb->data;
+	__u8 *end = (__u8 *)(long)skb->data_end;
+
+	switch (off) {
+	PKT_DIRECT(0);
+	PKT_DIRECT(20);
+	PKT_DIRECT(40);
+	default:
+		break;
+	}
+	return bpf_skb_load_bytes(skb, off, to, len);
+}
+
 static __always_inline int ipv6_is_exthdr(__u8 nexthdr)
 {
 	switch (nexthdr) {
@@ -65,7 +99,7 @@ static __always_inline int parse_l4(struct __sk_buff *skb, __u32 off, __u8 proto
 	switch (proto) {
 	case IPPROTO_TCP_:
 		/* Up to the flags byte: a segment without it is malformed. */
-		if (bpf_skb_load_bytes(skb, off, tcp, sizeof(tcp)) < 0)
+		if (pkt_load(skb, off, tcp, sizeof(tcp)) < 0)
 			return PARSE_INVALID;
 		*sport = ((__u16)tcp[0] << 8) | tcp[1];
 		*dport = ((__u16)tcp[2] << 8) | tcp[3];
@@ -73,7 +107,7 @@ static __always_inline int parse_l4(struct __sk_buff *skb, __u32 off, __u8 proto
 		f->opens = (tcp[13] & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
 		return PARSE_OK;
 	case IPPROTO_UDP_:
-		if (bpf_skb_load_bytes(skb, off, ports, sizeof(ports)) < 0)
+		if (pkt_load(skb, off, ports, sizeof(ports)) < 0)
 			return PARSE_INVALID;
 		*sport = bpf_ntohs(ports[0]);
 		*dport = bpf_ntohs(ports[1]);
@@ -81,7 +115,7 @@ static __always_inline int parse_l4(struct __sk_buff *skb, __u32 off, __u8 proto
 		return PARSE_OK;
 	case IPPROTO_ICMP_:
 	case IPPROTO_ICMPV6_:
-		if (bpf_skb_load_bytes(skb, off, icmp, sizeof(icmp)) < 0)
+		if (pkt_load(skb, off, icmp, sizeof(icmp)) < 0)
 			return PARSE_INVALID;
 		/* type 8/128 echo request, 0/129 echo reply */
 		if (icmp[0] == 8 || icmp[0] == 128) {
@@ -108,7 +142,7 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, __u16 *sport, __u16
 {
 	struct iphdr ip;
 
-	if (bpf_skb_load_bytes(skb, 0, &ip, sizeof(ip)) < 0)
+	if (pkt_load(skb, 0, &ip, sizeof(ip)) < 0)
 		return PARSE_INVALID;
 	if (ip.version != 4 || ip.ihl < 5)
 		return PARSE_INVALID;
@@ -132,7 +166,7 @@ static __always_inline int parse_ipv6(struct __sk_buff *skb, __u16 *sport, __u16
 	__u8 nexthdr;
 	int i;
 
-	if (bpf_skb_load_bytes(skb, 0, &ip6, sizeof(ip6)) < 0)
+	if (pkt_load(skb, 0, &ip6, sizeof(ip6)) < 0)
 		return PARSE_INVALID;
 	if (ip6.version != 6)
 		return PARSE_INVALID;
@@ -149,12 +183,12 @@ static __always_inline int parse_ipv6(struct __sk_buff *skb, __u16 *sport, __u16
 		/* Nothing follows: no transport header to judge by. */
 		if (nexthdr == NEXTHDR_NONE)
 			return PARSE_INVALID_EXTHDR;
-		if (bpf_skb_load_bytes(skb, off, ext, sizeof(ext)) < 0)
+		if (pkt_load(skb, off, ext, sizeof(ext)) < 0)
 			return PARSE_INVALID;
 		if (nexthdr == NEXTHDR_FRAGMENT) {
 			__u16 frag;
 
-			if (bpf_skb_load_bytes(skb, off + 2, &frag, sizeof(frag)) < 0)
+			if (pkt_load(skb, off + 2, &frag, sizeof(frag)) < 0)
 				return PARSE_INVALID;
 			nexthdr = ext[0];
 			off += 8;
