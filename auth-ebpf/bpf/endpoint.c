@@ -22,6 +22,7 @@
 #include "lib/events.h"
 #include "lib/metrics.h"
 #include "lib/skcache.h"
+#include "lib/clock.h"
 
 /* Counts the packet, reports it if the event mask asks, returns the verdict.
  * `now` may be 0 when the path did not need the time. */
@@ -57,12 +58,13 @@ static __always_inline int pass_and_cache(struct __sk_buff *skb, const struct fl
 
 static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 {
-	struct config_value cfg = config_get();
+	struct config_value cfg_default;
+	const struct config_value *cfg = config_get(&cfg_default);
 	struct ipcache_value local, remote;
 	struct sk_verdict_slot *cached;
 	struct auth_key key = {};
 	struct flow f = {};
-	__u64 now = 0, expiry, cgroup;
+	__u64 now = 0, coarse, expiry, cgroup;
 	__u16 port;
 	__u8 auth_type;
 	int ret;
@@ -71,42 +73,42 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 	if (ret == PARSE_UNSUPPORTED)
 		return CGROUP_PASS;
 	if (ret == PARSE_INVALID_EXTHDR)
-		return verdict(&f, &cfg, 0, 0, 0, 0, DROP_INVALID_EXTHDR, 0);
+		return verdict(&f, cfg, 0, 0, 0, 0, DROP_INVALID_EXTHDR, 0);
 	if (ret < 0)
-		return verdict(&f, &cfg, 0, 0, 0, 0, DROP_INVALID, 0);
+		return verdict(&f, cfg, 0, 0, 0, 0, DROP_INVALID, 0);
 
 	/* Fast path: the socket's cached verdict for this flow, if still current. */
-	cached = cfg.flags & CONFIG_F_NO_SKCACHE ? NULL : skcache_lookup(skb, &f, cfg.generation);
+	cached = cfg->flags & CONFIG_F_NO_SKCACHE ? NULL : skcache_lookup(skb, &f, cfg->generation);
 	if (cached && skcache_live(cached))
-		return verdict(&f, &cfg, 0, 0, 0, 0, cached->reason, 0);
+		return verdict(&f, cfg, 0, 0, 0, 0, cached->reason, 0);
 
 	local = ipcache_lookup(&f.local, f.family);
 	/* The source first: everything below trusts the addresses. */
-	if (dir == DIR_EGRESS && (cfg.flags & CONFIG_F_CHECK_SOURCE) &&
+	if (dir == DIR_EGRESS && (cfg->flags & CONFIG_F_CHECK_SOURCE) &&
 	    !source_ok(skb, &f, local.identity))
-		return verdict(&f, &cfg, local.identity, 0, 0, 0, DROP_INVALID_SOURCE_IP, 0);
-	if (local.identity == ID_WORLD && (cfg.flags & CONFIG_F_DROP_UNKNOWN_LOCAL) &&
-	    cfg.mode != MODE_AUDIT)
-		return verdict(&f, &cfg, local.identity, 0, 0, 0, DROP_POLICY_DENIED, 0);
+		return verdict(&f, cfg, local.identity, 0, 0, 0, DROP_INVALID_SOURCE_IP, 0);
+	if (local.identity == ID_WORLD && (cfg->flags & CONFIG_F_DROP_UNKNOWN_LOCAL) &&
+	    cfg->mode != MODE_AUDIT)
+		return verdict(&f, cfg, local.identity, 0, 0, 0, DROP_POLICY_DENIED, 0);
 	if (local.identity < ID_FIRST_CLUSTER)
-		return pass_and_cache(skb, &f, &cfg, local.identity, 0, 0, 0,
+		return pass_and_cache(skb, &f, cfg, local.identity, 0, 0, 0,
 				      REASON_PASS_NOT_ENFORCED, SKCACHE_NO_EXPIRY, now);
 
 	remote = ipcache_lookup(&f.remote, f.family);
-	cgroup = bpf_skb_cgroup_id(skb);
-	now = bpf_ktime_get_boot_ns();
 
 	port = dir == DIR_INGRESS ? f.local_port : f.remote_port;
 	if (f.fragment)
 		port = 0;
 	auth_type = policy_auth_type(local.identity, remote.identity, port, f.proto, dir);
 	if (!auth_type) {
+		cgroup = bpf_skb_cgroup_id(skb);
+		now = bpf_ktime_get_boot_ns();
 		if (ct_is_reply(&f, cgroup, now))
-			return pass_and_cache(skb, &f, &cfg, local.identity, remote.identity,
+			return pass_and_cache(skb, &f, cfg, local.identity, remote.identity,
 					      remote.node_id, 0, REASON_PASS_REPLY,
 					      SKCACHE_NO_EXPIRY, now);
 		ct_track(&f, cgroup, now);
-		return pass_and_cache(skb, &f, &cfg, local.identity, remote.identity,
+		return pass_and_cache(skb, &f, cfg, local.identity, remote.identity,
 				      remote.node_id, 0, REASON_PASS_NO_POLICY,
 				      SKCACHE_NO_EXPIRY, now);
 	}
@@ -114,36 +116,49 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 	/* Authenticated before the reply check: a live entry passes the packet
 	 * whether or not it answers a tracked flow, so the hit path skips the
 	 * tracked-flow lookup; only a packet the policy would drop is checked
-	 * as a reply. */
+	 * as a reply. An entry far from its expiry is proven live by the coarse
+	 * clock (clock.h); BOOTTIME is read only near the expiry, or for a
+	 * packet that opens a flow. */
 	key.local_id = local.identity;
 	key.remote_id = remote.identity;
 	key.remote_node_id = remote.node_id;
 	key.auth_type = auth_type;
 	expiry = auth_expiry(&key);
-	if (expiry > now) {
+	coarse = expiry ? clock_boot_coarse(cfg) : 0;
+	if (!clock_certainly_before(expiry, coarse)) {
+		now = bpf_ktime_get_boot_ns();
+		coarse = 0;
+	}
+	if (coarse || expiry > now) {
 		/* Only a packet that opens a flow is tracked here; the rest of an
 		 * authenticated flow does not refresh its entry (the socket cache
 		 * never did), which saves a lookup per packet. A TCP flow tracked
 		 * this way lives CT_LIFETIME_TCP_NS from its SYN; its replies need
 		 * the entry only once its pair's authentication has lapsed. */
-		if (f.opens)
-			ct_track(&f, cgroup, now);
-		return pass_and_cache(skb, &f, &cfg, local.identity, remote.identity,
-				      remote.node_id, auth_type, REASON_PASS_AUTHENTICATED, expiry,
-				      now);
+		if (f.opens) {
+			if (!now)
+				now = bpf_ktime_get_boot_ns();
+			ct_track(&f, bpf_skb_cgroup_id(skb), now);
+		}
+		if (!(cfg->flags & CONFIG_F_NO_SKCACHE))
+			skcache_store(skb, &f, cfg->generation, REASON_PASS_AUTHENTICATED, expiry,
+				      now ? now : coarse);
+		return verdict(&f, cfg, local.identity, remote.identity, remote.node_id,
+			       auth_type, REASON_PASS_AUTHENTICATED, now);
 	}
+	cgroup = bpf_skb_cgroup_id(skb);
 	if (ct_is_reply(&f, cgroup, now))
-		return pass_and_cache(skb, &f, &cfg, local.identity, remote.identity,
+		return pass_and_cache(skb, &f, cfg, local.identity, remote.identity,
 				      remote.node_id, 0, REASON_PASS_REPLY, SKCACHE_NO_EXPIRY,
 				      now);
 
-	signal_auth_required(&key, now, &cfg, dir);
-	if (cfg.mode == MODE_AUDIT) {
+	signal_auth_required(&key, now, cfg, dir);
+	if (cfg->mode == MODE_AUDIT) {
 		ct_track(&f, cgroup, now);
-		return verdict(&f, &cfg, local.identity, remote.identity, remote.node_id,
+		return verdict(&f, cfg, local.identity, remote.identity, remote.node_id,
 			       auth_type, REASON_PASS_AUDIT, now);
 	}
-	return verdict(&f, &cfg, local.identity, remote.identity, remote.node_id, auth_type,
+	return verdict(&f, cfg, local.identity, remote.identity, remote.node_id, auth_type,
 		       DROP_AUTH_REQUIRED, now);
 }
 

@@ -135,10 +135,13 @@ mod tests {
 
 /// `CLOCK_BOOTTIME − CLOCK_MONOTONIC` in nanoseconds: how long the machine
 /// has been suspended since boot. It only grows, and only across a suspend.
+/// MONOTONIC is read first, so the reading is never below the true value
+/// (it is above it by the time between the two reads): the datapath's
+/// coarse estimate of BOOTTIME built on it errs late, never early.
 pub fn suspended_ns() -> u64 {
-    let boot = boottime_now_ns();
     let ts = clock_gettime(ClockId::Monotonic);
     let mono = (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64;
+    let boot = boottime_now_ns();
     boot.saturating_sub(mono)
 }
 
@@ -171,22 +174,46 @@ impl SuspendWatch {
     }
 }
 
+/// Whether the datapath's config must be told of a suspend: the watch saw
+/// the suspended time grow since its last reading, or the config holds a
+/// suspended time (`written`) more than `tolerance` behind `now` (a resume
+/// between the config's write and the watch's first reading).
+pub fn config_behind(
+    watch: &mut SuspendWatch,
+    now: u64,
+    written: Option<u64>,
+    tolerance: Duration,
+) -> bool {
+    let seen = watch.resumed(now);
+    let behind = written.is_some_and(|w| {
+        now.saturating_sub(w) > tolerance.as_nanos().min(u128::from(u64::MAX)) as u64
+    });
+    seen || behind
+}
+
 /// Runs until aborted: every `every`, reads the suspended time and, after a
-/// resume, bumps the datapath's map generation so no socket keeps a verdict
-/// whose coarse-clock deadline slept through the suspend.
+/// resume, writes it into the datapath's config and bumps the map
+/// generation ([`crate::maps::config::ConfigMap::resumed`]), so the coarse
+/// clock of the authenticated path (`bpf/lib/clock.h`) counts the time
+/// asleep again and no socket keeps a verdict whose coarse-clock deadline
+/// slept through the suspend.
 pub async fn bump_generation_on_resume(
     pin_dir: std::path::PathBuf,
     every: Duration,
 ) -> Result<(), crate::DatapathError> {
-    let mut watch = SuspendWatch::new(suspended_ns(), Duration::from_millis(100));
+    let tolerance = Duration::from_millis(100);
+    let mut watch = SuspendWatch::new(suspended_ns(), tolerance);
     let mut tick = tokio::time::interval(every);
     loop {
         tick.tick().await;
-        if watch.resumed(suspended_ns()) {
-            let generation = crate::maps::config::ConfigMap::open(&pin_dir)?.bump_generation()?;
+        let now = suspended_ns();
+        let mut config = crate::maps::config::ConfigMap::open(&pin_dir)?;
+        if config_behind(&mut watch, now, config.suspended_ns()?, tolerance) {
+            let generation = config.resumed(now)?;
             tracing::info!(
                 generation,
-                "resumed from suspend: socket-cached verdicts invalidated"
+                suspended_s = now as f64 / 1e9,
+                "resumed from suspend: the datapath's suspended time updated, socket-cached verdicts invalidated"
             );
         }
     }
@@ -205,6 +232,38 @@ mod suspend_tests {
         assert!(w.resumed(65_000_000_000), "a minute asleep");
         assert!(!w.resumed(65_000_000_000));
         assert!(!w.resumed(64_000_000_000), "never goes backwards");
+    }
+
+    #[test]
+    fn a_config_behind_the_suspended_time_is_updated_even_if_the_watch_saw_nothing() {
+        let tol = Duration::from_millis(100);
+        let mut w = SuspendWatch::new(65_000_000_000, tol);
+        // The config was written before a minute-long suspend the watch
+        // started after.
+        assert!(config_behind(
+            &mut w,
+            65_000_000_000,
+            Some(5_000_000_000),
+            tol
+        ));
+        assert!(!config_behind(
+            &mut w,
+            65_000_000_000,
+            Some(65_000_000_000),
+            tol
+        ));
+        assert!(
+            !config_behind(&mut w, 65_000_050_000, Some(65_000_000_000), tol),
+            "read jitter"
+        );
+        assert!(
+            !config_behind(&mut w, 65_000_000_000, None, tol),
+            "nothing written, nothing seen"
+        );
+        assert!(
+            config_behind(&mut w, 95_000_000_000, None, tol),
+            "a resume the watch saw"
+        );
     }
 
     #[test]

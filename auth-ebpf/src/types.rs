@@ -281,6 +281,11 @@ pub struct ConfigValue {
     pub event_budget: u32,
     /// Zero.
     pub pad: u32,
+    /// `CLOCK_BOOTTIME − CLOCK_MONOTONIC` when written: how long the machine
+    /// had been suspended. The datapath adds it to the coarse monotonic
+    /// clock to tell, without reading the clock source, that an auth entry
+    /// is far from its expiry (`bpf/lib/clock.h`). `u64::MAX` = not written.
+    pub suspended_ns: u64,
 }
 
 /// `struct endpoint_key`: a local pod's cgroup with one of its addresses,

@@ -152,7 +152,8 @@ fn rust_types_match_the_objects_btf() {
             flags,
             event_interval_ns,
             event_budget,
-            pad
+            pad,
+            suspended_ns
         ]
     );
     check!(l, "endpoint_key", EndpointKey, [cgroup, family, pad, addr]);

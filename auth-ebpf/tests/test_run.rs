@@ -104,6 +104,127 @@ fn expired_entry_drops() {
     assert!(f.run(Ingress, &tcp(Ingress, 8080, ACK)));
 }
 
+/// Sends the same authenticated packet until it drops, each run bracketed
+/// by BOOTTIME readings; returns (packets that passed, the BOOTTIME before
+/// the first drop). Panics if a packet passed although it was sent after
+/// `expiry`, dropped although it ran entirely before, or nothing dropped
+/// within 5 s.
+fn run_until_dropped(f: &Fixture, pkt: &[u8], expiry: u64) -> (u64, u64) {
+    use auth_ebpf::clock::boottime_now_ns;
+    let give_up = boottime_now_ns() + 5_000_000_000;
+    let mut passed = 0;
+    loop {
+        let before = boottime_now_ns();
+        let pass = f.run(Ingress, pkt);
+        let after = boottime_now_ns();
+        if pass {
+            assert!(
+                before < expiry,
+                "passed {} ns after the entry expired",
+                before - expiry
+            );
+            passed += 1;
+        } else {
+            assert!(
+                after >= expiry,
+                "dropped {} ns before the entry expired",
+                expiry - after
+            );
+            return (passed, before);
+        }
+        assert!(before < give_up, "still passing 5 s on");
+    }
+}
+
+/// An entry is judged by the coarse clock only while far from its expiry
+/// (`bpf/lib/clock.h`); around the expiry BOOTTIME decides, so no packet
+/// passes after it and none drops before it. Packets are sent back to back
+/// across the expiry, with and without the socket cache (whose deadline is
+/// on the coarse clock too).
+#[test]
+fn no_packet_passes_after_its_entrys_expiry() {
+    for socket_cache in [false, true] {
+        let f = Fixture::with_config(
+            "expiry-edge",
+            DatapathConfig {
+                socket_cache,
+                ..DatapathConfig::default()
+            },
+        );
+        f.require(Ingress, 8080, proto::TCP);
+        let expiry = SystemTime::now() + Duration::from_millis(300);
+        f.authenticate(REMOTE_NODE, expiry);
+        let expiry_boot = auth_ebpf::clock::system_to_boottime_ns(expiry);
+        let (passed, dropped_at) = run_until_dropped(&f, &tcp(Ingress, 8080, ACK), expiry_boot);
+        println!(
+            "socket cache {socket_cache}: {passed} packets passed, the first drop {} µs after the expiry",
+            dropped_at.saturating_sub(expiry_boot) / 1000
+        );
+        assert!(passed > 100, "only {passed} packets before the expiry");
+    }
+}
+
+/// The datapath trusts the suspended time the agent wrote (`suspended_ns`
+/// in the config): with a stale one, as between a resume and the agent's
+/// next look (at most a second; `clock::bump_generation_on_resume`), the
+/// coarse estimate of BOOTTIME lags by the time asleep and an entry that
+/// expired within it still passes. The agent's update ends that; so does a
+/// config without a suspended time, or one too large, where BOOTTIME
+/// decides every packet.
+#[test]
+fn the_coarse_clock_counts_the_suspended_time_the_agent_wrote() {
+    use auth_ebpf::clock::suspended_ns;
+    let f = Fixture::with_config(
+        "suspended",
+        DatapathConfig {
+            socket_cache: false,
+            ..DatapathConfig::default()
+        },
+    );
+    f.require(Ingress, 8080, proto::TCP);
+    let pkt = tcp(Ingress, 8080, ACK);
+    let written = f.config().suspended_ns().expect("config");
+    let now = suspended_ns();
+    assert!(
+        written.is_some_and(|w| w.abs_diff(now) < 1_000_000),
+        "loading wrote the suspended time: {written:?} vs {now}"
+    );
+
+    f.authenticate(REMOTE_NODE, SystemTime::now() - Duration::from_secs(2));
+    assert!(!f.run(Ingress, &pkt), "expired 2 s ago");
+
+    // As if the machine had slept 10 s since the agent's last write.
+    let stale = suspended_ns().wrapping_sub(10_000_000_000);
+    f.config().resumed(stale).expect("config");
+    assert!(
+        f.run(Ingress, &pkt),
+        "with the suspended time 10 s short the entry looks 8 s from expiry"
+    );
+    let generation = f.config().generation().expect("generation");
+    let now = suspended_ns();
+    assert_eq!(f.config().resumed(now).expect("config"), generation + 1);
+    assert_eq!(f.config().suspended_ns().expect("config"), Some(now));
+    assert!(
+        !f.run(Ingress, &pkt),
+        "the agent's update closes the window"
+    );
+
+    // Too large, or not written: BOOTTIME decides.
+    for (what, value) in [
+        ("an hour too much", now + 3_600_000_000_000),
+        ("not written", u64::MAX),
+    ] {
+        f.config().resumed(value).expect("config");
+        f.authenticate(REMOTE_NODE, SystemTime::now() - Duration::from_secs(2));
+        assert!(!f.run(Ingress, &pkt), "{what}: expired 2 s ago");
+        f.authenticate(REMOTE_NODE, in_an_hour());
+        assert!(f.run(Ingress, &pkt), "{what}: live for an hour");
+    }
+    let m = MetricsReader::open(f.pins.path()).expect("metrics");
+    assert_eq!(m.packets(reason::DROP_AUTH_REQUIRED, Ingress).unwrap(), 4);
+    assert_eq!(m.packets(reason::PASS_AUTHENTICATED, Ingress).unwrap(), 3);
+}
+
 #[test]
 fn entry_for_another_node_drops() {
     let f = Fixture::new("othernode");

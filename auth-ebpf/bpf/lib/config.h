@@ -29,7 +29,13 @@ struct config_value {
 	 * Counters stay exact; suppressed events are counted. */
 	__u32 event_budget;
 	__u32 pad;
+	/* CLOCK_BOOTTIME - CLOCK_MONOTONIC when the agent wrote this: how long
+	 * the machine had been suspended (clock.h). CONFIG_SUSPENDED_UNKNOWN
+	 * until the agent writes it. */
+	__u64 suspended_ns;
 };
+
+#define CONFIG_SUSPENDED_UNKNOWN 0xffffffffffffffffULL
 
 /* Do not use or fill the per-socket verdict cache (debugging, benchmarks). */
 #define CONFIG_F_NO_SKCACHE (1 << 0)
@@ -70,22 +76,26 @@ struct {
 #define EVENT_INTERVAL_DEFAULT_NS 1000000000ULL
 #define EVENT_BUDGET_DEFAULT 1000
 
-static __always_inline struct config_value config_get(void)
+/* The agent's configuration, or the defaults in `def` while the agent has
+ * not written it (an array slot always exists; all zero means unwritten).
+ * A pointer into the map: no copy per packet. */
+static __always_inline const struct config_value *config_get(struct config_value *def)
 {
 	__u32 zero = 0;
 	struct config_value *c = bpf_map_lookup_elem(&meshauth_config, &zero);
-	struct config_value def = {
-		.mode = MODE_ENFORCE,
-		.event_mask = EVENT_DROPS | EVENT_AUDIT,
-		.signal_interval_ns = SIGNAL_INTERVAL_DEFAULT_NS,
-		.event_interval_ns = EVENT_INTERVAL_DEFAULT_NS,
-		.event_budget = EVENT_BUDGET_DEFAULT,
-	};
 
-	/* An array slot always exists; all zero means the agent has not written it. */
-	if (!c || c->signal_interval_ns == 0)
-		return def;
-	return *c;
+	if (c && c->signal_interval_ns != 0)
+		return c;
+	def->mode = MODE_ENFORCE;
+	def->event_mask = EVENT_DROPS | EVENT_AUDIT;
+	def->signal_interval_ns = SIGNAL_INTERVAL_DEFAULT_NS;
+	def->generation = 0;
+	def->flags = 0;
+	def->event_interval_ns = EVENT_INTERVAL_DEFAULT_NS;
+	def->event_budget = EVENT_BUDGET_DEFAULT;
+	def->pad = 0;
+	def->suspended_ns = CONFIG_SUSPENDED_UNKNOWN;
+	return def;
 }
 
 #endif /* __MESHAUTH_CONFIG_H */

@@ -10,7 +10,7 @@
  *
  * The cached check reads the coarse monotonic clock (a plain load of the
  * last tick, where CLOCK_BOOTTIME costs a clock read): the slot keeps the
- * entry's deadline translated to that clock, minus SKCACHE_TICK_MARGIN_NS
+ * entry's deadline translated to that clock, minus CLOCK_COARSE_MARGIN_NS
  * for the coarse clock's lag, so the cached path stops a little early and
  * the exact BOOTTIME check takes over for the last moments. The monotonic
  * clock stands still while the machine is suspended; the agent bumps the
@@ -21,9 +21,9 @@
 #define __MESHAUTH_SKCACHE_H
 
 #include "common.h"
+#include "clock.h"
 
 #define SKCACHE_NO_EXPIRY 0xffffffffffffffffULL
-#define SKCACHE_TICK_MARGIN_NS 20000000ULL /* 20 ms: above one tick at HZ >= 100 */
 
 struct sk_verdict_slot {
 	/* The whole tuple: a raw socket may send any source, and a verdict
@@ -86,7 +86,9 @@ static __always_inline struct sk_verdict_slot *skcache_lookup(struct __sk_buff *
 	return skcache_slot_matches(s, f, generation) ? s : NULL;
 }
 
-/* Remembers a pass for the packet's socket. */
+/* Remembers a pass for the packet's socket. `now_boot` is BOOTTIME now, or
+ * clock_boot_coarse's estimate of it (never ahead of it; the margin covers
+ * its lag). */
 static __always_inline void skcache_store(struct __sk_buff *skb, const struct flow *f,
 					  __u32 generation, __u8 reason, __u64 expiry,
 					  __u64 now_boot)
@@ -113,9 +115,9 @@ static __always_inline void skcache_store(struct __sk_buff *skb, const struct fl
 	s->generation = generation;
 	s->expiry = expiry;
 	s->deadline_coarse = 0;
-	if (expiry != SKCACHE_NO_EXPIRY && expiry > now_boot + SKCACHE_TICK_MARGIN_NS)
+	if (expiry != SKCACHE_NO_EXPIRY && expiry > now_boot + CLOCK_COARSE_MARGIN_NS)
 		s->deadline_coarse =
-			bpf_ktime_get_coarse_ns() + (expiry - now_boot) - SKCACHE_TICK_MARGIN_NS;
+			bpf_ktime_get_coarse_ns() + (expiry - now_boot) - CLOCK_COARSE_MARGIN_NS;
 	s->reason = reason;
 }
 

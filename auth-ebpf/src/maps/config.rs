@@ -153,6 +153,7 @@ impl ConfigMap {
             event_interval_ns: cfg.event_interval.as_nanos().min(u128::from(u64::MAX)) as u64,
             event_budget: cfg.event_budget,
             pad: 0,
+            suspended_ns: crate::clock::suspended_ns(),
         };
         self.map
             .set(0, value, 0)
@@ -171,6 +172,34 @@ impl ConfigMap {
             .set(0, v, 0)
             .map_err(DatapathError::map(names::CONFIG))?;
         Ok(v.generation)
+    }
+
+    /// After a resume: writes how long the machine has now been suspended
+    /// (`suspended_ns`, see [`crate::clock::suspended_ns`]) and bumps the
+    /// generation, in one write, so neither the datapath's coarse clock nor
+    /// a socket-cached deadline keeps the time before the suspend. Returns
+    /// the new generation.
+    pub fn resumed(&mut self, suspended_ns: u64) -> Result<u32, DatapathError> {
+        let mut v = self
+            .map
+            .get(&0, 0)
+            .map_err(DatapathError::map(names::CONFIG))?;
+        v.generation = v.generation.wrapping_add(1);
+        v.suspended_ns = suspended_ns;
+        self.map
+            .set(0, v, 0)
+            .map_err(DatapathError::map(names::CONFIG))?;
+        Ok(v.generation)
+    }
+
+    /// The suspended time the datapath was last given (`None`: never
+    /// written).
+    pub fn suspended_ns(&self) -> Result<Option<u64>, DatapathError> {
+        let v = self
+            .map
+            .get(&0, 0)
+            .map_err(DatapathError::map(names::CONFIG))?;
+        Ok((v.signal_interval_ns != 0 && v.suspended_ns != u64::MAX).then_some(v.suspended_ns))
     }
 
     /// The current generation.
