@@ -36,16 +36,20 @@ fn main() {
         .unwrap_or(1_000_000);
     let runs: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(7);
 
-    let pkt = frame(
-        IpAddr::V4(REMOTE),
-        IpAddr::V4(LOCAL),
-        L4::Tcp {
-            sport: 40000,
-            dport: 8080,
-            flags: 0x10,
-        },
-        64,
-    );
+    // An ACK of an established flow from `peer` to LOCAL.
+    let ack_from = |peer: Ipv4Addr, dport: u16| {
+        frame(
+            IpAddr::V4(peer),
+            IpAddr::V4(LOCAL),
+            L4::Tcp {
+                sport: 40000,
+                dport,
+                flags: 0x10,
+            },
+            64,
+        )
+    };
+    let pkt = ack_from(REMOTE, 8080);
     let measure = |f: &dyn Fn() -> Duration| -> f64 {
         median((0..runs).map(|_| f().as_nanos() as f64).collect())
     };
@@ -211,16 +215,7 @@ fn main() {
         later,
     )
     .unwrap();
-    let wildcard_pkt = frame(
-        IpAddr::V4(WILDCARD_PEER),
-        IpAddr::V4(LOCAL),
-        L4::Tcp {
-            sport: 40000,
-            dport: 7000,
-            flags: 0x10,
-        },
-        64,
-    );
+    let wildcard_pkt = ack_from(WILDCARD_PEER, 7000);
     let wildcard_uncached = measure(&|| run_on(&wildcard_pkt));
 
     println!(

@@ -202,12 +202,12 @@ pub async fn bump_generation_on_resume(
     every: Duration,
 ) -> Result<(), crate::DatapathError> {
     let tolerance = Duration::from_millis(100);
+    let mut config = crate::maps::config::ConfigMap::open(&pin_dir)?;
     let mut watch = SuspendWatch::new(suspended_ns(), tolerance);
     let mut tick = tokio::time::interval(every);
     loop {
         tick.tick().await;
         let now = suspended_ns();
-        let mut config = crate::maps::config::ConfigMap::open(&pin_dir)?;
         if config_behind(&mut watch, now, config.suspended_ns()?, tolerance) {
             let generation = config.resumed(now)?;
             tracing::info!(

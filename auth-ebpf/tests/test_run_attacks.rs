@@ -102,20 +102,11 @@ fn syn6_behind_long_options(units: u8, dport: u16) -> Vec<u8> {
 /// A TCP SYN over IPv4 whose header carries `words` 4-byte words of
 /// options (NOPs), so its TCP header starts at 20 + 4 × `words`.
 fn syn4_with_options(words: u8, dport: u16) -> Vec<u8> {
-    let plain = frame(
-        IpAddr::V4(REMOTE_V4),
-        IpAddr::V4(LOCAL_V4),
-        L4::Tcp {
-            sport: 40000,
-            dport,
-            flags: SYN,
-        },
-        0,
-    );
-    let (head, tcp) = plain.split_at(14 + 20);
+    let plain = tcp(Ingress, dport, SYN);
+    let (head, l4) = plain.split_at(14 + 20);
     let mut out = head.to_vec();
     out.resize(out.len() + 4 * usize::from(words), 1);
-    out.extend_from_slice(tcp);
+    out.extend_from_slice(l4);
     out[14] = 0x40 | (5 + words);
     let total = (out.len() - 14) as u16;
     out[14 + 2..14 + 4].copy_from_slice(&total.to_be_bytes());

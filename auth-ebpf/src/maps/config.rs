@@ -116,6 +116,26 @@ impl ConfigMap {
         Ok(Self { map })
     }
 
+    /// The value as stored.
+    fn read(&self) -> Result<ConfigValue, DatapathError> {
+        self.map
+            .get(&0, 0)
+            .map_err(DatapathError::map(names::CONFIG))
+    }
+
+    /// Rewrites the stored value with `change` applied and the generation
+    /// bumped (whatever changed may turn passes into drops); returns the new
+    /// generation.
+    fn bump_with(&mut self, change: impl FnOnce(&mut ConfigValue)) -> Result<u32, DatapathError> {
+        let mut v = self.read()?;
+        change(&mut v);
+        v.generation = v.generation.wrapping_add(1);
+        self.map
+            .set(0, v, 0)
+            .map_err(DatapathError::map(names::CONFIG))?;
+        Ok(v.generation)
+    }
+
     /// Writes the configuration; the datapath uses it from its next packet.
     /// Bumps the generation (a mode change may turn passes into drops).
     pub fn set(&mut self, cfg: &DatapathConfig) -> Result<(), DatapathError> {
@@ -123,12 +143,7 @@ impl ConfigMap {
             .signal_interval
             .as_nanos()
             .clamp(1, u128::from(u64::MAX)) as u64;
-        let generation = self
-            .map
-            .get(&0, 0)
-            .map_err(DatapathError::map(names::CONFIG))?
-            .generation
-            .wrapping_add(1);
+        let generation = self.read()?.generation.wrapping_add(1);
         let value = ConfigValue {
             generation,
             flags: if cfg.socket_cache {
@@ -163,15 +178,7 @@ impl ConfigMap {
     /// Invalidates every verdict the datapath cached per socket: called after
     /// any map change that could turn a pass into a drop.
     pub fn bump_generation(&mut self) -> Result<u32, DatapathError> {
-        let mut v = self
-            .map
-            .get(&0, 0)
-            .map_err(DatapathError::map(names::CONFIG))?;
-        v.generation = v.generation.wrapping_add(1);
-        self.map
-            .set(0, v, 0)
-            .map_err(DatapathError::map(names::CONFIG))?;
-        Ok(v.generation)
+        self.bump_with(|_| {})
     }
 
     /// After a resume: writes how long the machine has now been suspended
@@ -180,43 +187,24 @@ impl ConfigMap {
     /// a socket-cached deadline keeps the time before the suspend. Returns
     /// the new generation.
     pub fn resumed(&mut self, suspended_ns: u64) -> Result<u32, DatapathError> {
-        let mut v = self
-            .map
-            .get(&0, 0)
-            .map_err(DatapathError::map(names::CONFIG))?;
-        v.generation = v.generation.wrapping_add(1);
-        v.suspended_ns = suspended_ns;
-        self.map
-            .set(0, v, 0)
-            .map_err(DatapathError::map(names::CONFIG))?;
-        Ok(v.generation)
+        self.bump_with(|v| v.suspended_ns = suspended_ns)
     }
 
     /// The suspended time the datapath was last given (`None`: never
     /// written).
     pub fn suspended_ns(&self) -> Result<Option<u64>, DatapathError> {
-        let v = self
-            .map
-            .get(&0, 0)
-            .map_err(DatapathError::map(names::CONFIG))?;
+        let v = self.read()?;
         Ok((v.signal_interval_ns != 0 && v.suspended_ns != u64::MAX).then_some(v.suspended_ns))
     }
 
     /// The current generation.
     pub fn generation(&self) -> Result<u32, DatapathError> {
-        Ok(self
-            .map
-            .get(&0, 0)
-            .map_err(DatapathError::map(names::CONFIG))?
-            .generation)
+        Ok(self.read()?.generation)
     }
 
     /// Reads the configuration back.
     pub fn get(&self) -> Result<DatapathConfig, DatapathError> {
-        let v = self
-            .map
-            .get(&0, 0)
-            .map_err(DatapathError::map(names::CONFIG))?;
+        let v = self.read()?;
         Ok(DatapathConfig {
             mode: if v.mode == 1 {
                 Mode::Audit
