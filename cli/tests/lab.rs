@@ -210,6 +210,45 @@ fn pod_process_is_in_the_pod_cgroup_and_netns() {
     assert_eq!(ns.to_string_lossy(), format!("net:[{pod_ns}]"));
 }
 
+/// A checkout under `/root` (mode 0700), as on a fresh machine cloned into
+/// root's home: a pod run as another uid cannot search the directory that
+/// holds the meshauth binary, and must still start (lab-exec opens the binary
+/// as root and execs it through its descriptor).
+#[test]
+fn a_pod_run_as_another_uid_starts_from_a_binary_it_cannot_reach() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let private = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(private.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    let bin = private.path().join("meshauth");
+    std::fs::copy(env!("CARGO_BIN_EXE_meshauth"), &bin).expect("copying meshauth");
+    let prefix = format!("t{}", SEQ.fetch_add(1, Ordering::Relaxed));
+    let mut lab = Lab::with_options(
+        &prefix,
+        LabOptions {
+            meshauth_bin: Some(bin),
+            ..LabOptions::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("creating the lab (this test needs root): {e}"));
+    lab.add_node("n").expect("node");
+    let pod = lab.add_pod("n", "p").expect("pod");
+    lab.set_run_as("p", Some(20_517)).expect("run_as");
+    let proc = lab
+        .start_pod_process(&pod)
+        .unwrap_or_else(|e| panic!("a pod as uid 20517 from a 0700 directory: {e}"));
+    let status =
+        std::fs::read_to_string(format!("/proc/{}/status", proc.pid())).expect("status of pid");
+    let uid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .expect("a Uid line");
+    assert_eq!(
+        uid.split_whitespace().collect::<Vec<_>>(),
+        ["20517"; 4],
+        "{status}"
+    );
+}
+
 fn nix_stat_ino(p: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt as _;
     std::fs::metadata(p).expect("stat netns").ino()
