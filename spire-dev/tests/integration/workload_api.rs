@@ -63,7 +63,7 @@ async fn first_message_is_immediate_full_state_of_this_node_only() {
     let mut c = workload(&d.workload_socket("a")).await;
     let mut s = fetch_svids(&mut c).await;
     // No timed assertion: the SVIDs live 1 h, so nothing but the subscription
-    // itself can send a message within `next`'s hang bound (5 s) — a server
+    // itself can send a message within `next`'s hang bound ([`WAIT`], 30 s) — a server
     // that waited for a rotation (at half the TTL) would time out here.
     let first = next("first FetchX509SVID message", &mut s).await;
 
