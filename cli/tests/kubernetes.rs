@@ -631,11 +631,7 @@ impl Cluster {
             .unwrap_or_else(|e| panic!("{e}"))
             .workload_socket()
             .to_owned();
-        let pins = PathBuf::from(format!(
-            "/sys/fs/bpf/meshauth-k8s-{}-{}-{node}",
-            self.prefix,
-            std::process::id()
-        ));
+        let pins = self.pin_dir(node);
         let mut cmd = self.lab.command(&info, env!("CARGO_BIN_EXE_meshauth"));
         cmd.arg("agent")
             .arg("--config")
@@ -788,6 +784,15 @@ impl Cluster {
         }
     }
 
+    /// Where `node`'s agent pins its maps and links.
+    fn pin_dir(&self, node: &str) -> PathBuf {
+        PathBuf::from(format!(
+            "/sys/fs/bpf/meshauth-k8s-{}-{}-{node}",
+            self.prefix,
+            std::process::id()
+        ))
+    }
+
     /// SIGTERM to `node`'s agent (as kubelet stops a pod), waited for.
     fn stop_agent(&mut self, node: &str) {
         let mut child = self
@@ -917,17 +922,15 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        for (n, mut c) in std::mem::take(&mut self.agents) {
+        for (_, mut c) in std::mem::take(&mut self.agents) {
             let _ = c.kill();
             let _ = c.wait();
-            let pins = PathBuf::from(format!(
-                "/sys/fs/bpf/meshauth-k8s-{}-{}-{n}",
-                self.prefix,
-                std::process::id()
-            ));
-            if let Some(info) = self.lab.node(&n) {
-                let _ = auth_ebpf::Datapath::detach(&pins, &info.pods_cgroup);
-            }
+        }
+        // Every node's, not only the running agents': an agent stopped with
+        // SIGTERM leaves its pins for the next one, as it should on a node.
+        for info in self.lab.nodes() {
+            let pins = self.pin_dir(&info.name);
+            let _ = auth_ebpf::Datapath::detach(&pins, &info.pods_cgroup);
             let _ = std::fs::remove_dir_all(&pins);
         }
     }
@@ -1452,6 +1455,18 @@ async fn agents_in_kubernetes_mode_against_a_real_api_server() {
         [&next],
         "one writer of the status after the hand-over"
     );
+
+    // Taking the cluster down removes every node's pins, the stopped
+    // leader's too (they were left behind on every run before).
+    let pins: Vec<PathBuf> = nodes.iter().map(|n| c.pin_dir(n)).collect();
+    assert!(
+        pins[0].exists(),
+        "{} exists while running",
+        pins[0].display()
+    );
+    drop(c);
+    let left: Vec<&PathBuf> = pins.iter().filter(|p| p.exists()).collect();
+    assert!(left.is_empty(), "pins left after the cluster: {left:?}");
 }
 
 /// `meshauth spire reconcile --kubernetes`, as the bundled SPIRE server's
